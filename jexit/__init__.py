@@ -1,0 +1,11 @@
+"""jexit: optimal exit policies (with recall) for early-exit networks, in JAX."""
+
+from jexit.traces import check_traces, load_traces, save_traces
+from jexit.types import Binning, ExitModel, Policy, Traces
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Binning", "ExitModel", "Policy", "Traces",
+    "check_traces", "load_traces", "save_traces",
+]

@@ -1,0 +1,136 @@
+"""Trace validation and the `.npz` trace format (PROBLEM.md), no pickle."""
+
+import os
+import zipfile
+
+import numpy as np
+
+from jexit.types import Traces
+
+REQUIRED_KEYS = ("conf", "pred", "cost")
+OPTIONAL_KEYS = ("label", "signal")
+
+
+def _fail(field, expected, found):
+  raise ValueError(f"traces.{field}: expected {expected}, got {found}")
+
+
+def _describe(a):
+  a = np.asarray(a)
+  return f"shape {a.shape} dtype {a.dtype}"
+
+
+def check_traces(traces: Traces) -> Traces:
+  """Validates `traces` and returns it with canonical numpy dtypes.
+
+  Raises:
+    ValueError: naming the field, what was expected and what was found.
+  """
+  if not isinstance(traces, Traces):
+    raise ValueError(f"traces: expected jexit.Traces, got {type(traces).__name__}")
+  conf = np.asarray(traces.conf)
+  if conf.ndim != 2 or conf.shape[0] < 1 or conf.shape[1] < 1:
+    _fail("conf", "a [N, K] array with N, K >= 1", _describe(conf))
+  if not np.issubdtype(conf.dtype, np.number) or np.issubdtype(conf.dtype, np.complexfloating):
+    _fail("conf", "real numbers", _describe(conf))
+  n, k = conf.shape
+  conf = conf.astype(np.float64)
+  if not np.all(np.isfinite(conf)):
+    bad = np.argwhere(~np.isfinite(conf))[0]
+    _fail("conf", "finite values in [0, 1]", f"{conf[tuple(bad)]} at row {bad[0]}, ramp {bad[1]}")
+  if conf.min() < 0 or conf.max() > 1:
+    bad = np.argwhere((conf < 0) | (conf > 1))[0]
+    _fail("conf", "values in [0, 1]", f"{conf[tuple(bad)]} at row {bad[0]}, ramp {bad[1]}")
+
+  pred = np.asarray(traces.pred)
+  if pred.shape != (n, k):
+    _fail("pred", f"shape [N, K] = ({n}, {k}) like conf", _describe(pred))
+  if not np.issubdtype(pred.dtype, np.integer):
+    if np.issubdtype(pred.dtype, np.floating) and np.all(np.isfinite(pred)) and np.all(pred == np.round(pred)):
+      pred = pred.astype(np.int64)
+    else:
+      _fail("pred", "integer class ids", _describe(pred))
+
+  label = traces.label
+  if label is not None:
+    label = np.asarray(label)
+    if label.shape != (n,):
+      _fail("label", f"shape [N] = ({n},)", _describe(label))
+    if not np.issubdtype(label.dtype, np.integer):
+      if np.issubdtype(label.dtype, np.floating) and np.all(np.isfinite(label)) and np.all(label == np.round(label)):
+        label = label.astype(np.int64)
+      else:
+        _fail("label", "integer class ids", _describe(label))
+
+  cost = np.asarray(traces.cost)
+  if cost.shape != (k,):
+    _fail("cost", f"shape [K] = ({k},)", _describe(cost))
+  if not np.issubdtype(cost.dtype, np.number):
+    _fail("cost", "real numbers", _describe(cost))
+  cost = cost.astype(np.float64)
+  if not np.all(np.isfinite(cost)) or np.any(cost < 0):
+    _fail("cost", "finite values >= 0", cost.tolist())
+  if cost.sum() <= 0:
+    _fail("cost", "a positive total", cost.tolist())
+
+  signal = traces.signal
+  if signal is not None:
+    signal = np.asarray(signal)
+    if signal.shape != (n, k):
+      _fail("signal", f"shape [N, K] = ({n}, {k}) like conf", _describe(signal))
+    if not np.issubdtype(signal.dtype, np.number):
+      _fail("signal", "real numbers", _describe(signal))
+    signal = signal.astype(np.float64)
+    if not np.all(np.isfinite(signal)):
+      bad = np.argwhere(~np.isfinite(signal))[0]
+      _fail("signal", "finite values", f"{signal[tuple(bad)]} at row {bad[0]}, ramp {bad[1]}")
+  return Traces(conf=conf, pred=pred, label=label, cost=cost, signal=signal)
+
+
+def save_traces(path, traces: Traces) -> None:
+  """Writes `traces` to a `.npz` with keys conf, pred, cost[, label, signal]."""
+  traces = check_traces(traces)
+  arrays = {"conf": traces.conf.astype(np.float32), "pred": traces.pred,
+            "cost": traces.cost}
+  if traces.label is not None:
+    arrays["label"] = traces.label
+  if traces.signal is not None:
+    arrays["signal"] = traces.signal.astype(np.float32)
+  with open(os.fspath(path), "wb") as f:
+    np.savez_compressed(f, **arrays)
+
+
+def load_traces(path) -> Traces:
+  """Reads and validates a trace `.npz` (never unpickles).
+
+  Raises:
+    ValueError: for a missing, unknown or malformed key, or a corrupt file.
+  """
+  path = os.fspath(path)
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    raise ValueError(f"trace file {path}: could not read it as a .npz ({e})") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"trace file {path}: expected a .npz archive of named "
+                     f"arrays, got a single {type(data).__name__}")
+  with data:
+    keys = set(data.files)
+    unknown = sorted(keys - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+      raise ValueError(
+          f"trace file {path}: unknown key(s) {unknown}; expected "
+          f"{list(REQUIRED_KEYS)} and optionally {list(OPTIONAL_KEYS)}")
+    missing = [key for key in REQUIRED_KEYS if key not in keys]
+    if missing:
+      raise ValueError(f"trace file {path}: missing key(s) {missing}")
+    arrays = {}
+    for key in keys:
+      try:
+        arrays[key] = data[key]
+      except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"trace file {path}: key '{key}' is corrupt or not a "
+                         f"plain array ({e})") from e
+  return check_traces(Traces(conf=arrays["conf"], pred=arrays["pred"],
+                             label=arrays.get("label"), cost=arrays["cost"],
+                             signal=arrays.get("signal")))
