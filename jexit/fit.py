@@ -1,0 +1,198 @@
+"""Fits the discrete Markov exit model (PROBLEM.md) from traces."""
+
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from jexit.traces import check_traces
+from jexit.types import Binning, ExitModel, Traces
+
+PAPER_STEP = 0.08
+
+
+def uniform_edges(num_ramps: int, step: float = PAPER_STEP,
+                  lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+  """`[K, S+1]` edges `lo, lo+step, ..., hi` (the paper's 0.08 grid on [0, 1])."""
+  if not step > 0:
+    raise ValueError(f"step: expected a positive bin width, got {step}")
+  inner = np.arange(lo + step, hi - 1e-9, step)
+  edges = np.concatenate([[lo], inner, [hi]])
+  return np.tile(edges, (num_ramps, 1))
+
+
+def quantile_edges(values: np.ndarray, num_bins: int,
+                   lo: Optional[float] = None,
+                   hi: Optional[float] = None) -> np.ndarray:
+  """`[K, S+1]` per-ramp edges at the quantiles of `values` `[N, K]`.
+
+  Repeated quantiles (many equal values) are nudged apart so every ramp keeps
+  exactly `num_bins` bins; such bins are empty and smoothing fills them.
+  """
+  if num_bins < 1:
+    raise ValueError(f"num_bins: expected >= 1, got {num_bins}")
+  values = np.asarray(values, np.float64)
+  k = values.shape[1]
+  edges = np.empty((k, num_bins + 1))
+  for r in range(k):
+    v = values[:, r]
+    q = np.quantile(v, np.linspace(0, 1, num_bins + 1)[1:-1])
+    lo_r = min(v.min(), q.min() if q.size else v.min()) if lo is None else lo
+    hi_r = max(v.max(), q.max() if q.size else v.max()) if hi is None else hi
+    e = np.concatenate([[lo_r], q, [hi_r]])
+    # Strictly increasing inner edges: equal quantiles would make a bin that
+    # can never be hit; spread them by a tiny amount instead.
+    tiny = 1e-9 * max(1.0, abs(hi_r - lo_r))
+    for i in range(1, len(e)):
+      if e[i] <= e[i - 1]:
+        e[i] = e[i - 1] + tiny
+    edges[r] = e
+  return edges
+
+
+def _isotonic_increasing(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """Weighted least-squares nondecreasing fit (pool adjacent violators)."""
+  blocks = []  # [mean, weight, length]
+  for yi, wi in zip(y, w):
+    blocks.append([yi, wi, 1])
+    while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+      m2, w2, n2 = blocks.pop()
+      m1, w1, n1 = blocks.pop()
+      wt = w1 + w2
+      mean = (m1 * w1 + m2 * w2) / wt if wt > 0 else (m1 + m2) / 2
+      blocks.append([mean, wt, n1 + n2])
+  return np.concatenate([[m] * n for m, _, n in blocks])
+
+
+def fit(traces: Traces,
+        *,
+        rows: Optional[Sequence[int]] = None,
+        bins: Union[str, np.ndarray] = "uniform",
+        step: float = PAPER_STEP,
+        num_bins: int = 16,
+        loss: str = "proxy",
+        target: str = "agreement",
+        smoothing: float = 1.0,
+        loss_smoothing: float = 1.0) -> Tuple[ExitModel, Binning]:
+  """Fits an `ExitModel` and its `Binning` on (a fit split of) `traces`.
+
+  Args:
+    traces: the traces; validated here.
+    rows: indices of the fit rows (default: all).
+    bins: `"uniform"` (width `step` on [0, 1], the paper's 0.08), `"quantile"`
+      (per-ramp quantiles of the fit rows' signal, `num_bins` bins) or an
+      array of edges `[S+1]` (all ramps) or `[K, S+1]`.
+    step: bin width for `"uniform"`.
+    num_bins: S for `"quantile"`.
+    loss: `"proxy"`: `l_k(s)` = mean signal of the fit rows in bin s at ramp k
+      (the bin's midpoint when empty), the paper's `1 - softmax`;
+      `"calibrated"`: smoothed rate at which ramp k's prediction is wrong
+      (against the final ramp or the label, see `target`) in bin s, made
+      nondecreasing in s by isotonic regression.
+    target: `"agreement"` (wrong = differs from the final ramp) or `"label"`.
+    smoothing: additive (Dirichlet) count added to every transition and
+      initial cell, so no row of `trans` is empty.
+    loss_smoothing: pseudo-count pulling each calibrated bin towards the
+      ramp's overall error rate.
+
+  Returns:
+    `(model, binning)`: `model.init [S]`, `trans [K-1, S, S]`, `loss [K, S]`,
+    `cost [K]`; `binning.edges [K, S+1]`.
+
+  Examples:
+    >>> import numpy as np, jexit
+    >>> rng = np.random.default_rng(0)
+    >>> conf = rng.uniform(size=(100, 3))
+    >>> t = jexit.Traces(conf, rng.integers(0, 3, (100, 3)), None, np.ones(3))
+    >>> model, binning = jexit.fit(t)
+    >>> model.trans.shape, binning.edges.shape
+    ((2, 13, 13), (3, 14))
+  """
+  traces = check_traces(traces)
+  n, k = traces.conf.shape
+  if rows is not None:
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or rows.size == 0:
+      raise ValueError(f"rows: expected a non-empty 1-D index array, got shape {rows.shape}")
+    if np.issubdtype(rows.dtype, np.bool_):
+      if rows.shape != (n,):
+        raise ValueError(f"rows: a boolean mask must have shape ({n},), got {rows.shape}")
+    elif not np.issubdtype(rows.dtype, np.integer) or rows.min() < -n or rows.max() >= n:
+      raise ValueError(f"rows: expected integer indices in [0, {n}), got {rows.dtype} "
+                       f"in [{rows.min()}, {rows.max()}]")
+    traces = traces.take(rows)
+  if smoothing < 0 or not np.isfinite(smoothing):
+    raise ValueError(f"smoothing: expected a finite value >= 0, got {smoothing}")
+  if loss_smoothing < 0 or not np.isfinite(loss_smoothing):
+    raise ValueError(f"loss_smoothing: expected a finite value >= 0, got {loss_smoothing}")
+  values = traces.exit_signal()
+  signal_name = "signal" if traces.signal is not None else "1-conf"
+
+  if isinstance(bins, str):
+    if bins == "uniform":
+      if signal_name == "1-conf":
+        edges = uniform_edges(k, step)
+      else:
+        edges = uniform_edges(k, step, values.min(), values.max() + step * 1e-6)
+    elif bins == "quantile":
+      lo, hi = (0.0, 1.0) if signal_name == "1-conf" else (None, None)
+      edges = quantile_edges(values, num_bins, lo, hi)
+    else:
+      raise ValueError(f"bins: expected 'uniform', 'quantile' or an array of edges, got {bins!r}")
+  else:
+    edges = np.asarray(bins, np.float64)
+    if edges.ndim == 1:
+      edges = np.tile(edges, (k, 1))
+    if edges.ndim != 2 or edges.shape[0] != k or edges.shape[1] < 2:
+      raise ValueError(f"bins: expected edges of shape [S+1] or [K={k}, S+1], got {edges.shape}")
+    if not np.all(np.isfinite(edges)) or np.any(np.diff(edges, axis=1) <= 0):
+      raise ValueError("bins: expected finite, strictly increasing edges per ramp")
+  binning = Binning(edges=edges, signal=signal_name)
+  s_count = binning.num_bins
+  b = binning.assign(values)  # [N, K]
+
+  init_counts = np.bincount(b[:, 0], minlength=s_count) + smoothing
+  if init_counts.sum() <= 0:
+    raise ValueError("smoothing: 0 leaves the initial law undefined")
+  init = init_counts / init_counts.sum()
+
+  trans = np.empty((max(k - 1, 0), s_count, s_count))
+  for r in range(k - 1):
+    counts = np.zeros((s_count, s_count))
+    np.add.at(counts, (b[:, r], b[:, r + 1]), 1.0)
+    counts += smoothing
+    row = counts.sum(axis=1, keepdims=True)
+    # A row with no data and no smoothing: stay in the same bin (documented).
+    empty = row[:, 0] == 0
+    counts[empty] = np.eye(s_count)[empty]
+    trans[r] = counts / counts.sum(axis=1, keepdims=True)
+
+  if loss == "proxy":
+    table = np.empty((k, s_count))
+    for r in range(k):
+      sums = np.bincount(b[:, r], weights=values[:, r], minlength=s_count)
+      cnt = np.bincount(b[:, r], minlength=s_count)
+      mid = (edges[r, :-1] + edges[r, 1:]) / 2
+      table[r] = np.where(cnt > 0, sums / np.maximum(cnt, 1), mid)
+  elif loss == "calibrated":
+    if target == "agreement":
+      wrong = traces.pred != traces.pred[:, -1:]
+    elif target == "label":
+      if traces.label is None:
+        raise ValueError("target: 'label' needs traces.label, which is None")
+      wrong = traces.pred != traces.label[:, None]
+    else:
+      raise ValueError(f"target: expected 'agreement' or 'label', got {target!r}")
+    table = np.empty((k, s_count))
+    for r in range(k):
+      cnt = np.bincount(b[:, r], minlength=s_count).astype(np.float64)
+      err = np.bincount(b[:, r], weights=wrong[:, r].astype(np.float64), minlength=s_count)
+      prior = (wrong[:, r].sum() + 0.5) / (len(wrong) + 1.0)
+      rate = (err + loss_smoothing * prior) / np.maximum(cnt + loss_smoothing, 1e-12)
+      table[r] = _isotonic_increasing(rate, cnt + loss_smoothing)
+    if target == "agreement":
+      # The final ramp agrees with itself: its loss is exactly 0, not a prior.
+      table[-1] = 0.0
+  else:
+    raise ValueError(f"loss: expected 'proxy' or 'calibrated', got {loss!r}")
+  model = ExitModel(init=init, trans=trans, loss=table, cost=traces.cost.copy())
+  return model, binning
