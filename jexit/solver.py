@@ -206,7 +206,11 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
 
   Args:
     model: an `ExitModel`, optionally with a leading `[M]` batch axis on every
-      field; `trans` may be state-conditioned `[K-1, X, S, S]` (recall only).
+      field; `trans` may be state-conditioned `[K-1, X, S, S]` (recall only;
+      X = the number of distinct values of `loss`, in the working dtype). The
+      stop set is then not always a down-set in x: `threshold` keeps the
+      largest stop prefix (it never stops where the optimum continues) and
+      `return_stop=True` gives the exact decisions.
     lambdas: `[L]` cost weights, finite and >= 0.
     recall: solve the recall (True) or the no-recall (False) problem.
     rtol: relative tie tolerance (default 1e-5 in float32, 1e-9 in float64);
