@@ -238,8 +238,8 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
     raise ValueError(f"lambdas: expected a non-empty [L] array, got shape {lam.shape}")
   lam = np.atleast_1d(lam)
   if not np.all(np.isfinite(lam)) or np.any(lam < 0):
-    raise ValueError(f"lambdas: expected finite values >= 0, got min {np.nanmin(lam)} "
-                     f"and {int(np.sum(~np.isfinite(lam)))} non-finite")
+    bad = lam[~(np.isfinite(lam) & (lam >= 0))]
+    raise ValueError(f"lambdas: expected finite values >= 0, got {bad[:5].tolist()}")
   prep = _prepare(model, dtype)
   if prep.conditioned and not recall:
     raise ValueError("model.trans: a state-conditioned trans [K-1, X, S, S] needs "

@@ -1,0 +1,227 @@
+"""Fitting the Markov model, the trace format, and bad input."""
+
+import numpy as np
+import pytest
+
+import jexit
+
+
+def _chain_traces(rng, n, init, trans, edges, *, cost=None):
+  """Traces whose binned signal follows a known chain (values at bin centres)."""
+  k = len(trans) + 1
+  s = len(init)
+  bins = np.empty((n, k), int)
+  bins[:, 0] = rng.choice(s, size=n, p=init)
+  for r in range(k - 1):
+    cum = np.cumsum(trans[r][bins[:, r]], axis=1)
+    bins[:, r + 1] = np.minimum((rng.uniform(size=n)[:, None] > cum).sum(1), s - 1)
+  centres = (edges[:-1] + edges[1:]) / 2
+  conf = 1.0 - centres[bins]
+  pred = rng.integers(0, 3, size=(n, k))
+  return jexit.Traces(conf=conf, pred=pred, label=rng.integers(0, 3, n),
+                      cost=np.ones(k) if cost is None else cost)
+
+
+def test_fit_recovers_a_known_chain():
+  rng = np.random.default_rng(0)
+  s, k = 4, 3
+  edges = np.linspace(0, 1, s + 1)
+  init = np.array([0.4, 0.3, 0.2, 0.1])
+  trans = rng.dirichlet(np.ones(s) * 2, size=(k - 1, s))
+  traces = _chain_traces(rng, 40_000, init, trans, edges)
+  model, binning = jexit.fit(traces, bins=edges, smoothing=0.0)
+  np.testing.assert_allclose(binning.edges, np.tile(edges, (k, 1)))
+  np.testing.assert_allclose(model.init, init, atol=0.01)
+  np.testing.assert_allclose(model.trans, trans, atol=0.03)
+  # Proxy loss: the bin's mean signal, here its centre.
+  np.testing.assert_allclose(model.loss, np.tile((edges[:-1] + edges[1:]) / 2, (k, 1)))
+
+
+def test_paper_uniform_bins():
+  rng = np.random.default_rng(1)
+  traces = jexit.Traces(rng.uniform(size=(50, 3)), rng.integers(0, 2, (50, 3)), None,
+                        np.array([1.0, 2.0, 3.0]))
+  model, binning = jexit.fit(traces)
+  assert binning.num_bins == 13 and binning.signal == "1-conf"
+  np.testing.assert_allclose(binning.edges[0, :3], [0, 0.08, 0.16])
+  assert binning.edges[0, -1] == 1.0
+  assert model.trans.shape == (2, 13, 13)
+  np.testing.assert_allclose(model.trans.sum(-1), 1.0)
+  np.testing.assert_allclose(model.cost, [1, 2, 3])
+
+
+def test_empty_bins_are_smoothed_and_solvable():
+  rng = np.random.default_rng(2)
+  # Confidences all near 1: most of the 13 uniform bins see no data.
+  conf = rng.uniform(0.95, 1.0, size=(30, 3))
+  traces = jexit.Traces(conf, np.zeros((30, 3), int), None, np.ones(3))
+  model, _ = jexit.fit(traces)
+  assert np.all(model.trans > 0)
+  np.testing.assert_allclose(model.trans.sum(-1), 1.0)
+  # An empty bin's proxy loss is its midpoint.
+  assert model.loss[0, 5] == pytest.approx((0.4 + 0.48) / 2)
+  policy = jexit.solve(model, np.geomspace(1e-3, 1, 5))
+  assert np.all(np.isfinite(policy.value))
+
+
+def test_quantile_bins_and_fit_rows():
+  rng = np.random.default_rng(3)
+  traces = jexit.Traces(rng.beta(5, 1, size=(400, 4)), rng.integers(0, 3, (400, 4)), None,
+                        np.ones(4))
+  rows = np.arange(200)
+  model, binning = jexit.fit(traces, rows=rows, bins="quantile", num_bins=8)
+  assert binning.edges.shape == (4, 9)
+  counts = np.stack([np.bincount(b, minlength=8)
+                     for b in binning.assign(traces.take(rows).exit_signal()).T])
+  assert counts.min() >= 20 and counts.max() <= 30  # about 200 / 8 per bin
+  # Fitting on rows equals fitting on the taken subset.
+  other, _ = jexit.fit(traces.take(rows), bins="quantile", num_bins=8)
+  np.testing.assert_allclose(model.trans, other.trans)
+
+
+def test_calibrated_loss_is_monotone_rate_of_disagreement():
+  rng = np.random.default_rng(4)
+  n = 5000
+  conf = rng.uniform(size=(n, 3))
+  final = rng.integers(0, 5, n)
+  pred = np.tile(final[:, None], (1, 3))
+  # Ramp 0 disagrees with probability 1 - conf: the calibrated loss should be ~ 1 - conf.
+  flip = rng.uniform(size=n) < 1 - conf[:, 0]
+  pred[flip, 0] = (final[flip] + 1) % 5
+  traces = jexit.Traces(conf, pred, final, np.ones(3))
+  model, binning = jexit.fit(traces, loss="calibrated")
+  mid = (binning.edges[0, :-1] + binning.edges[0, 1:]) / 2
+  np.testing.assert_allclose(model.loss[0], mid, atol=0.07)
+  assert np.all(np.diff(model.loss, axis=1) >= -1e-12)
+  assert np.all(model.loss[-1] == 0)  # the final ramp agrees with itself
+  labelled, _ = jexit.fit(traces, loss="calibrated", target="label")
+  np.testing.assert_allclose(labelled.loss[0], mid, atol=0.07)
+
+
+def test_one_and_two_ramp_traces():
+  rng = np.random.default_rng(5)
+  for k in (1, 2):
+    traces = jexit.Traces(rng.uniform(size=(60, k)), rng.integers(0, 2, (60, k)), None,
+                          np.ones(k))
+    model, _ = jexit.fit(traces)
+    assert model.trans.shape == (k - 1, 13, 13)
+    policy = jexit.solve(model, np.array([0.1]))
+    assert policy.threshold.shape == (1, k, 13)
+
+
+def test_signal_field_is_binned_instead_of_conf():
+  rng = np.random.default_rng(6)
+  signal = rng.uniform(0, 3, size=(100, 3))  # e.g. entropy
+  traces = jexit.Traces(rng.uniform(size=(100, 3)), rng.integers(0, 2, (100, 3)), None,
+                        np.ones(3), signal=signal)
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=5)
+  assert binning.signal == "signal"
+  assert binning.edges[0, 0] <= signal[:, 0].min() and binning.edges[0, -1] >= signal[:, 0].max()
+
+
+# Bad input: each gives a ValueError naming the field.
+
+def _good(n=10, k=3):
+  rng = np.random.default_rng(7)
+  return dict(conf=rng.uniform(size=(n, k)), pred=rng.integers(0, 3, (n, k)),
+              label=rng.integers(0, 3, n), cost=np.ones(k))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("conf", np.ones(10), "conf"),
+    ("conf", np.full((10, 3), np.nan), "conf"),
+    ("conf", np.full((10, 3), 1.5), "conf"),
+    ("conf", -np.ones((10, 3)), "conf"),
+    ("pred", np.zeros((10, 2), int), "pred"),
+    ("pred", np.full((10, 3), 0.5), "pred"),
+    ("label", np.zeros(9, int), "label"),
+    ("cost", np.ones(2), "cost"),
+    ("cost", np.array([1.0, -1.0, 1.0]), "cost"),
+    ("cost", np.array([1.0, np.inf, 1.0]), "cost"),
+    ("signal", np.ones((10, 2)), "signal"),
+    ("signal", np.full((10, 3), np.nan), "signal"),
+])
+def test_bad_traces_name_the_field(field, value, match):
+  fields = _good()
+  fields[field] = value
+  with pytest.raises(ValueError, match=rf"traces\.{match}"):
+    jexit.fit(jexit.Traces(**fields))
+
+
+def _model(**over):
+  s, k = 3, 3
+  fields = dict(init=np.full(s, 1 / s), trans=np.full((k - 1, s, s), 1 / s),
+                loss=np.zeros((k, s)), cost=np.ones(k))
+  fields.update(over)
+  return jexit.ExitModel(**fields)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(init=np.full(4, 0.25)), "model.loss"),
+    (dict(init=np.array([0.5, 0.5, 0.5])), "model.init"),
+    (dict(trans=np.full((2, 3, 3), 0.5)), "model.trans"),
+    (dict(trans=np.full((3, 3, 3), 1 / 3)), "model.trans"),
+    (dict(loss=np.full((3, 3), np.nan)), "model.loss"),
+    (dict(cost=np.array([1.0, -2.0, 1.0])), "model.cost"),
+    (dict(cost=np.ones(4)), "model.cost"),
+])
+def test_bad_models_name_the_field(over, match):
+  with pytest.raises(ValueError, match=match):
+    jexit.solve(_model(**over), np.array([0.1]))
+
+
+@pytest.mark.parametrize("lam", [np.array([-0.1]), np.array([np.nan]), np.ones((2, 2)),
+                                 np.array([])])
+def test_bad_lambdas(lam):
+  with pytest.raises(ValueError, match="lambdas"):
+    jexit.solve(_model(), lam)
+
+
+def test_fit_argument_errors():
+  traces = jexit.Traces(**_good())
+  for kwargs, match in [(dict(bins="nope"), "bins"), (dict(loss="nope"), "loss"),
+                        (dict(bins=np.array([0.0, 0.5, 0.4, 1.0])), "bins"),
+                        (dict(rows=np.array([0, 99])), "rows"),
+                        (dict(smoothing=-1.0), "smoothing")]:
+    with pytest.raises(ValueError, match=match):
+      jexit.fit(traces, **kwargs)
+  no_label = traces._replace(label=None)
+  with pytest.raises(ValueError, match="label"):
+    jexit.fit(no_label, loss="calibrated", target="label")
+
+
+def test_trace_file_round_trip(tmp_path):
+  traces = jexit.Traces(**_good(), signal=np.random.default_rng(8).uniform(size=(10, 3)))
+  path = tmp_path / "t.npz"
+  jexit.save_traces(path, traces)
+  back = jexit.load_traces(path)
+  np.testing.assert_allclose(back.conf, traces.conf, rtol=1e-6)
+  np.testing.assert_array_equal(back.pred, traces.pred)
+  np.testing.assert_array_equal(back.label, traces.label)
+  np.testing.assert_allclose(back.signal, traces.signal, rtol=1e-6)
+
+
+def test_trace_file_errors(tmp_path):
+  good = _good()
+  unknown = tmp_path / "unknown.npz"
+  np.savez(unknown, **good, extra=np.ones(3))
+  with pytest.raises(ValueError, match="unknown key.*extra"):
+    jexit.load_traces(unknown)
+  missing = tmp_path / "missing.npz"
+  np.savez(missing, conf=good["conf"], cost=good["cost"])
+  with pytest.raises(ValueError, match="missing key.*pred"):
+    jexit.load_traces(missing)
+  corrupt = tmp_path / "corrupt.npz"
+  corrupt.write_bytes(b"PK\x03\x04 this is not a zip file")
+  with pytest.raises(ValueError, match="could not read"):
+    jexit.load_traces(corrupt)
+  pickled = tmp_path / "pickled.npz"
+  np.savez(pickled, conf=good["conf"], pred=np.array([object()] * 3), cost=good["cost"])
+  with pytest.raises(ValueError, match="pred"):
+    jexit.load_traces(pickled)
+  bad_value = tmp_path / "nan.npz"
+  np.savez(bad_value, **{**good, "conf": np.full((10, 3), np.nan)})
+  with pytest.raises(ValueError, match="traces.conf"):
+    jexit.load_traces(bad_value)
+  with pytest.raises(ValueError, match="could not read"):
+    jexit.load_traces(tmp_path / "does_not_exist.npz")
