@@ -1,14 +1,38 @@
-"""jexit: optimal exit policies (with recall) for early-exit networks, in JAX."""
+"""jexit: optimal exit policies (with recall) for early-exit networks, in JAX.
 
+Names that need JAX are imported on first use, so the numpy runtime
+(`jexit.runtime`) can be deployed without JAX installed.
+"""
+
+import importlib
+
+from jexit.datasets import demo_trace_path, load_demo_traces
 from jexit.fit import fit, quantile_edges, uniform_edges
-from jexit.solver import check_model, solve
 from jexit.traces import check_traces, load_traces, save_traces
 from jexit.types import Binning, ExitModel, Policy, Traces
 
 __version__ = "0.1.0"
 
+# name -> module that defines it (imported lazily: these import JAX).
+_LAZY = {
+    "check_model": "jexit.solver",
+    "solve": "jexit.solver",
+}
+
 __all__ = [
     "Binning", "ExitModel", "Policy", "Traces",
-    "check_model", "check_traces", "fit", "load_traces", "quantile_edges",
-    "save_traces", "solve", "uniform_edges",
-]
+    "check_traces", "demo_trace_path", "fit", "load_demo_traces", "load_traces",
+    "quantile_edges", "save_traces", "uniform_edges",
+] + sorted(_LAZY)
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'jexit' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
