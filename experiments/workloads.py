@@ -1,0 +1,68 @@
+"""Workloads of the benchmark suite: real digits VGG traces and synthetic ones.
+
+Synthetic traces follow a hidden per-input difficulty that evolves as an AR(1)
+chain over the ramps; each ramp's confidence is a noisy view of it and its
+prediction agrees with the final ramp with a probability that grows with the
+confidence. Two flavours:
+  - "smooth": confidence rises steadily with depth (deeper = more confident).
+  - "overthink": confidence is non-monotone (a middle ramp is often less sure
+    than an earlier one), the case where recall is expected to help.
+"""
+
+import os
+from typing import Dict
+
+import numpy as np
+
+import jexit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRACE_DIR = os.path.join(HERE, "traces")
+
+
+def synthetic(kind: str, n: int = 4000, k: int = 5, classes: int = 10,
+              seed: int = 0) -> jexit.Traces:
+  """A synthetic trace of `n` inputs and `k` ramps (see module docstring)."""
+  rng = np.random.default_rng(seed)
+  depth = np.linspace(0, 1, k)
+  if kind == "smooth":
+    base = -1.0 + 4.0 * depth          # mean logit confidence per ramp
+    rho, noise = 0.85, 0.6
+  elif kind == "overthink":
+    base = 1.0 + 2.5 * depth - 2.0 * np.sin(np.pi * depth) ** 2
+    rho, noise = 0.6, 1.0
+  else:
+    raise ValueError(f"kind: expected 'smooth' or 'overthink', got {kind!r}")
+  difficulty = rng.normal(size=n)
+  z = np.empty((n, k))
+  state = rng.normal(size=n)
+  for r in range(k):
+    state = rho * state + np.sqrt(1 - rho ** 2) * rng.normal(size=n)
+    z[:, r] = base[r] - 1.2 * difficulty + noise * state
+  floor = 1.0 / classes
+  conf = floor + (1 - floor) / (1 + np.exp(-z))
+  label = rng.integers(0, classes, n)
+  # The final ramp is right with probability conf; other ramps agree with the
+  # final one with probability conf (calibrated against agreement).
+  final_right = rng.uniform(size=n) < conf[:, -1]
+  final = np.where(final_right, label, (label + rng.integers(1, classes, n)) % classes)
+  pred = np.empty((n, k), np.int64)
+  pred[:, -1] = final
+  for r in range(k - 1):
+    agree = rng.uniform(size=n) < conf[:, r]
+    pred[:, r] = np.where(agree, final, (final + rng.integers(1, classes, n)) % classes)
+  cost = np.full(k, 1.0)
+  return jexit.Traces(conf=conf, pred=pred, label=label, cost=cost)
+
+
+def suite() -> Dict[str, jexit.Traces]:
+  """Every workload of the benchmark suite that is available here."""
+  out = {}
+  for arch in ("vgg11", "vgg13", "vgg16"):
+    for ramps in (3, 5):
+      path = os.path.join(TRACE_DIR, f"digits_{arch}_{ramps}ramps.npz")
+      if os.path.exists(path):
+        out[f"digits-{arch}-{ramps}r"] = jexit.load_traces(path)
+  out["synth-smooth"] = synthetic("smooth", seed=1)
+  out["synth-overthink"] = synthetic("overthink", seed=2)
+  return out
