@@ -1,0 +1,306 @@
+"""Exports one solved exit policy as a versioned, self-describing `.npz`.
+
+The file layout (format `jexit-policy`, version 1) and its reader live in
+`jexit.runtime`, which needs only numpy; this module writes it and holds the
+`jexit export` subcommand. `load_policy_file` is re-exported from there.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, ExitTable, check_arrays,
+                           check_header, load_policy_file)
+from jexit.types import Binning, ExitModel, Policy, Traces
+
+__all__ = ["add_export_parser", "export_policy", "load_policy_file", "run_export",
+           "trace_sha256"]
+
+
+def trace_sha256(traces: Traces) -> str:
+  """sha256 hex digest of a trace's arrays, stable under save/load.
+
+  Hashes, for each present field in (conf, pred, label, cost, signal), its
+  name, shape and bytes in the dtype the trace file stores (float32 conf and
+  signal, int64 pred and label, float64 cost), so a trace and the same trace
+  written and re-read with `jexit.save_traces`/`load_traces` hash alike.
+  """
+  if not isinstance(traces, Traces):
+    raise ValueError(f"traces: expected jexit.Traces, got {type(traces).__name__}")
+  dtypes = {"conf": np.float32, "pred": np.int64, "label": np.int64,
+            "cost": np.float64, "signal": np.float32}
+  h = hashlib.sha256()
+  for name in Traces._fields:
+    a = getattr(traces, name)
+    if a is None:
+      continue
+    a = np.ascontiguousarray(np.asarray(a).astype(dtypes[name]))
+    h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _pick(name, a, index, axis_name):
+  """`a[index]` with a ValueError naming the field when out of range."""
+  size = a.shape[0]
+  if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+    raise ValueError(f"{axis_name}: expected an int index, got {index!r}")
+  if not -size <= index < size:
+    raise ValueError(f"{axis_name}: expected an index in [0, {size}) into {name} "
+                     f"(shape {a.shape}), got {index}")
+  return a[index]
+
+
+def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
+                  lam_index: int, *, model_index: Optional[int] = None):
+  """Selects one policy of a (batched) solve and checks it against its inputs.
+
+  Args:
+    policy: `Policy` with `threshold [L, K, S]` or `[M, L, K, S]`.
+    binning: the `Binning` it was fitted with, `edges [K, S+1]` (or
+      `[M, K, S+1]` per model).
+    model: the `ExitModel` it was solved from (checked against `policy.loss`
+      and `policy.cost`), or None.
+    lam_index: which lam of the grid.
+    model_index: which model of a batch; required iff the policy is batched.
+
+  Returns:
+    `(header fields dict, edges [K, S+1], loss [K, S], threshold [K, S], cost [K])`.
+  """
+  if not isinstance(policy, Policy):
+    raise ValueError(f"policy: expected jexit.Policy, got {type(policy).__name__}")
+  if not isinstance(binning, Binning):
+    raise ValueError(f"binning: expected jexit.Binning, got {type(binning).__name__}")
+  threshold = np.asarray(policy.threshold)
+  lam = np.asarray(policy.lam)
+  value = np.asarray(policy.value)
+  loss = np.asarray(policy.loss)
+  cost = np.asarray(policy.cost)
+  edges = np.asarray(binning.edges, np.float64)
+  if threshold.ndim == 4:
+    if model_index is None:
+      raise ValueError(f"model_index: the policy holds a batch of {threshold.shape[0]} "
+                       f"models (threshold shape {threshold.shape}); say which one")
+    threshold = _pick("policy.threshold", threshold, model_index, "model_index")
+    lam = _pick("policy.lam", lam, model_index, "model_index")
+    value = _pick("policy.value", value, model_index, "model_index")
+    loss = _pick("policy.loss", loss, model_index, "model_index")
+    cost = _pick("policy.cost", cost, model_index, "model_index")
+    if edges.ndim == 3:
+      edges = _pick("binning.edges", edges, model_index, "model_index")
+    if model is not None and np.ndim(model.loss) == 3:
+      model = ExitModel(*(_pick(f"model.{f}", np.asarray(a), model_index, "model_index")
+                          for f, a in zip(ExitModel._fields, model)))
+  elif threshold.ndim == 3:
+    if model_index is not None:
+      raise ValueError(f"model_index: the policy is not batched over models "
+                       f"(threshold shape {threshold.shape}), got {model_index}")
+  else:
+    raise ValueError(f"policy.threshold: expected shape [L, K, S] or [M, L, K, S], "
+                     f"got {threshold.shape}")
+  l_count, k, s = threshold.shape
+  if lam.shape != (l_count,) or value.shape != (l_count,):
+    raise ValueError(f"policy.lam/value: expected shape [L] = ({l_count},), got "
+                     f"{lam.shape} and {value.shape}")
+  if loss.shape != (k, s):
+    raise ValueError(f"policy.loss: expected shape [K, S] = ({k}, {s}) like the "
+                     f"threshold table, got {loss.shape}")
+  if cost.shape != (k,):
+    raise ValueError(f"policy.cost: expected shape [K] = ({k},), got {cost.shape}")
+  if edges.shape != (k, s + 1):
+    raise ValueError(f"binning.edges: expected shape [K, S+1] = ({k}, {s + 1}) to match "
+                     f"the policy's K={k} ramps and S={s} bins, got {edges.shape}")
+  if binning.signal not in ("1-conf", "signal"):
+    raise ValueError(f"binning.signal: expected '1-conf' or 'signal', got {binning.signal!r}")
+  if model is not None:
+    if not isinstance(model, ExitModel):
+      raise ValueError(f"model: expected jexit.ExitModel, got {type(model).__name__}")
+    m_loss = np.asarray(model.loss)
+    if m_loss.shape != (k, s):
+      raise ValueError(f"model.loss: expected shape [K, S] = ({k}, {s}) like the "
+                       f"policy, got {m_loss.shape}")
+    # The solver stores loss in its working dtype: compare in that dtype.
+    if not np.array_equal(m_loss.astype(loss.dtype), loss):
+      raise ValueError("model.loss: differs from policy.loss; the policy was not "
+                       "solved from this model")
+    if not np.allclose(np.asarray(model.cost, np.float64), cost.astype(np.float64),
+                       rtol=1e-6, atol=0):
+      raise ValueError(f"model.cost: {np.asarray(model.cost).tolist()} differs from "
+                       f"policy.cost {cost.tolist()}")
+  _pick("policy.lam", lam, lam_index, "lam_index")
+  lam_index = int(lam_index) % l_count
+  dtype = loss.dtype if loss.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+  cost64 = np.asarray(model.cost if model is not None else cost, np.float64)
+  fields = {
+      "signal": binning.signal,
+      "lam": float(lam[lam_index]),
+      "recall": bool(policy.recall),
+      "num_ramps": int(k),
+      "num_bins": int(s),
+      "cost": [float(c) for c in cost64],
+      "dtype": np.dtype(dtype).name,
+      "value": float(value[lam_index]),
+      "lam_index": lam_index,
+      "model_index": None if model_index is None else int(model_index),
+  }
+  return (fields, edges, loss.astype(dtype), threshold[lam_index].astype(dtype), cost64)
+
+
+def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitModel],
+                  lam_index: int, *, model_index: Optional[int] = None,
+                  traces: Optional[Traces] = None,
+                  trace_hash: Optional[str] = None) -> dict:
+  """Writes one policy of a solve to a self-describing `.npz` (format version 1).
+
+  The file holds `edges [K, S+1]`, `loss [K, S]`, `threshold [K, S]`,
+  `cost [K]` and a JSON `header` (format name and version, jexit version,
+  binned signal, lam, recall, K, S, costs, dtype, sha256 of the fit trace).
+  Everything is validated with the same checks the loader applies before the
+  file is written (atomically, via a temporary file and a rename).
+
+  Args:
+    path: where to write (any name; `.npz` is conventional).
+    policy: from `jexit.solve`, `threshold [L, K, S]` or `[M, L, K, S]`.
+    binning: the `Binning` from `jexit.fit` for the same model.
+    model: the `ExitModel` the policy was solved from (checked), or None.
+    lam_index: which lam of `policy.lam` to export.
+    model_index: which model, when the policy is batched over models.
+    traces: the fit trace; its `trace_sha256` goes into the header.
+    trace_hash: the hash itself, if the trace is not at hand.
+
+  Returns:
+    The header written (a dict).
+
+  Examples:
+    >>> model, binning = jexit.fit(traces)                       # doctest: +SKIP
+    >>> policy = jexit.solve(model, np.array([0.1, 1.0]))       # doctest: +SKIP
+    >>> export_policy("policy.npz", policy, binning, model, 0, traces=traces)  # doctest: +SKIP
+  """
+  if traces is not None and trace_hash is not None:
+    raise ValueError("traces, trace_hash: pass one of them, not both")
+  digest = trace_sha256(traces) if traces is not None else trace_hash
+  if digest is not None and not isinstance(digest, str):
+    raise ValueError(f"trace_hash: expected a sha256 hex string, got {type(digest).__name__}")
+  fields, edges, loss, threshold, cost = policy_arrays(
+      policy, binning, model, lam_index, model_index=model_index)
+  import jexit  # at call time: the package is fully imported by then
+  header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "jexit_version": str(getattr(jexit, "__version__", "unknown")),
+            "trace_sha256": digest, **fields}
+  path = os.fspath(path)
+  check_header(header, path)
+  edges, loss, threshold, cost = check_arrays(header, edges, loss, threshold, cost, path)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, header=np.array(json.dumps(header, sort_keys=True)),
+                          edges=edges, loss=loss, threshold=threshold, cost=cost)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return header
+
+
+# ------------------------------------------------------------- the subcommand
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds `jexit export TRACE (--lam X | --max-loss Y) --out FILE`.
+
+  `subparsers` is what `ArgumentParser.add_subparsers()` returns; the parser
+  gets `func=run_export` as a default.
+  """
+  p = subparsers.add_parser(
+      "export", help="fit, solve and export one exit policy for deployment",
+      description="Fits the exit model on TRACE (jexit.fit defaults), solves it and "
+                  "writes one policy table (.npz, format jexit-policy v1) that "
+                  "jexit.runtime.ExitTable and jexit.runtime_torch.EarlyExitRunner load.")
+  p.add_argument("trace", help="trace .npz (conf, pred, cost[, label, signal])")
+  choose = p.add_mutually_exclusive_group(required=True)
+  choose.add_argument("--lam", type=float,
+                      help="the cost weight lam to solve for")
+  choose.add_argument("--max-loss", type=float, dest="max_loss",
+                      help="export the cheapest policy on a lam grid whose mean loss "
+                           "of the output ramp on TRACE (in units of the fitted loss "
+                           "table) is at most this; chosen on TRACE itself")
+  p.add_argument("--out", required=True, help="policy file to write")
+  p.add_argument("--no-recall", action="store_true", dest="no_recall",
+                 help="solve the no-recall policy (output = the stopping ramp)")
+  p.add_argument("--loss", choices=("proxy", "calibrated"), default="proxy",
+                 help="loss table of jexit.fit (default: proxy, the paper's 1 - softmax)")
+  p.add_argument("--grid", type=int, default=200,
+                 help="lam values tried by --max-loss (default 200)")
+  p.set_defaults(func=run_export)
+  return p
+
+
+def _lam_grid(model: ExitModel, size: int) -> np.ndarray:
+  """0 plus log-spaced lam from 1e-4 to 1e2 times loss range / total cost."""
+  if size < 2:
+    raise ValueError(f"--grid: expected at least 2 lam values, got {size}")
+  loss = np.asarray(model.loss)
+  scale = max(float(loss.max() - loss.min()), 1e-12) / max(float(np.sum(model.cost)), 1e-300)
+  return np.concatenate([[0.0], scale * np.logspace(-4, 2, size - 1)])
+
+
+def run_export(args) -> int:
+  """Runs `jexit export` from parsed `args`; prints one summary line."""
+  from jexit.fit import fit  # the solver side needs JAX; keep it off import
+  from jexit.solver import solve
+  from jexit.traces import load_traces
+
+  traces = load_traces(args.trace)
+  model, binning = fit(traces, loss=args.loss)
+  recall = not args.no_recall
+  if args.lam is not None:
+    if not (np.isfinite(args.lam) and args.lam >= 0):
+      raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
+    policy = solve(model, np.array([args.lam]), recall=recall)
+    lam_index, note = 0, ""
+  else:
+    if not np.isfinite(args.max_loss):
+      raise ValueError(f"--max-loss: expected a finite number, got {args.max_loss}")
+    policy = solve(model, _lam_grid(model, args.grid), recall=recall)
+    lam_index, mean_loss, mean_cost = _choose_by_loss(policy, binning, traces, args.max_loss)
+    note = (f" mean loss {mean_loss:.4g} <= {args.max_loss:g} and mean cost "
+            f"{mean_cost:.4g} on TRACE (chosen on TRACE: optimistic)")
+  header = export_policy(args.out, policy, binning, model, lam_index, traces=traces)
+  print(f"wrote {args.out}: K={header['num_ramps']} S={header['num_bins']} "
+        f"lam={header['lam']:.6g} recall={header['recall']} signal={header['signal']}{note}")
+  return 0
+
+
+def _table(policy: Policy, binning: Binning, lam_index: int, **options) -> ExitTable:
+  """The in-memory `ExitTable` of one policy (what its file would load as)."""
+  fields, edges, loss, threshold, cost = policy_arrays(policy, binning, None, lam_index)
+  header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "jexit_version": "", "trace_sha256": None, **fields}
+  return ExitTable(header, edges, loss, threshold, cost, **options)
+
+
+def _choose_by_loss(policy: Policy, binning: Binning, traces: Traces, max_loss: float):
+  """Index of the lowest-mean-cost policy whose mean output loss <= max_loss."""
+  threshold = np.asarray(policy.threshold)
+  loss = np.asarray(policy.loss)
+  cost = np.cumsum(np.asarray(policy.cost, np.float64))
+  values = traces.exit_signal()
+  bins = binning.assign(values)  # [N, K]
+  n = values.shape[0]
+  best, found = None, []
+  for i in range(threshold.shape[0]):
+    table = _table(policy, binning, i, out_of_range="clip")
+    stop, out, _ = table.run(traces.conf, traces.pred,
+                             signal=traces.signal if binning.signal == "signal" else None)
+    mean_loss = float(loss[out, bins[np.arange(n), out]].astype(np.float64).mean())
+    mean_cost = float(cost[stop].mean())
+    found.append(mean_loss)
+    if mean_loss <= max_loss and (best is None or mean_cost < best[2]):
+      best = (i, mean_loss, mean_cost)
+  if best is None:
+    raise ValueError(f"--max-loss: no policy on the lam grid reaches a mean loss <= "
+                     f"{max_loss:g} on the trace; the smallest is {min(found):.4g}")
+  return best

@@ -1,0 +1,499 @@
+"""Serving-side runtime of an exported exit policy, in plain numpy.
+
+This module reads the policy file that `jexit.export.export_policy` writes and
+applies its decision rule; it never imports JAX (nor any other jexit module),
+so a server may vendor this one file.
+
+The policy file (format `jexit-policy`, version 1) is a `.npz` of plain
+arrays, read with `allow_pickle=False`:
+
+| key         | shape      | dtype             | meaning |
+|-------------|------------|-------------------|---------|
+| `header`    | `[]`       | unicode           | JSON object, see `HEADER_FIELDS` |
+| `edges`     | `[K, S+1]` | float64           | per-ramp bin edges of the exit signal |
+| `loss`      | `[K, S]`   | float32 / float64 | `l_k(s)`, the loss of outputting ramp k from bin s |
+| `threshold` | `[K, S]`   | same as `loss`    | stop thresholds: values of `loss` or +-inf |
+| `cost`      | `[K]`      | float64           | `c_k`, cost of segment k plus its head |
+
+Decision rule at ramp k (0-based) once its signal `v` is known:
+
+    s    = number of inner edges edges[k, 1:-1] that are <= v
+    l    = loss[k, s]
+    best = min(best, l)  and  best_ramp = k  if l <= best   (recall; ties: latest)
+    best = l             and  best_ramp = k                  (no recall)
+    stop iff best <= threshold[k, s]   (always at the last ramp)
+    output: the prediction of ramp best_ramp
+
+The comparison is done in the dtype of `loss` (float32 for the default solver),
+in which every finite threshold is exactly a value of `loss`.
+
+Input handling (never a silent wrong exit):
+  - `nan="error"` (default): a NaN signal raises `ValueError`.
+    `nan="continue"`: a NaN signal makes the input run on to the next ramp and
+    that ramp can never be the output (its loss counts as +inf); at the last
+    ramp the input stops and outputs the best earlier ramp (or the last one if
+    all were NaN).
+  - `out_of_range="error"` (default): a signal outside
+    `[edges[k, 0], edges[k, -1]]` by more than `range_tol * (hi - lo)` raises
+    `ValueError`. `out_of_range="clip"`: it falls into the end bin, exactly as
+    `jexit.Binning.assign` and `jexit.evaluate` treat it.
+"""
+
+import json
+import os
+import re
+import zipfile
+import zlib
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+FORMAT_NAME = "jexit-policy"
+FORMAT_VERSION = 1
+ARRAY_KEYS = ("header", "edges", "loss", "threshold", "cost")
+SIGNALS = ("1-conf", "signal")
+# name -> (required, accepted Python types, meaning)
+HEADER_FIELDS = {
+    "format": (True, (str,), f"always {FORMAT_NAME!r}"),
+    "format_version": (True, (int,), "integer version of this layout"),
+    "jexit_version": (True, (str,), "version of jexit that wrote the file"),
+    "signal": (True, (str,), "the signal the edges bin: '1-conf' or 'signal'"),
+    "lam": (True, (int, float), "the cost weight lam the policy was solved for"),
+    "recall": (True, (bool,), "whether the output is the best ramp so far"),
+    "num_ramps": (True, (int,), "K"),
+    "num_bins": (True, (int,), "S"),
+    "cost": (True, (list,), "[K] segment costs, equal to the `cost` array"),
+    "dtype": (True, (str,), "dtype of `loss` and `threshold` (the comparison dtype)"),
+    "trace_sha256": (True, (str, type(None)), "sha256 of the fit trace, or null"),
+    "value": (False, (int, float, type(None)), "expected objective under the fitted model"),
+    "lam_index": (False, (int, type(None)), "index of lam in the solved grid"),
+    "model_index": (False, (int, type(None)), "index of the model in a solved batch"),
+}
+_NAN_MODES = ("error", "continue")
+_RANGE_MODES = ("error", "clip")
+
+
+def _bad(path, what):
+  raise ValueError(f"policy file {path}: {what}")
+
+
+def _describe(a):
+  return f"shape {tuple(np.shape(a))} dtype {np.asarray(a).dtype}"
+
+
+def check_header(header, path="<memory>") -> dict:
+  """Validates a policy header (a dict parsed from JSON); returns it.
+
+  The format name and version are checked first, so a file written by a newer
+  jexit gets a message about the version rather than about its contents.
+  """
+  if not isinstance(header, dict):
+    _bad(path, f"header: expected a JSON object, got {type(header).__name__}")
+  if header.get("format") != FORMAT_NAME:
+    _bad(path, f"header.format: expected {FORMAT_NAME!r}, got {header.get('format')!r} "
+               f"(not a jexit policy file?)")
+  version = header.get("format_version")
+  if not isinstance(version, int) or isinstance(version, bool):
+    _bad(path, f"header.format_version: expected an integer, got {version!r}")
+  if version != FORMAT_VERSION:
+    _bad(path, f"header.format_version: this jexit reads format version "
+               f"{FORMAT_VERSION}, the file has version {version}"
+               + ("; upgrade jexit to read it" if version > FORMAT_VERSION else ""))
+  unknown = sorted(set(header) - set(HEADER_FIELDS))
+  if unknown:
+    _bad(path, f"header: unknown field(s) {unknown} for format version {FORMAT_VERSION}")
+  for name, (required, types, meaning) in HEADER_FIELDS.items():
+    if name not in header:
+      if required:
+        _bad(path, f"header.{name}: missing ({meaning})")
+      continue
+    value = header[name]
+    # bool is an int in Python: only accept it where bool is the type asked.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+      _bad(path, f"header.{name}: expected {' or '.join(t.__name__ for t in types)} "
+                 f"({meaning}), got {value!r}")
+  if header["signal"] not in SIGNALS:
+    _bad(path, f"header.signal: expected one of {list(SIGNALS)}, got {header['signal']!r}")
+  lam = float(header["lam"])
+  if not np.isfinite(lam) or lam < 0:
+    _bad(path, f"header.lam: expected a finite value >= 0, got {header['lam']!r}")
+  for name in ("num_ramps", "num_bins"):
+    if header[name] < 1:
+      _bad(path, f"header.{name}: expected an integer >= 1, got {header[name]}")
+  if header["dtype"] not in ("float32", "float64"):
+    _bad(path, f"header.dtype: expected 'float32' or 'float64', got {header['dtype']!r}")
+  digest = header["trace_sha256"]
+  if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+    _bad(path, f"header.trace_sha256: expected 64 lowercase hex digits or null, got {digest!r}")
+  cost = header["cost"]
+  if (len(cost) != header["num_ramps"]
+      or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cost)):
+    _bad(path, f"header.cost: expected a list of {header['num_ramps']} numbers, got {cost!r}")
+  return header
+
+
+def check_arrays(header: dict, edges, loss, threshold, cost, path="<memory>"):
+  """Validates the policy arrays against a checked header.
+
+  Returns:
+    `(edges [K, S+1] float64, loss [K, S], threshold [K, S], cost [K] float64)`
+    with `loss` and `threshold` in `header["dtype"]`.
+  """
+  k, s = header["num_ramps"], header["num_bins"]
+  dtype = np.dtype(header["dtype"])
+  arrays = {"edges": edges, "loss": loss, "threshold": threshold, "cost": cost}
+  shapes = {"edges": (k, s + 1), "loss": (k, s), "threshold": (k, s), "cost": (k,)}
+  for name, a in arrays.items():
+    a = np.asarray(a)
+    if a.shape != shapes[name]:
+      _bad(path, f"{name}: expected shape {shapes[name]} (K={k} ramps, S={s} bins "
+                 f"from the header), got {_describe(a)}")
+    if not np.issubdtype(a.dtype, np.floating):
+      _bad(path, f"{name}: expected floating-point values, got {_describe(a)}")
+  for name in ("loss", "threshold"):
+    if np.asarray(arrays[name]).dtype != dtype:
+      _bad(path, f"{name}: expected dtype {dtype} (header.dtype), "
+                 f"got {np.asarray(arrays[name]).dtype}")
+  edges = np.asarray(edges, np.float64)
+  loss = np.asarray(loss)
+  threshold = np.asarray(threshold)
+  cost = np.asarray(cost, np.float64)
+  if not np.all(np.isfinite(edges)):
+    _bad(path, "edges: expected finite values, got NaN or inf")
+  steps = np.diff(edges, axis=1)
+  if np.any(steps <= 0):
+    ramp, i = np.argwhere(steps <= 0)[0]
+    _bad(path, f"edges: expected strictly increasing edges per ramp, got "
+               f"edges[{ramp}, {i}] = {edges[ramp, i]} >= edges[{ramp}, {i + 1}] = "
+               f"{edges[ramp, i + 1]}")
+  if not np.all(np.isfinite(loss)):
+    _bad(path, "loss: expected finite values, got NaN or inf")
+  if np.any(np.isnan(threshold)):
+    _bad(path, "threshold: expected values of `loss` or +-inf, got NaN")
+  finite = np.isfinite(threshold)
+  # Exact membership is what makes the runtime's float compare agree with the
+  # solver's decisions: anything else is a corrupt or foreign table.
+  foreign = finite & ~np.isin(threshold, loss)
+  if np.any(foreign):
+    ramp, b = np.argwhere(foreign)[0]
+    _bad(path, f"threshold: expected values of `loss` or +-inf, got "
+               f"threshold[{ramp}, {b}] = {float(threshold[ramp, b])!r}, not in `loss`")
+  if not np.all(threshold[-1] == np.inf):
+    _bad(path, f"threshold: expected +inf at the last ramp (it always stops), got "
+               f"{threshold[-1].tolist()}")
+  if not np.all(np.isfinite(cost)) or np.any(cost < 0):
+    _bad(path, f"cost: expected finite values >= 0, got {cost.tolist()}")
+  if not np.array_equal(cost, np.asarray(header["cost"], np.float64)):
+    _bad(path, f"cost: the array {cost.tolist()} differs from header.cost {header['cost']}")
+  return edges, loss.astype(dtype), threshold.astype(dtype), cost
+
+
+class ExitState(NamedTuple):
+  """Per-input state between ramps (any leading shape `[...]`, usually `[B]`).
+
+  Attributes:
+    best_loss: `[...]` best (recall) or current (no recall) loss so far, in the
+      table's dtype; +inf before the first ramp.
+    best_ramp: `[...]` int, the ramp whose prediction is output if it stops now.
+    ramp: `[...]` int, the next ramp this input must run (checked by `step`).
+  """
+  best_loss: np.ndarray  # [...]
+  best_ramp: np.ndarray  # [...]
+  ramp: np.ndarray       # [...]
+
+  def take(self, rows) -> "ExitState":
+    """The state of a subset of inputs (boolean mask or indices), e.g. the
+    ones still running after the others stopped."""
+    return ExitState(*(np.asarray(a)[rows] for a in self))
+
+
+class ExitTable:
+  """A loaded exit policy: bin lookup, best-so-far update, threshold compare.
+
+  Attributes:
+    edges: `[K, S+1]` float64 bin edges per ramp.
+    loss: `[K, S]` loss table (dtype of the solver, float32 by default).
+    threshold: `[K, S]` stop thresholds, same dtype as `loss`.
+    cost: `[K]` float64 segment costs.
+    lam: the cost weight the policy was solved for.
+    recall: whether the output is the best ramp so far (else the current).
+    signal: `"1-conf"` (1 - max softmax) or `"signal"` (a custom signal).
+    header: the file's JSON header (dict).
+    nan, out_of_range, range_tol: the input-handling modes (module docstring).
+
+  Examples:
+    >>> table = ExitTable.load("policy.npz")                  # doctest: +SKIP
+    >>> stop_ramp, output_ramp, output_pred = table.run(conf, pred)  # doctest: +SKIP
+  """
+
+  def __init__(self, header: dict, edges, loss, threshold, cost, *,
+               nan: str = "error", out_of_range: str = "error",
+               range_tol: float = 1e-6, path: str = "<memory>"):
+    if nan not in _NAN_MODES:
+      raise ValueError(f"nan: expected one of {list(_NAN_MODES)}, got {nan!r}")
+    if out_of_range not in _RANGE_MODES:
+      raise ValueError(f"out_of_range: expected one of {list(_RANGE_MODES)}, "
+                       f"got {out_of_range!r}")
+    if not (range_tol >= 0 and np.isfinite(range_tol)):
+      raise ValueError(f"range_tol: expected a finite value >= 0, got {range_tol}")
+    header = check_header(dict(header), path)
+    self.edges, self.loss, self.threshold, self.cost = check_arrays(
+        header, edges, loss, threshold, cost, path)
+    self.header = header
+    self.path = path
+    self.lam = float(header["lam"])
+    self.recall = bool(header["recall"])
+    self.signal = header["signal"]
+    self.nan, self.out_of_range, self.range_tol = nan, out_of_range, float(range_tol)
+    self._inner = [np.ascontiguousarray(e[1:-1]) for e in self.edges]
+    span = self.edges[:, -1] - self.edges[:, 0]
+    self._lo = self.edges[:, 0] - self.range_tol * span
+    self._hi = self.edges[:, -1] + self.range_tol * span
+
+  @classmethod
+  def load(cls, path, **options) -> "ExitTable":
+    """Reads and validates a policy file; `options` as in the constructor."""
+    header, edges, loss, threshold, cost = read_policy_arrays(path)
+    return cls(header, edges, loss, threshold, cost, path=os.fspath(path), **options)
+
+  @property
+  def num_ramps(self) -> int:
+    return int(self.loss.shape[0])
+
+  @property
+  def num_bins(self) -> int:
+    return int(self.loss.shape[1])
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.loss.dtype
+
+  def __repr__(self):
+    return (f"ExitTable(K={self.num_ramps}, S={self.num_bins}, lam={self.lam:g}, "
+            f"recall={self.recall}, signal={self.signal!r}, dtype={self.dtype})")
+
+  def _check_ramp(self, k):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+      raise ValueError(f"k: expected an int ramp index, got {k!r}")
+    if not 0 <= k < self.num_ramps:
+      raise ValueError(f"k: expected a ramp in [0, {self.num_ramps}) (the table has "
+                       f"K={self.num_ramps} ramps), got {k}")
+    return int(k)
+
+  def bins(self, k: int, signal_k) -> Tuple[np.ndarray, np.ndarray]:
+    """Bins of ramp k's signal values.
+
+    Args:
+      k: 0-based ramp.
+      signal_k: `[...]` signal values (float; 1 - conf for "1-conf" tables).
+
+    Returns:
+      `(bins [...] int, nan [...] bool)`: NaN inputs get bin 0 and `nan` True
+      (only possible with `nan="continue"`).
+
+    Raises:
+      ValueError: for a NaN (`nan="error"`) or an out-of-range value
+        (`out_of_range="error"`), naming the ramp, the input and the value.
+    """
+    k = self._check_ramp(k)
+    v = np.asarray(signal_k, np.float64)
+    isnan = np.isnan(v)
+    if np.any(isnan) and self.nan == "error":
+      at = np.argwhere(isnan)[0]
+      raise ValueError(f"signal at ramp {k}: expected finite values, got NaN at input "
+                       f"{tuple(int(i) for i in at)} (pass nan='continue' to run such "
+                       f"inputs on to the next ramp)")
+    if self.out_of_range == "error":
+      outside = ~isnan & ((v < self._lo[k]) | (v > self._hi[k]))
+      if np.any(outside):
+        at = np.argwhere(outside)[0]
+        raise ValueError(
+            f"signal at ramp {k}: expected values in the edges' range "
+            f"[{self.edges[k, 0]:g}, {self.edges[k, -1]:g}], got {v[tuple(at)]!r} at "
+            f"input {tuple(int(i) for i in at)} (pass out_of_range='clip' to use the "
+            f"end bins, as jexit.evaluate does)")
+    # side="right" on the inner edges: bins are [e_s, e_{s+1}), values beyond
+    # the outer edges land in the end bins (Binning.assign's rule exactly).
+    b = np.searchsorted(self._inner[k], np.where(isnan, self.edges[k, 0], v), side="right")
+    return b.astype(np.int64), isnan
+
+  def init_state(self, shape=()) -> ExitState:
+    """The state before ramp 0 for inputs of shape `shape` (e.g. `(B,)`)."""
+    return ExitState(best_loss=np.full(shape, np.inf, self.dtype),
+                     best_ramp=np.full(shape, -1, np.int64),
+                     ramp=np.zeros(shape, np.int64))
+
+  def step(self, k: int, signal_k, state: Optional[ExitState] = None
+           ) -> Tuple[np.ndarray, ExitState]:
+    """One decision after ramp k ran, for one input or a batch.
+
+    Args:
+      k: the 0-based ramp that just ran.
+      signal_k: `[...]` its exit signal per input (1 - max softmax for a
+        "1-conf" table); a scalar for one input.
+      state: the state `step(k - 1, ...)` returned for these same inputs (use
+        `state.take(rows)` after dropping stopped inputs); None at k = 0.
+
+    Returns:
+      `(stop [...] bool, state)`; once an input stops, its output is the
+      prediction of ramp `state.best_ramp`.
+
+    Raises:
+      ValueError: for a ramp out of range, a state of another shape or from
+        another ramp, or a bad signal (see `bins`).
+    """
+    k = self._check_ramp(k)
+    v = np.asarray(signal_k)
+    if state is None:
+      if k != 0:
+        raise ValueError(f"state: expected the state returned by step({k - 1}, ...), "
+                         f"got None (only step(0, ...) starts without a state)")
+      state = self.init_state(v.shape)
+    if not isinstance(state, ExitState):
+      raise ValueError(f"state: expected an ExitState, got {type(state).__name__}")
+    if np.shape(state.ramp) != v.shape:
+      raise ValueError(f"state: expected shape {v.shape} like signal_k, got "
+                       f"{np.shape(state.ramp)}")
+    if not np.all(np.asarray(state.ramp) == k):
+      found = np.unique(state.ramp).tolist()
+      raise ValueError(f"state: expected every input to be due at ramp {k}, found "
+                       f"inputs due at ramps {found} (a stopped input kept running, or "
+                       f"a ramp was skipped)")
+    b, isnan = self.bins(k, v)
+    current = self.loss[k, b]
+    if isnan.any():
+      current = np.where(isnan, np.inf, current).astype(self.dtype)
+    if self.recall:
+      # `<=`: on ties the latest ramp becomes the output (PROBLEM.md).
+      better = current <= state.best_loss
+      best_loss = np.where(better, current, state.best_loss).astype(self.dtype)
+      best_ramp = np.where(better, k, state.best_ramp).astype(np.int64)
+    else:
+      best_loss = current
+      best_ramp = np.full(v.shape, k, np.int64)
+    if k == self.num_ramps - 1:
+      stop = np.ones(v.shape, bool)
+    else:
+      stop = (best_loss <= self.threshold[k, b]) & ~isnan
+    return stop, ExitState(best_loss=best_loss, best_ramp=best_ramp,
+                           ramp=np.full(v.shape, k + 1, np.int64))
+
+  def run(self, conf, pred, *, signal=None
+          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replays the policy on a whole trace, as a server would run it.
+
+    Each ramp's decision reads only the inputs still running, so NaN or
+    out-of-range values at ramps an input never reaches are not consulted.
+
+    Args:
+      conf: `[N, K]` max-softmax confidences (used for a "1-conf" table; may
+        be None when `signal` is given).
+      pred: `[N, K]` int predictions of every ramp.
+      signal: `[N, K]` the custom signal, required for a "signal" table and
+        refused for a "1-conf" one.
+
+    Returns:
+      `(stop_ramp [N], output_ramp [N], output_pred [N])`, 0-based ramps and
+      `pred[n, output_ramp[n]]`.
+
+    Raises:
+      ValueError: for shapes that do not match the table's K ramps, a
+        missing/refused signal, or NaN/out-of-range values (see `bins`).
+    """
+    k_count = self.num_ramps
+    pred = np.asarray(pred)
+    if pred.ndim != 2 or pred.shape[1] != k_count:
+      raise ValueError(f"pred: expected shape [N, K={k_count}] (the table has "
+                       f"{k_count} ramps), got {_describe(pred)}")
+    n = pred.shape[0]
+    if self.signal == "1-conf":
+      if signal is not None:
+        raise ValueError("signal: this table bins 1 - conf; pass conf, not signal")
+      if conf is None:
+        raise ValueError("conf: expected [N, K] confidences for a '1-conf' table, got None")
+      conf = np.asarray(conf)
+      if conf.shape != (n, k_count):
+        raise ValueError(f"conf: expected shape [N, K] = ({n}, {k_count}) (like pred, "
+                         f"K from the table), got {_describe(conf)}")
+      values = 1.0 - conf.astype(np.float64)
+    else:
+      if signal is None:
+        raise ValueError("signal: this table bins a custom signal (header.signal = "
+                         "'signal'); pass signal=[N, K]")
+      values = np.asarray(signal, np.float64)
+      if values.shape != (n, k_count):
+        raise ValueError(f"signal: expected shape [N, K] = ({n}, {k_count}) (like pred, "
+                         f"K from the table), got {_describe(values)}")
+    stop_ramp = np.full(n, -1, np.int64)
+    output_ramp = np.full(n, -1, np.int64)
+    rows = np.arange(n)
+    state = None
+    for k in range(k_count):
+      stop, state = self.step(k, values[rows, k], state)
+      stop_ramp[rows[stop]] = k
+      output_ramp[rows[stop]] = state.best_ramp[stop]
+      rows, state = rows[~stop], state.take(~stop)
+      if rows.size == 0:
+        break
+    return stop_ramp, output_ramp, pred[np.arange(n), output_ramp]
+
+
+def read_policy_arrays(path):
+  """Reads a policy file without pickle; returns validated
+  `(header, edges, loss, threshold, cost)`.
+
+  Raises:
+    ValueError: for an unreadable or corrupt file, missing or unknown keys, an
+      unknown format version, or any header/array inconsistency.
+  """
+  path = os.fspath(path)
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    _bad(path, f"could not read it as a .npz archive ({e})")
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    _bad(path, f"expected a .npz archive of named arrays, got a single "
+               f"{type(data).__name__}")
+  with data:
+    keys = set(data.files)
+
+    def read(key):
+      try:
+        return data[key]
+      except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        _bad(path, f"key '{key}' is corrupt or not a plain array ({e})")
+
+    if "header" not in keys:
+      _bad(path, f"missing key 'header' (not a jexit policy file?); keys: {sorted(keys)}")
+    raw = read("header")
+    if raw.shape != () or raw.dtype.kind != "U":
+      _bad(path, f"header: expected a 0-d unicode array holding JSON, got {_describe(raw)}")
+    try:
+      header = json.loads(str(raw))
+    except json.JSONDecodeError as e:
+      _bad(path, f"header: not valid JSON ({e})")
+    # Version first: a newer layout may legitimately have other keys.
+    header = check_header(header, path)
+    unknown = sorted(keys - set(ARRAY_KEYS))
+    missing = [key for key in ARRAY_KEYS if key not in keys]
+    if unknown:
+      _bad(path, f"unknown key(s) {unknown}; expected {list(ARRAY_KEYS)}")
+    if missing:
+      _bad(path, f"missing key(s) {missing}; expected {list(ARRAY_KEYS)}")
+    arrays = {key: read(key) for key in ARRAY_KEYS[1:]}
+  edges, loss, threshold, cost = check_arrays(
+      header, arrays["edges"], arrays["loss"], arrays["threshold"], arrays["cost"], path)
+  return header, edges, loss, threshold, cost
+
+
+def load_policy_file(path, **options) -> ExitTable:
+  """Reads and validates a policy file into an `ExitTable` (no pickle, no JAX).
+
+  Args:
+    path: the `.npz` written by `jexit.export.export_policy`.
+    **options: `nan`, `out_of_range`, `range_tol` (see `ExitTable`).
+
+  Raises:
+    ValueError: naming what is wrong (module docstring lists the checks).
+  """
+  return ExitTable.load(path, **options)

@@ -1,0 +1,224 @@
+"""Policy export: round trip, header contents, and refusal of bad files."""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+
+import jexit
+from jexit import export
+from jexit.runtime import FORMAT_VERSION, ExitTable, load_policy_file
+
+
+def _traces(rng, n=300, k=4, signal=False):
+  conf = rng.uniform(size=(n, k))
+  pred = rng.integers(0, 5, (n, k))
+  sig = rng.normal(size=(n, k)) if signal else None
+  return jexit.Traces(conf, pred, rng.integers(0, 5, n), rng.uniform(0.5, 2.0, k), sig)
+
+
+@pytest.fixture(scope="module")
+def solved():
+  rng = np.random.default_rng(0)
+  traces = _traces(rng)
+  model, binning = jexit.fit(traces)
+  policy = jexit.solve(model, np.array([0.0, 0.02, 0.2, 2.0]))
+  return traces, model, binning, policy
+
+
+def _write(tmp_path, arrays, name="bad.npz"):
+  path = os.fspath(tmp_path / name)
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+  return path
+
+
+def _arrays(path):
+  with np.load(path, allow_pickle=False) as data:
+    arrays = {key: data[key] for key in data.files}
+  return arrays, json.loads(str(arrays["header"]))
+
+
+def test_round_trip(tmp_path, solved):
+  traces, model, binning, policy = solved
+  path = tmp_path / "p.npz"
+  header = export.export_policy(path, policy, binning, model, 2, traces=traces)
+  table = load_policy_file(path)
+  assert isinstance(table, ExitTable)
+  np.testing.assert_array_equal(table.edges, binning.edges)
+  np.testing.assert_array_equal(table.loss, np.asarray(policy.loss))
+  np.testing.assert_array_equal(table.threshold, np.asarray(policy.threshold)[2])
+  assert table.threshold.dtype == np.asarray(policy.threshold).dtype
+  np.testing.assert_array_equal(table.cost, model.cost)
+  assert table.lam == float(np.asarray(policy.lam)[2])
+  assert table.recall is True and table.signal == "1-conf"
+  assert header == table.header
+  assert header["format"] == "jexit-policy" and header["format_version"] == FORMAT_VERSION
+  assert header["jexit_version"] == jexit.__version__
+  assert header["num_ramps"] == 4 and header["num_bins"] == binning.num_bins
+  assert header["trace_sha256"] == export.trace_sha256(traces)
+  assert header["value"] == pytest.approx(float(np.asarray(policy.value)[2]))
+  # Readable without jexit: a plain npz with a JSON string.
+  arrays, raw = _arrays(path)
+  assert raw["lam"] == table.lam and sorted(arrays) == sorted(
+      ["header", "edges", "loss", "threshold", "cost"])
+
+
+def test_no_recall_custom_signal_and_batched_models(tmp_path):
+  rng = np.random.default_rng(1)
+  traces = _traces(rng, signal=True)
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=6)
+  assert binning.signal == "signal"
+  stacked = jexit.ExitModel(*(np.stack([a, a]) for a in model))
+  policy = jexit.solve(stacked, np.array([0.01, 0.1]), recall=False)
+  with pytest.raises(ValueError, match="model_index"):
+    export.export_policy(tmp_path / "p.npz", policy, binning, stacked, 0)
+  export.export_policy(tmp_path / "p.npz", policy, binning, stacked, -1, model_index=1,
+                       trace_hash="ab" * 32)
+  table = load_policy_file(tmp_path / "p.npz")
+  assert table.recall is False and table.signal == "signal"
+  assert table.header["trace_sha256"] == "ab" * 32 and table.header["lam_index"] == 1
+  np.testing.assert_array_equal(table.threshold, np.asarray(policy.threshold)[1, 1])
+
+
+def test_trace_hash_is_stable_under_save_and_load(tmp_path):
+  rng = np.random.default_rng(2)
+  traces = _traces(rng)
+  jexit.save_traces(tmp_path / "t.npz", traces)
+  loaded = jexit.load_traces(tmp_path / "t.npz")
+  assert export.trace_sha256(loaded) == export.trace_sha256(traces)
+  other = traces._replace(pred=traces.pred.copy())
+  other.pred[0, 0] += 1
+  assert export.trace_sha256(other) != export.trace_sha256(traces)
+
+
+def test_export_refuses_mismatches(tmp_path, solved):
+  traces, model, binning, policy = solved
+  path = tmp_path / "p.npz"
+  with pytest.raises(ValueError, match="lam_index"):
+    export.export_policy(path, policy, binning, model, 4)
+  short = jexit.Binning(binning.edges[:, :-1], binning.signal)
+  with pytest.raises(ValueError, match=r"binning.edges: expected shape"):
+    export.export_policy(path, policy, short, model, 0)
+  with pytest.raises(ValueError, match="model.loss"):
+    export.export_policy(path, policy, binning, model._replace(loss=model.loss + 0.1), 0)
+  with pytest.raises(ValueError, match="not both"):
+    export.export_policy(path, policy, binning, model, 0, traces=traces, trace_hash="0" * 64)
+  with pytest.raises(ValueError, match="trace_sha256"):
+    export.export_policy(path, policy, binning, model, 0, trace_hash="xyz")
+  bad = policy._replace(threshold=np.asarray(policy.threshold) + 1e-3)
+  with pytest.raises(ValueError, match="threshold"):
+    export.export_policy(path, bad, binning, model, 1)
+  assert not path.exists()  # nothing half-written
+
+
+def _mutate(tmp_path, solved, change):
+  """Writes a valid file, applies `change(arrays, header)`, returns the new path."""
+  traces, model, binning, policy = solved
+  good = tmp_path / "good.npz"
+  export.export_policy(good, policy, binning, model, 1, traces=traces)
+  arrays, header = _arrays(good)
+  change(arrays, header)
+  arrays["header"] = np.array(json.dumps(header))
+  return _write(tmp_path, arrays)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a, h: h.update(format_version=2), "format version 1, the file has version 2"),
+    (lambda a, h: h.update(format_version="1"), "format_version: expected an integer"),
+    (lambda a, h: h.update(format="other"), "header.format"),
+    (lambda a, h: h.pop("lam"), r"header.lam: missing"),
+    (lambda a, h: h.update(extra=1), "unknown field"),
+    (lambda a, h: h.update(recall=1), "header.recall: expected bool"),
+    (lambda a, h: h.update(lam=-1.0), "header.lam"),
+    (lambda a, h: h.update(signal="entropy"), "header.signal"),
+    (lambda a, h: h.update(num_bins=h["num_bins"] + 1), r"edges: expected shape"),
+    (lambda a, h: a.update(loss=a["loss"][:, :-1]), r"loss: expected shape"),
+    (lambda a, h: a.update(threshold=a["threshold"].astype(np.float64)), "dtype float32"),
+    (lambda a, h: a["edges"].__setitem__((0, 3), a["edges"][0, 2]), "strictly increasing"),
+    (lambda a, h: a["threshold"].__setitem__((0, 0), 0.123456), "not in `loss`"),
+    (lambda a, h: a["threshold"].__setitem__((-1, 0), a["loss"][0, 0]), "last ramp"),
+    (lambda a, h: a["loss"].__setitem__((0, 0), np.nan), "loss: expected finite"),
+    (lambda a, h: a["cost"].__setitem__(0, 9.0), "differs from header.cost"),
+    (lambda a, h: a.pop("threshold"), r"missing key\(s\) \['threshold'\]"),
+    (lambda a, h: a.update(more=np.zeros(2)), r"unknown key\(s\) \['more'\]"),
+])
+def test_load_refuses_bad_files(tmp_path, solved, change, match):
+  path = _mutate(tmp_path, solved, change)
+  with pytest.raises(ValueError, match=match):
+    load_policy_file(path)
+
+
+def test_unknown_version_is_reported_before_contents(tmp_path, solved):
+  # A future layout with other keys still gets the version message.
+  path = _mutate(tmp_path, solved, lambda a, h: (h.update(format_version=7),
+                                                 a.pop("loss"), a.update(new=np.ones(1))))
+  with pytest.raises(ValueError, match="version 7; upgrade jexit"):
+    load_policy_file(path)
+
+
+def test_load_refuses_corrupt_and_foreign_files(tmp_path, solved):
+  traces, model, binning, policy = solved
+  good = tmp_path / "good.npz"
+  export.export_policy(good, policy, binning, model, 1)
+  blob = good.read_bytes()
+  (tmp_path / "trunc.npz").write_bytes(blob[: len(blob) // 2])
+  with pytest.raises(ValueError, match="could not read"):
+    load_policy_file(tmp_path / "trunc.npz")
+  (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+  with pytest.raises(ValueError, match="policy file"):
+    load_policy_file(tmp_path / "junk.npz")
+  # A flipped byte inside the compressed data: CRC or zlib error, not garbage.
+  flipped = bytearray(blob)
+  flipped[len(blob) // 3] ^= 0xFF
+  (tmp_path / "flip.npz").write_bytes(bytes(flipped))
+  with pytest.raises(ValueError, match="policy file"):
+    load_policy_file(tmp_path / "flip.npz")
+  with pytest.raises(ValueError, match="missing key 'header'"):
+    load_policy_file(_write(tmp_path, {"conf": np.zeros((2, 2))}))
+  # Object arrays would need pickle: refused, never unpickled.
+  arrays, _ = _arrays(good)
+  arrays["header"] = np.array([{"format": "jexit-policy"}], dtype=object)
+  with pytest.raises(ValueError, match="header"):
+    load_policy_file(_write(tmp_path, arrays, "pickled.npz"))
+  arrays["header"] = np.array("{not json")
+  with pytest.raises(ValueError, match="not valid JSON"):
+    load_policy_file(_write(tmp_path, arrays, "json.npz"))
+  with pytest.raises(ValueError, match="could not read"):
+    load_policy_file(tmp_path / "missing.npz")
+
+
+def _args(**kw):
+  base = dict(lam=None, max_loss=None, no_recall=False, loss="proxy", grid=40)
+  base.update(kw)
+  return types.SimpleNamespace(**base)
+
+
+def test_cli_export(tmp_path, capsys, solved):
+  import argparse
+  traces = solved[0]
+  jexit.save_traces(tmp_path / "t.npz", traces)
+  parser = argparse.ArgumentParser(prog="jexit")
+  export.add_export_parser(parser.add_subparsers(dest="command"))
+  args = parser.parse_args(["export", str(tmp_path / "t.npz"), "--lam", "0.05",
+                            "--out", str(tmp_path / "p.npz")])
+  assert args.func is export.run_export and args.func(args) == 0
+  table = load_policy_file(tmp_path / "p.npz")
+  assert table.lam == pytest.approx(0.05) and table.recall
+  assert table.header["trace_sha256"] == export.trace_sha256(traces)
+  assert "wrote" in capsys.readouterr().out
+  with pytest.raises(SystemExit):  # --lam and --max-loss are exclusive
+    parser.parse_args(["export", "t.npz", "--lam", "1", "--max-loss", "0.1", "--out", "x"])
+
+  # --max-loss: the cheapest grid policy within the loss budget on the trace.
+  out = str(tmp_path / "m.npz")
+  export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=0.3, out=out))
+  table = load_policy_file(out)
+  stop, output, _ = table.run(traces.conf, traces.pred)
+  bins = jexit.Binning(table.edges).assign(1 - traces.conf)
+  n = len(stop)
+  assert table.loss[output, bins[np.arange(n), output]].mean() <= 0.3
+  with pytest.raises(ValueError, match="no policy on the lam grid"):
+    export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=-1.0, out=out))
