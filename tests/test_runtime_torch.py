@@ -1,0 +1,174 @@
+"""EarlyExitRunner: same decisions as the numpy runtime, compacted batches."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jexit  # noqa: E402
+from jexit import export  # noqa: E402
+from jexit.runtime import ExitTable  # noqa: E402
+from jexit.runtime_torch import EarlyExitRunner, max_softmax  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class Counting(torch.nn.Module):
+  """Wraps a module and records the batch sizes it ran on."""
+
+  def __init__(self, inner):
+    super().__init__()
+    self.inner, self.sizes = inner, []
+
+  def forward(self, x):
+    self.sizes.append(int(x.shape[0]))
+    return self.inner(x)
+
+
+def tiny_model(k=4, width=6, classes=5, seed=0, dtype=torch.float64):
+  """K segments (linear + tanh) and K linear heads with random weights."""
+  g = torch.Generator().manual_seed(seed)
+  segments, heads = [], []
+  for _ in range(k):
+    lin = torch.nn.Linear(width, width).to(dtype)
+    head = torch.nn.Linear(width, classes).to(dtype)
+    with torch.no_grad():
+      for p in list(lin.parameters()) + list(head.parameters()):
+        p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 1.5)
+    segments.append(Counting(torch.nn.Sequential(lin, torch.nn.Tanh())).eval())
+    heads.append(head.eval())
+  return segments, heads
+
+
+@torch.no_grad()
+def full_trace(segments, heads, x):
+  """conf, pred `[N, K]` (numpy) of every ramp on every input."""
+  confs, preds, h = [], [], x
+  for segment, head in zip(segments, heads):
+    h = segment(h)
+    c, p = max_softmax(head(h))
+    confs.append(c.cpu().numpy())
+    preds.append(p.cpu().numpy())
+  return np.stack(confs, 1).astype(np.float64), np.stack(preds, 1)
+
+
+def solved_table(tmp_path, conf, pred, *, recall, lam_frac, name="p.npz"):
+  traces = jexit.Traces(conf, pred, None, np.array([1.0, 1.0, 2.0, 2.0])[:conf.shape[1]])
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=5)
+  policy = jexit.solve(model, np.array([lam_frac]) / traces.cost.sum(), recall=recall)
+  export.export_policy(tmp_path / name, policy, binning, model, 0, traces=traces)
+  return ExitTable.load(tmp_path / name, out_of_range="clip")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("recall", [True, False])
+@pytest.mark.parametrize("lam_frac", [0.02, 0.3])
+def test_runner_equals_numpy_runtime(tmp_path, device, recall, lam_frac):
+  segments, heads = tiny_model()
+  x = torch.randn(300, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+  conf, pred = full_trace(segments, heads, x)
+  table = solved_table(tmp_path, conf, pred, recall=recall, lam_frac=lam_frac)
+  want_stop, want_out, want_pred = table.run(conf, pred)
+  assert len(np.unique(want_stop)) >= 3  # inputs exit at several ramps
+
+  for m in segments + heads:
+    m.to(device)
+  for s in segments:
+    s.sizes.clear()
+  out = EarlyExitRunner(segments, heads, table)(x.to(device))
+  assert out.pred.device.type == device
+  np.testing.assert_array_equal(out.stop_ramp.cpu().numpy(), want_stop)
+  np.testing.assert_array_equal(out.output_ramp.cpu().numpy(), want_out)
+  np.testing.assert_array_equal(out.pred.cpu().numpy(), want_pred)
+  # The logits returned are the output ramp's own, per input.
+  np.testing.assert_array_equal(out.logits.argmax(-1).cpu().numpy(), want_pred)
+  # Compaction: segment k ran only on the inputs that had not stopped before it.
+  still = [int((want_stop >= k).sum()) for k in range(len(segments))]
+  assert [s.sizes[0] if s.sizes else 0 for s in segments] == still
+
+
+def test_runner_batch_independence_and_order():
+  segments, heads = tiny_model(k=3)
+  x = torch.randn(64, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+  conf, pred = full_trace(segments, heads, x)
+  rng = np.random.default_rng(0)
+  edges = np.tile(np.linspace(0, 1, 6), (3, 1))
+  loss = rng.uniform(size=(3, 5)).astype(np.float32)
+  threshold = np.where(rng.uniform(size=(3, 5)) < 0.5, np.sort(loss.ravel())[7], -np.inf)
+  threshold[-1] = np.inf
+  header = {"format": "jexit-policy", "format_version": 1, "jexit_version": "t",
+            "signal": "1-conf", "lam": 0.0, "recall": True, "num_ramps": 3, "num_bins": 5,
+            "cost": [1.0, 1.0, 1.0], "dtype": "float32", "trace_sha256": None}
+  table = ExitTable(header, edges, loss, threshold.astype(np.float32), np.ones(3))
+  runner = EarlyExitRunner(segments, heads, table, keep_logits=False)
+  whole = runner(x)
+  assert whole.logits is None
+  perm = torch.randperm(64, generator=torch.Generator().manual_seed(3))
+  shuffled = runner(x[perm])
+  for field in ("pred", "stop_ramp", "output_ramp"):
+    np.testing.assert_array_equal(getattr(shuffled, field).numpy(),
+                                  getattr(whole, field).numpy()[perm.numpy()])
+  singles = [runner(x[i:i + 1]) for i in range(0, 64, 9)]
+  np.testing.assert_array_equal([int(o.stop_ramp[0]) for o in singles],
+                                whole.stop_ramp.numpy()[::9])
+  np.testing.assert_array_equal(whole.stop_ramp.numpy(), table.run(conf, pred)[0])
+
+
+def test_runner_refuses_mismatches(tmp_path):
+  segments, heads = tiny_model(k=4)
+  x = torch.randn(50, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+  conf, pred = full_trace(segments, heads, x)
+  table = solved_table(tmp_path, conf, pred, recall=True, lam_frac=0.1)
+  with pytest.raises(ValueError, match="K=4 ramps, the model 3"):
+    EarlyExitRunner(segments[:3], heads[:3], table)
+  with pytest.raises(ValueError, match="one head per segment"):
+    EarlyExitRunner(segments, heads[:3], table)
+  with pytest.raises(ValueError, match="table: expected"):
+    EarlyExitRunner(segments, heads, {"threshold": 1})
+  heads[1].train()
+  with pytest.raises(ValueError, match=r"heads\[1\]: expected eval mode"):
+    EarlyExitRunner(segments, heads, table)(x)
+  heads[1].eval()
+  # A table binning a custom signal needs the function that computes it.
+  traces = jexit.Traces(conf, pred, None, np.ones(4), signal=1.0 - conf)
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=4)
+  policy = jexit.solve(model, np.array([0.05]))
+  export.export_policy(tmp_path / "s.npz", policy, binning, model, 0)
+  with pytest.raises(ValueError, match="signal_fn"):
+    EarlyExitRunner(segments, heads, tmp_path / "s.npz")
+  custom = EarlyExitRunner(segments, heads, os.fspath(tmp_path / "s.npz"),
+                           signal_fn=lambda z: 1.0 - max_softmax(z)[0])
+  custom_table = ExitTable.load(tmp_path / "s.npz", out_of_range="clip")
+  custom_table_out = custom_table.run(None, pred, signal=1.0 - conf)
+  # The file's default mode is "error"; the same inputs stay within range here.
+  np.testing.assert_array_equal(custom(x).stop_ramp.numpy(), custom_table_out[0])
+
+
+def test_runner_nan_logits(tmp_path):
+  segments, heads = tiny_model(k=3)
+  x = torch.randn(40, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+  conf, pred = full_trace(segments, heads, x)
+  table = solved_table(tmp_path, conf, pred, recall=True, lam_frac=0.5)
+  x_bad = x.clone()
+  x_bad[3] = float("nan")
+  with pytest.raises(ValueError, match=r"NaN at input \(3,\)"):
+    EarlyExitRunner(segments, heads, table)(x_bad)
+  safe = ExitTable.load(tmp_path / "p.npz", nan="continue", out_of_range="clip")
+  out = EarlyExitRunner(segments, heads, safe)(x_bad)
+  assert int(out.stop_ramp[3]) == 2 and int(out.output_ramp[3]) == 2
+  good = np.ones(40, bool)
+  good[3] = False
+  np.testing.assert_array_equal(out.stop_ramp.numpy()[good], table.run(conf, pred)[0][good])
+
+
+def test_runtime_torch_never_imports_jax():
+  code = ("import sys, jexit.runtime_torch\n"
+          "assert 'jax' not in sys.modules, 'jax imported'\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
