@@ -1,0 +1,515 @@
+"""Replays exit policies on traces, as a deployed model acts, and scores them.
+
+`evaluate` replays every table policy of a batch `[..., L]` on every input of a
+trace (PROBLEM.md, "Metrics"); `expected_objective` is the same policy's
+expected objective under an `ExitModel` (a forward pass over the Markov chain),
+so model value and trace value can be compared. Baselines build the same
+`Evaluation` from their per-input decisions with `summarize`.
+"""
+
+import functools
+from typing import NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jexit.solver import check_model, working_dtype
+from jexit.traces import check_traces
+from jexit.types import Binning, ExitModel, Policy, Traces
+
+QUANTILES = (0.50, 0.95, 0.99)
+DEFAULT_MAX_BYTES = 1 << 30  # working memory of one chunk of the policy batch
+_ROW_PAD = 128  # inputs are padded to a multiple of this, so folds share a compile
+
+
+class Evaluation(NamedTuple):
+  """What a batch of exit policies did on a trace (PROBLEM.md, "Metrics").
+
+  `[..., L]` is the policy batch (`[M, L]` models x lam values for `evaluate`,
+  `[P]` parameter values for a baseline). Histograms are fractions of inputs.
+
+  Attributes:
+    param: `[..., L]` lam, or the baseline's parameter.
+    agreement: `[..., L]` fraction whose output equals the final ramp's pred.
+    accuracy: `[..., L]` fraction whose output equals the label; None when
+      the traces have no labels.
+    mean_cost: `[..., L]` mean cost of the ramps run per input.
+    speedup: `[..., L]` `sum(cost) / mean_cost`.
+    stop_hist: `[..., L, K]` fraction of inputs that stopped at ramp k.
+    output_hist: `[..., L, K]` fraction whose output is ramp k's prediction
+      (differs from `stop_hist` only with recall).
+    p50_cost, p95_cost, p99_cost: `[..., L]` per-input cost quantiles (the
+      inverted-CDF quantile: an actual per-input cost, as numpy's
+      `method="inverted_cdf"`).
+    objective: `[..., L]` mean of `loss[output ramp, its bin] + lam * cost`
+      with the policy's own loss table; None for baselines (no loss table).
+    num_inputs: N, the number of inputs replayed.
+    stop_ramp: `[..., L, N]` int ramp where each input stopped, or None.
+    output_ramp: `[..., L, N]` int ramp whose prediction is output, or None.
+  """
+  param: np.ndarray          # [..., L]
+  agreement: np.ndarray      # [..., L]
+  accuracy: Optional[np.ndarray]  # [..., L]
+  mean_cost: np.ndarray      # [..., L]
+  speedup: np.ndarray        # [..., L]
+  stop_hist: np.ndarray      # [..., L, K]
+  output_hist: np.ndarray    # [..., L, K]
+  p50_cost: np.ndarray       # [..., L]
+  p95_cost: np.ndarray       # [..., L]
+  p99_cost: np.ndarray       # [..., L]
+  objective: Optional[np.ndarray]  # [..., L]
+  num_inputs: int
+  stop_ramp: Optional[np.ndarray] = None    # [..., L, N]
+  output_ramp: Optional[np.ndarray] = None  # [..., L, N]
+
+
+_PER_POLICY = ("param", "agreement", "accuracy", "mean_cost", "speedup", "stop_hist",
+               "output_hist", "p50_cost", "p95_cost", "p99_cost", "objective",
+               "stop_ramp", "output_ramp")
+
+
+def select(evaluation: Evaluation, index) -> Evaluation:
+  """The evaluation of a subset of a flat `[P]` policy batch (numpy index)."""
+  return evaluation._replace(**{
+      f: None if getattr(evaluation, f) is None else np.asarray(getattr(evaluation, f))[index]
+      for f in _PER_POLICY})
+
+
+def cost_quantiles(stop_count: np.ndarray, cost: np.ndarray,
+                   quantiles: Sequence[float] = QUANTILES) -> np.ndarray:
+  """`[..., Q]` inverted-CDF quantiles of per-input cost from stop counts `[..., K]`.
+
+  An input that stops at ramp k costs `cost[0] + ... + cost[k]`, which is
+  nondecreasing in k, so the q-quantile is the cost of the first ramp whose
+  cumulative count reaches `q * N`.
+  """
+  stop_count = np.asarray(stop_count, np.float64)
+  ramp_cost = np.cumsum(np.asarray(cost, np.float64))
+  cum = np.cumsum(stop_count, axis=-1)
+  n = cum[..., -1:]
+  out = []
+  for q in quantiles:
+    # The tolerance absorbs float error in q * N (0.95 * 100 = 95.00000000000001).
+    reached = cum >= q * n - 1e-9 * np.maximum(n, 1)
+    out.append(ramp_cost[np.argmax(reached, axis=-1)])
+  return np.stack(out, axis=-1)
+
+
+def _from_counts(param, stop_count, out_count, agree_count, correct_count, cost,
+                 num_inputs, objective=None, stop_ramp=None, output_ramp=None):
+  """An `Evaluation` from per-policy counts over ramps `[..., K]` (host, float64)."""
+  n = float(num_inputs)
+  stop_count = np.asarray(stop_count, np.float64)
+  cost = np.asarray(cost, np.float64)
+  mean_cost = stop_count @ np.cumsum(cost) / n
+  q = cost_quantiles(stop_count, cost)
+  return Evaluation(
+      param=np.asarray(param), agreement=np.asarray(agree_count, np.float64) / n,
+      accuracy=None if correct_count is None else np.asarray(correct_count, np.float64) / n,
+      mean_cost=mean_cost, speedup=cost.sum() / mean_cost,
+      stop_hist=stop_count / n, output_hist=np.asarray(out_count, np.float64) / n,
+      p50_cost=q[..., 0], p95_cost=q[..., 1], p99_cost=q[..., 2],
+      objective=objective, num_inputs=int(num_inputs),
+      stop_ramp=stop_ramp, output_ramp=output_ramp)
+
+
+def summarize(stop_ramp: np.ndarray, output_ramp: np.ndarray, traces: Traces, *,
+              param, objective=None, return_per_input: bool = False) -> Evaluation:
+  """Scores per-input decisions (any method) into an `Evaluation`.
+
+  Args:
+    stop_ramp: `[P, N]` int ramp where each input stopped (0-based).
+    output_ramp: `[P, N]` int ramp whose prediction is output.
+    traces: the traces the decisions were made on.
+    param: `[P]` the parameter of each row.
+    objective: optional `[P]` objective values.
+    return_per_input: keep `stop_ramp` and `output_ramp` in the result.
+
+  Returns:
+    An `Evaluation` over the `[P]` batch.
+  """
+  traces = check_traces(traces)
+  n, k = traces.conf.shape
+  stop_ramp = np.asarray(stop_ramp)
+  output_ramp = np.asarray(output_ramp)
+  if stop_ramp.ndim != 2 or stop_ramp.shape[1] != n or output_ramp.shape != stop_ramp.shape:
+    raise ValueError(f"stop_ramp, output_ramp: expected shape [P, N={n}], got "
+                     f"{stop_ramp.shape} and {output_ramp.shape}")
+  if stop_ramp.size and (stop_ramp.min() < 0 or stop_ramp.max() >= k
+                         or np.any(output_ramp > stop_ramp) or output_ramp.min() < 0):
+    raise ValueError(f"stop_ramp: expected ramps in [0, {k}) with output_ramp <= stop_ramp")
+  p = stop_ramp.shape[0]
+  rows = np.arange(p)[:, None] * k
+  count = lambda r, w=None: np.bincount(
+      (rows + r).ravel(), weights=None if w is None else w.ravel(),
+      minlength=p * k).reshape(p, k)
+  pred_out = np.take_along_axis(traces.pred, output_ramp.T, axis=1).T  # [P, N]
+  agree = (pred_out == traces.pred[:, -1][None, :]).sum(1)
+  correct = None if traces.label is None else (pred_out == traces.label[None, :]).sum(1)
+  return _from_counts(
+      param, count(stop_ramp), count(output_ramp), agree, correct, traces.cost, n,
+      objective=None if objective is None else np.asarray(objective, np.float64),
+      stop_ramp=stop_ramp.astype(np.int32) if return_per_input else None,
+      output_ramp=output_ramp.astype(np.int32) if return_per_input else None)
+
+
+def _binned_signal(traces: Traces, binning: Binning) -> np.ndarray:
+  if binning.signal == "1-conf":
+    return 1.0 - traces.conf
+  if binning.signal == "signal":
+    if traces.signal is None:
+      raise ValueError("binning.signal: the binning bins traces.signal, but the "
+                       "traces have no signal")
+    return traces.signal
+  raise ValueError(f"binning.signal: expected '1-conf' or 'signal', got {binning.signal!r}")
+
+
+def _replay_one(threshold, m, bins, best, best_ramp, loss_in, agree, correct, valid, *,
+                recall):
+  """One policy on every input, as the deployed model acts.
+
+  At ramp k the input is in bin `b = bins[n, k]`; it stops iff
+  `best[n, k] <= threshold[k, b]` (best loss so far with recall, the current
+  loss without), and always at the last ramp. The output is the ramp that
+  achieved the best loss (recall; latest on ties) or the stopping ramp.
+
+  Args:
+    threshold: `[K, S]`. m: model index into the `[M, ...]` arrays.
+    bins, best, best_ramp, loss_in: `[M, N, K]` per-input bin, best loss so
+      far, ramp that achieved it, and loss. agree, correct: `[N, K]` bool.
+    valid: `[N]` bool, False on padding rows.
+
+  Returns:
+    Counts over ramps `[K]` (stops, outputs, agreeing outputs, correct
+    outputs), the loss paid summed per output ramp `[K]`, and the per-input
+    stop and output ramps `[N]`.
+  """
+  b = bins[m]
+  num_ramps = b.shape[1]
+  ks = jnp.arange(num_ramps)
+  t = threshold[ks[None, :], b]  # [N, K]: the table lookup of every step
+  stop = (best[m] <= t).at[:, -1].set(True)
+  stop_ramp = jnp.argmax(stop, axis=1).astype(jnp.int32)  # the first stop
+  if recall:
+    out = jnp.take_along_axis(best_ramp[m], stop_ramp[:, None], axis=1)[:, 0]
+  else:
+    out = stop_ramp
+  so = (stop_ramp[:, None] == ks) & valid[:, None]
+  oo = (out[:, None] == ks) & valid[:, None]
+  return (so.sum(0), oo.sum(0), (oo & agree).sum(0), (oo & correct).sum(0),
+          jnp.where(oo, loss_in[m], 0).sum(0), stop_ramp, out)
+
+
+@functools.partial(jax.jit, static_argnames=("recall", "per_input"))
+def _replay_batch(threshold, model_idx, bins, best, best_ramp, loss_in, agree, correct,
+                  valid, *, recall, per_input):
+  """`[P]` policies on every input: vmap of `_replay_one` (the one jit)."""
+  one = functools.partial(_replay_one, recall=recall)
+  out = jax.vmap(one, in_axes=(0, 0) + (None,) * 7)(
+      threshold, model_idx, bins, best, best_ramp, loss_in, agree, correct, valid)
+  return out if per_input else out[:5]
+
+
+def _policy_arrays(policy: Policy):
+  if not isinstance(policy, Policy):
+    raise ValueError(f"policy: expected jexit.Policy, got {type(policy).__name__}")
+  threshold = np.asarray(policy.threshold)
+  loss = np.asarray(policy.loss)
+  lam = np.asarray(policy.lam)
+  if threshold.ndim not in (3, 4):
+    raise ValueError(f"policy.threshold: expected shape [L, K, S] or [M, L, K, S], "
+                     f"got {threshold.shape}")
+  lead = threshold.shape[:-3]
+  if loss.shape != lead + threshold.shape[-2:]:
+    raise ValueError(f"policy.loss: expected shape {lead + threshold.shape[-2:]} "
+                     f"(from policy.threshold {threshold.shape}), got {loss.shape}")
+  if lam.shape != threshold.shape[:-2]:
+    raise ValueError(f"policy.lam: expected shape {threshold.shape[:-2]}, got {lam.shape}")
+  if np.any(np.isnan(threshold)) or not np.all(np.isfinite(loss)):
+    raise ValueError("policy.threshold, policy.loss: expected no NaN (thresholds may "
+                     "be +-inf; losses finite)")
+  return threshold, loss, lam
+
+
+def _model_edges(binning, m: int, k: int, s: int):
+  """`[M, K, S+1]` edges: one binning for all models, or one per model."""
+  if isinstance(binning, Binning):
+    edges = np.asarray(binning.edges, np.float64)
+    signal = binning.signal
+  elif isinstance(binning, (list, tuple)) and all(isinstance(b, Binning) for b in binning):
+    if len({b.signal for b in binning}) > 1:
+      raise ValueError("binning: every model's binning must bin the same signal")
+    edges = np.stack([np.asarray(b.edges, np.float64) for b in binning])
+    signal = binning[0].signal
+  else:
+    raise ValueError(f"binning: expected jexit.Binning or a list of them, got "
+                     f"{type(binning).__name__}")
+  if edges.ndim == 2:
+    edges = np.broadcast_to(edges, (m,) + edges.shape)
+  if edges.shape != (m, k, s + 1):
+    raise ValueError(f"binning.edges: expected shape [K={k}, S+1={s + 1}] (or one per "
+                     f"model, [M={m}, K, S+1]), got {edges.shape}")
+  return edges, signal
+
+
+def evaluate(policy: Policy, traces: Traces,
+             binning: Union[Binning, Sequence[Binning]], *,
+             max_bytes: int = DEFAULT_MAX_BYTES,
+             return_per_input: bool = False) -> Evaluation:
+  """Replays every policy of a batch on every input of a trace and scores it.
+
+  Per input and policy, exactly as a deployed model acts: bin each ramp's
+  signal, look up `x` (best loss so far with recall, current loss without)
+  and stop at the first ramp k with `x <= threshold[k, bin_k]` (always at the
+  last ramp); output the ramp that achieved the best loss (latest on ties) or
+  the stopping ramp. The replay is one jitted vmap over policies (chunked so
+  that a chunk's working memory stays under `max_bytes`); reductions and
+  metrics are computed on the host in float64.
+
+  Args:
+    policy: a `Policy` with `threshold [..., L, K, S]`, `loss [..., K, S]`.
+    traces: `N` inputs with `K` ramps.
+    binning: the `Binning` the policy's model was fitted with (edges
+      `[K, S+1]`), or a list of M of them for a model batch.
+    max_bytes: memory budget of one chunk of the policy batch.
+    return_per_input: also return `stop_ramp`, `output_ramp` `[..., L, N]`.
+
+  Returns:
+    An `Evaluation` with `param = lam [..., L]` and the objective at each lam
+    (mean of the policy's loss of the output ramp + lam * cost).
+
+  Examples:
+    >>> import numpy as np, jexit
+    >>> from jexit.evaluate import evaluate
+    >>> rng = np.random.default_rng(0)
+    >>> t = jexit.Traces(rng.uniform(size=(200, 3)), rng.integers(0, 2, (200, 3)),
+    ...                  None, np.ones(3))
+    >>> model, binning = jexit.fit(t)
+    >>> ev = evaluate(jexit.solve(model, np.array([1e-3, 0.1])), t, binning)
+    >>> ev.agreement.shape, ev.stop_hist.shape
+    ((2,), (2, 3))
+  """
+  traces = check_traces(traces)
+  threshold, loss, lam = _policy_arrays(policy)
+  n, k = traces.conf.shape
+  batched = threshold.ndim == 4
+  if not batched:
+    threshold, loss, lam = threshold[None], loss[None], lam[None]
+  m, num_lam, k_policy, s = threshold.shape
+  if k_policy != k:
+    raise ValueError(f"policy.threshold: expected K={k} ramps like the traces, got "
+                     f"shape {np.asarray(policy.threshold).shape}")
+  if not max_bytes > 0:
+    raise ValueError(f"max_bytes: expected a positive budget, got {max_bytes}")
+  edges, signal_name = _model_edges(binning, m, k, s)
+  values = _binned_signal(traces, Binning(edges[0], signal_name))
+
+  # Per model, the per-input losses and the best-so-far are the same for every
+  # lam: compute them once on the host, in the policy's own dtype, so the
+  # comparison with thresholds (members of `loss`) is exact.
+  n_pad = -(-n // _ROW_PAD) * _ROW_PAD
+  bins = np.zeros((m, n_pad, k), np.int32)
+  loss_in = np.zeros((m, n_pad, k), loss.dtype)
+  for i in range(m):
+    bins[i, :n] = Binning(edges[i], signal_name).assign(values)
+    loss_in[i, :n] = loss[i][np.arange(k)[None, :], bins[i, :n]]
+  if policy.recall:
+    best = np.minimum.accumulate(loss_in, axis=2)
+    best_ramp = np.zeros((m, n_pad, k), np.int32)
+    for r in range(1, k):
+      # `<=`: the latest ramp wins a tie for the best loss (PROBLEM.md).
+      best_ramp[:, :, r] = np.where(loss_in[:, :, r] <= best[:, :, r - 1], r,
+                                    best_ramp[:, :, r - 1])
+  else:
+    best, best_ramp = loss_in, np.zeros((m, n_pad, k), np.int32)
+  agree = np.zeros((n_pad, k), bool)
+  agree[:n] = traces.pred == traces.pred[:, -1:]
+  correct = np.zeros((n_pad, k), bool)
+  if traces.label is not None:
+    correct[:n] = traces.pred == traces.label[:, None]
+  valid = np.arange(n_pad) < n
+
+  total = m * num_lam
+  thr_flat = threshold.reshape(total, k, s)
+  model_idx = np.repeat(np.arange(m, dtype=np.int32), num_lam)
+  per_policy = n_pad * (k * (loss.itemsize * 2 + 8) + 16)
+  limit = max(1, max_bytes // per_policy)
+  # Power-of-two chunks: a new batch size of the same order reuses the compile.
+  chunk = min(1 << int(limit).bit_length() - 1, 1 << (total - 1).bit_length())
+  device_args = tuple(jnp.asarray(a) for a in (bins, best, best_ramp, loss_in, agree,
+                                               correct, valid))
+  parts = []
+  for start in range(0, total, chunk):
+    idx = np.arange(start, start + chunk)
+    idx = np.where(idx < total, idx, 0)  # pad the last chunk with policy 0
+    res = _replay_batch(jnp.asarray(thr_flat[idx]), jnp.asarray(model_idx[idx]),
+                        *device_args, recall=bool(policy.recall),
+                        per_input=return_per_input)
+    take = min(chunk, total - start)
+    parts.append([np.asarray(r)[:take] for r in res])
+  res = [np.concatenate(col) for col in zip(*parts)]
+  stop_count, out_count, agree_count, correct_count, loss_sum = res[:5]
+
+  cost = traces.cost
+  shape = (m, num_lam)
+  lam64 = lam.astype(np.float64).reshape(total)
+  mean_cost = stop_count.astype(np.float64) @ np.cumsum(cost) / n
+  objective = loss_sum.astype(np.float64).sum(1) / n + lam64 * mean_cost
+  per_input = {}
+  if return_per_input:
+    per_input = dict(stop_ramp=res[5][:, :n].reshape(shape + (n,)),
+                     output_ramp=res[6][:, :n].reshape(shape + (n,)))
+  ev = _from_counts(
+      lam64, stop_count, out_count, agree_count.sum(1),
+      None if traces.label is None else correct_count.sum(1), cost, n,
+      objective=objective)
+  ev = ev._replace(**{f: getattr(ev, f).reshape(shape + getattr(ev, f).shape[1:])
+                      for f in _PER_POLICY if getattr(ev, f) is not None}, **per_input)
+  if not batched:
+    ev = ev._replace(**{f: getattr(ev, f)[0] for f in _PER_POLICY
+                        if getattr(ev, f) is not None})
+  return ev
+
+
+def _grid_and_index(loss: np.ndarray):
+  """`[M, X]` sorted distinct losses (padded with the largest), `[M, K, S]` indices."""
+  grids = [np.unique(loss[i]) for i in range(loss.shape[0])]
+  x = max(len(g) for g in grids)
+  grid = np.stack([np.pad(g, (0, x - len(g)), mode="edge") for g in grids])
+  idx = np.stack([np.searchsorted(g, loss[i]) for i, g in enumerate(grids)]).astype(np.int32)
+  return grid, idx
+
+
+def _expect_recall(grid, idx, init, trans, cost, threshold, lam, *, conditioned):
+  """Forward pass of a recall policy over the chain on states (x, s).
+
+  `p_k[x, s]` is the probability of reaching ramp k with best loss `grid[x]`
+  in bin s. Stopped mass pays `grid[x]`; continuing mass pays `lam c_{k+1}`
+  and moves to `(min(x, idx_{k+1}(b)), b)` with probability `trans_k[s, b]`
+  (or `trans_k[x, s, b]` when state-conditioned).
+
+  Returns:
+    `(objective, expected loss, expected cost, stop probability per ramp [K])`.
+  """
+  num_x, num_s = grid.shape[0], init.shape[0]
+  xs = jnp.arange(num_x)[:, None]
+  ss = jnp.arange(num_s)
+  p = jnp.zeros((num_x, num_s), init.dtype).at[idx[0], ss].add(init)
+
+  def step(carry, inputs):
+    p, loss_acc, cost_acc = carry
+    thr_k, trans_k, idx_next, cost_next = inputs
+    stopped = jnp.where(grid[:, None] <= thr_k[None, :], p, 0)
+    cont = p - stopped
+    q = jnp.einsum("xs,xsb->xb", cont, trans_k) if conditioned else cont @ trans_k
+    # Mass from every x >= idx_next(b) lands on x' = idx_next(b); x < idx keeps x.
+    tail = jnp.cumsum(q[::-1], axis=0)[::-1]
+    p_next = (jnp.where(xs < idx_next[None, :], q, 0)
+              + jnp.where(xs == idx_next[None, :], tail[idx_next, ss][None, :], 0))
+    carry = (p_next, loss_acc + (stopped * grid[:, None]).sum(),
+             cost_acc + cost_next * cont.sum())
+    return carry, stopped.sum()
+
+  zero = jnp.zeros((), init.dtype)
+  (p, loss_acc, cost_acc), stops = jax.lax.scan(
+      step, (p, zero, zero), (threshold[:-1], trans, idx[1:], cost[1:]))
+  loss_acc = loss_acc + (p * grid[:, None]).sum()
+  mean_cost = cost[0] + cost_acc
+  return loss_acc + lam * mean_cost, loss_acc, mean_cost, jnp.append(stops, p.sum())
+
+
+def _expect_norecall(loss, init, trans, cost, threshold, lam):
+  """Forward pass of a no-recall policy over the chain on bins s (see above)."""
+  def step(carry, inputs):
+    p, loss_acc, cost_acc = carry
+    thr_k, loss_k, trans_k, cost_next = inputs
+    stopped = jnp.where(loss_k <= thr_k, p, 0)
+    cont = p - stopped
+    return (cont @ trans_k, loss_acc + stopped @ loss_k,
+            cost_acc + cost_next * cont.sum()), stopped.sum()
+
+  zero = jnp.zeros((), init.dtype)
+  (p, loss_acc, cost_acc), stops = jax.lax.scan(
+      step, (init, zero, zero), (threshold[:-1], loss[:-1], trans, cost[1:]))
+  loss_acc = loss_acc + p @ loss[-1]
+  mean_cost = cost[0] + cost_acc
+  return loss_acc + lam * mean_cost, loss_acc, mean_cost, jnp.append(stops, p.sum())
+
+
+@functools.partial(jax.jit, static_argnames=("recall", "conditioned"))
+def _expect_batched(grid, idx, loss, init, trans, cost, threshold, lam, *, recall,
+                    conditioned):
+  """`[M]` models x `[L]` policies of `_expect_recall` / `_expect_norecall`."""
+  if recall:
+    one = functools.partial(_expect_recall, conditioned=conditioned)
+    over_lam = jax.vmap(one, in_axes=(None, None, None, None, None, 0, 0))
+    return jax.vmap(over_lam)(grid, idx, init, trans, cost, threshold, lam)
+  over_lam = jax.vmap(_expect_norecall, in_axes=(None, None, None, None, 0, 0))
+  return jax.vmap(over_lam)(loss, init, trans, cost, threshold, lam)
+
+
+def expected_objective(policy: Policy, model: ExitModel, *,
+                       return_parts: bool = False):
+  """Expected objective of any table policy under an `ExitModel`.
+
+  A forward pass over the Markov chain (states `(x, s)` with recall, `s`
+  without) that applies the policy's decisions, `x <= threshold[k, s]`:
+
+    objective = E[loss of the output ramp] + lam * E[cost of the ramps run]
+
+  For a policy solved on `model` it equals `Policy.value`; for another policy
+  (a baseline's table, a policy solved on other data) it is that policy's
+  value under this model.
+
+  Args:
+    policy: `threshold [..., L, K, S]`; `policy.loss` must be the model's loss
+      table (in the policy's dtype), since the decisions compare against it.
+    model: an `ExitModel` (with a leading `[M]` iff the policy has one).
+    return_parts: also return the expected loss, expected cost `[..., L]` and
+      the stop probability per ramp `[..., L, K]`.
+
+  Returns:
+    `objective [..., L]`, or `(objective, loss, mean_cost, stop_prob)`.
+
+  Examples:
+    >>> import numpy as np, jexit
+    >>> from jexit.evaluate import expected_objective
+    >>> model = jexit.ExitModel(np.full(3, 1 / 3), np.full((1, 3, 3), 1 / 3),
+    ...                         np.array([[0.1, 0.5, 0.9]] * 2), np.ones(2))
+    >>> policy = jexit.solve(model, np.array([0.01, 1.0]))
+    >>> bool(np.allclose(expected_objective(policy, model), policy.value))
+    True
+  """
+  threshold, loss, lam = _policy_arrays(policy)
+  model = check_model(model)
+  batched = threshold.ndim == 4
+  if (model.init.ndim == 2) != batched:
+    raise ValueError(f"model: expected {'a batch of' if batched else 'a single'} model "
+                     f"like policy.threshold {threshold.shape}, got init {model.init.shape}")
+  add = (lambda a: a) if batched else (lambda a: a[None])
+  threshold, loss, lam = add(threshold), add(loss), add(lam)
+  init, trans, mloss, cost = (add(a) for a in model)
+  if mloss.shape != loss.shape:
+    raise ValueError(f"model.loss: expected shape {loss.shape[1:]} like policy.loss, "
+                     f"got {model.loss.shape}")
+  if not np.array_equal(mloss.astype(loss.dtype), loss):
+    raise ValueError("policy.loss: expected the model's loss table (the decisions "
+                     "compare against it), got a different table")
+  conditioned = trans.ndim == 5
+  if conditioned and not policy.recall:
+    raise ValueError("model.trans: a state-conditioned trans needs a recall policy")
+  dtype = working_dtype()
+  grid, idx = _grid_and_index(loss)
+  if conditioned and trans.shape[2] != grid.shape[1]:
+    raise ValueError(f"model.trans: state-conditioned axis X must equal the number of "
+                     f"distinct loss values ({grid.shape[1]}), got {trans.shape[2]}")
+  cast = lambda a: jnp.asarray(np.asarray(a, dtype))
+  out = _expect_batched(
+      jnp.asarray(grid), jnp.asarray(idx), jnp.asarray(loss), cast(init), cast(trans),
+      cast(cost), jnp.asarray(threshold), cast(lam), recall=bool(policy.recall),
+      conditioned=conditioned)
+  out = [np.asarray(o, np.float64) for o in out]
+  if not batched:
+    out = [o[0] for o in out]
+  return tuple(out) if return_parts else out[0]
