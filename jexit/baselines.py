@@ -1,0 +1,278 @@
+"""Baseline exit rules that jexit's policies are read against.
+
+Every baseline returns the same `Evaluation` as `jexit.evaluate`, over a
+batch `[P]` of its parameter values, so the frontier, the budget search and
+the plots treat all methods alike. The no-recall optimum is not here: it is
+`jexit.solve(..., recall=False)` evaluated with `jexit.evaluate`.
+
+Confidence rules (the global threshold, Apparate) exit at the first ramp k
+with `1 - conf[k] < t_k` (strict, as Apparate does) and always at the last.
+"""
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from jexit.evaluate import Evaluation, summarize
+from jexit.traces import check_traces
+from jexit.types import Traces
+
+APPARATE_STEPS = (0.0125, 0.025, 0.05)  # initial steps tried (threshold_tuner.py)
+APPARATE_MIN_STEP = 0.0125
+
+
+def _uncertainty(traces: Traces) -> np.ndarray:
+  return 1.0 - np.asarray(traces.conf, np.float64)
+
+
+def first_below(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+  """`[P, N]` first ramp k with `values[n, k] < thresholds[p, k]`, else the last.
+
+  Args:
+    values: `[N, K]` per-input signal (lower = more confident).
+    thresholds: `[P, K]` per-ramp thresholds (the last ramp's is ignored).
+  """
+  values = np.asarray(values, np.float64)
+  thresholds = np.asarray(thresholds, np.float64)
+  k = values.shape[1]
+  below = values[None, :, :-1] < thresholds[:, None, :k - 1]  # [P, N, K-1]
+  any_below = below.any(axis=2)
+  return np.where(any_below, np.argmax(below, axis=2), k - 1)
+
+
+def threshold_rule(traces: Traces, thresholds: np.ndarray, *, param=None,
+                   return_per_input: bool = False) -> Evaluation:
+  """Per-ramp confidence thresholds: exit at the first k with `1 - conf < t_k`.
+
+  Args:
+    traces: the traces.
+    thresholds: `[P, K]` (or `[K]`) per-ramp thresholds; the last ramp always
+      exits.
+    param: `[P]` labels of the rows (default: row index).
+
+  Returns:
+    An `Evaluation` over the `[P]` rows.
+  """
+  traces = check_traces(traces)
+  thresholds = np.atleast_2d(np.asarray(thresholds, np.float64))
+  k = traces.num_ramps
+  if thresholds.ndim != 2 or thresholds.shape[1] != k or np.any(np.isnan(thresholds)):
+    raise ValueError(f"thresholds: expected shape [P, K={k}] without NaN, got "
+                     f"{thresholds.shape}")
+  stop = first_below(_uncertainty(traces), thresholds)
+  param = np.arange(len(thresholds)) if param is None else np.asarray(param)
+  return summarize(stop, stop, traces, param=param, return_per_input=return_per_input)
+
+
+def default_threshold_grid(traces: Traces, num: int = 256) -> np.ndarray:
+  """`[T]` candidate global thresholds: quantiles of `1 - conf` over the early ramps.
+
+  Starts at 0 (never exit early) and ends above every value (always exit at
+  ramp 1); in between, quantiles plus a log grid, since the informative
+  thresholds of confident networks are tiny (`1 - conf` of 1e-4).
+  """
+  traces = check_traces(traces)
+  u = _uncertainty(traces)[:, :-1].ravel()
+  grid = [np.zeros(1), np.geomspace(1e-6, 1.0, num // 4)]
+  if u.size:
+    grid.append(np.quantile(u, np.linspace(0, 1, num)))
+    # Strict `<`: a threshold just above a value admits it.
+    grid.append(np.nextafter(np.quantile(u, np.linspace(0, 1, num)), np.inf))
+    grid.append([np.nextafter(u.max(), np.inf)])
+  return np.unique(np.concatenate(grid))
+
+
+def global_threshold(traces: Traces, thresholds: Optional[Sequence[float]] = None, *,
+                     return_per_input: bool = False) -> Evaluation:
+  """One confidence threshold t for all ramps (BranchyNet / DeeBERT style).
+
+  Exits at the first ramp with `1 - conf < t`; `param` is t.
+  """
+  traces = check_traces(traces)
+  t = default_threshold_grid(traces) if thresholds is None else np.asarray(thresholds,
+                                                                            np.float64)
+  if t.ndim != 1 or t.size == 0 or np.any(np.isnan(t)):
+    raise ValueError(f"thresholds: expected a non-empty [T] array without NaN, got {t.shape}")
+  # The prefix minimum of the signal decides the exit of every t at once.
+  prefix = np.minimum.accumulate(_uncertainty(traces)[:, :-1], axis=1)  # [N, K-1]
+  k = traces.num_ramps
+  stop = (prefix[None, :, :] >= t[:, None, None]).sum(axis=2)  # [T, N] <= K-1
+  return summarize(np.minimum(stop, k - 1), np.minimum(stop, k - 1), traces, param=t,
+                   return_per_input=return_per_input)
+
+
+def _agreement_and_cost(stop, agree, ramp_cost):
+  """Agreement `[C]` and mean cost `[C]` of stop ramps `[C, N]`."""
+  agreement = np.take_along_axis(agree[None], stop[:, :, None], axis=2)[:, :, 0].mean(1)
+  return agreement, ramp_cost[stop].mean(1)
+
+
+def apparate_greedy(traces: Traces, max_loss: float = 0.01, *,
+                    steps: Sequence[float] = APPARATE_STEPS,
+                    min_step: float = APPARATE_MIN_STEP,
+                    max_rounds: int = 100_000) -> np.ndarray:
+  """Per-ramp thresholds by Apparate's greedy search (SOSP '24, threshold_tuner.py).
+
+  For each initial step s in `steps`: all thresholds start at 0, every step
+  at s. Each round tries raising each ramp's threshold (those still <= 1) by
+  its step (rounded to 4 decimals, as Apparate does). Among feasible moves
+  (agreement loss `1 - agreement <= max_loss`) that save cost, it keeps the
+  one that loses least agreement per unit of cost saved (the first on ties);
+  a feasible move that changes nothing is taken only when no move saves
+  anything (it crosses a stretch without inputs). The moved ramp's
+  step doubles, as do the steps of feasible moves that changed neither
+  agreement nor cost. When no move is feasible, every step above `min_step`
+  (of a threshold still <= 1) halves; when none can, the search ends. The
+  result with the lowest mean cost over all initial steps is returned.
+
+  Differences from the original code, on purpose: feasibility is `<=` the
+  budget (Apparate: strict `<`), and a best move at ramp 0 is not mistaken
+  for "no move" (Apparate tests `not best_direction`).
+
+  Args:
+    traces: the fit rows.
+    max_loss: agreement-loss budget (e.g. 0.01 or 0.015).
+    steps: initial step sizes to try.
+    min_step: steps are not halved below this.
+
+  Returns:
+    `[K]` thresholds on `1 - conf`; the last is `+inf` (always exit).
+
+  Examples:
+    >>> import numpy as np, jexit
+    >>> from jexit.baselines import apparate_greedy
+    >>> conf = np.array([[0.99, 0.99, 1.0], [0.5, 0.9, 1.0]])
+    >>> t = jexit.Traces(conf, np.zeros((2, 3), int), None, np.ones(3))
+    >>> apparate_greedy(t, 0.0).shape
+    (3,)
+  """
+  traces = check_traces(traces)
+  if not 0 <= max_loss <= 1:
+    raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1], got {max_loss}")
+  if not steps or min(steps) <= 0 or not min_step > 0:
+    raise ValueError(f"steps, min_step: expected positive step sizes, got {steps}, {min_step}")
+  u = _uncertainty(traces)
+  k = traces.num_ramps
+  agree = traces.pred == traces.pred[:, -1:]
+  ramp_cost = np.cumsum(traces.cost)
+  dirs = k - 1
+  tol = 1e-12 * max(ramp_cost[-1], 1.0)
+
+  def measure(configs):  # [C, K-1] -> agreement loss, mean cost
+    full = np.concatenate([configs, np.full((len(configs), 1), np.inf)], axis=1)
+    a, c = _agreement_and_cost(first_below(u, full), agree, ramp_cost)
+    return 1.0 - a, c
+
+  best_t, best_cost = np.zeros(dirs), np.inf
+  for s in steps:
+    t = np.zeros(dirs)
+    step = np.full(dirs, float(s))
+    (loss,), (cost,) = measure(t[None])
+    for _ in range(max_rounds):
+      open_dirs = np.flatnonzero(t <= 1)
+      moved = False
+      if open_dirs.size:
+        cand = np.repeat(t[None], open_dirs.size, axis=0)
+        # Rounded to 4 decimals, as Apparate does, so thresholds stay on a clean grid.
+        cand[np.arange(open_dirs.size), open_dirs] = np.round(t[open_dirs] + step[open_dirs], 4)
+        c_loss, c_cost = measure(cand)
+        feasible = c_loss <= max_loss + 1e-12
+        saving = cost - c_cost
+        real = feasible & (saving > tol)
+        unchanged = feasible & ((saving <= tol) | (np.abs(c_loss - loss) <= 1e-12))
+        free = feasible & (saving <= tol) & (c_loss <= loss + 1e-12)
+        if real.any():
+          score = np.where(real, (c_loss - loss) / np.where(real, saving, 1.0), np.inf)
+          pick = int(np.argmin(score))
+        elif free.any():
+          pick = int(np.argmax(free))
+        else:
+          pick = -1
+        if pick >= 0:
+          d = open_dirs[pick]
+          t[d] = cand[pick, d]
+          loss, cost = c_loss[pick], c_cost[pick]
+          grow = open_dirs[unchanged]
+          step[grow[grow != d]] *= 2
+          step[d] *= 2
+          moved = True
+      if not moved:
+        shrink = (step > min_step + 1e-12) & (t <= 1)
+        if not shrink.any():
+          break
+        step[shrink] /= 2
+    if cost < best_cost - tol:
+      best_t, best_cost = t.copy(), cost
+  return np.append(best_t, np.inf)
+
+
+def patience(traces: Traces, patiences: Optional[Sequence[int]] = None, *,
+             return_per_input: bool = False) -> Evaluation:
+  """PABEE: stop when the prediction has not changed for t consecutive ramps.
+
+  The count of consecutive unchanged predictions resets when a ramp's pred
+  differs from the previous ramp's; the input exits at the first ramp where
+  the count reaches t (else at the last), outputting that ramp's pred.
+  `param` is t (default 1 .. K-1).
+  """
+  traces = check_traces(traces)
+  k = traces.num_ramps
+  t = np.arange(1, max(k, 2)) if patiences is None else np.asarray(patiences)
+  if t.ndim != 1 or t.size == 0 or not np.issubdtype(t.dtype, np.integer) or t.min() < 1:
+    raise ValueError(f"patiences: expected a non-empty [P] array of integers >= 1, got {t}")
+  run = np.zeros(traces.conf.shape, np.int64)
+  for r in range(1, k):
+    run[:, r] = np.where(traces.pred[:, r] == traces.pred[:, r - 1], run[:, r - 1] + 1, 0)
+  reached = run[None, :, :] >= t[:, None, None]  # [P, N, K]
+  reached[:, :, -1] = True
+  stop = np.argmax(reached, axis=2)
+  return summarize(stop, stop, traces, param=t, return_per_input=return_per_input)
+
+
+def fixed_ramp(traces: Traces, ramps: Optional[Sequence[int]] = None, *,
+               return_per_input: bool = False) -> Evaluation:
+  """Always exit at ramp k (0-based; `param` is k, default every ramp)."""
+  traces = check_traces(traces)
+  k = traces.num_ramps
+  r = np.arange(k) if ramps is None else np.asarray(ramps)
+  if r.ndim != 1 or r.size == 0 or not np.issubdtype(r.dtype, np.integer) \
+      or r.min() < 0 or r.max() >= k:
+    raise ValueError(f"ramps: expected integers in [0, {k}), got {r}")
+  stop = np.broadcast_to(r[:, None], (r.size, traces.num_inputs))
+  return summarize(stop, stop, traces, param=r, return_per_input=return_per_input)
+
+
+def backbone(traces: Traces, *, return_per_input: bool = False) -> Evaluation:
+  """Always run to the last ramp (`param` is K-1)."""
+  traces = check_traces(traces)
+  return fixed_ramp(traces, [traces.num_ramps - 1], return_per_input=return_per_input)
+
+
+def default_oracle_lambdas(traces: Traces, num: int = 200) -> np.ndarray:
+  """`[P]` 0 and log-spaced lam where the 0/1 disagreement and cost trade."""
+  traces = check_traces(traces)
+  total = float(np.sum(traces.cost))
+  pos = traces.cost[traces.cost > 0]
+  return np.concatenate([[0.0], np.geomspace(1e-3 / total, 2.0 / pos.min(), num - 1)])
+
+
+def oracle(traces: Traces, lambdas: Optional[Sequence[float]] = None, *,
+           return_per_input: bool = False) -> Evaluation:
+  """The hindsight oracle (offline optimum): a bound, not a policy.
+
+  Per input, the ramp minimising `disagree_k + lam * (c_1 + ... + c_k)`
+  (earliest on ties), with `disagree_k` = 1 if ramp k's pred differs from the
+  final ramp's. At lam = 0 it is the earliest ramp that agrees with the final
+  one. No policy's `(1 - agreement) + lam * mean_cost` is below the oracle's
+  at any lam. `param` is lam (default: `default_oracle_lambdas`).
+  """
+  traces = check_traces(traces)
+  lam = default_oracle_lambdas(traces) if lambdas is None else np.asarray(lambdas,
+                                                                          np.float64)
+  if lam.ndim != 1 or lam.size == 0 or not np.all(np.isfinite(lam)) or np.any(lam < 0):
+    raise ValueError(f"lambdas: expected a non-empty [P] array of finite values >= 0, "
+                     f"got shape {lam.shape}")
+  disagree = (traces.pred != traces.pred[:, -1:]).astype(np.float64)
+  value = disagree[None] + lam[:, None, None] * np.cumsum(traces.cost)[None, None, :]
+  stop = np.argmin(value, axis=2)
+  return summarize(stop, stop, traces, param=lam, return_per_input=return_per_input)
