@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jexit.evaluate import Evaluation, summarize
+from jexit.evaluate import Evaluation, from_counts, summarize
 from jexit.traces import check_traces
 from jexit.types import Traces
 
@@ -93,18 +93,32 @@ def global_threshold(traces: Traces, thresholds: Optional[Sequence[float]] = Non
                                                                             np.float64)
   if t.ndim != 1 or t.size == 0 or np.any(np.isnan(t)):
     raise ValueError(f"thresholds: expected a non-empty [T] array without NaN, got {t.shape}")
-  # The prefix minimum of the signal decides the exit of every t at once.
+  n, k = traces.conf.shape
+  # With m_j = min(u_0..u_j) (nonincreasing in j), an input has exited by ramp
+  # j iff m_j < t: every count is a sorted search over the inputs, O((N + T) log N).
   prefix = np.minimum.accumulate(_uncertainty(traces)[:, :-1], axis=1)  # [N, K-1]
-  k = traces.num_ramps
-  stop = (prefix[None, :, :] >= t[:, None, None]).sum(axis=2)  # [T, N] <= K-1
-  return summarize(np.minimum(stop, k - 1), np.minimum(stop, k - 1), traces, param=t,
-                   return_per_input=return_per_input)
+  if return_per_input:
+    stop = np.minimum((prefix[None, :, :] >= t[:, None, None]).sum(axis=2), k - 1)
+    return summarize(stop, stop, traces, param=t, return_per_input=True)
 
+  def below(j, mask):  # [T] inputs in `mask` that exited by ramp j (none for j < 0)
+    if j < 0:
+      return np.zeros(len(t), np.int64)
+    return np.searchsorted(np.sort(prefix[mask, j]), t, side="left")
 
-def _agreement_and_cost(stop, agree, ramp_cost):
-  """Agreement `[C]` and mean cost `[C]` of stop ramps `[C, N]`."""
-  agreement = np.take_along_axis(agree[None], stop[:, :, None], axis=2)[:, :, 0].mean(1)
-  return agreement, ramp_cost[stop].mean(1)
+  everyone = np.ones(n, bool)
+  done = np.stack([below(j, everyone) for j in range(k - 1)] + [np.full(len(t), n)], axis=1)
+  stop_count = np.diff(done, axis=1, prepend=0)  # [T, K]
+
+  def hits(ok):  # [T] inputs whose exit ramp has ok[n, ramp]
+    total = np.zeros(len(t), np.int64)
+    for j in range(k - 1):
+      total += below(j, ok[:, j]) - below(j - 1, ok[:, j])
+    return total + ok[:, -1].sum() - below(k - 2, ok[:, -1])
+
+  agree = hits(traces.pred == traces.pred[:, -1:])
+  correct = None if traces.label is None else hits(traces.pred == traces.label[:, None])
+  return from_counts(t, stop_count, stop_count, agree, correct, traces.cost, n)
 
 
 def apparate_greedy(traces: Traces, max_loss: float = 0.01, *,
@@ -158,10 +172,18 @@ def apparate_greedy(traces: Traces, max_loss: float = 0.01, *,
   dirs = k - 1
   tol = 1e-12 * max(ramp_cost[-1], 1.0)
 
-  def measure(configs):  # [C, K-1] -> agreement loss, mean cost
-    full = np.concatenate([configs, np.full((len(configs), 1), np.inf)], axis=1)
-    a, c = _agreement_and_cost(first_below(u, full), agree, ramp_cost)
-    return 1.0 - a, c
+  agree_flat = agree.ravel()
+  base = np.arange(len(u)) * k
+
+  def measure(configs):  # [C, K-1] -> agreement loss [C], mean cost [C]
+    loss, cost = np.empty(len(configs)), np.empty(len(configs))
+    for c, cfg in enumerate(configs):
+      stop = np.full(len(u), k - 1)
+      for j in range(k - 2, -1, -1):  # the first ramp below its threshold wins
+        stop = np.where(u[:, j] < cfg[j], j, stop)
+      loss[c] = 1.0 - agree_flat[base + stop].mean()
+      cost[c] = ramp_cost[stop].mean()
+    return loss, cost
 
   best_t, best_cost = np.zeros(dirs), np.inf
   for s in steps:

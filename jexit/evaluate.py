@@ -20,7 +20,7 @@ from jexit.types import Binning, ExitModel, Policy, Traces
 
 QUANTILES = (0.50, 0.95, 0.99)
 DEFAULT_MAX_BYTES = 1 << 30  # working memory of one chunk of the policy batch
-_ROW_PAD = 128  # inputs are padded to a multiple of this, so folds share a compile
+_ROW_PAD = 128  # paths are padded to a multiple of this, so calls share a compile
 
 
 class Evaluation(NamedTuple):
@@ -96,9 +96,15 @@ def cost_quantiles(stop_count: np.ndarray, cost: np.ndarray,
   return np.stack(out, axis=-1)
 
 
-def _from_counts(param, stop_count, out_count, agree_count, correct_count, cost,
+def from_counts(param, stop_count, out_count, agree_count, correct_count, cost,
                  num_inputs, objective=None, stop_ramp=None, output_ramp=None):
-  """An `Evaluation` from per-policy counts over ramps `[..., K]` (host, float64)."""
+  """An `Evaluation` from per-policy counts over ramps (host, float64).
+
+  Args:
+    param: `[P]`. stop_count, out_count: `[P, K]` inputs that stopped at /
+      output ramp k. agree_count, correct_count: `[P]` (correct may be None).
+    cost: `[K]`. num_inputs: N. objective, stop_ramp, output_ramp: optional.
+  """
   n = float(num_inputs)
   stop_count = np.asarray(stop_count, np.float64)
   cost = np.asarray(cost, np.float64)
@@ -147,7 +153,7 @@ def summarize(stop_ramp: np.ndarray, output_ramp: np.ndarray, traces: Traces, *,
   pred_out = np.take_along_axis(traces.pred, output_ramp.T, axis=1).T  # [P, N]
   agree = (pred_out == traces.pred[:, -1][None, :]).sum(1)
   correct = None if traces.label is None else (pred_out == traces.label[None, :]).sum(1)
-  return _from_counts(
+  return from_counts(
       param, count(stop_ramp), count(output_ramp), agree, correct, traces.cost, n,
       objective=None if objective is None else np.asarray(objective, np.float64),
       stop_ramp=stop_ramp.astype(np.int32) if return_per_input else None,
@@ -165,49 +171,51 @@ def _binned_signal(traces: Traces, binning: Binning) -> np.ndarray:
   raise ValueError(f"binning.signal: expected '1-conf' or 'signal', got {binning.signal!r}")
 
 
-def _replay_one(threshold, m, bins, best, best_ramp, loss_in, agree, correct, valid, *,
-                recall):
-  """One policy on every input, as the deployed model acts.
+def _replay_one(threshold, m, bins, best, best_ramp, loss_w, agree_w, correct_w, weight):
+  """One policy on every distinct input path, as the deployed model acts.
 
-  At ramp k the input is in bin `b = bins[n, k]`; it stops iff
-  `best[n, k] <= threshold[k, b]` (best loss so far with recall, the current
-  loss without), and always at the last ramp. The output is the ramp that
-  achieved the best loss (recall; latest on ties) or the stopping ramp.
+  At ramp k a path is in bin `b = bins[u, k]`; it stops iff
+  `best[u, k] <= threshold[k, b]` (best loss so far with recall, the current
+  loss without), and always at the last ramp. The output is
+  `best_ramp[u, stop]`: the ramp that achieved the best loss (recall; latest
+  on ties), or the stopping ramp itself (no recall: `best_ramp[u, k] = k`).
 
   Args:
     threshold: `[K, S]`. m: model index into the `[M, ...]` arrays.
-    bins, best, best_ramp, loss_in: `[M, N, K]` per-input bin, best loss so
-      far, ramp that achieved it, and loss. agree, correct: `[N, K]` bool.
-    valid: `[N]` bool, False on padding rows.
+    bins, best, best_ramp: `[M, U, K]` per path: bin, best loss so far and
+      the ramp that achieved it. loss_w: `[M, U, K]` loss times `weight`.
+    agree_w, correct_w: `[U, K]` int, how many of the path's inputs have
+      ramp k agreeing with the final ramp / with the label.
+    weight: `[U]` int, how many inputs follow the path (0 on padding).
 
   Returns:
     Counts over ramps `[K]` (stops, outputs, agreeing outputs, correct
-    outputs), the loss paid summed per output ramp `[K]`, and the per-input
-    stop and output ramps `[N]`.
+    outputs), the loss paid summed per output ramp `[K]`, and the per-path
+    stop and output ramps `[U]`.
   """
   b = bins[m]
-  num_ramps = b.shape[1]
-  ks = jnp.arange(num_ramps)
-  t = threshold[ks[None, :], b]  # [N, K]: the table lookup of every step
+  ks = jnp.arange(b.shape[1])
+  t = threshold[ks[None, :], b]  # [U, K]: the table lookup of every step
   stop = (best[m] <= t).at[:, -1].set(True)
   stop_ramp = jnp.argmax(stop, axis=1).astype(jnp.int32)  # the first stop
-  if recall:
-    out = jnp.take_along_axis(best_ramp[m], stop_ramp[:, None], axis=1)[:, 0]
-  else:
-    out = stop_ramp
-  so = (stop_ramp[:, None] == ks) & valid[:, None]
-  oo = (out[:, None] == ks) & valid[:, None]
-  return (so.sum(0), oo.sum(0), (oo & agree).sum(0), (oo & correct).sum(0),
-          jnp.where(oo, loss_in[m], 0).sum(0), stop_ramp, out)
+  out = jnp.take_along_axis(best_ramp[m], stop_ramp[:, None], axis=1)[:, 0]
+  so = stop_ramp[:, None] == ks
+  oo = out[:, None] == ks
+  return (jnp.where(so, weight[:, None], 0).sum(0), jnp.where(oo, weight[:, None], 0).sum(0),
+          jnp.where(oo, agree_w, 0).sum(0), jnp.where(oo, correct_w, 0).sum(0),
+          jnp.where(oo, loss_w[m], 0).sum(0), stop_ramp, out)
 
 
-@functools.partial(jax.jit, static_argnames=("recall", "per_input"))
-def _replay_batch(threshold, model_idx, bins, best, best_ramp, loss_in, agree, correct,
-                  valid, *, recall, per_input):
-  """`[P]` policies on every input: vmap of `_replay_one` (the one jit)."""
-  one = functools.partial(_replay_one, recall=recall)
-  out = jax.vmap(one, in_axes=(0, 0) + (None,) * 7)(
-      threshold, model_idx, bins, best, best_ramp, loss_in, agree, correct, valid)
+@functools.partial(jax.jit, static_argnames=("per_input",))
+def _replay_batch(threshold, model_idx, bins, best, best_ramp, loss_w, agree_w, correct_w,
+                  weight, *, per_input):
+  """`[P]` policies on every path: vmap of `_replay_one` (the one jit).
+
+  Recall and no-recall share the compile: they differ only in the data
+  (`best`, `best_ramp`).
+  """
+  out = jax.vmap(_replay_one, in_axes=(0, 0) + (None,) * 7)(
+      threshold, model_idx, bins, best, best_ramp, loss_w, agree_w, correct_w, weight)
   return out if per_input else out[:5]
 
 
@@ -305,47 +313,55 @@ def evaluate(policy: Policy, traces: Traces,
   edges, signal_name = _model_edges(binning, m, k, s)
   values = _binned_signal(traces, Binning(edges[0], signal_name))
 
-  # Per model, the per-input losses and the best-so-far are the same for every
-  # lam: compute them once on the host, in the policy's own dtype, so the
+  bins_n = np.stack([Binning(edges[i], signal_name).assign(values) for i in range(m)])
+  # Inputs whose bins agree at every ramp (under every model) take the same
+  # decisions: replay each distinct path once, weighted by how many inputs
+  # follow it. Exact, and for large N it bounds the work by the paths seen.
+  keys = bins_n.transpose(1, 0, 2).reshape(n, m * k)
+  uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+  inverse = inverse.reshape(n)
+  u = len(uniq)
+  u_pad = -(-u // _ROW_PAD) * _ROW_PAD
+  bins = np.zeros((m, u_pad, k), np.int32)
+  bins[:, :u] = uniq.reshape(u, m, k).transpose(1, 0, 2)
+  weight = np.bincount(inverse, minlength=u_pad).astype(np.int32)
+  group = lambda a: np.stack([np.bincount(inverse, weights=a[:, r], minlength=u_pad)
+                              for r in range(k)], axis=1).round().astype(np.int32)
+  agree_w = group(traces.pred == traces.pred[:, -1:])
+  correct_w = (group(traces.pred == traces.label[:, None]) if traces.label is not None
+               else np.zeros((u_pad, k), np.int32))
+
+  # Per model, the losses and the best-so-far are the same for every lam:
+  # compute them once on the host, in the policy's own dtype, so the
   # comparison with thresholds (members of `loss`) is exact.
-  n_pad = -(-n // _ROW_PAD) * _ROW_PAD
-  bins = np.zeros((m, n_pad, k), np.int32)
-  loss_in = np.zeros((m, n_pad, k), loss.dtype)
-  for i in range(m):
-    bins[i, :n] = Binning(edges[i], signal_name).assign(values)
-    loss_in[i, :n] = loss[i][np.arange(k)[None, :], bins[i, :n]]
+  loss_in = np.stack([loss[i][np.arange(k)[None, :], bins[i]] for i in range(m)])
   if policy.recall:
     best = np.minimum.accumulate(loss_in, axis=2)
-    best_ramp = np.zeros((m, n_pad, k), np.int32)
+    best_ramp = np.zeros((m, u_pad, k), np.int32)
     for r in range(1, k):
       # `<=`: the latest ramp wins a tie for the best loss (PROBLEM.md).
       best_ramp[:, :, r] = np.where(loss_in[:, :, r] <= best[:, :, r - 1], r,
                                     best_ramp[:, :, r - 1])
   else:
-    best, best_ramp = loss_in, np.zeros((m, n_pad, k), np.int32)
-  agree = np.zeros((n_pad, k), bool)
-  agree[:n] = traces.pred == traces.pred[:, -1:]
-  correct = np.zeros((n_pad, k), bool)
-  if traces.label is not None:
-    correct[:n] = traces.pred == traces.label[:, None]
-  valid = np.arange(n_pad) < n
+    best = loss_in
+    best_ramp = np.broadcast_to(np.arange(k, dtype=np.int32), (m, u_pad, k))
+  loss_w = loss_in * weight[None, :, None].astype(loss_in.dtype)
 
   total = m * num_lam
   thr_flat = threshold.reshape(total, k, s)
   model_idx = np.repeat(np.arange(m, dtype=np.int32), num_lam)
-  per_policy = n_pad * (k * (loss.itemsize * 2 + 8) + 16)
+  per_policy = u_pad * (k * (loss.itemsize * 2 + 16) + 16)
   limit = max(1, max_bytes // per_policy)
   # Power-of-two chunks: a new batch size of the same order reuses the compile.
   chunk = min(1 << int(limit).bit_length() - 1, 1 << (total - 1).bit_length())
-  device_args = tuple(jnp.asarray(a) for a in (bins, best, best_ramp, loss_in, agree,
-                                               correct, valid))
+  device_args = tuple(jnp.asarray(a) for a in (bins, best, best_ramp, loss_w, agree_w,
+                                               correct_w, weight))
   parts = []
   for start in range(0, total, chunk):
     idx = np.arange(start, start + chunk)
     idx = np.where(idx < total, idx, 0)  # pad the last chunk with policy 0
     res = _replay_batch(jnp.asarray(thr_flat[idx]), jnp.asarray(model_idx[idx]),
-                        *device_args, recall=bool(policy.recall),
-                        per_input=return_per_input)
+                        *device_args, per_input=return_per_input)
     take = min(chunk, total - start)
     parts.append([np.asarray(r)[:take] for r in res])
   res = [np.concatenate(col) for col in zip(*parts)]
@@ -358,9 +374,9 @@ def evaluate(policy: Policy, traces: Traces,
   objective = loss_sum.astype(np.float64).sum(1) / n + lam64 * mean_cost
   per_input = {}
   if return_per_input:
-    per_input = dict(stop_ramp=res[5][:, :n].reshape(shape + (n,)),
-                     output_ramp=res[6][:, :n].reshape(shape + (n,)))
-  ev = _from_counts(
+    per_input = dict(stop_ramp=res[5][:, inverse].reshape(shape + (n,)),
+                     output_ramp=res[6][:, inverse].reshape(shape + (n,)))
+  ev = from_counts(
       lam64, stop_count, out_count, agree_count.sum(1),
       None if traces.label is None else correct_count.sum(1), cost, n,
       objective=objective)

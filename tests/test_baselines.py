@@ -73,7 +73,8 @@ def test_threshold_rules_equal_a_loop():
   rng = np.random.default_rng(1)
   traces = jexit.Traces(rng.uniform(size=(60, 4)), rng.integers(0, 3, (60, 4)),
                         rng.integers(0, 3, 60), np.array([1.0, 2.0, 1.0, 3.0]))
-  grid = np.array([0.0, 0.1, 0.3, 0.5, 0.9, 2.0])
+  # Two thresholds equal to a value of 1 - conf check the strict `<`.
+  grid = np.array([0.0, 0.1, 0.3, 0.5, 0.9, 1 - traces.conf[0, 0], 1 - traces.conf[5, 1], 2.0])
   ev = baselines.global_threshold(traces, grid, return_per_input=True)
   same = baselines.threshold_rule(traces, np.repeat(grid[:, None], 4, axis=1), param=grid)
   np.testing.assert_array_equal(ev.agreement, same.agreement)
@@ -82,6 +83,9 @@ def test_threshold_rules_equal_a_loop():
       k = next((r for r in range(3) if 1 - traces.conf[i, r] < t), 3)
       assert ev.stop_ramp[p, i] == k
   np.testing.assert_allclose(ev.param, grid)
+  fast = baselines.global_threshold(traces, grid)  # the sorted-search path
+  for f in ("agreement", "accuracy", "mean_cost", "stop_hist", "output_hist", "p95_cost"):
+    np.testing.assert_allclose(getattr(fast, f), getattr(ev, f), err_msg=f)
   assert ev.stop_hist[0, -1] == 1.0  # t = 0: nobody exits early
   assert ev.stop_hist[-1, 0] == 1.0  # t above every value: everybody exits at ramp 1
 
