@@ -1,0 +1,524 @@
+"""The accuracy-cost frontier of every method, and the choice of a parameter for a budget.
+
+Every parameter is chosen on fit rows and reported on disjoint test rows
+(PROBLEM.md): `frontier` splits the trace (seeded; half and half by default,
+or k folds for cross-fitting), fits the model on the fit rows, solves a whole
+lam grid in one call, and evaluates every method's parameter grid on both the
+fit and the test rows. `budget` picks, per method, the parameter with the most
+speedup on the fit rows that meets an agreement-loss budget there, and reports
+its fit and test metrics.
+"""
+
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from jexit import baselines
+from jexit.evaluate import DEFAULT_MAX_BYTES, Evaluation, cost_quantiles, evaluate, select
+from jexit.fit import fit
+from jexit.solver import solve
+from jexit.traces import check_traces
+from jexit.types import Binning, ExitModel, Policy, Traces
+
+# The model settings every command uses unless told otherwise: the paper's
+# (uniform 0.08 bins of 1 - conf, loss = the bin's mean 1 - conf). Change the
+# defaults here, in one place.
+DEFAULT_FIT = {"bins": "uniform", "step": 0.08, "loss": "proxy"}
+METHODS = ("recall", "norecall", "global_threshold", "apparate_greedy", "patience",
+           "fixed_ramp", "backbone", "oracle")
+APPARATE_BUDGETS = (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)
+TARGETS = (0.005, 0.01, 0.02, 0.05)
+NUM_LAMBDAS = 1000
+
+
+def merged_fit_options(overrides: Optional[dict] = None) -> dict:
+  """`DEFAULT_FIT` updated with the non-None entries of `overrides`."""
+  opts = dict(DEFAULT_FIT)
+  opts.update({k: v for k, v in (overrides or {}).items() if v is not None})
+  return opts
+
+
+def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0):
+  """Seeded disjoint `(fit_rows, test_rows)`, sorted index arrays."""
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction}")
+  if num_inputs < 2:
+    raise ValueError(f"traces: expected at least 2 inputs to split, got {num_inputs}")
+  perm = np.random.default_rng(seed).permutation(num_inputs)
+  n_test = min(max(int(round(test_fraction * num_inputs)), 1), num_inputs - 1)
+  return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def fold_rows(num_inputs: int, folds: int, *, seed: int = 0):
+  """Seeded k-fold cross-fitting: a list of `(fit_rows, test_rows)`."""
+  if not isinstance(folds, (int, np.integer)) or folds < 2 or folds > num_inputs:
+    raise ValueError(f"folds: expected an integer in [2, N={num_inputs}], got {folds}")
+  perm = np.random.default_rng(seed).permutation(num_inputs)
+  parts = np.array_split(perm, folds)
+  return [(np.sort(np.concatenate(parts[:i] + parts[i + 1:])), np.sort(parts[i]))
+          for i in range(folds)]
+
+
+def default_lambdas(model: ExitModel, num: int = NUM_LAMBDAS) -> np.ndarray:
+  """`[num]` log-spaced lam over the range where the policy changes.
+
+  Continuing one more ramp costs `lam * c` and can gain at most the spread of
+  the losses, so above `spread / min positive cost` every policy stops at
+  ramp 1; far below `spread / total cost` it runs nearly everything. The grid
+  spans `1e-4 * spread / total` to `2 * spread / min cost`.
+  """
+  loss = np.asarray(model.loss, np.float64)
+  cost = np.asarray(model.cost, np.float64)
+  if num < 1:
+    raise ValueError(f"num_lambdas: expected >= 1, got {num}")
+  spread = float(loss.max() - loss.min()) or 1.0
+  pos = cost[cost > 0]
+  if pos.size == 0:
+    raise ValueError(f"model.cost: expected a positive cost, got {cost.tolist()}")
+  return np.geomspace(1e-4 * spread / cost.sum(), 2.0 * spread / pos.min(), num)
+
+
+def pareto_mask(agreement: np.ndarray, mean_cost: np.ndarray) -> np.ndarray:
+  """`[P]` bool: points no other point beats (>= agreement and <= cost, one strictly).
+
+  Of equal points, the first is kept.
+  """
+  agreement = np.asarray(agreement, np.float64)
+  mean_cost = np.asarray(mean_cost, np.float64)
+  order = np.lexsort((np.arange(len(agreement)), -agreement, mean_cost))
+  keep = np.zeros(len(agreement), bool)
+  best = -np.inf
+  for i in order:
+    if agreement[i] > best:
+      keep[i] = True
+      best = agreement[i]
+  return keep
+
+
+def pool(evals: Sequence[Evaluation], cost: np.ndarray) -> Evaluation:
+  """Pools evaluations of the same parameters on disjoint row sets (folds).
+
+  Rates are averaged with the row counts as weights, which is the metric on
+  the union of the rows; quantiles are recomputed from the pooled histogram.
+  """
+  if len(evals) == 1:
+    return evals[0]
+  w = np.array([e.num_inputs for e in evals], np.float64)
+  n = w.sum()
+  avg = lambda f: None if getattr(evals[0], f) is None else sum(
+      wi * np.asarray(getattr(e, f)) for wi, e in zip(w, evals)) / n
+  stop_hist = avg("stop_hist")
+  mean_cost = avg("mean_cost")
+  q = cost_quantiles(stop_hist * n, cost)
+  return evals[0]._replace(
+      agreement=avg("agreement"), accuracy=avg("accuracy"), mean_cost=mean_cost,
+      speedup=float(np.sum(cost)) / mean_cost, stop_hist=stop_hist,
+      output_hist=avg("output_hist"), p50_cost=q[..., 0], p95_cost=q[..., 1],
+      p99_cost=q[..., 2], objective=avg("objective"), num_inputs=int(n),
+      stop_ramp=None, output_ramp=None)
+
+
+class Frontier(NamedTuple):
+  """Every method's parameter grid evaluated on fit and held-out rows.
+
+  Attributes:
+    test: method -> `Evaluation [P]` on the test rows (pooled over folds).
+    fit: method -> `Evaluation [P]` on the fit rows (averaged over folds).
+    pareto: method -> `[P]` bool, Pareto-optimal on the fit rows.
+    split: how rows were split (seed, test fraction or folds, row counts).
+    splits: per split, method -> `(fit Evaluation, test Evaluation)`.
+    apparate_thresholds: per split, `[B, K]` thresholds found for each
+      budget in `test["apparate_greedy"].param`.
+    fit_options: the `jexit.fit` options used.
+    policy: the recall `Policy [L]` of the first split (for plots and export).
+    model: the `ExitModel` of the first split.
+    binning: the `Binning` of the first split.
+  """
+  test: Dict[str, Evaluation]
+  fit: Dict[str, Evaluation]
+  pareto: Dict[str, np.ndarray]
+  split: dict
+  splits: List[Dict[str, tuple]]
+  apparate_thresholds: List[np.ndarray]
+  fit_options: dict
+  policy: Optional[Policy]
+  model: ExitModel
+  binning: Binning
+
+
+def _run_split(traces, fit_rows, test_rows, *, model, binning, lambdas, methods,
+               apparate_budgets, threshold_grid, oracle_lambdas, max_bytes):
+  """Every method on one split: method -> (fit Evaluation, test Evaluation)."""
+  fit_t, test_t = traces.take(fit_rows), traces.take(test_rows)
+  out, policy, thresholds = {}, None, None
+  both = lambda f, *a: (f(fit_t, *a), f(test_t, *a))
+  for name in methods:
+    if name in ("recall", "norecall"):
+      pol = solve(model, lambdas, recall=name == "recall")
+      if name == "recall":
+        policy = pol
+      out[name] = both(lambda t: evaluate(pol, t, binning, max_bytes=max_bytes))
+    elif name == "global_threshold":
+      out[name] = both(baselines.global_threshold, threshold_grid)
+    elif name == "apparate_greedy":
+      budgets = np.asarray(apparate_budgets, np.float64)
+      thresholds = np.stack([baselines.apparate_greedy(fit_t, b) for b in budgets])
+      out[name] = both(lambda t: baselines.threshold_rule(t, thresholds, param=budgets))
+    elif name == "patience":
+      out[name] = both(baselines.patience)
+    elif name == "fixed_ramp":
+      out[name] = both(baselines.fixed_ramp)
+    elif name == "backbone":
+      out[name] = both(baselines.backbone)
+    elif name == "oracle":
+      out[name] = both(baselines.oracle, oracle_lambdas)
+    else:
+      raise ValueError(f"methods: unknown method {name!r}; expected some of {list(METHODS)}")
+  return out, policy, thresholds
+
+
+def frontier(traces: Traces, *,
+             lambdas=None,
+             num_lambdas: int = NUM_LAMBDAS,
+             test_fraction: float = 0.5,
+             seed: int = 0,
+             folds: Optional[int] = None,
+             fit_options: Optional[dict] = None,
+             methods: Sequence[str] = METHODS,
+             apparate_budgets: Sequence[float] = APPARATE_BUDGETS,
+             threshold_grid=None,
+             oracle_lambdas=None,
+             max_bytes: int = DEFAULT_MAX_BYTES) -> Frontier:
+  """Evaluates every method's parameter grid on fit rows and on held-out rows.
+
+  Splits the rows (seeded; `test_fraction` held out, or `folds`-fold
+  cross-fitting, where every row is held out once and test metrics pool the
+  folds), fits the model on the fit rows with `fit_options` (over
+  `DEFAULT_FIT`), solves the recall and no-recall policies for the whole lam
+  grid in one call each, and evaluates them and every baseline's grid.
+
+  Args:
+    traces: the traces.
+    lambdas: `[L]` lam grid (default: `default_lambdas` of the first split's
+      model, `num_lambdas` values); shared by all folds.
+    num_lambdas: L for the default grid.
+    test_fraction: share of rows held out (single split).
+    seed: seed of the split.
+    folds: k for k-fold cross-fitting instead of one split.
+    fit_options: `jexit.fit` keyword arguments overriding `DEFAULT_FIT`.
+    methods: which of `METHODS` to run.
+    apparate_budgets: agreement-loss budgets Apparate's greedy search is run
+      with (its parameter grid).
+    threshold_grid: `[T]` global thresholds (default: from the first split's
+      fit rows).
+    oracle_lambdas: `[P]` lam grid of the hindsight oracle.
+    max_bytes: memory budget of `evaluate`'s chunks.
+
+  Returns:
+    A `Frontier`.
+
+  Examples:
+    >>> import numpy as np, jexit
+    >>> from jexit.frontier import frontier
+    >>> rng = np.random.default_rng(0)
+    >>> conf = np.sort(rng.uniform(0.3, 1, (400, 3)), axis=1)
+    >>> t = jexit.Traces(conf, rng.integers(0, 2, (400, 3)), None, np.ones(3))
+    >>> fr = frontier(t, num_lambdas=50, methods=("recall", "backbone"))
+    >>> fr.test["recall"].agreement.shape, fr.split["test_rows"]
+    ((50,), 200)
+  """
+  traces = check_traces(traces)
+  n, k = traces.conf.shape
+  if k < 2:
+    raise ValueError(f"traces.conf: expected at least 2 ramps for a frontier, got K={k}")
+  methods = tuple(methods)
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise ValueError(f"methods: expected a non-empty subset of {list(METHODS)}, got {unknown or methods}")
+  if fit_options is not None and not isinstance(fit_options, dict):
+    raise ValueError(f"fit_options: expected a dict of jexit.fit arguments, got "
+                     f"{type(fit_options).__name__}")
+  opts = merged_fit_options(fit_options)
+  if folds is None:
+    rows = [split_rows(n, test_fraction=test_fraction, seed=seed)]
+    split = {"seed": seed, "test_fraction": test_fraction, "num_inputs": n,
+             "fit_rows": int(len(rows[0][0])), "test_rows": int(len(rows[0][1]))}
+  else:
+    rows = fold_rows(n, folds, seed=seed)
+    split = {"seed": seed, "folds": int(folds), "num_inputs": n,
+             "fit_rows": int(np.mean([len(f) for f, _ in rows])), "test_rows": n}
+  split.update(pareto="chosen on fit rows", metrics="test rows")
+
+  fitted = [fit(traces, rows=f, **opts) for f, _ in rows]
+  if lambdas is None:
+    lambdas = default_lambdas(fitted[0][0], num_lambdas)
+  lambdas = np.asarray(lambdas, np.float64)
+  if threshold_grid is None:
+    threshold_grid = baselines.default_threshold_grid(traces.take(rows[0][0]))
+  if oracle_lambdas is None:
+    oracle_lambdas = baselines.default_oracle_lambdas(traces)
+
+  splits, thresholds, policy = [], [], None
+  for i, ((fit_r, test_r), (model, binning)) in enumerate(zip(rows, fitted)):
+    res, pol, thr = _run_split(
+        traces, fit_r, test_r, model=model, binning=binning, lambdas=lambdas,
+        methods=methods, apparate_budgets=apparate_budgets,
+        threshold_grid=threshold_grid, oracle_lambdas=oracle_lambdas,
+        max_bytes=max_bytes)
+    splits.append(res)
+    thresholds.append(thr)
+    if i == 0:
+      policy = pol
+  test = {m: pool([s[m][1] for s in splits], traces.cost) for m in methods}
+  fit_ev = {m: pool([s[m][0] for s in splits], traces.cost) for m in methods}
+  pareto = {m: pareto_mask(fit_ev[m].agreement, fit_ev[m].mean_cost) for m in methods}
+  return Frontier(test=test, fit=fit_ev, pareto=pareto, split=split, splits=splits,
+                  apparate_thresholds=thresholds, fit_options=opts, policy=policy,
+                  model=fitted[0][0], binning=fitted[0][1])
+
+
+def choose_index(evaluation: Evaluation, max_loss: float) -> Optional[int]:
+  """Index of the parameter with most speedup among those with `1 - agreement <= max_loss`.
+
+  Ties go to the higher agreement, then to the first. None if none qualifies.
+  """
+  agreement = np.asarray(evaluation.agreement, np.float64)
+  ok = 1.0 - agreement <= max_loss + 1e-12
+  if not ok.any():
+    return None
+  speed = np.where(ok, evaluation.speedup, -np.inf)
+  order = np.lexsort((np.arange(len(speed)), -agreement, -speed))
+  return int(order[0])
+
+
+class BudgetChoice(NamedTuple):
+  """One method's parameter chosen on fit rows for an agreement-loss budget.
+
+  Attributes:
+    param: the chosen parameter (lam, a threshold, Apparate's per-ramp
+      thresholds, ...); with folds, a list with one per fold. None when no
+      parameter met the budget on the fit rows (of some fold).
+    fit: `Evaluation [1]` on the fit rows (averaged over folds), or None.
+    test: `Evaluation [1]` on the held-out rows (pooled over folds), or None.
+  """
+  param: object
+  fit: Optional[Evaluation]
+  test: Optional[Evaluation]
+
+
+class Budget(NamedTuple):
+  """Per method, the parameter chosen on fit rows for `max_loss`, and its metrics."""
+  max_loss: float
+  split: dict
+  choices: Dict[str, BudgetChoice]
+  fit_options: dict
+
+
+def _param_value(fr: Frontier, method: str, split: int, index: int):
+  if method == "apparate_greedy":
+    # The thresholds of ramps 1..K-1 (the last ramp always exits), as Apparate lists them.
+    return [float(v) for v in fr.apparate_thresholds[split][index][:-1]]
+  value = np.asarray(fr.splits[split][method][0].param)[index]
+  return value.item() if hasattr(value, "item") else value
+
+
+def choose(fr: Frontier, max_loss: float) -> Dict[str, BudgetChoice]:
+  """Per method of a frontier, the budget choice made on each split's fit rows."""
+  if not 0 <= max_loss <= 1:
+    raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1], got {max_loss}")
+  out = {}
+  for method in fr.test:
+    params, fits, tests = [], [], []
+    for i, res in enumerate(fr.splits):
+      fit_ev, test_ev = res[method]
+      idx = choose_index(fit_ev, max_loss)
+      if idx is None:
+        params = None
+        break
+      params.append(_param_value(fr, method, i, idx))
+      fits.append(select(fit_ev, [idx]))
+      tests.append(select(test_ev, [idx]))
+    if params is None:
+      out[method] = BudgetChoice(None, None, None)
+      continue
+    cost = fr.model.cost
+    out[method] = BudgetChoice(params[0] if len(params) == 1 else params,
+                               pool(fits, cost), pool(tests, cost))
+  return out
+
+
+def budget(traces: Traces, max_loss: float = 0.01, *,
+           folds: Optional[int] = None,
+           test_fraction: float = 0.5,
+           seed: int = 0,
+           lambdas=None,
+           num_lambdas: int = NUM_LAMBDAS,
+           fit_options: Optional[dict] = None,
+           methods: Sequence[str] = METHODS,
+           max_bytes: int = DEFAULT_MAX_BYTES) -> Budget:
+  """Per method, the parameter with most speedup meeting an agreement-loss budget.
+
+  The parameter is chosen on the fit rows (`1 - agreement <= max_loss` there,
+  then most speedup) and reported on the fit rows and on the held-out rows;
+  with `folds`, each fold chooses on its own fit rows and the held-out
+  metrics pool the folds (cross-fitting). Apparate's greedy search is run
+  with `max_loss` as its budget.
+
+  Args:
+    traces: the traces.
+    max_loss: agreement-loss budget, e.g. 0.01 for 99% agreement.
+    folds, test_fraction, seed, lambdas, num_lambdas, fit_options, methods,
+      max_bytes: as for `frontier`.
+
+  Returns:
+    A `Budget`: `choices[method] = BudgetChoice(param, fit, test)`.
+
+  Examples:
+    >>> import numpy as np, jexit
+    >>> from jexit.frontier import budget
+    >>> rng = np.random.default_rng(0)
+    >>> conf = np.sort(rng.uniform(0.3, 1, (400, 3)), axis=1)
+    >>> t = jexit.Traces(conf, rng.integers(0, 2, (400, 3)), None, np.ones(3))
+    >>> b = budget(t, 0.05, num_lambdas=50, methods=("recall", "backbone"))
+    >>> float(b.choices["backbone"].test.agreement[0])
+    1.0
+  """
+  if not 0 <= max_loss <= 1:
+    raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1], got {max_loss}")
+  fr = frontier(traces, lambdas=lambdas, num_lambdas=num_lambdas,
+                test_fraction=test_fraction, seed=seed, folds=folds,
+                fit_options=fit_options, methods=methods, apparate_budgets=(max_loss,),
+                max_bytes=max_bytes)
+  return Budget(max_loss=float(max_loss), split=fr.split, choices=choose(fr, max_loss),
+                fit_options=fr.fit_options)
+
+
+# ---- JSON-ready dictionaries and text tables (the CLI writes and prints them)
+
+def _num(x):
+  if x is None:
+    return None
+  x = np.asarray(x)
+  if x.ndim:
+    return [_num(v) for v in x]
+  v = x.item()
+  if isinstance(v, float) and not np.isfinite(v):
+    return None if np.isnan(v) else ("inf" if v > 0 else "-inf")
+  return v
+
+
+def metrics(evaluation: Evaluation, index: int = 0) -> dict:
+  """`{"agreement", "accuracy", "mean_cost", "speedup"}` of one policy, JSON-ready."""
+  get = lambda f: None if getattr(evaluation, f) is None else _num(
+      np.asarray(getattr(evaluation, f))[index])
+  return {"agreement": get("agreement"), "accuracy": get("accuracy"),
+          "mean_cost": get("mean_cost"), "speedup": get("speedup")}
+
+
+def frontier_to_dict(fr: Frontier, trace: Optional[str] = None, *,
+                     all_points: bool = False) -> dict:
+  """`{"trace", "split", "fit_options", "methods": {method: [entries]}}`.
+
+  Each entry is `{"param", "agreement", "accuracy", "mean_cost", "speedup"}`
+  on the test rows, for the method's Pareto points (chosen on the fit rows,
+  ordered by cost) or, with `all_points`, for every parameter.
+  """
+  methods = {}
+  for m, ev in fr.test.items():
+    idx = np.arange(len(ev.agreement)) if all_points else np.flatnonzero(fr.pareto[m])
+    idx = idx[np.argsort(np.asarray(fr.fit[m].mean_cost)[idx], kind="stable")]
+    entries = []
+    for i in idx:
+      param = _num(np.asarray(ev.param)[i])
+      entries.append({"param": param, **metrics(ev, i)})
+    methods[m] = entries
+  return {"trace": trace, "split": dict(fr.split),
+          "fit_options": {k: _num(v) if not isinstance(v, str) else v
+                          for k, v in fr.fit_options.items()},
+          "methods": methods}
+
+
+def budget_to_dict(b: Budget, trace: Optional[str] = None) -> dict:
+  """`{"trace", "max_loss", "split", "fit_options", "methods": {m: {"param", "fit", "test"}}}`."""
+  methods = {}
+  for m, c in b.choices.items():
+    methods[m] = {"param": _num(c.param) if c.param is not None else None,
+                  "fit": None if c.fit is None else metrics(c.fit),
+                  "test": None if c.test is None else metrics(c.test)}
+  return {"trace": trace, "max_loss": b.max_loss, "split": dict(b.split),
+          "fit_options": {k: _num(v) if not isinstance(v, str) else v
+                          for k, v in b.fit_options.items()},
+          "methods": methods}
+
+
+def _fmt_param(p):
+  if p is None:
+    return "-"
+  if isinstance(p, list):
+    return "[" + ", ".join(_fmt_param(v) for v in p) + "]"
+  if isinstance(p, float):
+    return "inf" if p == np.inf else f"{p:.4g}"
+  return str(p)
+
+
+def _split_line(split: dict) -> str:
+  if "folds" in split:
+    return (f"{split['num_inputs']} inputs, {split['folds']}-fold cross-fitting "
+            f"(seed {split['seed']}): parameters chosen on fit folds, metrics on held-out folds")
+  return (f"{split['num_inputs']} inputs: {split['fit_rows']} fit / {split['test_rows']} "
+          f"test rows (seed {split['seed']}): parameters chosen on fit rows, metrics on test rows")
+
+
+def format_frontier(fr: Frontier, targets: Sequence[float] = TARGETS,
+                    trace: Optional[str] = None) -> str:
+  """A text table: per method and agreement-loss budget, the test speedup (agreement)
+  of the parameter chosen on the fit rows for that budget."""
+  lines = []
+  if trace:
+    lines.append(f"trace: {trace}")
+  lines.append(_split_line(fr.split))
+  lines.append("speedup on test rows (test agreement) at the parameter chosen on fit "
+               "rows for each agreement-loss budget (apparate_greedy: the best run of "
+               "its budget grid on fit rows)")
+  head = f"{'method':<18}" + "".join(f"{'loss <= ' + format(t * 100, 'g') + '%':>20}"
+                                     for t in targets)
+  lines += [head, "-" * len(head)]
+  chosen = [choose(fr, t) for t in targets]
+  for m in fr.test:
+    cells = []
+    for c in chosen:
+      ch = c[m]
+      if ch.test is None:
+        cells.append(f"{'-':>20}")
+      else:
+        s = f"{ch.test.speedup[0]:.2f}x ({ch.test.agreement[0] * 100:.1f}%)"
+        cells.append(f"{s:>20}")
+    lines.append(f"{m:<18}" + "".join(cells))
+  backbone = fr.model.cost.sum()
+  lines.append(f"(speedup = total cost {backbone:.4g} / mean cost; oracle is a hindsight "
+               f"bound, not a policy)")
+  return "\n".join(lines)
+
+
+def format_budget(b: Budget, trace: Optional[str] = None) -> str:
+  """A text table of each method's chosen parameter with its fit and test metrics."""
+  lines = []
+  if trace:
+    lines.append(f"trace: {trace}")
+  lines.append(_split_line(b.split))
+  lines.append(f"agreement-loss budget: {b.max_loss * 100:g}% (chosen on fit rows)")
+  head = (f"{'method':<18}{'param':>28}{'fit agree':>11}{'fit speedup':>13}"
+          f"{'test agree':>12}{'test speedup':>14}{'test acc':>10}")
+  lines += [head, "-" * len(head)]
+  for m, c in b.choices.items():
+    if c.test is None:
+      lines.append(f"{m:<18}{'no parameter meets the budget':>28}")
+      continue
+    acc = "-" if c.test.accuracy is None else f"{c.test.accuracy[0] * 100:.1f}%"
+    param = _fmt_param(_num(c.param))
+    if len(param) > 27:
+      param = param[:24] + "..."
+    lines.append(f"{m:<18}{param:>28}{c.fit.agreement[0] * 100:>10.1f}%"
+                 f"{c.fit.speedup[0]:>12.2f}x{c.test.agreement[0] * 100:>11.1f}%"
+                 f"{c.test.speedup[0]:>13.2f}x{acc:>10}")
+  return "\n".join(lines)

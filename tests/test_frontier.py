@@ -1,0 +1,178 @@
+"""Tests of the frontier, the budget choice, cross-fitting and the if-stop tables."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jexit
+from jexit import frontier as jf
+from jexit.evaluate import evaluate
+
+
+def make_traces(n=400, k=3, seed=0, labels=True):
+  rng = np.random.default_rng(seed)
+  hard = rng.uniform(size=n)
+  conf = np.clip(1 - hard[:, None] * np.linspace(0.9, 0.5, k) + rng.normal(0, 0.05, (n, k)),
+                 0, 1)
+  final = rng.integers(0, 5, n)
+  pred = np.where(rng.uniform(size=(n, k)) < conf ** 2, final[:, None], (final[:, None] + 1) % 5)
+  pred[:, -1] = final
+  label = np.where(rng.uniform(size=n) < 0.9, final, (final + 2) % 5) if labels else None
+  return jexit.Traces(conf, pred, label, np.array([1.0, 1.5, 2.0, 1.0, 1.0][:k]))
+
+
+@pytest.fixture(scope="module")
+def traces():
+  return make_traces()
+
+
+@pytest.fixture(scope="module")
+def fr(traces):
+  return jf.frontier(traces, num_lambdas=60, apparate_budgets=(0.0, 0.02, 0.1))
+
+
+def test_splits_are_seeded_and_disjoint():
+  fit, test = jf.split_rows(101, test_fraction=0.3, seed=3)
+  assert len(test) == 30 and len(fit) == 71
+  assert not set(fit) & set(test) and set(fit) | set(test) == set(range(101))
+  np.testing.assert_array_equal(jf.split_rows(101, test_fraction=0.3, seed=3)[1], test)
+  assert not np.array_equal(jf.split_rows(101, test_fraction=0.3, seed=4)[1], test)
+  folds = jf.fold_rows(50, 4, seed=0)
+  tests = np.concatenate([t for _, t in folds])
+  assert sorted(tests) == list(range(50))
+  for f, t in folds:
+    assert not set(f) & set(t) and len(f) + len(t) == 50
+  with pytest.raises(ValueError, match="test_fraction"):
+    jf.split_rows(10, test_fraction=1.0)
+  with pytest.raises(ValueError, match="folds"):
+    jf.fold_rows(10, 1)
+
+
+def test_default_lambdas_and_pareto():
+  model = jexit.ExitModel(np.full(2, 0.5), np.full((1, 2, 2), 0.5),
+                          np.array([[0.2, 0.8], [0.1, 0.4]]), np.array([1.0, 3.0]))
+  lams = jf.default_lambdas(model, 100)
+  assert lams.shape == (100,) and np.all(np.diff(lams) > 0)
+  np.testing.assert_allclose([lams[0], lams[-1]], [1e-4 * 0.7 / 4, 2 * 0.7 / 1.0])
+  # Policy at the top of the grid stops at ramp 1 (continuing never pays).
+  assert np.all(np.asarray(jexit.solve(model, lams[-1:]).threshold)[0, 0] > -np.inf)
+  agree = np.array([0.9, 0.95, 0.95, 0.8, 1.0, 0.97])
+  cost = np.array([1.0, 2.0, 2.0, 1.5, 3.0, 3.0])
+  np.testing.assert_array_equal(jf.pareto_mask(agree, cost),
+                                [True, True, False, False, True, False])
+
+
+def test_frontier_runs_every_method_on_fit_and_test_rows(traces, fr):
+  assert tuple(fr.test) == jf.METHODS == tuple(fr.fit) == tuple(fr.pareto)
+  assert fr.split["fit_rows"] == 200 and fr.split["test_rows"] == 200
+  fit_rows, test_rows = jf.split_rows(400)
+  # The recall curve is exactly: fit on the fit rows, solve, evaluate on test rows.
+  model, binning = jexit.fit(traces, rows=fit_rows, **jf.DEFAULT_FIT)
+  lams = jf.default_lambdas(model, 60)
+  direct = evaluate(jexit.solve(model, lams), traces.take(test_rows), binning)
+  np.testing.assert_allclose(fr.test["recall"].agreement, direct.agreement)
+  np.testing.assert_allclose(fr.test["recall"].param, lams)
+  assert fr.test["recall"].num_inputs == 200 and fr.fit["recall"].num_inputs == 200
+  assert fr.apparate_thresholds[0].shape == (3, 3)
+  np.testing.assert_allclose(fr.test["apparate_greedy"].param, [0.0, 0.02, 0.1])
+  assert fr.test["backbone"].agreement[0] == 1.0
+  assert fr.test["oracle"].agreement[0] == 1.0
+  for m, ev in fr.test.items():
+    np.testing.assert_allclose(ev.stop_hist.sum(-1), 1.0, err_msg=m)
+    assert fr.pareto[m].dtype == bool and fr.pareto[m].any()
+    full = ev.agreement == 1.0  # full agreement costs at least the oracle's
+    assert np.all(ev.mean_cost[full] >= fr.test["oracle"].mean_cost[0] - 1e-12), m
+
+
+def test_fit_options_pass_through_without_touching_defaults(traces):
+  before = dict(jf.DEFAULT_FIT)
+  fr = jf.frontier(traces, num_lambdas=20, methods=("recall",),
+                   fit_options={"loss": "calibrated", "bins": "quantile", "num_bins": 6})
+  assert jf.DEFAULT_FIT == before
+  assert fr.fit_options["loss"] == "calibrated" and fr.fit_options["num_bins"] == 6
+  assert fr.model.loss.shape == (3, 6) and np.all(fr.model.loss[-1] == 0)
+  with pytest.raises(ValueError, match="methods"):
+    jf.frontier(traces, methods=("recall", "magic"))
+  with pytest.raises(ValueError, match="loss"):
+    jf.frontier(traces, methods=("recall",), fit_options={"loss": "nope"})
+
+
+def test_cross_fitting_pools_held_out_folds(traces):
+  fr = jf.frontier(traces, num_lambdas=20, folds=3, methods=("recall", "fixed_ramp"))
+  assert fr.split["folds"] == 3 and fr.test["recall"].num_inputs == 400
+  folds = jf.fold_rows(400, 3)
+  lams = fr.test["recall"].param
+  evs = []
+  for fit_rows, test_rows in folds:
+    model, binning = jexit.fit(traces, rows=fit_rows, **jf.DEFAULT_FIT)
+    evs.append(evaluate(jexit.solve(model, lams), traces.take(test_rows), binning))
+  w = np.array([e.num_inputs for e in evs])
+  pooled = sum(wi * e.agreement for wi, e in zip(w, evs)) / w.sum()
+  np.testing.assert_allclose(fr.test["recall"].agreement, pooled)
+  agree = traces.pred == traces.pred[:, -1:]
+  np.testing.assert_allclose(fr.test["fixed_ramp"].agreement, agree.mean(0))
+
+
+def test_budget_choice_is_best_feasible_on_fit_rows(traces, fr):
+  for max_loss in (0.0, 0.01, 0.05):
+    choices = jf.choose(fr, max_loss)
+    for m, c in choices.items():
+      fit_ev = fr.fit[m]
+      ok = 1 - fit_ev.agreement <= max_loss + 1e-12
+      if c.fit is None:
+        assert not ok.any(), m
+        continue
+      assert 1 - c.fit.agreement[0] <= max_loss + 1e-12, m
+      np.testing.assert_allclose(c.fit.speedup[0], fit_ev.speedup[ok].max(), err_msg=m)
+  b = jf.budget(traces, 0.05, num_lambdas=60)
+  assert b.max_loss == 0.05 and set(b.choices) == set(jf.METHODS)
+  assert b.choices["backbone"].param == 2
+  app = b.choices["apparate_greedy"]
+  assert isinstance(app.param, list) and len(app.param) == 2  # thresholds of ramps 1, 2
+  assert 1 - app.fit.agreement[0] <= 0.05 + 1e-12
+  bf = jf.budget(traces, 0.05, folds=3, num_lambdas=30, methods=("global_threshold", "oracle"))
+  assert len(bf.choices["global_threshold"].param) == 3
+  assert bf.choices["oracle"].test.num_inputs == 400
+
+
+def test_json_dicts_have_the_documented_shape(traces, fr):
+  d = jf.frontier_to_dict(fr, "t.npz")
+  assert set(d) >= {"trace", "split", "methods"} and d["trace"] == "t.npz"
+  assert set(d["methods"]) == set(jf.METHODS)
+  for m, entries in d["methods"].items():
+    assert len(entries) == fr.pareto[m].sum()
+    for e in entries:
+      assert set(e) == {"param", "agreement", "accuracy", "mean_cost", "speedup"}
+      assert 0 <= e["agreement"] <= 1 and e["speedup"] >= 1 - 1e-9
+  everything = jf.frontier_to_dict(fr, all_points=True)
+  assert len(everything["methods"]["recall"]) == 60
+  b = jf.budget_to_dict(jf.budget(traces, 0.02, num_lambdas=30), "t.npz")
+  assert b["max_loss"] == 0.02
+  for m, c in b["methods"].items():
+    assert set(c) == {"param", "fit", "test"}
+    if c["test"] is not None:
+      assert set(c["test"]) == {"agreement", "accuracy", "mean_cost", "speedup"}
+  json.dumps(d, allow_nan=False)
+  json.dumps(b, allow_nan=False)
+  no_labels = jf.frontier(make_traces(labels=False), num_lambdas=10, methods=("backbone",))
+  assert jf.frontier_to_dict(no_labels)["methods"]["backbone"][0]["accuracy"] is None
+  text = jf.format_frontier(fr, trace="t.npz")
+  assert "recall" in text and "loss <= 1%" in text
+
+
+def test_if_stop_tables_follow_the_thresholds(fr):
+  from jexit.plots import if_stop_tables
+  i = 30
+  grid, table = if_stop_tables(fr.policy, i)
+  thr = np.asarray(fr.policy.threshold)[i]
+  loss = np.asarray(fr.policy.loss)
+  k, x, s = table.shape
+  assert (k, s) == loss.shape and x == len(grid)
+  for r in range(k):
+    for a in range(x):
+      for b in range(s):
+        if not np.isnan(table[r, a, b]):
+          assert table[r, a, b] == float(grid[a] <= thr[r, b])
+          assert grid[a] <= loss[r, b]
+  assert np.all(table[-1][~np.isnan(table[-1])] == 1)  # the last ramp always stops
