@@ -26,10 +26,10 @@ def synthetic(kind: str, n: int = 4000, k: int = 5, classes: int = 10,
   rng = np.random.default_rng(seed)
   depth = np.linspace(0, 1, k)
   if kind == "smooth":
-    base = -1.0 + 4.0 * depth          # mean logit confidence per ramp
+    base = 1.5 + 4.0 * depth          # mean logit confidence per ramp
     rho, noise = 0.85, 0.6
   elif kind == "overthink":
-    base = 1.0 + 2.5 * depth - 2.0 * np.sin(np.pi * depth) ** 2
+    base = 2.5 + 2.5 * depth - 2.0 * np.sin(np.pi * depth) ** 2
     rho, noise = 0.6, 1.0
   else:
     raise ValueError(f"kind: expected 'smooth' or 'overthink', got {kind!r}")
@@ -38,7 +38,7 @@ def synthetic(kind: str, n: int = 4000, k: int = 5, classes: int = 10,
   state = rng.normal(size=n)
   for r in range(k):
     state = rho * state + np.sqrt(1 - rho ** 2) * rng.normal(size=n)
-    z[:, r] = base[r] - 1.2 * difficulty + noise * state
+    z[:, r] = base[r] - 2.0 * difficulty + noise * state
   floor = 1.0 / classes
   conf = floor + (1 - floor) / (1 + np.exp(-z))
   label = rng.integers(0, classes, n)

@@ -72,6 +72,7 @@ def fit(traces: Traces,
         loss: str = "proxy",
         target: str = "agreement",
         smoothing: float = 1.0,
+        prior: str = "uniform",
         loss_smoothing: float = 1.0) -> Tuple[ExitModel, Binning]:
   """Fits an `ExitModel` and its `Binning` on (a fit split of) `traces`.
 
@@ -89,8 +90,10 @@ def fit(traces: Traces,
       (against the final ramp or the label, see `target`) in bin s, made
       nondecreasing in s by isotonic regression.
     target: `"agreement"` (wrong = differs from the final ramp) or `"label"`.
-    smoothing: additive (Dirichlet) count added to every transition and
-      initial cell, so no row of `trans` is empty.
+    smoothing: additive (Dirichlet) pseudo-count per cell of `init` and of
+      each row of `trans` (S * smoothing per row in all), so no row is empty.
+    prior: where the transition pseudo-counts go: `"uniform"` (the same in
+      every cell) or `"marginal"` (in proportion to the next ramp's bin law).
     loss_smoothing: pseudo-count pulling each calibrated bin towards the
       ramp's overall error rate.
 
@@ -122,6 +125,8 @@ def fit(traces: Traces,
     traces = traces.take(rows)
   if smoothing < 0 or not np.isfinite(smoothing):
     raise ValueError(f"smoothing: expected a finite value >= 0, got {smoothing}")
+  if prior not in ("uniform", "marginal"):
+    raise ValueError(f"prior: expected 'uniform' or 'marginal', got {prior!r}")
   if loss_smoothing < 0 or not np.isfinite(loss_smoothing):
     raise ValueError(f"loss_smoothing: expected a finite value >= 0, got {loss_smoothing}")
   values = traces.exit_signal()
@@ -159,7 +164,14 @@ def fit(traces: Traces,
   for r in range(k - 1):
     counts = np.zeros((s_count, s_count))
     np.add.at(counts, (b[:, r], b[:, r + 1]), 1.0)
-    counts += smoothing
+    if prior == "uniform":
+      counts += smoothing
+    else:
+      # Shrink each row towards the next ramp's marginal law (itself smoothed so
+      # that no cell is zero): sparse rows borrow the typical next bin, not a
+      # uniform one that would put mass on bins the data never visits.
+      marginal = np.bincount(b[:, r + 1], minlength=s_count) + 1.0 / s_count
+      counts += smoothing * s_count * marginal / marginal.sum()
     row = counts.sum(axis=1, keepdims=True)
     # A row with no data and no smoothing: stay in the same bin (documented).
     empty = row[:, 0] == 0

@@ -225,3 +225,18 @@ def test_trace_file_errors(tmp_path):
     jexit.load_traces(bad_value)
   with pytest.raises(ValueError, match="could not read"):
     jexit.load_traces(tmp_path / "does_not_exist.npz")
+
+
+def test_marginal_prior_shrinks_rows_towards_next_bin_law():
+  rng = np.random.default_rng(9)
+  conf = np.column_stack([rng.uniform(size=500), rng.beta(8, 1, size=500)])
+  traces = jexit.Traces(conf, np.zeros((500, 2), int), None, np.ones(2))
+  heavy, binning = jexit.fit(traces, prior="marginal", smoothing=1e4)
+  np.testing.assert_allclose(heavy.trans.sum(-1), 1.0)
+  marginal = np.bincount(binning.assign(traces.exit_signal())[:, 1], minlength=13) + 1 / 13
+  np.testing.assert_allclose(heavy.trans[0], np.tile(marginal / marginal.sum(), (13, 1)),
+                             atol=2e-3)
+  uniform, _ = jexit.fit(traces, prior="uniform", smoothing=1e4)
+  np.testing.assert_allclose(uniform.trans[0], 1 / 13, atol=2e-3)
+  with pytest.raises(ValueError, match="prior"):
+    jexit.fit(traces, prior="nope")
