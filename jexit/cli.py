@@ -1,0 +1,224 @@
+"""The `jexit` command line: the only place in jexit that touches argv, files and stdout.
+
+  jexit sweep TRACE [--json OUT] [--plot OUT.png]   every method's frontier
+  jexit budget TRACE --max-loss 0.01 [--folds K]    parameters for a budget
+  jexit demo [--out DIR]                            the sweep on the embedded trace
+  jexit import-apparate PICKLE --out TRACE.npz --allow-pickle
+  jexit export ...                                  (when jexit.export is present)
+
+Errors from bad input print one line, `jexit: error: ...`, and exit with 2.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+# What the fit options on the command line map to (None = DEFAULT_FIT's value).
+_FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "loss_smoothing")
+
+
+def _add_fit_args(p):
+  g = p.add_argument_group("model (defaults: jexit.frontier.DEFAULT_FIT)")
+  g.add_argument("--bins", choices=("uniform", "quantile"),
+                 help="bins of the exit signal: uniform width --step or per-ramp quantiles")
+  g.add_argument("--step", type=float, help="bin width for --bins uniform (paper: 0.08)")
+  g.add_argument("--num-bins", type=int, dest="num_bins", help="S for --bins quantile")
+  g.add_argument("--loss", choices=("proxy", "calibrated"),
+                 help="loss table: proxy (1 - conf, the paper's) or calibrated error rates")
+  g.add_argument("--target", choices=("agreement", "label"),
+                 help="what --loss calibrated calibrates against")
+  g.add_argument("--smoothing", type=float, help="additive count on transitions")
+  g.add_argument("--loss-smoothing", type=float, dest="loss_smoothing",
+                 help="pseudo-count of calibrated losses")
+
+
+def _add_split_args(p):
+  g = p.add_argument_group("fit/test split")
+  g.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+  g.add_argument("--test-fraction", type=float, default=0.5, dest="test_fraction",
+                 help="share of rows held out (default 0.5)")
+  g.add_argument("--folds", type=int, default=None,
+                 help="k-fold cross-fitting instead of one split")
+  g.add_argument("--num-lambdas", type=int, default=1000, dest="num_lambdas",
+                 help="lam values solved (default 1000)")
+
+
+def _fit_overrides(args) -> dict:
+  return {k: getattr(args, k) for k in _FIT_ARGS if getattr(args, k, None) is not None}
+
+
+def _write_json(path, data) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=1, allow_nan=False)
+    f.write("\n")
+
+
+def _frontier_kwargs(args) -> dict:
+  return dict(num_lambdas=args.num_lambdas, test_fraction=args.test_fraction,
+              seed=args.seed, folds=args.folds, fit_options=_fit_overrides(args))
+
+
+def _plot(fr, path, trace, max_loss) -> str:
+  from jexit.plots import plot_sweep  # pylint: disable=import-outside-toplevel
+  return plot_sweep(fr, path, max_loss=max_loss, trace=trace)
+
+
+def _sweep(fr, trace_name, args) -> None:
+  from jexit import frontier as jf  # pylint: disable=import-outside-toplevel
+  print(jf.format_frontier(fr, trace=trace_name))
+  if args.json:
+    _write_json(args.json, jf.frontier_to_dict(fr, trace_name, all_points=args.all_points))
+    print(f"wrote {args.json}")
+  if args.plot:
+    print(f"wrote {_plot(fr, args.plot, os.path.basename(trace_name), args.max_loss)}")
+
+
+def run_sweep(args) -> int:
+  from jexit.frontier import frontier  # pylint: disable=import-outside-toplevel
+  from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
+  traces = load_traces(args.trace)
+  fr = frontier(traces, **_frontier_kwargs(args))
+  _sweep(fr, args.trace, args)
+  return 0
+
+
+def run_budget(args) -> int:
+  from jexit import frontier as jf  # pylint: disable=import-outside-toplevel
+  from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
+  traces = load_traces(args.trace)
+  b = jf.budget(traces, args.max_loss, **_frontier_kwargs(args))
+  print(jf.format_budget(b, trace=args.trace))
+  if args.json:
+    _write_json(args.json, jf.budget_to_dict(b, args.trace))
+    print(f"wrote {args.json}")
+  return 0
+
+
+def run_demo(args) -> int:
+  from jexit import datasets  # pylint: disable=import-outside-toplevel
+  from jexit.frontier import frontier  # pylint: disable=import-outside-toplevel
+  from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
+  path = datasets.demo_trace_path()
+  if not os.path.exists(path):
+    raise ValueError(f"the embedded demo trace is missing ({path}); reinstall jexit")
+  start = time.perf_counter()
+  traces = load_traces(path)
+  fr = frontier(traces, num_lambdas=1000, seed=0)
+  out = args.out or tempfile.mkdtemp(prefix="jexit-demo-")
+  os.makedirs(out, exist_ok=True)
+  name = f"{os.path.basename(path)} (embedded: {traces.num_inputs} inputs, "\
+         f"{traces.num_ramps} ramps)"
+  print(f"jexit demo: fit on half the rows, solve 1,000 lam values, evaluate every "
+        f"method on the held-out half")
+  args.json = os.path.join(out, "frontier.json")
+  args.all_points = False
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
+    args.plot = os.path.join(out, "frontier.png")
+  except ImportError:
+    args.plot = None
+  args.max_loss = 0.01
+  _sweep(fr, name, args)
+  if args.plot is None:
+    print("(no plot: matplotlib is not installed; pip install 'jexit[plot]')")
+  print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}")
+  return 0
+
+
+def run_import_apparate(args) -> int:
+  from jexit.importers import load_apparate  # pylint: disable=import-outside-toplevel
+  from jexit.traces import save_traces  # pylint: disable=import-outside-toplevel
+  cost = None
+  if args.cost:
+    try:
+      cost = [float(v) for v in args.cost.split(",")]
+    except ValueError as e:
+      raise ValueError(f"--cost: expected comma-separated numbers, got {args.cost!r}") from e
+  traces = load_apparate(args.pickle, allow_pickle=args.allow_pickle, cost=cost)
+  save_traces(args.out, traces)
+  print(f"wrote {args.out}: {traces.num_inputs} inputs, {traces.num_ramps} ramps, "
+        f"cost {traces.cost.tolist()}" + ("" if cost else " (default: 1 per segment)"))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `jexit` argument parser with every subcommand."""
+  parser = argparse.ArgumentParser(
+      prog="jexit", description="Optimal exit policies (with recall) for early-exit networks.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+  p = sub.add_parser("sweep", help="frontier of every method on a trace",
+                     description="Fits on a seeded fit split, solves a lam grid, evaluates "
+                                 "every method on held-out rows and prints, per "
+                                 "agreement-loss budget, the test speedup of the parameter "
+                                 "chosen on the fit rows.")
+  p.add_argument("trace", help="trace .npz (conf, pred, cost[, label, signal])")
+  p.add_argument("--json", help="write the frontier (Pareto points) as JSON here")
+  p.add_argument("--all-points", action="store_true", dest="all_points",
+                 help="JSON: every parameter, not only the Pareto points")
+  p.add_argument("--plot", help="write the frontier, if-stop tables and histograms here (.png)")
+  p.add_argument("--max-loss", type=float, default=0.01, dest="max_loss",
+                 help="budget whose chosen policy the plot's tables show (default 0.01)")
+  _add_split_args(p)
+  _add_fit_args(p)
+  p.set_defaults(func=run_sweep)
+
+  p = sub.add_parser("budget", help="each method's parameter for an agreement-loss budget",
+                     description="Per method, the parameter with the most speedup whose "
+                                 "agreement loss on the fit rows is at most --max-loss, "
+                                 "with its fit and test metrics.")
+  p.add_argument("trace", help="trace .npz")
+  p.add_argument("--max-loss", type=float, default=0.01, dest="max_loss",
+                 help="agreement-loss budget (default 0.01 = 99%% agreement)")
+  p.add_argument("--json", help="write the choices as JSON here")
+  _add_split_args(p)
+  _add_fit_args(p)
+  p.set_defaults(func=run_budget)
+
+  p = sub.add_parser("demo", help="the sweep on the embedded digits VGG-11 trace",
+                     description="Fits on half of the embedded trace, solves 1,000 lam "
+                                 "values, evaluates them and the baselines on the other "
+                                 "half, prints the table and writes the plot.")
+  p.add_argument("--out", help="folder for frontier.png and frontier.json "
+                               "(default: a new temporary folder)")
+  p.set_defaults(func=run_demo)
+
+  p = sub.add_parser("import-apparate", help="convert an Apparate pickle to a trace .npz",
+                     description="Reads an Apparate profile pickle ({'conf', 'acc'} per "
+                                 "ramp) with a restricted unpickler and writes a trace.")
+  p.add_argument("pickle", help="Apparate profile pickle")
+  p.add_argument("--out", required=True, help="trace .npz to write")
+  p.add_argument("--allow-pickle", action="store_true", dest="allow_pickle",
+                 help="required: unpickling can run code; only for files you trust")
+  p.add_argument("--cost", help="comma-separated segment costs (default 1 per segment)")
+  p.set_defaults(func=run_import_apparate)
+
+  try:
+    from jexit.export import add_export_parser  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    add_export_parser = None
+  if add_export_parser is not None:
+    add_export_parser(sub)
+  return parser
+
+
+def main(argv=None) -> int:
+  """Runs the command line; returns the exit status (2 for bad input)."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if getattr(args, "func", None) is None:
+    parser.print_help()
+    return 2
+  try:
+    return int(args.func(args) or 0)
+  except (ValueError, OSError, ImportError) as e:
+    message = " ".join(str(e).split())
+    print(f"jexit: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
