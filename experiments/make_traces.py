@@ -1,0 +1,120 @@
+"""Trains early-exit VGGs on digits (or a local ImageFolder) and writes traces.
+
+One model:
+  python experiments/make_traces.py --arch vgg11 --ramps 3 --out t.npz
+The benchmark suite (digits_{vgg11,vgg13,vgg16}_{3,5}ramps.npz):
+  python experiments/make_traces.py --all experiments/traces
+
+Never downloads anything: `--weights` and `--image-folder` are local paths.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+# Run as a script, sys.path[0] is experiments/; the repo root holds the packages.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import jexit  # noqa: E402
+from experiments import ee_vgg  # noqa: E402
+
+SUITE_ARCHS = ("vgg11", "vgg13", "vgg16")
+SUITE_RAMPS = (3, 5)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  what = p.add_mutually_exclusive_group(required=True)
+  what.add_argument("--out", help="trace .npz to write (one model)")
+  what.add_argument("--all", metavar="OUTDIR",
+                    help="write the suite {data}_{arch}_{K}ramps.npz for "
+                         "vgg11/13/16 x 3/5 ramps into OUTDIR")
+  d = ee_vgg.TraceConfig()
+  p.add_argument("--arch", default=d.arch, choices=sorted(ee_vgg.ARCHS))
+  p.add_argument("--ramps", type=int, default=d.ramps, choices=(3, 5))
+  p.add_argument("--ramp-stages", default=None,
+                 help="comma-separated pooling stages (1..5, ending with 5) "
+                      "that carry a ramp; overrides --ramps")
+  p.add_argument("--seed", type=int, default=d.seed)
+  p.add_argument("--epochs", type=int, default=d.epochs,
+                 help="training epochs (separate: of the backbone phase)")
+  p.add_argument("--ramp-epochs", type=int, default=None,
+                 help="separate training: epochs of the ramp phase (default --epochs)")
+  p.add_argument("--width-div", type=int, default=d.width_div,
+                 help="divide VGG channel counts by this (1 = torchvision widths)")
+  p.add_argument("--training", default=d.training, choices=("separate", "joint"))
+  p.add_argument("--batch-size", type=int, default=d.batch_size)
+  p.add_argument("--lr", type=float, default=d.lr)
+  p.add_argument("--no-augment-train", action="store_true",
+                 help="train on the plain images (trace rows stay augmented)")
+  p.add_argument("--trace-frac", type=float, default=d.trace_frac,
+                 help="share of the images held out for the trace rows")
+  p.add_argument("--copies", type=int, default=d.copies,
+                 help="augmented trace rows per held-out image (correlated)")
+  p.add_argument("--latency", action="store_true",
+                 help="cost = measured median ms per segment instead of FLOPs")
+  p.add_argument("--image-folder", default=None,
+                 help="local torchvision ImageFolder to use instead of digits")
+  p.add_argument("--weights", default=None,
+                 help="local state dict to start from (ours or torchvision VGG)")
+  p.add_argument("--save-weights", default=None,
+                 help="write the trained state dict here (with --out)")
+  p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+  p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  return p.parse_args(argv)
+
+
+def summary(name, run):
+  t = run.traces
+  kb = os.path.getsize(name) / 1024 if os.path.exists(name) else float("nan")
+  lines = [f"{name}: N={t.num_inputs} K={t.num_ramps} ({kb:.0f} KB), "
+           f"trained in {run.train_seconds:.0f} s",
+           "  accuracy  " + " ".join(f"{a:.4f}" for a in run.accuracy),
+           "  agreement " + " ".join(f"{a:.4f}" for a in run.agreement),
+           "  FLOPs     " + " ".join(f"{f}" for f in run.flops)]
+  if run.latency_ms is not None:
+    lines.append("  ms        " + " ".join(f"{m:.4f}" for m in run.latency_ms))
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  stages = (tuple(int(s) for s in args.ramp_stages.split(","))
+            if args.ramp_stages else None)
+  config = ee_vgg.TraceConfig(
+      arch=args.arch, ramps=args.ramps, ramp_stages=stages,
+      width_div=args.width_div, epochs=args.epochs, ramp_epochs=args.ramp_epochs,
+      training=args.training, batch_size=args.batch_size, lr=args.lr,
+      augment_train=not args.no_augment_train, trace_frac=args.trace_frac,
+      copies=args.copies, seed=args.seed,
+      cost="latency" if args.latency else "flops")
+  data = (ee_vgg.load_image_folder(args.image_folder) if args.image_folder
+          else ee_vgg.load_digits_images(config.size))
+
+  if args.out:
+    jobs = [(config, args.out)]
+  else:
+    os.makedirs(args.all, exist_ok=True)
+    prefix = "digits" if not args.image_folder else os.path.basename(
+        os.path.normpath(args.image_folder))
+    jobs = [(dataclasses.replace(config, arch=arch, ramps=k, ramp_stages=None),
+             os.path.join(args.all, f"{prefix}_{arch}_{k}ramps.npz"))
+            for arch in SUITE_ARCHS for k in SUITE_RAMPS]
+  for cfg, path in jobs:
+    run = ee_vgg.make_traces(cfg, data=data, weights=args.weights,
+                             device=args.device, progress=not args.quiet)
+    jexit.save_traces(path, run.traces)
+    if args.save_weights and args.out:
+      torch.save(run.model.state_dict(), args.save_weights)
+    print(summary(path, run), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,163 @@
+"""Early-exit VGG traces (experiments/ee_vgg.py): tiny models on the CPU."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+
+import jexit  # noqa: E402
+from experiments import ee_vgg  # noqa: E402
+from experiments import make_traces as cli  # noqa: E402
+
+# Few channels, few images, one epoch: seconds on one CPU core.
+TINY = ee_vgg.TraceConfig(width_div=16, max_images=120, epochs=1, ramp_epochs=1,
+                          copies=2, batch_size=32, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+  # The CI machine is shared; oversubscribed OpenMP threads spin and crawl.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("training", ["joint", "separate"])
+def test_tiny_model_writes_a_valid_trace(tmp_path, training):
+  run = ee_vgg.make_traces(dataclasses.replace(TINY, training=training),
+                           device="cpu")
+  path = tmp_path / "t.npz"
+  jexit.save_traces(path, run.traces)
+  traces = jexit.load_traces(path)
+  held = 120 - len(run.train_rows)
+  assert traces.conf.shape == (TINY.copies * held, 3)
+  assert np.array_equal(traces.pred, run.traces.pred)
+  assert np.array_equal(traces.cost, run.flops)
+  assert traces.conf.min() >= 0 and traces.conf.max() <= 1
+  assert set(np.unique(traces.label)) <= set(range(10))
+  np.testing.assert_allclose(run.accuracy, (traces.pred == traces.label[:, None]).mean(0))
+  assert run.agreement[-1] == 1
+  assert path.stat().st_size < 100_000
+
+
+def test_trace_rows_are_disjoint_from_training_rows():
+  run = ee_vgg.make_traces(dataclasses.replace(TINY, epochs=0, ramp_epochs=0),
+                           device="cpu")
+  assert not set(run.train_rows) & set(run.trace_source)
+  # Copies of one image are consecutive rows (image-major).
+  held = np.unique(run.trace_source)
+  assert np.array_equal(run.trace_source, np.repeat(held, TINY.copies))
+  assert len(held) + len(run.train_rows) == 120
+  train, held2 = ee_vgg.split_rows(1797, 0.4, seed=0)
+  assert not set(train) & set(held2) and len(train) + len(held2) == 1797
+
+
+@pytest.mark.parametrize("arch", sorted(ee_vgg.ARCHS))
+@pytest.mark.parametrize("ramps", [3, 5])
+def test_segment_flops_add_up_to_the_network(arch, ramps):
+  model = ee_vgg.build_model(arch, ramps, width_div=16)
+  flops = ee_vgg.segment_flops(model)
+  assert flops.shape == (ramps,) and np.all(flops > 0)
+  assert flops.sum() == ee_vgg.network_flops(model)
+
+
+def test_first_segment_flops_by_hand():
+  # VGG-11/4, 5 ramps: conv 3->16 on 32x32 (3x3) + head pool 2x2 -> linear 64->10.
+  model = ee_vgg.build_model("vgg11", 5, width_div=4)
+  assert ee_vgg.segment_flops(model)[0] == 2 * 3 * 16 * 9 * 32 * 32 + 2 * 16 * 4 * 10
+
+
+def test_five_ramps_structure_and_frozen_backbone():
+  model = ee_vgg.build_model("vgg13", 5, width_div=16)
+  assert len(model.segments) == len(model.heads) == 5
+  x = torch.rand(4, 1, 32, 32)
+  model.eval()
+  with torch.no_grad():
+    logits = model(x)
+    h = x
+    for k, (segment, head) in enumerate(zip(model.segments, model.heads)):
+      h = segment(h)
+      torch.testing.assert_close(head(h), logits[k])
+  assert [z.shape for z in logits] == [(4, 10)] * 5
+
+  # separate training, ramp phase only: the backbone and final head must not move.
+  before = {k: v.clone() for k, v in model.state_dict().items()}
+  data = ee_vgg.load_digits_images()
+  ee_vgg.train(model, data.images[:64], data.labels[:64], epochs=0, ramp_epochs=1,
+               training="separate", batch_size=32, device="cpu")
+  after = model.state_dict()
+  for key in before:
+    moved = not torch.equal(before[key], after[key])
+    assert moved == (key.startswith("heads.") and not key.startswith("heads.4.")), key
+
+
+def test_torchvision_state_dict_maps_onto_the_segments(tmp_path):
+  cfg = [v if v == "M" else v // 16 for v in ee_vgg.tv_vgg.cfgs["A"]]
+  features = ee_vgg.tv_vgg.make_layers(cfg, batch_norm=True).eval()
+  path = tmp_path / "vgg11_bn.pt"
+  torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+  model = ee_vgg.build_model("vgg11", 3, width_div=16).eval()
+  missing = ee_vgg.load_weights(model, path)
+  assert missing and all(k.startswith("heads.") or k.endswith((".mean", ".std"))
+                         for k in missing)
+  x = torch.rand(2, 3, 32, 32)
+  with torch.no_grad():
+    h = x
+    for segment in model.segments:
+      h = segment(h)
+    torch.testing.assert_close(h, features(ee_vgg.InputNorm()(x)))
+
+  other = ee_vgg.build_model("vgg11", 3, width_div=8)
+  with pytest.raises(ValueError, match="width_div"):
+    ee_vgg.load_weights(other, path)
+
+
+def test_own_weights_round_trip(tmp_path):
+  model = ee_vgg.build_model("vgg11", 5, width_div=16)
+  path = tmp_path / "w.pt"
+  torch.save(model.state_dict(), path)
+  copy = ee_vgg.build_model("vgg11", 5, width_div=16)
+  assert ee_vgg.load_weights(copy, path) == []
+  x = torch.rand(2, 1, 32, 32)
+  with torch.no_grad():
+    for a, b in zip(model.eval()(x), copy.eval()(x)):
+      torch.testing.assert_close(a, b)
+
+
+def test_augment_is_seeded_and_in_range():
+  images = ee_vgg.load_digits_images().images[:8]
+  a = ee_vgg.augment(images, torch.Generator().manual_seed(0))
+  b = ee_vgg.augment(images, torch.Generator().manual_seed(0))
+  assert torch.equal(a, b) and not torch.equal(a, images)
+  assert a.shape == images.shape and a.min() >= 0 and a.max() <= 1
+
+
+def test_latency_is_positive_per_segment():
+  model = ee_vgg.build_model("vgg11", 3, width_div=16)
+  ms = ee_vgg.segment_latency(model, device="cpu", warmup=2, repeats=5)
+  assert ms.shape == (3,) and np.all(ms > 0)
+
+
+def test_bad_configurations_raise():
+  with pytest.raises(ValueError, match="ramp_stages"):
+    ee_vgg.EarlyExitVGG("vgg11", (2, 3))
+  with pytest.raises(ValueError, match="arch"):
+    ee_vgg.EarlyExitVGG("vgg19")
+  with pytest.raises(ValueError, match="training"):
+    ee_vgg.train(ee_vgg.build_model(width_div=16), torch.rand(4, 1, 32, 32),
+                 torch.zeros(4, dtype=torch.int64), training="both", device="cpu")
+
+
+def test_cli_writes_a_trace(tmp_path, capsys):
+  out = tmp_path / "cli.npz"
+  cli.main(["--out", str(out), "--arch", "vgg11", "--ramps", "5", "--epochs", "0",
+            "--ramp-epochs", "0", "--width-div", "16", "--copies", "1", "--quiet"])
+  traces = jexit.load_traces(out)
+  assert traces.num_ramps == 5 and traces.num_inputs == round(0.4 * 1797)
+  assert "accuracy" in capsys.readouterr().out
