@@ -39,6 +39,7 @@ Input handling (never a silent wrong exit):
     `jexit.Binning.assign` and `jexit.evaluate` treat it.
 """
 
+import bisect
 import json
 import os
 import re
@@ -249,6 +250,11 @@ class ExitTable:
     span = self.edges[:, -1] - self.edges[:, 0]
     self._lo = self.edges[:, 0] - self.range_tol * span
     self._hi = self.edges[:, -1] + self.range_tol * span
+    # Python copies for `decide_one` (exact: float32 values are Python floats).
+    self._inner_list = [e.tolist() for e in self._inner]
+    self._lo_list, self._hi_list = self._lo.tolist(), self._hi.tolist()
+    self._loss_list = self.loss.astype(np.float64).tolist()
+    self._threshold_list = self.threshold.astype(np.float64).tolist()
 
   @classmethod
   def load(cls, path, **options) -> "ExitTable":
@@ -296,7 +302,15 @@ class ExitTable:
         (`out_of_range="error"`), naming the ramp, the input and the value.
     """
     k = self._check_ramp(k)
-    v = np.asarray(signal_k, np.float64)
+    b, isnan = self._bins(k, np.asarray(signal_k, np.float64))
+    return b, np.zeros(b.shape, bool) if isnan is None else isnan
+
+  def _bins(self, k: int, v: np.ndarray):
+    """`bins` for a checked ramp; the NaN mask is None when there is no NaN."""
+    # Fast path (the common case, per step on a server): every value is a
+    # number within the tolerated range; NaN fails both comparisons.
+    if np.all((v >= self._lo[k]) & (v <= self._hi[k])):
+      return np.searchsorted(self._inner[k], v, side="right").astype(np.int64), None
     isnan = np.isnan(v)
     if np.any(isnan) and self.nan == "error":
       at = np.argwhere(isnan)[0]
@@ -359,24 +373,68 @@ class ExitTable:
       raise ValueError(f"state: expected every input to be due at ramp {k}, found "
                        f"inputs due at ramps {found} (a stopped input kept running, or "
                        f"a ramp was skipped)")
-    b, isnan = self.bins(k, v)
+    stop, best_loss, best_ramp = self._decide(
+        k, v.astype(np.float64, copy=False), state.best_loss, state.best_ramp)
+    return stop, ExitState(best_loss=best_loss, best_ramp=best_ramp,
+                           ramp=np.full(v.shape, k + 1, np.int64))
+
+  def _decide(self, k: int, v: np.ndarray, best_loss: np.ndarray, best_ramp: np.ndarray):
+    """The decision rule on arrays, without the state checks of `step`.
+
+    Args: a checked ramp k, float64 signals `v [...]`, the best loss `[...]`
+    (table dtype) and ramp `[...]` so far. Returns `(stop, best_loss,
+    best_ramp)`, each `[...]`.
+    """
+    b, isnan = self._bins(k, v)
     current = self.loss[k, b]
-    if isnan.any():
+    if isnan is not None:
       current = np.where(isnan, np.inf, current).astype(self.dtype)
     if self.recall:
       # `<=`: on ties the latest ramp becomes the output (PROBLEM.md).
-      better = current <= state.best_loss
-      best_loss = np.where(better, current, state.best_loss).astype(self.dtype)
-      best_ramp = np.where(better, k, state.best_ramp).astype(np.int64)
+      better = current <= best_loss
+      best_loss = np.where(better, current, best_loss).astype(self.dtype)
+      best_ramp = np.where(better, k, best_ramp).astype(np.int64)
     else:
       best_loss = current
       best_ramp = np.full(v.shape, k, np.int64)
     if k == self.num_ramps - 1:
       stop = np.ones(v.shape, bool)
     else:
-      stop = (best_loss <= self.threshold[k, b]) & ~isnan
-    return stop, ExitState(best_loss=best_loss, best_ramp=best_ramp,
-                           ramp=np.full(v.shape, k + 1, np.int64))
+      stop = best_loss <= self.threshold[k, b]
+      if isnan is not None:
+        stop &= ~isnan
+    return stop, best_loss, best_ramp
+
+  def decide_one(self, k: int, v: float, best_loss: float = float("inf"),
+                 best_ramp: int = -1) -> Tuple[bool, float, int]:
+    """The decision rule for one input in plain Python (no numpy calls).
+
+    The fast path for batch size 1, where a dozen numpy calls per ramp would
+    cost more than the rule itself. Same decisions as `step`: the loss and
+    threshold values are exact float32/float64 numbers, which Python floats
+    represent and order exactly. NaN and out-of-range values go through the
+    array path (its errors and fallbacks).
+
+    Args:
+      k: the 0-based ramp that just ran (not checked: callers loop over
+        `range(num_ramps)`).
+      v: its signal. best_loss, best_ramp: what the previous call returned
+        (the defaults at k = 0).
+
+    Returns:
+      `(stop, best_loss, best_ramp)`.
+    """
+    if not self._lo_list[k] <= v <= self._hi_list[k]:  # NaN fails too
+      stop, loss, ramp = self._decide(k, np.asarray(float(v)),
+                                      np.asarray(best_loss, self.dtype),
+                                      np.asarray(best_ramp, np.int64))
+      return bool(stop), float(loss), int(ramp)
+    b = bisect.bisect_right(self._inner_list[k], v)
+    current = self._loss_list[k][b]
+    if not self.recall or current <= best_loss:
+      best_loss, best_ramp = current, k
+    stop = k == self.num_ramps - 1 or best_loss <= self._threshold_list[k][b]
+    return stop, best_loss, best_ramp
 
   def run(self, conf, pred, *, signal=None
           ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

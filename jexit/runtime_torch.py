@@ -28,7 +28,8 @@ class RunnerOutput(NamedTuple):
 
   Attributes:
     pred: `[B]` int64, prediction of the output ramp.
-    logits: `[B, C]` logits of the output ramp (None if `keep_logits=False`).
+    logits: `[B, C]` logits of the output ramp (None if `keep_logits=False`
+      or B = 0).
     stop_ramp: `[B]` int64, the 0-based ramp at which each input stopped.
     output_ramp: `[B]` int64, the ramp whose prediction is output
       (`<= stop_ramp`; equal without recall).
@@ -61,8 +62,10 @@ class EarlyExitRunner:
       `1 - max softmax`.
     keep_logits: also return the output ramp's logits.
 
-  Modules must be in eval mode (batch norm statistics would otherwise depend
-  on which inputs are still in the batch); the runner refuses training mode.
+  Batch/instance norm and dropout layers must be in eval mode (batch norm
+  statistics would otherwise depend on which inputs are still in the batch):
+  the runner refuses them in training mode. Other layers whose behaviour
+  depends on the mode cannot be detected: call `model.eval()`.
 
   Examples:
     >>> runner = EarlyExitRunner(model.segments, model.heads, "policy.npz")  # doctest: +SKIP
@@ -92,18 +95,45 @@ class EarlyExitRunner:
                        f"signal_fn(logits) -> [B] computing that signal")
     self.segments, self.heads, self.table = segments, heads, table
     self.signal_fn, self.keep_logits = signal_fn, keep_logits
+    self._mode_sensitive = None
 
   @property
   def num_ramps(self) -> int:
     return self.table.num_ramps
 
   def _check_eval(self):
-    for kind, modules in (("segments", self.segments), ("heads", self.heads)):
-      for k, m in enumerate(modules):
-        if isinstance(m, torch.nn.Module) and m.training:
-          raise ValueError(f"{kind}[{k}]: expected eval mode, got training mode "
-                           f"(call model.eval(): batch statistics would depend on "
-                           f"which inputs are still running)")
+    # Only layers whose output depends on the mode matter (a plain Linear in
+    # training mode computes the same thing); found once, checked per call.
+    if self._mode_sensitive is None:
+      kinds = (torch.nn.modules.batchnorm._NormBase, torch.nn.modules.dropout._DropoutNd)
+      self._mode_sensitive = [
+          (f"{kind}[{k}]", name, m)
+          for kind, modules in (("segments", self.segments), ("heads", self.heads))
+          for k, module in enumerate(modules) if isinstance(module, torch.nn.Module)
+          for name, m in module.named_modules() if isinstance(m, kinds)]
+    for where, name, m in self._mode_sensitive:
+      if m.training:
+        raise ValueError(f"{where}: expected eval mode, got {type(m).__name__} "
+                         f"{name or '(itself)'} in training mode (call model.eval(): "
+                         f"its output would depend on which inputs are still running)")
+
+  def _logits(self, k, h, n):
+    logits = self.heads[k](h)
+    if logits.ndim != 2 or logits.shape[0] != n:
+      raise ValueError(f"heads[{k}]: expected logits of shape [B={n}, C], "
+                       f"got {tuple(logits.shape)}")
+    return logits
+
+  def _signal(self, k, logits, conf) -> np.ndarray:
+    """`[B]` float64 signal on the host (1 - conf unless `signal_fn`)."""
+    if self.signal_fn is None:
+      # In float64 from the float32 confidence, as jexit.evaluate computes it.
+      return 1.0 - conf.cpu().numpy().astype(np.float64)
+    signal = self.signal_fn(logits)
+    if tuple(signal.shape) != (logits.shape[0],):
+      raise ValueError(f"signal_fn: expected a [B={logits.shape[0]}] signal at ramp {k}, "
+                       f"got shape {tuple(signal.shape)}")
+    return signal.detach().cpu().numpy().astype(np.float64)
 
   @torch.inference_mode()
   def __call__(self, x: torch.Tensor) -> RunnerOutput:
@@ -114,57 +144,86 @@ class EarlyExitRunner:
         the wrong shape, or NaN/out-of-range signals (per the table's modes).
     """
     self._check_eval()
+    if int(x.shape[0]) == 1:
+      return self._run_one(x)
+    if int(x.shape[0]) == 0:
+      empty = torch.zeros(0, dtype=torch.int64, device=x.device)
+      return RunnerOutput(pred=empty, logits=None, stop_ramp=empty, output_ramp=empty)
     device = x.device
     b = int(x.shape[0])
     table = self.table
     stop_ramp = np.full(b, -1, np.int64)
     output_ramp = np.full(b, -1, np.int64)
-    rows = np.arange(b)                          # host: input index of each row
-    rows_dev = torch.arange(b, device=device)    # the same, for device scatters
-    out_pred = torch.zeros(b, dtype=torch.int64, device=device)
-    out_logits = None
-    state = None
+    rows = np.arange(b)                          # input index of each row, on the host
+    best_loss = np.full(b, np.inf, table.dtype)  # the ExitState of `table.step`
+    best_ramp = np.full(b, -1, np.int64)
+    # Per ramp run: the rows it ran on and its predictions/logits for them.
+    # Outputs are gathered once at the end instead of scattered per ramp.
+    ran, preds, all_logits = [], [], []
     h = x
     for k in range(self.num_ramps):
       if rows.size == 0:
         break
       h = self.segments[k](h)
-      logits = self.heads[k](h)
-      if logits.ndim != 2 or logits.shape[0] != rows.size:
-        raise ValueError(f"heads[{k}]: expected logits of shape [B={rows.size}, C], "
-                         f"got {tuple(logits.shape)}")
+      logits = self._logits(k, h, rows.size)
+      if all_logits and logits.shape[1] != all_logits[0].shape[1]:
+        raise ValueError(f"heads[{k}]: expected {all_logits[0].shape[1]} classes like "
+                         f"heads[0], got logits of shape {tuple(logits.shape)}")
       conf, pred = max_softmax(logits)
-      if self.signal_fn is None:
-        signal = 1.0 - conf.cpu().numpy().astype(np.float64)
-      else:
-        signal = self.signal_fn(logits)
-        if tuple(signal.shape) != (rows.size,):
-          raise ValueError(f"signal_fn: expected a [B={rows.size}] signal at ramp {k}, "
-                           f"got shape {tuple(signal.shape)}")
-        signal = signal.detach().cpu().numpy().astype(np.float64)
-      stop, state = table.step(k, signal, state)
-      # Keep the prediction of the ramp each input would output if it stopped
-      # now: with recall that is the best ramp so far, so only overwrite it
-      # for the inputs whose best ramp became this one.
-      fresh = state.best_ramp == k
-      if fresh.any():
-        sel = None if fresh.all() else torch.from_numpy(np.flatnonzero(fresh)).to(device)
-        dst = rows_dev if sel is None else rows_dev.index_select(0, sel)
-        out_pred.index_copy_(0, dst, pred if sel is None else pred.index_select(0, sel))
-        if self.keep_logits:
-          if out_logits is None:
-            out_logits = torch.zeros((b, logits.shape[1]), dtype=logits.dtype, device=device)
-          out_logits.index_copy_(0, dst, logits if sel is None else logits.index_select(0, sel))
+      # The rows and k are right by construction: the rule without step's checks.
+      stop, best_loss, best_ramp = table._decide(k, self._signal(k, logits, conf),
+                                                 best_loss, best_ramp)
+      ran.append(rows)
+      preds.append(pred)
+      if self.keep_logits:
+        all_logits.append(logits)
       if stop.any():
         stop_ramp[rows[stop]] = k
-        output_ramp[rows[stop]] = state.best_ramp[stop]
+        output_ramp[rows[stop]] = best_ramp[stop]
         keep = ~stop
         if keep.any():
           # Compact: later segments only run on the inputs still going.
-          sel = torch.from_numpy(np.flatnonzero(keep)).to(device)
-          h = h.index_select(0, sel)
-          rows_dev = rows_dev.index_select(0, sel)
-        rows, state = rows[keep], state.take(keep)
+          h = h.index_select(0, torch.from_numpy(np.flatnonzero(keep)).to(device))
+        rows, best_loss, best_ramp = rows[keep], best_loss[keep], best_ramp[keep]
+    # Row of each input's output ramp in the concatenation of what each ramp
+    # ran on (`ran[j]` is sorted: compaction keeps the input order).
+    offsets = np.cumsum([0] + [r.size for r in ran])
+    flat = np.empty(b, np.int64)
+    for j, r in enumerate(ran):
+      sel = np.flatnonzero(output_ramp == j)
+      if sel.size:
+        flat[sel] = offsets[j] + np.searchsorted(r, sel)
+    flat = torch.from_numpy(flat).to(device)
+    out_pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).index_select(0, flat)
+    out_logits = None
+    if self.keep_logits:
+      out_logits = (all_logits[0] if len(all_logits) == 1 else torch.cat(all_logits)
+                    ).index_select(0, flat)
     return RunnerOutput(pred=out_pred, logits=out_logits,
                         stop_ramp=torch.from_numpy(stop_ramp).to(device),
                         output_ramp=torch.from_numpy(output_ramp).to(device))
+
+  def _run_one(self, x: torch.Tensor) -> RunnerOutput:
+    """Batch size 1: plain-Python decisions (`ExitTable.decide_one`), no
+    scatters; the output ramp's tensors are kept by reference."""
+    table = self.table
+    best_loss, best_ramp = float("inf"), -1
+    out_pred = out_logits = None
+    h = x
+    for k in range(self.num_ramps):
+      h = self.segments[k](h)
+      logits = self._logits(k, h, 1)
+      conf, pred = max_softmax(logits)
+      if self.signal_fn is None:
+        v = 1.0 - float(conf.item())
+      else:
+        v = float(self._signal(k, logits, conf)[0])
+      stop, best_loss, best_ramp = table.decide_one(k, v, best_loss, best_ramp)
+      if best_ramp == k:
+        out_pred, out_logits = pred, logits
+      if stop:
+        break
+    device = x.device
+    return RunnerOutput(pred=out_pred, logits=out_logits if self.keep_logits else None,
+                        stop_ramp=torch.tensor([k], device=device),
+                        output_ramp=torch.tensor([best_ramp], device=device))

@@ -77,6 +77,14 @@ def test_run_equals_reference_on_random_tables(seed, recall):
   assert np.all(got[1] <= got[0])
   if not recall:
     np.testing.assert_array_equal(got[0], got[1])
+  # The scalar fast path (batch size 1) makes the same decisions.
+  for i in range(0, 200, 7):
+    best_loss, best_ramp = float("inf"), -1
+    for r in range(k):
+      stop, best_loss, best_ramp = table.decide_one(r, 1.0 - conf[i, r], best_loss, best_ramp)
+      if stop:
+        break
+    assert (r, best_ramp) == (got[0][i], got[1][i])
   # The same table as a Policy, replayed by jexit.evaluate (ties on edges too).
   policy = jexit.Policy(threshold=threshold[None], value=np.zeros(1), lam=np.zeros(1),
                         loss=loss, cost=np.ones(k), recall=recall)
@@ -166,6 +174,15 @@ def test_nan_is_an_error_or_runs_on():
     table.run(conf, pred)
   safe = make_table(edges, loss, threshold, np.ones(k), nan="continue")
   stop_ramp, output_ramp, _ = safe.run(conf, pred)
+  for i in (5, 6):  # the scalar path falls back to the same handling
+    best_loss, best_ramp = float("inf"), -1
+    for r in range(k):
+      stop, best_loss, best_ramp = safe.decide_one(r, 1.0 - conf[i, r], best_loss, best_ramp)
+      if stop:
+        break
+    assert (r, best_ramp) == (stop_ramp[i], output_ramp[i])
+  with pytest.raises(ValueError, match="NaN"):
+    table.decide_one(0, float("nan"))
   assert stop_ramp[5] == 1 and output_ramp[5] == 1  # ran on; NaN ramp never output
   assert stop_ramp[6] == k - 1 and output_ramp[6] == k - 1  # all NaN: the last ramp
   ok = np.ones(40, bool)
@@ -189,6 +206,9 @@ def test_out_of_range_is_an_error_or_clipped():
   clip = make_table(edges, loss, threshold, np.ones(2), signal="signal",
                     out_of_range="clip")
   got = clip.run(None, pred, signal=values)
+  with pytest.raises(ValueError, match="edges' range"):
+    table.decide_one(0, 0.9)
+  assert clip.decide_one(0, 0.9)[:2] == clip.decide_one(0, 0.75)[:2]
   # Clipping is the end-bin rule of Binning.assign, i.e. what evaluate does.
   want = reference(values, pred, edges, loss, threshold, True)
   for g, w in zip(got, want):

@@ -80,8 +80,14 @@ def test_runner_equals_numpy_runtime(tmp_path, device, recall, lam_frac):
     m.to(device)
   for s in segments:
     s.sizes.clear()
-  out = EarlyExitRunner(segments, heads, table)(x.to(device))
+  runner = EarlyExitRunner(segments, heads, table)
+  out = runner(x.to(device))
   assert out.pred.device.type == device
+  for i in range(0, 300, 37):  # batch size 1 takes the plain-Python path
+    one = runner(x[i:i + 1].to(device))
+    assert (int(one.stop_ramp[0]), int(one.output_ramp[0]), int(one.pred[0])) == (
+        want_stop[i], want_out[i], want_pred[i])
+    assert one.logits.shape == (1, 5) and one.pred.device.type == device
   np.testing.assert_array_equal(out.stop_ramp.cpu().numpy(), want_stop)
   np.testing.assert_array_equal(out.output_ramp.cpu().numpy(), want_out)
   np.testing.assert_array_equal(out.pred.cpu().numpy(), want_pred)
@@ -108,14 +114,16 @@ def test_runner_batch_independence_and_order():
   runner = EarlyExitRunner(segments, heads, table, keep_logits=False)
   whole = runner(x)
   assert whole.logits is None
+  assert runner(x[:0]).pred.shape == (0,)
   perm = torch.randperm(64, generator=torch.Generator().manual_seed(3))
   shuffled = runner(x[perm])
   for field in ("pred", "stop_ramp", "output_ramp"):
     np.testing.assert_array_equal(getattr(shuffled, field).numpy(),
                                   getattr(whole, field).numpy()[perm.numpy()])
-  singles = [runner(x[i:i + 1]) for i in range(0, 64, 9)]
-  np.testing.assert_array_equal([int(o.stop_ramp[0]) for o in singles],
-                                whole.stop_ramp.numpy()[::9])
+  singles = [runner(x[i:i + 1]) for i in range(0, 64, 3)]  # the batch-1 path
+  for field in ("pred", "stop_ramp", "output_ramp"):
+    np.testing.assert_array_equal([int(getattr(o, field)[0]) for o in singles],
+                                  getattr(whole, field).numpy()[::3])
   np.testing.assert_array_equal(whole.stop_ramp.numpy(), table.run(conf, pred)[0])
 
 
@@ -130,10 +138,16 @@ def test_runner_refuses_mismatches(tmp_path):
     EarlyExitRunner(segments, heads[:3], table)
   with pytest.raises(ValueError, match="table: expected"):
     EarlyExitRunner(segments, heads, {"threshold": 1})
-  heads[1].train()
-  with pytest.raises(ValueError, match=r"heads\[1\]: expected eval mode"):
-    EarlyExitRunner(segments, heads, table)(x)
+  heads[1].train()  # a Linear head in training mode computes the same: accepted
+  EarlyExitRunner(segments, heads, table)(x)
   heads[1].eval()
+  bn_segments = [torch.nn.Sequential(s, torch.nn.BatchNorm1d(6).to(torch.float64)).eval()
+                 for s in segments]
+  runner = EarlyExitRunner(bn_segments, heads, table)
+  runner(x)
+  bn_segments[2].train()
+  with pytest.raises(ValueError, match=r"segments\[2\]: expected eval mode, got BatchNorm1d"):
+    runner(x)
   # A table binning a custom signal needs the function that computes it.
   traces = jexit.Traces(conf, pred, None, np.ones(4), signal=1.0 - conf)
   model, binning = jexit.fit(traces, bins="quantile", num_bins=4)
@@ -161,6 +175,10 @@ def test_runner_nan_logits(tmp_path):
   safe = ExitTable.load(tmp_path / "p.npz", nan="continue", out_of_range="clip")
   out = EarlyExitRunner(segments, heads, safe)(x_bad)
   assert int(out.stop_ramp[3]) == 2 and int(out.output_ramp[3]) == 2
+  one = EarlyExitRunner(segments, heads, safe)(x_bad[3:4])
+  assert int(one.stop_ramp[0]) == 2 and int(one.output_ramp[0]) == 2
+  with pytest.raises(ValueError, match="NaN"):
+    EarlyExitRunner(segments, heads, table)(x_bad[3:4])
   good = np.ones(40, bool)
   good[3] = False
   np.testing.assert_array_equal(out.stop_ramp.numpy()[good], table.run(conf, pred)[0][good])
