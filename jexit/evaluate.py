@@ -189,21 +189,21 @@ def _replay_one(threshold, m, bins, best, best_ramp, loss_w, agree_w, correct_w,
     weight: `[U]` int, how many inputs follow the path (0 on padding).
 
   Returns:
-    Counts over ramps `[K]` (stops, outputs, agreeing outputs, correct
-    outputs), the loss paid summed per output ramp `[K]`, and the per-path
-    stop and output ramps `[U]`.
+    Inputs per stop ramp and per output ramp `[K]`; agreeing and correct
+    outputs and the loss paid, summed over inputs; the per-path stop and
+    output ramps `[U]`.
   """
   b = bins[m]
-  ks = jnp.arange(b.shape[1])
+  num_ramps = b.shape[1]
+  ks = jnp.arange(num_ramps)
   t = threshold[ks[None, :], b]  # [U, K]: the table lookup of every step
   stop = (best[m] <= t).at[:, -1].set(True)
   stop_ramp = jnp.argmax(stop, axis=1).astype(jnp.int32)  # the first stop
   out = jnp.take_along_axis(best_ramp[m], stop_ramp[:, None], axis=1)[:, 0]
-  so = stop_ramp[:, None] == ks
-  oo = out[:, None] == ks
-  return (jnp.where(so, weight[:, None], 0).sum(0), jnp.where(oo, weight[:, None], 0).sum(0),
-          jnp.where(oo, agree_w, 0).sum(0), jnp.where(oo, correct_w, 0).sum(0),
-          jnp.where(oo, loss_w[m], 0).sum(0), stop_ramp, out)
+  at_out = lambda a: jnp.take_along_axis(a, out[:, None], axis=1)[:, 0].sum()
+  hist = lambda r: jnp.zeros(num_ramps, weight.dtype).at[r].add(weight)
+  return (hist(stop_ramp), hist(out), at_out(agree_w), at_out(correct_w), at_out(loss_w[m]),
+          stop_ramp, out)
 
 
 @functools.partial(jax.jit, static_argnames=("per_input",))
@@ -272,8 +272,10 @@ def evaluate(policy: Policy, traces: Traces,
   and stop at the first ramp k with `x <= threshold[k, bin_k]` (always at the
   last ramp); output the ramp that achieved the best loss (latest on ties) or
   the stopping ramp. The replay is one jitted vmap over policies (chunked so
-  that a chunk's working memory stays under `max_bytes`); reductions and
-  metrics are computed on the host in float64.
+  that a chunk's working memory stays under `max_bytes`); inputs whose bins
+  agree at every ramp take the same decisions, so each distinct bin path is
+  replayed once and weighted by its inputs. Metrics are computed on the host
+  in float64 from integer counts.
 
   Args:
     policy: a `Policy` with `threshold [..., L, K, S]`, `loss [..., K, S]`.
@@ -350,7 +352,7 @@ def evaluate(policy: Policy, traces: Traces,
   total = m * num_lam
   thr_flat = threshold.reshape(total, k, s)
   model_idx = np.repeat(np.arange(m, dtype=np.int32), num_lam)
-  per_policy = u_pad * (k * (loss.itemsize * 2 + 16) + 16)
+  per_policy = u_pad * k * (loss.itemsize + 8) + u_pad * 32
   limit = max(1, max_bytes // per_policy)
   # Power-of-two chunks: a new batch size of the same order reuses the compile.
   chunk = min(1 << int(limit).bit_length() - 1, 1 << (total - 1).bit_length())
@@ -371,14 +373,14 @@ def evaluate(policy: Policy, traces: Traces,
   shape = (m, num_lam)
   lam64 = lam.astype(np.float64).reshape(total)
   mean_cost = stop_count.astype(np.float64) @ np.cumsum(cost) / n
-  objective = loss_sum.astype(np.float64).sum(1) / n + lam64 * mean_cost
+  objective = loss_sum.astype(np.float64) / n + lam64 * mean_cost
   per_input = {}
   if return_per_input:
     per_input = dict(stop_ramp=res[5][:, inverse].reshape(shape + (n,)),
                      output_ramp=res[6][:, inverse].reshape(shape + (n,)))
   ev = from_counts(
-      lam64, stop_count, out_count, agree_count.sum(1),
-      None if traces.label is None else correct_count.sum(1), cost, n,
+      lam64, stop_count, out_count, agree_count,
+      None if traces.label is None else correct_count, cost, n,
       objective=objective)
   ev = ev._replace(**{f: getattr(ev, f).reshape(shape + getattr(ev, f).shape[1:])
                       for f in _PER_POLICY if getattr(ev, f) is not None}, **per_input)
