@@ -5,11 +5,12 @@ ramps; `solve` vmaps it over lam and models and is the one place that jits.
 """
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jexit.types import ExitModel, Policy
 
@@ -109,7 +110,7 @@ def _prepare(model: ExitModel, dtype) -> _Prepared:
                    conditioned=conditioned)
 
 
-def _recall_kernel(grid, idx, init, trans, cost, lam, rtol, *, conditioned):
+def _recall_kernel(grid, idx, init, trans, cost, lam, rtol, *, conditioned, return_stop):
   """Recall policy for one model and one lam (PROBLEM.md, Algorithm 1).
 
     W_K(x, s) = grid[x]
@@ -122,28 +123,46 @@ def _recall_kernel(grid, idx, init, trans, cost, lam, rtol, *, conditioned):
     lam: scalar. rtol: scalar tie tolerance.
 
   Returns:
-    `(value, stop)`: scalar, and `[K, X, S]` bool stop decisions.
+    `(value, threshold, stop)`: scalar, `[K, S]` thresholds, and `[K, X, S]`
+    bool stop decisions (None unless `return_stop`).
   """
   num_x, = grid.shape
-  xs = jnp.arange(num_x)
-  stop_value = jnp.broadcast_to(grid[:, None], (num_x, idx.shape[1]))  # [X, S]
+  num_s = idx.shape[1]
+  xs = jnp.arange(num_x)[:, None]  # [X, 1]
+  stop_value = jnp.broadcast_to(grid[:, None], (num_x, num_s))  # [X, S]
+
+  def at_idx(w, idx_k):
+    """`[S]`: W(idx_k(b), b) for every bin b."""
+    return jnp.take_along_axis(w, idx_k[None, :], axis=0)[0]
 
   def step(w_next, inputs):
     trans_k, idx_next, cost_next = inputs
-    # G[x, b] = W_{k+1}(min(x, idx_{k+1}(b)), b): the gather of the recursion.
-    g = jnp.take_along_axis(w_next, jnp.minimum(xs[:, None], idx_next[None, :]), axis=0)
+    # G[x, b] = W_{k+1}(min(x, idx_{k+1}(b)), b) is W_{k+1} itself where
+    # x <= idx(b) and the constant W_{k+1}(idx(b), b) above: a select and an
+    # [S] gather instead of an [X, S] gather, so XLA fuses it into one loop.
+    g = jnp.where(xs <= idx_next[None, :], w_next, at_idx(w_next, idx_next)[None, :])
     if conditioned:
       expected = jnp.einsum("xsb,xb->xs", trans_k, g)
     else:
-      expected = g @ trans_k.T  # the GEMM: [X, S] x [S, S]
+      # The GEMM [X, S] x [S, S]; vmap over lam stacks the lam batch into its
+      # rows ([L*X, S] x [S, S] per model, see benchmarks/SOLVER.md).
+      expected = g @ trans_k.T
     cont = lam * cost_next + expected
     stop = stop_value <= cont + rtol * (1 + jnp.abs(cont))
-    return jnp.where(stop, stop_value, cont), stop
+    # Threshold = the largest x of the stop prefix. Stop sets are down-sets
+    # for lam > 0 (Theorem 4.5); the prefix keeps the threshold conservative
+    # (never stops where continuing is optimal) when they are not.
+    count = jnp.min(jnp.where(stop, num_x, xs), axis=0)  # [S]
+    return jnp.where(stop, stop_value, cont), (count, stop if return_stop else None)
 
-  w_1, stops = jax.lax.scan(step, stop_value, (trans, idx[1:], cost[1:]), reverse=True)
-  value = lam * cost[0] + init @ w_1[idx[0], jnp.arange(idx.shape[1])]
-  last = jnp.ones((1,) + stop_value.shape, bool)
-  return value, jnp.concatenate([stops, last], axis=0)
+  w_1, (counts, stops) = jax.lax.scan(step, stop_value, (trans, idx[1:], cost[1:]),
+                                      reverse=True)
+  value = lam * cost[0] + init @ at_idx(w_1, idx[0])
+  threshold = jnp.where(counts > 0, grid[jnp.maximum(counts - 1, 0)], -jnp.inf)
+  threshold = jnp.concatenate([threshold, jnp.full((1, num_s), jnp.inf, grid.dtype)])
+  if return_stop:
+    stops = jnp.concatenate([stops, jnp.ones((1, num_x, num_s), bool)], axis=0)
+  return value, threshold, stops
 
 
 def _norecall_kernel(loss, init, trans, cost, lam, rtol):
@@ -153,7 +172,8 @@ def _norecall_kernel(loss, init, trans, cost, lam, rtol):
     value  = lam c_1 + sum_a init[a] U_1(a)
 
   Returns:
-    `(value, stop)`: scalar, and `[K, S]` bool stop decisions.
+    `(value, threshold, stop)`: scalar, `[K, S]` thresholds and `[K, S]` bool
+    stop decisions.
   """
   def step(u_next, inputs):
     trans_k, loss_k, cost_next = inputs
@@ -163,60 +183,178 @@ def _norecall_kernel(loss, init, trans, cost, lam, rtol):
 
   u_1, stops = jax.lax.scan(step, loss[-1], (trans, loss[:-1], cost[1:]), reverse=True)
   value = lam * cost[0] + init @ u_1
-  return value, jnp.concatenate([stops, jnp.ones((1,) + loss.shape[1:], bool)], axis=0)
+  stop = jnp.concatenate([stops, jnp.ones((1,) + loss.shape[1:], bool)], axis=0)
+  threshold = jnp.where(stop, loss, -jnp.inf).at[-1].set(jnp.inf)
+  return value, threshold, stop
 
 
-def _recall_thresholds(stop, grid):
-  """`[K, S]` thresholds from `[K, X, S]` decisions: the largest x of the stop prefix."""
-  prefix = jnp.cumprod(stop.astype(jnp.int32), axis=1)
-  count = prefix.sum(axis=1)  # [K, S]
-  value = grid[jnp.maximum(count - 1, 0)]
-  threshold = jnp.where(count > 0, value, -jnp.inf)
-  return threshold.at[-1].set(jnp.inf)
-
-
-@functools.partial(jax.jit, static_argnames=("recall", "conditioned", "return_stop"))
+@functools.partial(jax.jit, static_argnames=("recall", "conditioned", "return_stop", "mesh"))
 def _solve_batched(grid, idx, init, trans, loss, cost, lam, rtol, *,
-                   recall, conditioned, return_stop):
-  """`[M]` models x `[L]` lam values; returns value [M, L], threshold [M, L, K, S]."""
-  if recall:
-    def one(grid, idx, init, trans, cost, lam):
-      value, stop = _recall_kernel(grid, idx, init, trans, cost, lam, rtol,
-                                   conditioned=conditioned)
-      return value, _recall_thresholds(stop, grid), stop
-    over_lam = jax.vmap(one, in_axes=(None, None, None, None, None, 0))
-    value, threshold, stop = jax.vmap(over_lam)(grid, idx, init, trans, cost, lam)
+                   recall, conditioned, return_stop, mesh=None):
+  """`[M]` models x `[L]` lam values -> value `[M, L]`, threshold `[M, L, K, S]`.
+
+  With a `mesh` (axes "model", "lam") the block is split over its devices by
+  `shard_map`: every device solves its own models x lam values, with no
+  communication. M and L must be multiples of the mesh's axis sizes.
+  """
+  def block(grid, idx, init, trans, loss, cost, lam, rtol):
+    if recall:
+      def one(grid, idx, init, trans, cost, lam):
+        return _recall_kernel(grid, idx, init, trans, cost, lam, rtol,
+                              conditioned=conditioned, return_stop=return_stop)
+      over_lam = jax.vmap(one, in_axes=(None, None, None, None, None, 0))
+      out = jax.vmap(over_lam)(grid, idx, init, trans, cost, lam)
+    else:
+      def one(loss, init, trans, cost, lam):
+        return _norecall_kernel(loss, init, trans, cost, lam, rtol)
+      over_lam = jax.vmap(one, in_axes=(None, None, None, None, 0))
+      out = jax.vmap(over_lam)(loss, init, trans, cost, lam)
+    value, threshold, stop = out
+    return (value, threshold, stop) if return_stop else (value, threshold)
+
+  args = (grid, idx, init, trans, loss, cost, lam, rtol)
+  if mesh is None:
+    out = block(*args)
   else:
-    def one(loss, init, trans, cost, lam):
-      value, stop = _norecall_kernel(loss, init, trans, cost, lam, rtol)
-      threshold = jnp.where(stop, loss, -jnp.inf).at[-1].set(jnp.inf)
-      return value, threshold, stop
-    over_lam = jax.vmap(one, in_axes=(None, None, None, None, 0))
-    value, threshold, stop = jax.vmap(over_lam)(loss, init, trans, cost, lam)
-  return value, threshold, (stop if return_stop else None)
+    models, both = P("model"), P("model", "lam")
+    # Each device's block is independent; check_vma=False because the scan
+    # carry starts model-only and becomes lam-varying, which is fine here.
+    out = jax.shard_map(block, mesh=mesh, in_specs=(models,) * 6 + (both, P()),
+                        out_specs=(both,) * (3 if return_stop else 2),
+                        check_vma=False)(*args)
+  return out if return_stop else out + (None,)
+
+
+# Default block on a CPU: the recursion streams its [X, S] buffers once per
+# ramp, so a block that stays in the last-level cache runs 2-4x faster than one
+# that does not (benchmarks/SOLVER.md). Accelerators take the largest block.
+CPU_BLOCK_BYTES = 4 << 20
+
+
+def _available_bytes(device) -> int:
+  """Free memory of `device` (its allocator limit, or the host's free RAM)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 8 << 30
+
+
+def default_max_bytes(devices: Sequence[jax.Device]) -> int:
+  """The default working-memory budget per device for `solve(..., devices)`.
+
+  Half of the first device's free memory (CPU devices of one host share it),
+  and at most `CPU_BLOCK_BYTES` on a CPU.
+  """
+  first = devices[0]
+  if first.platform == "cpu":
+    return min(CPU_BLOCK_BYTES, _available_bytes(first) // (2 * len(devices)))
+  return _available_bytes(first) // 2
+
+
+def solve_bytes(num_x: int, num_s: int, num_k: int, *, recall: bool = True,
+                return_stop: bool = False, conditioned: bool = False,
+                itemsize: int = 4) -> Tuple[int, int]:
+  """Working memory of the solver: `(bytes per model, bytes per policy)`.
+
+  An upper estimate of what one `[M, L]` block holds at once on a device:
+  the model's arrays, and per (model, lam) the recursion's `[X, S]` buffers
+  (carry in and out, the gathered G, the GEMM result), the `[K, S]`
+  thresholds and, with `return_stop`, the `[K, X, S]` stop table.
+  """
+  trans = (num_k - 1) * (num_x if conditioned else 1) * num_s * num_s
+  per_model = itemsize * (trans + 3 * num_k * num_s + num_x + num_s + num_k)
+  if recall:
+    per_policy = 4 * itemsize * num_x * num_s + (itemsize + 4) * num_k * num_s
+    if return_stop:
+      per_policy += num_k * num_x * num_s
+  else:
+    per_policy = 6 * itemsize * num_s + (itemsize + 1) * num_k * num_s
+  return per_model, per_policy + 2 * itemsize
+
+
+def _block_shape(m, l, per_model, per_policy, budget, mesh_shape):
+  """`(Mc, Lc)`: a block of the `[M, L]` batch whose working memory per device
+  fits `budget`; multiples of the mesh axes, balanced to limit padding."""
+  dm, dl = mesh_shape
+  md, ld = -(-m // dm), -(-l // dl)  # per device, if the batch were one block
+  need = lambda mc, lc: mc * (per_model + lc * per_policy)
+  if need(1, 1) > budget:
+    raise ValueError(f"max_bytes: one policy needs about {need(1, 1)} bytes of working "
+                     f"memory, got a budget of {budget} bytes")
+  if need(1, ld) <= budget:
+    mc, lc = min(md, budget // need(1, ld)), ld
+    mc = -(-md // -(-md // mc))  # the same number of blocks, evened out
+  else:
+    mc, lc = 1, min(ld, (budget - per_model) // per_policy)
+    lc = -(-ld // -(-ld // lc))
+  return mc * dm, lc * dl
+
+
+def _make_mesh(devices, m, l):
+  """A ("model", "lam") `Mesh` over `devices`, shaped to waste the least padding."""
+  if isinstance(devices, str):
+    if devices != "all":
+      raise ValueError(f"devices: expected None, 'all' or a list of devices, got {devices!r}")
+    devices = jax.local_devices()
+  devices = list(devices)
+  if not devices:
+    raise ValueError("devices: expected at least one device, got an empty list")
+  n = len(devices)
+  # Every factorisation n = dm * dl: the least padded work, then the most on lam.
+  shapes = [(n // dl, dl) for dl in range(n, 0, -1) if n % dl == 0]
+  work = lambda sh: (-(-m // sh[0]) * sh[0]) * (-(-l // sh[1]) * sh[1])
+  dm, dl = min(shapes, key=work)
+  return Mesh(np.asarray(devices, dtype=object).reshape(dm, dl), ("model", "lam"))
+
+
+def _pad_to(a, size, axis=0):
+  """Repeats the last entry of `a` along `axis` up to `size` (valid padding)."""
+  extra = size - a.shape[axis]
+  if extra == 0:
+    return a
+  last = np.take(a, [-1], axis=axis)
+  return np.concatenate([a, np.repeat(last, extra, axis=axis)], axis=axis)
 
 
 def solve(model: ExitModel, lambdas, *, recall: bool = True,
-          rtol: Optional[float] = None, return_stop: bool = False) -> Policy:
+          rtol: Optional[float] = None, return_stop: bool = False,
+          max_bytes: Optional[int] = None,
+          devices: Union[None, str, Sequence[jax.Device]] = None) -> Policy:
   """Optimal exit policies for every lam in `lambdas` (and every model).
 
   Minimises `E[loss of the output ramp + lam * cost of the ramps run]`
   (PROBLEM.md). With recall, the output is the ramp with the best loss so far
   (the latest on ties); without, the current ramp.
 
+  The `[M, L]` batch of policies is solved in blocks whose working memory fits
+  `max_bytes` per device (one compiled program for every block), and each
+  block is split over `devices` along a ("model", "lam") mesh.
+
   Args:
     model: an `ExitModel`, optionally with a leading `[M]` batch axis on every
-      field; `trans` may be state-conditioned `[K-1, X, S, S]` (recall only;
-      X = the number of distinct values of `loss`, in the working dtype). The
-      stop set is then not always a down-set in x: `threshold` keeps the
-      largest stop prefix (it never stops where the optimum continues) and
-      `return_stop=True` gives the exact decisions.
+      field; `trans` may be state-conditioned `[K-1, X, S, S]` (recall only).
     lambdas: `[L]` cost weights, finite and >= 0.
     recall: solve the recall (True) or the no-recall (False) problem.
     rtol: relative tie tolerance (default 1e-5 in float32, 1e-9 in float64);
       ties resolve to stop.
     return_stop: also return the full decision table `Policy.stop`
       `[..., L, K, X, S]` (recall) or `[..., L, K, S]` (no recall).
+    max_bytes: working-memory budget per device, in bytes, of one block of
+      the batch (`solve_bytes` estimates it). Default `default_max_bytes`:
+      a cache-sized block on a CPU, half of the free memory on an
+      accelerator. The returned arrays are not counted.
+    devices: None (the default device), "all" (every local device) or a list
+      of devices to spread the batch over.
 
   Returns:
     A `Policy` with `value [..., L]` and `threshold [..., L, K, S]`.
@@ -240,17 +378,74 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
   if not np.all(np.isfinite(lam)) or np.any(lam < 0):
     bad = lam[~(np.isfinite(lam) & (lam >= 0))]
     raise ValueError(f"lambdas: expected finite values >= 0, got {bad[:5].tolist()}")
+  if max_bytes is not None and not max_bytes > 0:
+    raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes}")
   prep = _prepare(model, dtype)
   if prep.conditioned and not recall:
     raise ValueError("model.trans: a state-conditioned trans [K-1, X, S, S] needs "
                      "recall=True (without recall the state is the bin alone)")
-  m = prep.init.shape[0]
-  lam_m = np.broadcast_to(lam.astype(dtype), (m, lam.size))
+  m, num_k, num_s = prep.loss.shape
+  num_x, num_l = prep.grid.shape[1], lam.size
+  lam_m = np.broadcast_to(lam.astype(dtype), (m, num_l))
   tol = default_rtol(dtype) if rtol is None else float(rtol)
-  value, threshold, stop = _solve_batched(
-      prep.grid, prep.idx, prep.init, prep.trans, prep.loss, prep.cost, lam_m,
-      jnp.asarray(tol, dtype), recall=recall, conditioned=prep.conditioned,
-      return_stop=return_stop)
+
+  mesh = None if devices is None else _make_mesh(devices, m, num_l)
+  used = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+  mesh_shape = (1, 1) if mesh is None else tuple(mesh.devices.shape)
+  per_model, per_policy = solve_bytes(num_x, num_s, num_k, recall=recall,
+                                      return_stop=return_stop,
+                                      conditioned=prep.conditioned,
+                                      itemsize=np.dtype(dtype).itemsize)
+  if max_bytes is None:  # at least one policy per block
+    budget = max(default_max_bytes(used), per_model + per_policy)
+  else:
+    budget = int(max_bytes)
+  mc, lc = _block_shape(m, num_l, per_model, per_policy, budget, mesh_shape)
+
+  # Padding repeats the last model / lam, so padded policies are valid ones.
+  m_pad, l_pad = -(-m // mc) * mc, -(-num_l // lc) * lc
+  models = [_pad_to(a, m_pad) for a in
+            (prep.grid, prep.idx, prep.init, prep.trans, prep.loss, prep.cost)]
+  lam_pad = _pad_to(_pad_to(lam_m, m_pad, 0), l_pad, 1)
+  if mesh is None:
+    put = lambda a, spec: jax.device_put(a, used[0])
+  else:
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  rtol_dev = put(np.asarray(tol, dtype), P())
+
+  def run(i, j):
+    """Dispatches the block of models i:i+mc and lam values j:j+lc."""
+    block = [put(a[i:i + mc], P("model")) for a in models]
+    return _solve_batched(*block, put(lam_pad[i:i + mc, j:j + lc], P("model", "lam")),
+                          rtol_dev, recall=recall, conditioned=prep.conditioned,
+                          return_stop=return_stop, mesh=mesh)
+
+  starts = [(i, j) for i in range(0, m_pad, mc) for j in range(0, l_pad, lc)]
+  if len(starts) == 1:
+    value, threshold, stop = run(0, 0)
+    if (m_pad, l_pad) != (m, num_l):
+      value, threshold, stop = (a if a is None else a[:m, :num_l]
+                                for a in (value, threshold, stop))
+  else:
+    value = np.empty((m, num_l), dtype)
+    threshold = np.empty((m, num_l, num_k, num_s), dtype)
+    stop = None
+    if return_stop:
+      stop = np.empty((m, num_l, num_k) + ((num_x,) if recall else ()) + (num_s,), bool)
+    # The next block is dispatched before the last one is copied out, so at
+    # most two blocks are alive at once.
+    pending = None
+    for start in starts + [None]:
+      current = None if start is None else (start, run(*start))
+      if pending is not None:
+        (i, j), outs = pending
+        rows, cols = slice(i, min(i + mc, m)), slice(j, min(j + lc, num_l))
+        for dst, src in zip((value, threshold, stop), outs):
+          if dst is not None:
+            dst[rows, cols] = np.asarray(src)[:rows.stop - i, :cols.stop - j]
+      pending = current
+    value, threshold, stop = (a if a is None else jnp.asarray(a)
+                              for a in (value, threshold, stop))
   grid = jnp.asarray(prep.grid)
   out = Policy(threshold=threshold, value=value, lam=jnp.asarray(lam_m),
                loss=jnp.asarray(prep.loss), cost=jnp.asarray(prep.cost),
