@@ -10,6 +10,7 @@ Errors from bad input print one line, `jexit: error: ...`, and exit with 2.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -115,11 +116,8 @@ def run_demo(args) -> int:
         f"method on the held-out half")
   args.json = os.path.join(out, "frontier.json")
   args.all_points = False
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
-    args.plot = os.path.join(out, "frontier.png")
-  except ImportError:
-    args.plot = None
+  has_plots = importlib.util.find_spec("matplotlib") is not None  # the optional extra
+  args.plot = os.path.join(out, "frontier.png") if has_plots else None
   args.max_loss = 0.01
   _sweep(fr, name, args)
   if args.plot is None:

@@ -4,7 +4,7 @@ matplotlib is imported only when a plot is drawn (`pip install jexit[plot]`),
 and only its object API is used (no pyplot, no global backend change).
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
