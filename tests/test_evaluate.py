@@ -227,3 +227,15 @@ def test_errors_name_the_field():
     expected_objective(policy, model._replace(loss=model.loss + 0.5))
   with pytest.raises(ValueError, match="policy: expected jexit.Policy"):
     evaluate("nope", traces, binning)
+
+
+def test_new_lam_grid_and_other_mode_reuse_the_compile():
+  from jexit import evaluate as ev_mod
+  rng = np.random.default_rng(11)
+  traces = random_traces(rng, n=100)
+  model, binning = jexit.fit(traces)
+  evaluate(jexit.solve(model, np.geomspace(1e-3, 1, 16)), traces, binning)
+  size = ev_mod._replay_batch._cache_size()
+  evaluate(jexit.solve(model, np.geomspace(1e-2, 3, 16)), traces, binning)
+  evaluate(jexit.solve(model, np.geomspace(1e-2, 3, 16), recall=False), traces, binning)
+  assert ev_mod._replay_batch._cache_size() == size
