@@ -63,6 +63,38 @@ def _isotonic_increasing(y: np.ndarray, w: np.ndarray) -> np.ndarray:
   return np.concatenate([[m] * n for m, _, n in blocks])
 
 
+def _logistic_fit(feature: np.ndarray, wrong: np.ndarray, ridge: float = 1e-3,
+                  steps: int = 50) -> np.ndarray:
+  """Maximum-likelihood `(a, b)` of `Pr(wrong) = sigmoid(a + b * feature)` (Newton)."""
+  x = np.column_stack([np.ones_like(feature), feature])
+  w = np.zeros(2)
+  for _ in range(steps):
+    p = 1 / (1 + np.exp(-np.clip(x @ w, -30, 30)))
+    grad = x.T @ (p - wrong) + ridge * w
+    hess = (x * (p * (1 - p))[:, None]).T @ x + ridge * np.eye(2)
+    delta = np.linalg.solve(hess, grad)
+    w -= delta
+    if np.max(np.abs(delta)) < 1e-10:
+      break
+  return w
+
+
+def _log_signal(v: np.ndarray) -> np.ndarray:
+  # Confident inputs sit at v ~ 1e-4..1e-2: logs spread them out; the floor
+  # keeps a conf of exactly 1 finite.
+  return np.log(np.maximum(v, 1e-7))
+
+
+def _smooth_counts(counts: np.ndarray, width: float) -> np.ndarray:
+  """Counts `[S, S]` blurred with a Gaussian kernel of `width` bins on both axes."""
+  if width <= 0:
+    return counts
+  idx = np.arange(counts.shape[0])
+  kernel = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / width) ** 2)
+  kernel /= kernel.sum(axis=1, keepdims=True)
+  return kernel @ counts @ kernel.T
+
+
 def fit(traces: Traces,
         *,
         rows: Optional[Sequence[int]] = None,
@@ -73,6 +105,7 @@ def fit(traces: Traces,
         target: str = "agreement",
         smoothing: float = 1.0,
         prior: str = "uniform",
+        kernel: float = 0.0,
         loss_smoothing: float = 1.0) -> Tuple[ExitModel, Binning]:
   """Fits an `ExitModel` and its `Binning` on (a fit split of) `traces`.
 
@@ -88,12 +121,16 @@ def fit(traces: Traces,
       (the bin's midpoint when empty), the paper's `1 - softmax`;
       `"calibrated"`: smoothed rate at which ramp k's prediction is wrong
       (against the final ramp or the label, see `target`) in bin s, made
-      nondecreasing in s by isotonic regression.
+      nondecreasing in s by isotonic regression; `"logistic"`: the same
+      rate from a per-ramp logistic regression on `log(signal)`, averaged over
+      the fit rows in each bin.
     target: `"agreement"` (wrong = differs from the final ramp) or `"label"`.
     smoothing: additive (Dirichlet) pseudo-count per cell of `init` and of
       each row of `trans` (S * smoothing per row in all), so no row is empty.
     prior: where the transition pseudo-counts go: `"uniform"` (the same in
       every cell) or `"marginal"` (in proportion to the next ramp's bin law).
+    kernel: width in bins of a Gaussian blur of the transition counts (0: none);
+      neighbouring bins share their rows' evidence.
     loss_smoothing: pseudo-count pulling each calibrated bin towards the
       ramp's overall error rate.
 
@@ -125,6 +162,8 @@ def fit(traces: Traces,
     traces = traces.take(rows)
   if smoothing < 0 or not np.isfinite(smoothing):
     raise ValueError(f"smoothing: expected a finite value >= 0, got {smoothing}")
+  if kernel < 0 or not np.isfinite(kernel):
+    raise ValueError(f"kernel: expected a finite width >= 0, got {kernel}")
   if prior not in ("uniform", "marginal"):
     raise ValueError(f"prior: expected 'uniform' or 'marginal', got {prior!r}")
   if loss_smoothing < 0 or not np.isfinite(loss_smoothing):
@@ -164,6 +203,7 @@ def fit(traces: Traces,
   for r in range(k - 1):
     counts = np.zeros((s_count, s_count))
     np.add.at(counts, (b[:, r], b[:, r + 1]), 1.0)
+    counts = _smooth_counts(counts, kernel)
     if prior == "uniform":
       counts += smoothing
     else:
@@ -185,7 +225,7 @@ def fit(traces: Traces,
       cnt = np.bincount(b[:, r], minlength=s_count)
       mid = (edges[r, :-1] + edges[r, 1:]) / 2
       table[r] = np.where(cnt > 0, sums / np.maximum(cnt, 1), mid)
-  elif loss == "calibrated":
+  elif loss in ("calibrated", "logistic"):
     if target == "agreement":
       wrong = traces.pred != traces.pred[:, -1:]
     elif target == "label":
@@ -197,14 +237,24 @@ def fit(traces: Traces,
     table = np.empty((k, s_count))
     for r in range(k):
       cnt = np.bincount(b[:, r], minlength=s_count).astype(np.float64)
-      err = np.bincount(b[:, r], weights=wrong[:, r].astype(np.float64), minlength=s_count)
-      prior = (wrong[:, r].sum() + 0.5) / (len(wrong) + 1.0)
-      rate = (err + loss_smoothing * prior) / np.maximum(cnt + loss_smoothing, 1e-12)
+      if loss == "logistic":
+        # A two-parameter fit per ramp: far less variance than per-bin rates
+        # when a confident bin has seen one error or none.
+        a, slope = _logistic_fit(_log_signal(values[:, r]), wrong[:, r].astype(np.float64))
+        fitted = 1 / (1 + np.exp(-(a + slope * _log_signal(values[:, r]))))
+        sums = np.bincount(b[:, r], weights=fitted, minlength=s_count)
+        centre = np.sqrt(np.maximum(edges[r, :-1], 1e-7) * np.maximum(edges[r, 1:], 1e-7))
+        at_centre = 1 / (1 + np.exp(-(a + slope * _log_signal(centre))))
+        rate = np.where(cnt > 0, sums / np.maximum(cnt, 1), at_centre)
+      else:
+        err = np.bincount(b[:, r], weights=wrong[:, r].astype(np.float64), minlength=s_count)
+        base = (wrong[:, r].sum() + 0.5) / (len(wrong) + 1.0)
+        rate = (err + loss_smoothing * base) / np.maximum(cnt + loss_smoothing, 1e-12)
       table[r] = _isotonic_increasing(rate, cnt + loss_smoothing)
     if target == "agreement":
       # The final ramp agrees with itself: its loss is exactly 0, not a prior.
       table[-1] = 0.0
   else:
-    raise ValueError(f"loss: expected 'proxy' or 'calibrated', got {loss!r}")
+    raise ValueError(f"loss: expected 'proxy', 'calibrated' or 'logistic', got {loss!r}")
   model = ExitModel(init=init, trans=trans, loss=table, cost=traces.cost.copy())
   return model, binning

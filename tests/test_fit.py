@@ -240,3 +240,35 @@ def test_marginal_prior_shrinks_rows_towards_next_bin_law():
   np.testing.assert_allclose(uniform.trans[0], 1 / 13, atol=2e-3)
   with pytest.raises(ValueError, match="prior"):
     jexit.fit(traces, prior="nope")
+
+
+def test_logistic_loss_recovers_a_smooth_error_rate():
+  rng = np.random.default_rng(10)
+  n = 20_000
+  conf = 1 - 10 ** rng.uniform(-4, 0, size=(n, 2))
+  v = 1 - conf[:, 0]
+  rate = 1 / (1 + np.exp(-(1.0 + 0.8 * np.log(v))))  # logistic in log(1 - conf)
+  final = rng.integers(0, 4, n)
+  pred = np.tile(final[:, None], (1, 2))
+  flip = rng.uniform(size=n) < rate
+  pred[flip, 0] = (final[flip] + 1) % 4
+  traces = jexit.Traces(conf, pred, None, np.ones(2))
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=16, loss="logistic")
+  b = binning.assign(traces.exit_signal())[:, 0]
+  want = np.array([rate[b == s].mean() for s in range(16)])
+  np.testing.assert_allclose(model.loss[0], want, atol=0.02)
+  assert np.all(np.diff(model.loss[0]) >= 0) and np.all(model.loss[1] == 0)
+
+
+def test_kernel_smoothing_keeps_rows_stochastic_and_spreads_mass():
+  rng = np.random.default_rng(11)
+  conf = rng.uniform(size=(300, 3))
+  conf[:, 1] = conf[:, 0]  # ramp 2 repeats ramp 1: diagonal transitions
+  traces = jexit.Traces(conf, np.zeros((300, 3), int), None, np.ones(3))
+  sharp, _ = jexit.fit(traces, smoothing=0.0)
+  blurred, _ = jexit.fit(traces, smoothing=0.0, kernel=1.0)
+  np.testing.assert_allclose(blurred.trans.sum(-1), 1.0)
+  assert np.allclose(np.diag(sharp.trans[0])[1:-1], 1.0)
+  assert np.all(np.diag(blurred.trans[0]) < 0.8)
+  with pytest.raises(ValueError, match="kernel"):
+    jexit.fit(traces, kernel=-1.0)
