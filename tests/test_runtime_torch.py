@@ -190,3 +190,41 @@ def test_runtime_torch_never_imports_jax():
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr
+
+
+def test_runner_on_digits_vgg(tmp_path):
+  """The experiments' early-exit VGG (untrained, narrow, to stay fast) on real
+  digits images: compacted float32 batches decide as the numpy runtime does on
+  the confidences of a full-batch pass."""
+  ee_vgg = pytest.importorskip("experiments.ee_vgg")
+  torch.manual_seed(0)
+  net = ee_vgg.build_model("vgg11", ramps=3, width_div=16).eval()
+  with torch.no_grad():  # spread the near-uniform softmax of untrained heads
+    for head, scale in zip(net.heads, (10.0, 30.0, 100.0)):
+      head[-1].weight.mul_(scale)
+  images = ee_vgg.load_digits_images().images[:256]
+  conf, pred = full_trace(net.segments, net.heads, images)
+  traces = jexit.Traces(conf, pred, None, ee_vgg.segment_flops(net).astype(np.float64))
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=8)
+  # Random weights give no useful solved policy, so a hand-made table in the
+  # same container: stop in the 4 most confident bins of each ramp.
+  loss = model.loss.astype(np.float32)
+  threshold = np.where(np.arange(8)[None, :] < 4, loss, -np.inf).astype(np.float32)
+  threshold[-1] = np.inf
+  policy = jexit.Policy(threshold=threshold[None], value=np.zeros(1), lam=np.zeros(1),
+                        loss=loss, cost=traces.cost, recall=True)
+  export.export_policy(tmp_path / "vgg.npz", policy, binning, None, 0, traces=traces)
+  table = ExitTable.load(tmp_path / "vgg.npz", out_of_range="clip")
+  want_stop, want_out, want_pred = table.run(conf, pred)
+  assert np.all(np.bincount(want_stop, minlength=3) > 20)
+  out = EarlyExitRunner(net.segments, net.heads, table)(images)
+  # float32 convolutions on a smaller batch may round differently: only an
+  # input whose signal sits within 1e-6 of a bin edge may decide otherwise.
+  signal = 1.0 - conf
+  near = np.zeros(len(images), bool)
+  for k in range(table.num_ramps):
+    gap = np.abs(signal[:, k:k + 1] - table.edges[k][None, 1:-1]).min(axis=1)
+    near |= gap < 1e-6
+  differ = ((out.stop_ramp.numpy() != want_stop) | (out.output_ramp.numpy() != want_out)
+            | (out.pred.numpy() != want_pred))
+  assert near.sum() <= 5 and not np.any(differ & ~near), np.flatnonzero(differ)
