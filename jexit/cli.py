@@ -18,7 +18,20 @@ import tempfile
 import time
 
 # What the fit options on the command line map to (None = DEFAULT_FIT's value).
-_FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "loss_smoothing")
+_FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "prior", "kernel",
+             "loss_smoothing")
+# Rows of the embedded demo trace come in blocks of 4 augmented copies of one
+# image (experiments/TRACES.md): splits keep a block on one side.
+DEMO_BLOCK = 4
+
+
+def _num_bins(text: str):
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an int or a comma list like 16,32,64, "
+                                     f"got {text!r}") from None
+  return values[0] if len(values) == 1 else values
 
 
 def _add_fit_args(p):
@@ -26,12 +39,19 @@ def _add_fit_args(p):
   g.add_argument("--bins", choices=("uniform", "quantile"),
                  help="bins of the exit signal: uniform width --step or per-ramp quantiles")
   g.add_argument("--step", type=float, help="bin width for --bins uniform (paper: 0.08)")
-  g.add_argument("--num-bins", type=int, dest="num_bins", help="S for --bins quantile")
-  g.add_argument("--loss", choices=("proxy", "calibrated"),
-                 help="loss table: proxy (1 - conf, the paper's) or calibrated error rates")
+  g.add_argument("--paper", action="store_true",
+                 help="the paper's model: uniform 0.08 bins, loss = 1 - conf (proxy)")
+  g.add_argument("--num-bins", type=_num_bins, dest="num_bins",
+                 help="S for --bins quantile; a comma list (16,32,64) pools candidates")
+  g.add_argument("--loss", choices=("proxy", "calibrated", "logistic"),
+                 help="loss table: proxy (1 - conf, the paper's), per-bin calibrated "
+                      "error rates, or a logistic calibration of them")
   g.add_argument("--target", choices=("agreement", "label"),
                  help="what --loss calibrated calibrates against")
   g.add_argument("--smoothing", type=float, help="additive count on transitions")
+  g.add_argument("--prior", choices=("uniform", "marginal"),
+                 help="where the transition pseudo-counts go")
+  g.add_argument("--kernel", type=float, help="Gaussian blur of transition counts (bins)")
   g.add_argument("--loss-smoothing", type=float, dest="loss_smoothing",
                  help="pseudo-count of calibrated losses")
 
@@ -43,12 +63,18 @@ def _add_split_args(p):
                  help="share of rows held out (default 0.5)")
   g.add_argument("--folds", type=int, default=None,
                  help="k-fold cross-fitting instead of one split")
+  g.add_argument("--block", type=int, default=1,
+                 help="split rows in blocks of this many consecutive rows (related "
+                      "inputs stay on one side; default 1)")
   g.add_argument("--num-lambdas", type=int, default=1000, dest="num_lambdas",
                  help="lam values solved (default 1000)")
 
 
 def _fit_overrides(args) -> dict:
-  return {k: getattr(args, k) for k in _FIT_ARGS if getattr(args, k, None) is not None}
+  from jexit.frontier import PAPER_FIT  # pylint: disable=import-outside-toplevel
+  base = dict(PAPER_FIT) if getattr(args, "paper", False) else {}
+  base.update({k: getattr(args, k) for k in _FIT_ARGS if getattr(args, k, None) is not None})
+  return base
 
 
 def _write_json(path, data) -> None:
@@ -59,7 +85,8 @@ def _write_json(path, data) -> None:
 
 def _frontier_kwargs(args) -> dict:
   return dict(num_lambdas=args.num_lambdas, test_fraction=args.test_fraction,
-              seed=args.seed, folds=args.folds, fit_options=_fit_overrides(args))
+              seed=args.seed, folds=args.folds, block=args.block,
+              fit_options=_fit_overrides(args))
 
 
 def _plot(fr, path, trace, max_loss) -> str:
@@ -107,7 +134,7 @@ def run_demo(args) -> int:
     raise ValueError(f"the embedded demo trace is missing ({path}); reinstall jexit")
   start = time.perf_counter()
   traces = load_traces(path)
-  fr = frontier(traces, num_lambdas=1000, seed=0)
+  fr = frontier(traces, num_lambdas=1000, seed=0, block=DEMO_BLOCK)
   out = args.out or tempfile.mkdtemp(prefix="jexit-demo-")
   os.makedirs(out, exist_ok=True)
   name = f"{os.path.basename(path)} (embedded: {traces.num_inputs} inputs, "\

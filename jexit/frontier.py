@@ -14,16 +14,21 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from jexit import baselines
-from jexit.evaluate import DEFAULT_MAX_BYTES, Evaluation, cost_quantiles, evaluate, select
+from jexit.evaluate import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
+                            evaluate, select)
 from jexit.fit import fit
 from jexit.solver import solve
 from jexit.traces import check_traces
 from jexit.types import Binning, ExitModel, Policy, Traces
 
-# The model settings every command uses unless told otherwise: the paper's
-# (uniform 0.08 bins of 1 - conf, loss = the bin's mean 1 - conf). Change the
-# defaults here, in one place.
-DEFAULT_FIT = {"bins": "uniform", "step": 0.08, "loss": "proxy"}
+# The model settings every command uses unless told otherwise, chosen by the
+# measurements of experiments/QUALITY.md: per-ramp quantile bins, a logistic
+# calibration of the disagreement rate as the loss, and candidate policies
+# pooled over three bin counts (a tuple of num_bins fits one model per value;
+# the lam x num_bins grid is one parameter grid, chosen on fit rows). The
+# paper's setting is PAPER_FIT. Change the defaults here, in one place.
+DEFAULT_FIT = {"bins": "quantile", "num_bins": (16, 32, 64), "loss": "logistic"}
+PAPER_FIT = {"bins": "uniform", "step": 0.08, "loss": "proxy"}
 METHODS = ("recall", "norecall", "global_threshold", "apparate_greedy", "patience",
            "fixed_ramp", "backbone", "oracle")
 APPARATE_BUDGETS = (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)
@@ -38,25 +43,65 @@ def merged_fit_options(overrides: Optional[dict] = None) -> dict:
   return opts
 
 
-def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0):
-  """Seeded disjoint `(fit_rows, test_rows)`, sorted index arrays."""
+def _blocks(num_inputs: int, block: int):
+  """Row blocks `[0, block), [block, 2 block), ...` that a split keeps together."""
+  if not isinstance(block, (int, np.integer)) or block < 1:
+    raise ValueError(f"block: expected an integer >= 1, got {block}")
+  return [np.arange(i, min(i + block, num_inputs)) for i in range(0, num_inputs, block)]
+
+
+def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
+               block: int = 1):
+  """Seeded disjoint `(fit_rows, test_rows)`, sorted index arrays.
+
+  Rows are shuffled in blocks of `block` consecutive rows, which always land on
+  the same side: a trace whose rows come in groups of related inputs (e.g. the
+  digits traces' 4 augmented copies of one image) is split by group.
+  """
   if not 0 < test_fraction < 1:
     raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction}")
-  if num_inputs < 2:
-    raise ValueError(f"traces: expected at least 2 inputs to split, got {num_inputs}")
-  perm = np.random.default_rng(seed).permutation(num_inputs)
-  n_test = min(max(int(round(test_fraction * num_inputs)), 1), num_inputs - 1)
-  return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+  blocks = _blocks(num_inputs, block)
+  if len(blocks) < 2:
+    raise ValueError(f"traces: expected at least 2 blocks of {block} inputs to split, "
+                     f"got {num_inputs} inputs")
+  perm = np.random.default_rng(seed).permutation(len(blocks))
+  n_test = min(max(int(round(test_fraction * len(blocks))), 1), len(blocks) - 1)
+  rows = lambda idx: np.sort(np.concatenate([blocks[i] for i in idx]))
+  return rows(perm[n_test:]), rows(perm[:n_test])
 
 
-def fold_rows(num_inputs: int, folds: int, *, seed: int = 0):
-  """Seeded k-fold cross-fitting: a list of `(fit_rows, test_rows)`."""
-  if not isinstance(folds, (int, np.integer)) or folds < 2 or folds > num_inputs:
-    raise ValueError(f"folds: expected an integer in [2, N={num_inputs}], got {folds}")
-  perm = np.random.default_rng(seed).permutation(num_inputs)
-  parts = np.array_split(perm, folds)
+def fold_rows(num_inputs: int, folds: int, *, seed: int = 0, block: int = 1):
+  """Seeded k-fold cross-fitting: a list of `(fit_rows, test_rows)` (blocks kept whole)."""
+  blocks = _blocks(num_inputs, block)
+  if not isinstance(folds, (int, np.integer)) or folds < 2 or folds > len(blocks):
+    raise ValueError(f"folds: expected an integer in [2, {len(blocks)}] (blocks of "
+                     f"{block} of N={num_inputs} inputs), got {folds}")
+  perm = np.random.default_rng(seed).permutation(len(blocks))
+  parts = [np.concatenate([blocks[i] for i in part]) for part in np.array_split(perm, folds)]
   return [(np.sort(np.concatenate(parts[:i] + parts[i + 1:])), np.sort(parts[i]))
           for i in range(folds)]
+
+
+def fit_candidates(traces: Traces, rows, options: dict):
+  """`[(model, binning)]`: one fit per value when `options["num_bins"]` is a tuple."""
+  num_bins = options.get("num_bins")
+  if isinstance(num_bins, (tuple, list)) and options.get("bins", "uniform") != "quantile":
+    # Only quantile bins use num_bins: one fit, not several identical ones.
+    options = {**options, "num_bins": int(num_bins[0]) if num_bins else 16}
+  elif isinstance(num_bins, (tuple, list)):
+    if not num_bins:
+      raise ValueError("num_bins: expected an int or a non-empty tuple of ints, got ()")
+    return [fit(traces, rows=rows, **{**options, "num_bins": int(b)}) for b in num_bins]
+  return [fit(traces, rows=rows, **options)]
+
+
+def _concat(evals: Sequence[Evaluation]) -> Evaluation:
+  """Evaluations of several parameter grids as one grid `[P1 + P2 + ...]`."""
+  if len(evals) == 1:
+    return evals[0]
+  cat = lambda f: None if getattr(evals[0], f) is None else np.concatenate(
+      [np.asarray(getattr(e, f)) for e in evals])
+  return evals[0]._replace(**{f: cat(f) for f in _PER_POLICY})
 
 
 def default_lambdas(model: ExitModel, num: int = NUM_LAMBDAS) -> np.ndarray:
@@ -130,9 +175,12 @@ class Frontier(NamedTuple):
     apparate_thresholds: per split, `[B, K]` thresholds found for each
       budget in `test["apparate_greedy"].param`.
     fit_options: the `jexit.fit` options used.
-    policy: the recall `Policy [L]` of the first split (for plots and export).
-    model: the `ExitModel` of the first split.
-    binning: the `Binning` of the first split.
+    policy: the recall `Policy [L]` of the first split's first candidate
+      model (for plots).
+    model: the first split's first `ExitModel`.
+    binning: the first split's first `Binning`.
+    candidates: per split, the `(model, binning)` of each candidate model; the
+      recall and norecall grids are `L` lam values per candidate, in order.
   """
   test: Dict[str, Evaluation]
   fit: Dict[str, Evaluation]
@@ -144,9 +192,26 @@ class Frontier(NamedTuple):
   policy: Optional[Policy]
   model: ExitModel
   binning: Binning
+  candidates: List[list] = []
+  lambdas: Optional[np.ndarray] = None
 
 
-def _run_split(traces, fit_rows, test_rows, *, model, binning, lambdas, methods,
+def candidate_policy(fr: "Frontier", method: str, index: int, split: int = 0):
+  """The policy behind entry `index` of a recall/norecall grid of `fr`.
+
+  Returns:
+    `(policy [L], lam_index, model, binning)`: the candidate model's policy
+    for the whole lam grid, and where the entry sits in it.
+  """
+  if method not in ("recall", "norecall"):
+    raise ValueError(f"method: expected 'recall' or 'norecall', got {method!r}")
+  num_lam = len(fr.lambdas)
+  model, binning = fr.candidates[split][index // num_lam]
+  policy = solve(model, fr.lambdas, recall=method == "recall")
+  return policy, index % num_lam, model, binning
+
+
+def _run_split(traces, fit_rows, test_rows, *, candidates, lambdas, methods,
                apparate_budgets, threshold_grid, oracle_lambdas, max_bytes):
   """Every method on one split: method -> (fit Evaluation, test Evaluation)."""
   fit_t, test_t = traces.take(fit_rows), traces.take(test_rows)
@@ -154,10 +219,14 @@ def _run_split(traces, fit_rows, test_rows, *, model, binning, lambdas, methods,
   both = lambda f, *a: (f(fit_t, *a), f(test_t, *a))
   for name in methods:
     if name in ("recall", "norecall"):
-      pol = solve(model, lambdas, recall=name == "recall")
-      if name == "recall":
-        policy = pol
-      out[name] = both(lambda t: evaluate(pol, t, binning, max_bytes=max_bytes))
+      fits, tests = [], []
+      for model, binning in candidates:
+        pol = solve(model, lambdas, recall=name == "recall")
+        if name == "recall" and policy is None:
+          policy = pol
+        fits.append(evaluate(pol, fit_t, binning, max_bytes=max_bytes))
+        tests.append(evaluate(pol, test_t, binning, max_bytes=max_bytes))
+      out[name] = (_concat(fits), _concat(tests))
     elif name == "global_threshold":
       out[name] = both(baselines.global_threshold, threshold_grid)
     elif name == "apparate_greedy":
@@ -183,6 +252,7 @@ def frontier(traces: Traces, *,
              test_fraction: float = 0.5,
              seed: int = 0,
              folds: Optional[int] = None,
+             block: int = 1,
              fit_options: Optional[dict] = None,
              methods: Sequence[str] = METHODS,
              apparate_budgets: Sequence[float] = APPARATE_BUDGETS,
@@ -205,7 +275,10 @@ def frontier(traces: Traces, *,
     test_fraction: share of rows held out (single split).
     seed: seed of the split.
     folds: k for k-fold cross-fitting instead of one split.
-    fit_options: `jexit.fit` keyword arguments overriding `DEFAULT_FIT`.
+    block: rows are split in blocks of this many consecutive rows (related
+      inputs, e.g. augmented copies of one image, stay on one side).
+    fit_options: `jexit.fit` keyword arguments overriding `DEFAULT_FIT`; a
+      tuple `num_bins` fits one candidate model per value.
     methods: which of `METHODS` to run.
     apparate_budgets: agreement-loss budgets Apparate's greedy search is run
       with (its parameter grid).
@@ -240,18 +313,19 @@ def frontier(traces: Traces, *,
                      f"{type(fit_options).__name__}")
   opts = merged_fit_options(fit_options)
   if folds is None:
-    rows = [split_rows(n, test_fraction=test_fraction, seed=seed)]
+    rows = [split_rows(n, test_fraction=test_fraction, seed=seed, block=block)]
     split = {"seed": seed, "test_fraction": test_fraction, "num_inputs": n,
              "fit_rows": int(len(rows[0][0])), "test_rows": int(len(rows[0][1]))}
   else:
-    rows = fold_rows(n, folds, seed=seed)
+    rows = fold_rows(n, folds, seed=seed, block=block)
     split = {"seed": seed, "folds": int(folds), "num_inputs": n,
              "fit_rows": int(np.mean([len(f) for f, _ in rows])), "test_rows": n}
+  split["block"] = int(block)
   split.update(pareto="chosen on fit rows", metrics="test rows")
 
-  fitted = [fit(traces, rows=f, **opts) for f, _ in rows]
+  fitted = [fit_candidates(traces, f, opts) for f, _ in rows]
   if lambdas is None:
-    lambdas = default_lambdas(fitted[0][0], num_lambdas)
+    lambdas = default_lambdas(fitted[0][0][0], num_lambdas)
   lambdas = np.asarray(lambdas, np.float64)
   if threshold_grid is None:
     threshold_grid = baselines.default_threshold_grid(traces.take(rows[0][0]))
@@ -259,9 +333,9 @@ def frontier(traces: Traces, *,
     oracle_lambdas = baselines.default_oracle_lambdas(traces)
 
   splits, thresholds, policy = [], [], None
-  for i, ((fit_r, test_r), (model, binning)) in enumerate(zip(rows, fitted)):
+  for i, ((fit_r, test_r), candidates) in enumerate(zip(rows, fitted)):
     res, pol, thr = _run_split(
-        traces, fit_r, test_r, model=model, binning=binning, lambdas=lambdas,
+        traces, fit_r, test_r, candidates=candidates, lambdas=lambdas,
         methods=methods, apparate_budgets=apparate_budgets,
         threshold_grid=threshold_grid, oracle_lambdas=oracle_lambdas,
         max_bytes=max_bytes)
@@ -274,7 +348,8 @@ def frontier(traces: Traces, *,
   pareto = {m: pareto_mask(fit_ev[m].agreement, fit_ev[m].mean_cost) for m in methods}
   return Frontier(test=test, fit=fit_ev, pareto=pareto, split=split, splits=splits,
                   apparate_thresholds=thresholds, fit_options=opts, policy=policy,
-                  model=fitted[0][0], binning=fitted[0][1])
+                  model=fitted[0][0][0], binning=fitted[0][0][1], candidates=fitted,
+                  lambdas=lambdas)
 
 
 def choose_index(evaluation: Evaluation, max_loss: float) -> Optional[int]:
@@ -318,6 +393,10 @@ def _param_value(fr: Frontier, method: str, split: int, index: int):
   if method == "apparate_greedy":
     # The thresholds of ramps 1..K-1 (the last ramp always exits), as Apparate lists them.
     return [float(v) for v in fr.apparate_thresholds[split][index][:-1]]
+  if method in ("recall", "norecall"):
+    lam = float(fr.lambdas[index % len(fr.lambdas)])  # float64, as the user gave it
+    binning = fr.candidates[split][index // len(fr.lambdas)][1]
+    return {"lam": lam, "num_bins": binning.num_bins}
   value = np.asarray(fr.splits[split][method][0].param)[index]
   return value.item() if hasattr(value, "item") else value
 
@@ -351,6 +430,7 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
            folds: Optional[int] = None,
            test_fraction: float = 0.5,
            seed: int = 0,
+           block: int = 1,
            lambdas=None,
            num_lambdas: int = NUM_LAMBDAS,
            fit_options: Optional[dict] = None,
@@ -367,8 +447,8 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
   Args:
     traces: the traces.
     max_loss: agreement-loss budget, e.g. 0.01 for 99% agreement.
-    folds, test_fraction, seed, lambdas, num_lambdas, fit_options, methods,
-      max_bytes: as for `frontier`.
+    folds, test_fraction, seed, block, lambdas, num_lambdas, fit_options,
+      methods, max_bytes: as for `frontier`.
 
   Returns:
     A `Budget`: `choices[method] = BudgetChoice(param, fit, test)`.
@@ -386,7 +466,7 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
   if not 0 <= max_loss <= 1:
     raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1], got {max_loss}")
   fr = frontier(traces, lambdas=lambdas, num_lambdas=num_lambdas,
-                test_fraction=test_fraction, seed=seed, folds=folds,
+                test_fraction=test_fraction, seed=seed, folds=folds, block=block,
                 fit_options=fit_options, methods=methods, apparate_budgets=(max_loss,),
                 max_bytes=max_bytes)
   return Budget(max_loss=float(max_loss), split=fr.split, choices=choose(fr, max_loss),
@@ -429,7 +509,8 @@ def frontier_to_dict(fr: Frontier, trace: Optional[str] = None, *,
     idx = idx[np.argsort(np.asarray(fr.fit[m].mean_cost)[idx], kind="stable")]
     entries = []
     for i in idx:
-      param = _num(np.asarray(ev.param)[i])
+      param = (_param_value(fr, m, 0, i) if m in ("recall", "norecall")
+               else _num(np.asarray(ev.param)[i]))
       entries.append({"param": param, **metrics(ev, i)})
     methods[m] = entries
   return {"trace": trace, "split": dict(fr.split),
@@ -454,6 +535,8 @@ def budget_to_dict(b: Budget, trace: Optional[str] = None) -> dict:
 def _fmt_param(p):
   if p is None:
     return "-"
+  if isinstance(p, dict):
+    return ", ".join(f"{k}={_fmt_param(v)}" for k, v in p.items())
   if isinstance(p, list):
     return "[" + ", ".join(_fmt_param(v) for v in p) + "]"
   if isinstance(p, float):

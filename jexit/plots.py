@@ -191,7 +191,7 @@ def plot_sweep(fr, path, *, max_loss: float = 0.01, trace: Optional[str] = None,
   Returns:
     The path written.
   """
-  from jexit.frontier import choose_index  # pylint: disable=import-outside-toplevel
+  from jexit.frontier import candidate_policy, choose_index  # pylint: disable=import-outside-toplevel
   k = int(np.asarray(fr.model.cost).shape[0])
   has_policy = fr.policy is not None and "recall" in fr.test
   fig = _figure(figsize=(max(9.0, 3.2 * (k - 1)), 11.0 if has_policy else 8.0),
@@ -209,7 +209,8 @@ def plot_sweep(fr, path, *, max_loss: float = 0.01, trace: Optional[str] = None,
     if i is None:
       i = int(np.argmax(fit_ev.agreement))
     axes = [fig.add_subplot(grid_spec[1, j]) for j in range(max(k - 1, 1))]
-    plot_if_stop(fr.policy, i, axes=axes, binning=fr.binning)
+    policy, lam_index, _, binning = candidate_policy(fr, "recall", i)
+    plot_if_stop(policy, lam_index, axes=axes, binning=binning)
     hist["recall"] = (fr.splits[0]["recall"][1], i)
   if "global_threshold" in fr.test:
     g_fit = fr.splits[0]["global_threshold"][0]

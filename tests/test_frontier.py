@@ -67,12 +67,21 @@ def test_frontier_runs_every_method_on_fit_and_test_rows(traces, fr):
   assert tuple(fr.test) == jf.METHODS == tuple(fr.fit) == tuple(fr.pareto)
   assert fr.split["fit_rows"] == 200 and fr.split["test_rows"] == 200
   fit_rows, test_rows = jf.split_rows(400)
-  # The recall curve is exactly: fit on the fit rows, solve, evaluate on test rows.
-  model, binning = jexit.fit(traces, rows=fit_rows, **jf.DEFAULT_FIT)
-  lams = jf.default_lambdas(model, 60)
-  direct = evaluate(jexit.solve(model, lams), traces.take(test_rows), binning)
-  np.testing.assert_allclose(fr.test["recall"].agreement, direct.agreement)
-  np.testing.assert_allclose(fr.test["recall"].param, lams)
+  # The recall curve is exactly: fit each candidate model on the fit rows,
+  # solve, evaluate on test rows, and concatenate the candidates' grids.
+  candidates = jf.fit_candidates(traces, fit_rows, jf.DEFAULT_FIT)
+  assert [b.num_bins for _, b in candidates] == list(jf.DEFAULT_FIT["num_bins"])
+  lams = jf.default_lambdas(candidates[0][0], 60)
+  direct = [evaluate(jexit.solve(m, lams), traces.take(test_rows), b) for m, b in candidates]
+  np.testing.assert_allclose(fr.test["recall"].agreement,
+                             np.concatenate([d.agreement for d in direct]))
+  np.testing.assert_allclose(fr.test["recall"].param, np.tile(lams, len(candidates)))
+  # Entry i of the pooled grid is lam i % L of candidate i // L.
+  i = len(lams) + 7
+  policy, lam_index, _, binning = jf.candidate_policy(fr, "recall", i)
+  assert lam_index == 7 and binning.num_bins == jf.DEFAULT_FIT["num_bins"][1]
+  assert jf._param_value(fr, "recall", 0, i) == {"lam": float(lams[7]),
+                                                 "num_bins": binning.num_bins}
   assert fr.test["recall"].num_inputs == 200 and fr.fit["recall"].num_inputs == 200
   assert fr.apparate_thresholds[0].shape == (3, 3)
   np.testing.assert_allclose(fr.test["apparate_greedy"].param, [0.0, 0.02, 0.1])
@@ -105,8 +114,8 @@ def test_cross_fitting_pools_held_out_folds(traces):
   lams = fr.test["recall"].param
   evs = []
   for fit_rows, test_rows in folds:
-    model, binning = jexit.fit(traces, rows=fit_rows, **jf.DEFAULT_FIT)
-    evs.append(evaluate(jexit.solve(model, lams), traces.take(test_rows), binning))
+    evs.append(jf._concat([evaluate(jexit.solve(m, lams[:20]), traces.take(test_rows), b)
+                           for m, b in jf.fit_candidates(traces, fit_rows, jf.DEFAULT_FIT)]))
   w = np.array([e.num_inputs for e in evs])
   pooled = sum(wi * e.agreement for wi, e in zip(w, evs)) / w.sum()
   np.testing.assert_allclose(fr.test["recall"].agreement, pooled)
@@ -146,7 +155,7 @@ def test_json_dicts_have_the_documented_shape(traces, fr):
       assert set(e) == {"param", "agreement", "accuracy", "mean_cost", "speedup"}
       assert 0 <= e["agreement"] <= 1 and e["speedup"] >= 1 - 1e-9
   everything = jf.frontier_to_dict(fr, all_points=True)
-  assert len(everything["methods"]["recall"]) == 60
+  assert len(everything["methods"]["recall"]) == 60 * len(jf.DEFAULT_FIT["num_bins"])
   b = jf.budget_to_dict(jf.budget(traces, 0.02, num_lambdas=30), "t.npz")
   assert b["max_loss"] == 0.02
   for m, c in b["methods"].items():
@@ -176,3 +185,24 @@ def test_if_stop_tables_follow_the_thresholds(fr):
           assert table[r, a, b] == float(grid[a] <= thr[r, b])
           assert grid[a] <= loss[r, b]
   assert np.all(table[-1][~np.isnan(table[-1])] == 1)  # the last ramp always stops
+
+
+def test_block_splits_keep_related_rows_together():
+  for block in (1, 4, 7):
+    fit_rows, test_rows = jf.split_rows(103, seed=3, block=block)
+    assert len(np.intersect1d(fit_rows, test_rows)) == 0
+    assert len(fit_rows) + len(test_rows) == 103
+    assert set(fit_rows // block).isdisjoint(test_rows // block)
+    for fit_r, test_r in jf.fold_rows(103, 4, seed=1, block=block):
+      assert set(fit_r // block).isdisjoint(test_r // block)
+      assert len(fit_r) + len(test_r) == 103
+  with pytest.raises(ValueError, match="block"):
+    jf.split_rows(10, block=0)
+  with pytest.raises(ValueError, match="folds"):
+    jf.fold_rows(10, 4, block=5)
+
+
+def test_paper_settings_give_a_single_candidate(traces):
+  fr = jf.frontier(traces, num_lambdas=20, methods=("recall",), fit_options=jf.PAPER_FIT)
+  assert len(fr.candidates[0]) == 1 and fr.binning.num_bins == 13
+  assert fr.test["recall"].agreement.shape == (20,)
