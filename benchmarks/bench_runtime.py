@@ -10,7 +10,7 @@ rows is within `--max-loss`, exports it, and times on the other half:
               and drops the inputs that exit after every ramp.
 
 At batch sizes 1, 32 and 256 it prints the median wall-clock latency per input
-of each, the measured speedup, and the FLOPs speedup that `jexit.evaluate`
+of each, the measured speedup, and the FLOPs speedup that `jexit.evaluation`
 predicts for the same policy on the same rows.
 
     python benchmarks/bench_runtime.py [--weights W.pt] [--device cuda]
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jexit  # noqa: E402
 from experiments import ee_vgg  # noqa: E402
-from jexit.evaluate import evaluate  # noqa: E402
+from jexit.evaluation import evaluate  # noqa: E402
 from jexit.export import export_policy  # noqa: E402
 from jexit.runtime import ExitTable  # noqa: E402
 from jexit.runtime_torch import EarlyExitRunner  # noqa: E402

@@ -7,7 +7,10 @@ Names that need JAX are imported on first use, so the numpy runtime
 import importlib
 
 from jexit.datasets import demo_trace_path, load_demo_traces
+from jexit.export import export_policy, load_policy_file, trace_sha256
 from jexit.fit import fit, quantile_edges, uniform_edges
+from jexit.importers import load_apparate
+from jexit.runtime import ExitTable
 from jexit.traces import check_traces, load_traces, save_traces
 from jexit.types import Binning, ExitModel, Policy, Traces
 
@@ -17,12 +20,23 @@ __version__ = "0.1.0"
 _LAZY = {
     "check_model": "jexit.solver",
     "solve": "jexit.solver",
+    "Evaluation": "jexit.evaluation",
+    "evaluate": "jexit.evaluation",
+    "expected_objective": "jexit.evaluation",
+    "Budget": "jexit.frontiers",
+    "BudgetChoice": "jexit.frontiers",
+    "DEFAULT_FIT": "jexit.frontiers",
+    "Frontier": "jexit.frontiers",
+    "PAPER_FIT": "jexit.frontiers",
+    "budget": "jexit.frontiers",
+    "frontier": "jexit.frontiers",
 }
 
 __all__ = [
-    "Binning", "ExitModel", "Policy", "Traces",
-    "check_traces", "demo_trace_path", "fit", "load_demo_traces", "load_traces",
-    "quantile_edges", "save_traces", "uniform_edges",
+    "Binning", "ExitModel", "ExitTable", "Policy", "Traces",
+    "check_traces", "demo_trace_path", "export_policy", "fit", "load_apparate",
+    "load_demo_traces", "load_policy_file", "load_traces", "quantile_edges",
+    "save_traces", "trace_sha256", "uniform_edges",
 ] + sorted(_LAZY)
 
 

@@ -1,9 +1,9 @@
 """Baseline exit rules that jexit's policies are read against.
 
-Every baseline returns the same `Evaluation` as `jexit.evaluate`, over a
+Every baseline returns the same `Evaluation` as `jexit.evaluation`, over a
 batch `[P]` of its parameter values, so the frontier, the budget search and
 the plots treat all methods alike. The no-recall optimum is not here: it is
-`jexit.solve(..., recall=False)` evaluated with `jexit.evaluate`.
+`jexit.solve(..., recall=False)` evaluated with `jexit.evaluation`.
 
 Confidence rules (the global threshold, Apparate) exit at the first ramp k
 with `1 - conf[k] < t_k` (strict, as Apparate does) and always at the last.
@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jexit.evaluate import Evaluation, from_counts, summarize
+from jexit.evaluation import Evaluation, from_counts, summarize
 from jexit.traces import check_traces
 from jexit.types import Traces
 

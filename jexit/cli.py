@@ -35,7 +35,7 @@ def _num_bins(text: str):
 
 
 def _add_fit_args(p):
-  g = p.add_argument_group("model (defaults: jexit.frontier.DEFAULT_FIT)")
+  g = p.add_argument_group("model (defaults: jexit.frontiers.DEFAULT_FIT)")
   g.add_argument("--bins", choices=("uniform", "quantile"),
                  help="bins of the exit signal: uniform width --step or per-ramp quantiles")
   g.add_argument("--step", type=float, help="bin width for --bins uniform (paper: 0.08)")
@@ -71,7 +71,7 @@ def _add_split_args(p):
 
 
 def _fit_overrides(args) -> dict:
-  from jexit.frontier import PAPER_FIT  # pylint: disable=import-outside-toplevel
+  from jexit.frontiers import PAPER_FIT  # pylint: disable=import-outside-toplevel
   base = dict(PAPER_FIT) if getattr(args, "paper", False) else {}
   base.update({k: getattr(args, k) for k in _FIT_ARGS if getattr(args, k, None) is not None})
   return base
@@ -95,7 +95,7 @@ def _plot(fr, path, trace, max_loss) -> str:
 
 
 def _sweep(fr, trace_name, args) -> None:
-  from jexit import frontier as jf  # pylint: disable=import-outside-toplevel
+  from jexit import frontiers as jf  # pylint: disable=import-outside-toplevel
   print(jf.format_frontier(fr, trace=trace_name))
   if args.json:
     _write_json(args.json, jf.frontier_to_dict(fr, trace_name, all_points=args.all_points))
@@ -105,7 +105,7 @@ def _sweep(fr, trace_name, args) -> None:
 
 
 def run_sweep(args) -> int:
-  from jexit.frontier import frontier  # pylint: disable=import-outside-toplevel
+  from jexit.frontiers import frontier  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   traces = load_traces(args.trace)
   fr = frontier(traces, **_frontier_kwargs(args))
@@ -114,7 +114,7 @@ def run_sweep(args) -> int:
 
 
 def run_budget(args) -> int:
-  from jexit import frontier as jf  # pylint: disable=import-outside-toplevel
+  from jexit import frontiers as jf  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   traces = load_traces(args.trace)
   b = jf.budget(traces, args.max_loss, **_frontier_kwargs(args))
@@ -127,7 +127,7 @@ def run_budget(args) -> int:
 
 def run_demo(args) -> int:
   from jexit import datasets  # pylint: disable=import-outside-toplevel
-  from jexit.frontier import frontier  # pylint: disable=import-outside-toplevel
+  from jexit.frontiers import frontier  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   path = datasets.demo_trace_path()
   if not os.path.exists(path):

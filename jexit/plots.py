@@ -8,7 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from jexit.evaluate import Evaluation
+from jexit.evaluation import Evaluation
 from jexit.types import Binning, Policy
 
 _STYLE = {  # method -> (colour, marker, linestyle)
@@ -191,7 +191,7 @@ def plot_sweep(fr, path, *, max_loss: float = 0.01, trace: Optional[str] = None,
   Returns:
     The path written.
   """
-  from jexit.frontier import candidate_policy, choose_index  # pylint: disable=import-outside-toplevel
+  from jexit.frontiers import candidate_policy, choose_index  # pylint: disable=import-outside-toplevel
   k = int(np.asarray(fr.model.cost).shape[0])
   has_policy = fr.policy is not None and "recall" in fr.test
   fig = _figure(figsize=(max(9.0, 3.2 * (k - 1)), 11.0 if has_policy else 8.0),

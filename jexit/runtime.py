@@ -36,7 +36,7 @@ Input handling (never a silent wrong exit):
   - `out_of_range="error"` (default): a signal outside
     `[edges[k, 0], edges[k, -1]]` by more than `range_tol * (hi - lo)` raises
     `ValueError`. `out_of_range="clip"`: it falls into the end bin, exactly as
-    `jexit.Binning.assign` and `jexit.evaluate` treat it.
+    `jexit.Binning.assign` and `jexit.evaluation` treat it.
 """
 
 import bisect
@@ -325,7 +325,7 @@ class ExitTable:
             f"signal at ramp {k}: expected values in the edges' range "
             f"[{self.edges[k, 0]:g}, {self.edges[k, -1]:g}], got {v[tuple(at)]!r} at "
             f"input {tuple(int(i) for i in at)} (pass out_of_range='clip' to use the "
-            f"end bins, as jexit.evaluate does)")
+            f"end bins, as jexit.evaluation does)")
     # side="right" on the inner edges: bins are [e_s, e_{s+1}), values beyond
     # the outer edges land in the end bins (Binning.assign's rule exactly).
     b = np.searchsorted(self._inner[k], np.where(isnan, self.edges[k, 0], v), side="right")

@@ -127,7 +127,7 @@ class EarlyExitRunner:
   def _signal(self, k, logits, conf) -> np.ndarray:
     """`[B]` float64 signal on the host (1 - conf unless `signal_fn`)."""
     if self.signal_fn is None:
-      # In float64 from the float32 confidence, as jexit.evaluate computes it.
+      # In float64 from the float32 confidence, as jexit.evaluation computes it.
       return 1.0 - conf.cpu().numpy().astype(np.float64)
     signal = self.signal_fn(logits)
     if tuple(signal.shape) != (logits.shape[0],):

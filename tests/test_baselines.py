@@ -5,7 +5,7 @@ import pytest
 
 import jexit
 from jexit import baselines
-from jexit.evaluate import evaluate
+from jexit.evaluation import evaluate
 
 
 def traces_from(u, agree, cost=(1.0, 1.0, 1.0)):

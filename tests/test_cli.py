@@ -11,7 +11,7 @@ import pytest
 
 import jexit
 from jexit import cli
-from jexit.frontier import METHODS
+from jexit.frontiers import METHODS
 
 ENTRY_KEYS = {"param", "agreement", "accuracy", "mean_cost", "speedup"}
 

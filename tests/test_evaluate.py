@@ -1,4 +1,4 @@
-"""Tests of jexit.evaluate: replay == a plain per-input loop, and model values."""
+"""Tests of jexit.evaluation: replay == a plain per-input loop, and model values."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jexit
-from jexit.evaluate import Evaluation, cost_quantiles, evaluate, expected_objective, summarize
+from jexit.evaluation import Evaluation, cost_quantiles, evaluate, expected_objective, summarize
 
 
 def random_traces(rng, n=300, k=3, classes=3, labels=True, signal=False):
@@ -230,7 +230,7 @@ def test_errors_name_the_field():
 
 
 def test_new_lam_grid_and_other_mode_reuse_the_compile():
-  from jexit import evaluate as ev_mod
+  from jexit import evaluation as ev_mod
   rng = np.random.default_rng(11)
   traces = random_traces(rng, n=100)
   model, binning = jexit.fit(traces)

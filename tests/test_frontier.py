@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jexit
-from jexit import frontier as jf
-from jexit.evaluate import evaluate
+from jexit import frontiers as jf
+from jexit.evaluation import evaluate
 
 
 def make_traces(n=400, k=3, seed=0, labels=True):

@@ -1,4 +1,4 @@
-"""The numpy runtime: decisions equal a per-input reference and jexit.evaluate."""
+"""The numpy runtime: decisions equal a per-input reference and jexit.evaluation."""
 
 import importlib.util
 import os
@@ -85,7 +85,7 @@ def test_run_equals_reference_on_random_tables(seed, recall):
       if stop:
         break
     assert (r, best_ramp) == (got[0][i], got[1][i])
-  # The same table as a Policy, replayed by jexit.evaluate (ties on edges too).
+  # The same table as a Policy, replayed by jexit.evaluation (ties on edges too).
   policy = jexit.Policy(threshold=threshold[None], value=np.zeros(1), lam=np.zeros(1),
                         loss=loss, cost=np.ones(k), recall=recall)
   traces = jexit.Traces(conf, pred, None, np.ones(k))
@@ -220,8 +220,8 @@ def test_out_of_range_is_an_error_or_clipped():
 
 
 def _evaluate_decisions(policy, traces, binning, lam_index):
-  """(stop_ramp [N], output_ramp [N]) of one lam from jexit.evaluate."""
-  evaluate = pytest.importorskip("jexit.evaluate").evaluate
+  """(stop_ramp [N], output_ramp [N]) of one lam from jexit.evaluation."""
+  evaluate = pytest.importorskip("jexit.evaluation").evaluate
   ev = evaluate(policy, traces, binning, return_per_input=True)
   return np.asarray(ev.stop_ramp)[lam_index], np.asarray(ev.output_ramp)[lam_index]
 

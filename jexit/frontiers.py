@@ -14,7 +14,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from jexit import baselines
-from jexit.evaluate import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
+from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
                             evaluate, select)
 from jexit.fit import fit
 from jexit.solver import solve
@@ -292,7 +292,7 @@ def frontier(traces: Traces, *,
 
   Examples:
     >>> import numpy as np, jexit
-    >>> from jexit.frontier import frontier
+    >>> from jexit.frontiers import frontier
     >>> rng = np.random.default_rng(0)
     >>> conf = np.sort(rng.uniform(0.3, 1, (400, 3)), axis=1)
     >>> t = jexit.Traces(conf, rng.integers(0, 2, (400, 3)), None, np.ones(3))
@@ -455,7 +455,7 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
 
   Examples:
     >>> import numpy as np, jexit
-    >>> from jexit.frontier import budget
+    >>> from jexit.frontiers import budget
     >>> rng = np.random.default_rng(0)
     >>> conf = np.sort(rng.uniform(0.3, 1, (400, 3)), axis=1)
     >>> t = jexit.Traces(conf, rng.integers(0, 2, (400, 3)), None, np.ones(3))

@@ -291,7 +291,7 @@ def evaluate(policy: Policy, traces: Traces,
 
   Examples:
     >>> import numpy as np, jexit
-    >>> from jexit.evaluate import evaluate
+    >>> from jexit.evaluation import evaluate
     >>> rng = np.random.default_rng(0)
     >>> t = jexit.Traces(rng.uniform(size=(200, 3)), rng.integers(0, 2, (200, 3)),
     ...                  None, np.ones(3))
@@ -492,7 +492,7 @@ def expected_objective(policy: Policy, model: ExitModel, *,
 
   Examples:
     >>> import numpy as np, jexit
-    >>> from jexit.evaluate import expected_objective
+    >>> from jexit.evaluation import expected_objective
     >>> model = jexit.ExitModel(np.full(3, 1 / 3), np.full((1, 3, 3), 1 / 3),
     ...                         np.array([[0.1, 0.5, 0.9]] * 2), np.ones(2))
     >>> policy = jexit.solve(model, np.array([0.01, 1.0]))
