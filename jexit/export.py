@@ -216,91 +216,69 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
   """
   p = subparsers.add_parser(
       "export", help="fit, solve and export one exit policy for deployment",
-      description="Fits the exit model on TRACE (jexit.fit defaults), solves it and "
-                  "writes one policy table (.npz, format jexit-policy v1) that "
-                  "jexit.runtime.ExitTable and jexit.runtime_torch.EarlyExitRunner load.")
+      description="Fits the exit model, solves it and writes one policy table (.npz, "
+                  "format jexit-policy v1) that jexit.runtime.ExitTable and "
+                  "jexit.runtime_torch.EarlyExitRunner load. With --lam: jexit.fit's "
+                  "defaults on all of TRACE. With --max-loss: as `jexit budget`, the "
+                  "policy is chosen on a seeded fit split and its held-out metrics are "
+                  "printed; the exported model is the one fitted on the fit rows.")
   p.add_argument("trace", help="trace .npz (conf, pred, cost[, label, signal])")
   choose = p.add_mutually_exclusive_group(required=True)
   choose.add_argument("--lam", type=float,
                       help="the cost weight lam to solve for")
   choose.add_argument("--max-loss", type=float, dest="max_loss",
-                      help="export the cheapest policy on a lam grid whose mean loss "
-                           "of the output ramp on TRACE (in units of the fitted loss "
-                           "table) is at most this; chosen on TRACE itself")
+                      help="agreement-loss budget (e.g. 0.01): export the policy with "
+                           "the most speedup on the fit rows whose agreement loss there "
+                           "is at most this (jexit.frontiers.DEFAULT_FIT candidates)")
   p.add_argument("--out", required=True, help="policy file to write")
   p.add_argument("--no-recall", action="store_true", dest="no_recall",
                  help="solve the no-recall policy (output = the stopping ramp)")
-  p.add_argument("--loss", choices=("proxy", "calibrated"), default="proxy",
-                 help="loss table of jexit.fit (default: proxy, the paper's 1 - softmax)")
-  p.add_argument("--grid", type=int, default=200,
-                 help="lam values tried by --max-loss (default 200)")
+  p.add_argument("--paper", action="store_true",
+                 help="the paper's model: uniform 0.08 bins, loss = 1 - conf")
+  p.add_argument("--seed", type=int, default=0, help="seed of the fit split (--max-loss)")
+  p.add_argument("--block", type=int, default=1,
+                 help="split rows in blocks of this many related rows (--max-loss)")
+  p.add_argument("--grid", type=int, default=1000,
+                 help="lam values per candidate model tried by --max-loss (default 1000)")
   p.set_defaults(func=run_export)
   return p
 
 
-def _lam_grid(model: ExitModel, size: int) -> np.ndarray:
-  """0 plus log-spaced lam from 1e-4 to 1e2 times loss range / total cost."""
-  if size < 2:
-    raise ValueError(f"--grid: expected at least 2 lam values, got {size}")
-  loss = np.asarray(model.loss)
-  scale = max(float(loss.max() - loss.min()), 1e-12) / max(float(np.sum(model.cost)), 1e-300)
-  return np.concatenate([[0.0], scale * np.logspace(-4, 2, size - 1)])
-
-
 def run_export(args) -> int:
   """Runs `jexit export` from parsed `args`; prints one summary line."""
-  from jexit.fit import fit  # the solver side needs JAX; keep it off import
-  from jexit.solver import solve
-  from jexit.traces import load_traces
+  # The solver side needs JAX; keep it off this module's import.
+  from jexit.fit import fit  # pylint: disable=import-outside-toplevel
+  from jexit import frontiers  # pylint: disable=import-outside-toplevel
+  from jexit.solver import solve  # pylint: disable=import-outside-toplevel
+  from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
 
   traces = load_traces(args.trace)
-  model, binning = fit(traces, loss=args.loss)
   recall = not args.no_recall
+  options = dict(frontiers.PAPER_FIT) if args.paper else {}
   if args.lam is not None:
     if not (np.isfinite(args.lam) and args.lam >= 0):
       raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
+    model, binning = fit(traces, **options)
     policy = solve(model, np.array([args.lam]), recall=recall)
-    lam_index, note = 0, ""
+    lam_index, note = 0, " (fitted on all of TRACE)"
   else:
-    if not np.isfinite(args.max_loss):
-      raise ValueError(f"--max-loss: expected a finite number, got {args.max_loss}")
-    policy = solve(model, _lam_grid(model, args.grid), recall=recall)
-    lam_index, mean_loss, mean_cost = _choose_by_loss(policy, binning, traces, args.max_loss)
-    note = (f" mean loss {mean_loss:.4g} <= {args.max_loss:g} and mean cost "
-            f"{mean_cost:.4g} on TRACE (chosen on TRACE: optimistic)")
+    if not (np.isfinite(args.max_loss) and 0 <= args.max_loss <= 1):
+      raise ValueError(f"--max-loss: expected an agreement-loss budget in [0, 1], "
+                       f"got {args.max_loss}")
+    method = "recall" if recall else "norecall"
+    fr = frontiers.frontier(traces, methods=(method,), seed=args.seed, block=args.block,
+                            num_lambdas=args.grid, fit_options=options)
+    fit_ev, test_ev = fr.splits[0][method]
+    i = frontiers.choose_index(fit_ev, args.max_loss)
+    if i is None:
+      raise ValueError(f"--max-loss: no policy reaches agreement >= {1 - args.max_loss:g} "
+                       f"on the fit rows; the best is {float(np.max(fit_ev.agreement)):.4g}")
+    policy, lam_index, model, binning = frontiers.candidate_policy(fr, method, i)
+    note = (f"; chosen on {fr.split['fit_rows']} fit rows (agreement "
+            f"{float(fit_ev.agreement[i]):.4f}, speedup {float(fit_ev.speedup[i]):.2f}x), "
+            f"held-out {fr.split['test_rows']} rows: agreement "
+            f"{float(test_ev.agreement[i]):.4f}, speedup {float(test_ev.speedup[i]):.2f}x")
   header = export_policy(args.out, policy, binning, model, lam_index, traces=traces)
   print(f"wrote {args.out}: K={header['num_ramps']} S={header['num_bins']} "
         f"lam={header['lam']:.6g} recall={header['recall']} signal={header['signal']}{note}")
   return 0
-
-
-def _table(policy: Policy, binning: Binning, lam_index: int, **options) -> ExitTable:
-  """The in-memory `ExitTable` of one policy (what its file would load as)."""
-  fields, edges, loss, threshold, cost = policy_arrays(policy, binning, None, lam_index)
-  header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "jexit_version": "", "trace_sha256": None, **fields}
-  return ExitTable(header, edges, loss, threshold, cost, **options)
-
-
-def _choose_by_loss(policy: Policy, binning: Binning, traces: Traces, max_loss: float):
-  """Index of the lowest-mean-cost policy whose mean output loss <= max_loss."""
-  threshold = np.asarray(policy.threshold)
-  loss = np.asarray(policy.loss)
-  cost = np.cumsum(np.asarray(policy.cost, np.float64))
-  values = traces.exit_signal()
-  bins = binning.assign(values)  # [N, K]
-  n = values.shape[0]
-  best, found = None, []
-  for i in range(threshold.shape[0]):
-    table = _table(policy, binning, i, out_of_range="clip")
-    stop, out, _ = table.run(traces.conf, traces.pred,
-                             signal=traces.signal if binning.signal == "signal" else None)
-    mean_loss = float(loss[out, bins[np.arange(n), out]].astype(np.float64).mean())
-    mean_cost = float(cost[stop].mean())
-    found.append(mean_loss)
-    if mean_loss <= max_loss and (best is None or mean_cost < best[2]):
-      best = (i, mean_loss, mean_cost)
-  if best is None:
-    raise ValueError(f"--max-loss: no policy on the lam grid reaches a mean loss <= "
-                     f"{max_loss:g} on the trace; the smallest is {min(found):.4g}")
-  return best

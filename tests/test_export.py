@@ -191,13 +191,15 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path, solved):
 
 
 def _args(**kw):
-  base = dict(lam=None, max_loss=None, no_recall=False, loss="proxy", grid=40)
+  base = dict(lam=None, max_loss=None, no_recall=False, paper=False, seed=0, block=1,
+              grid=40)
   base.update(kw)
   return types.SimpleNamespace(**base)
 
 
 def test_cli_export(tmp_path, capsys, solved):
   import argparse
+  from jexit import frontiers
   traces = solved[0]
   jexit.save_traces(tmp_path / "t.npz", traces)
   parser = argparse.ArgumentParser(prog="jexit")
@@ -212,13 +214,18 @@ def test_cli_export(tmp_path, capsys, solved):
   with pytest.raises(SystemExit):  # --lam and --max-loss are exclusive
     parser.parse_args(["export", "t.npz", "--lam", "1", "--max-loss", "0.1", "--out", "x"])
 
-  # --max-loss: the cheapest grid policy within the loss budget on the trace.
+  # --max-loss: the budget choice on the fit rows, as `jexit budget` makes it.
   out = str(tmp_path / "m.npz")
-  export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=0.3, out=out))
+  export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=0.05, out=out))
+  printed = capsys.readouterr().out
+  assert "fit rows" in printed and "held-out" in printed
   table = load_policy_file(out)
-  stop, output, _ = table.run(traces.conf, traces.pred)
-  bins = jexit.Binning(table.edges).assign(1 - traces.conf)
-  n = len(stop)
-  assert table.loss[output, bins[np.arange(n), output]].mean() <= 0.3
-  with pytest.raises(ValueError, match="no policy on the lam grid"):
+  choice = frontiers.budget(traces, 0.05, methods=("recall",), num_lambdas=40)
+  fit_rows, _ = frontiers.split_rows(traces.num_inputs)
+  fit_t = traces.take(fit_rows)
+  _, output, _ = table.run(fit_t.conf, fit_t.pred)
+  agreement = np.mean(fit_t.pred[np.arange(len(output)), output] == fit_t.pred[:, -1])
+  assert agreement == pytest.approx(float(choice.choices["recall"].fit.agreement[0]))
+  assert table.lam == pytest.approx(choice.choices["recall"].param["lam"])
+  with pytest.raises(ValueError, match="agreement-loss budget"):
     export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=-1.0, out=out))

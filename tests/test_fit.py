@@ -29,7 +29,7 @@ def test_fit_recovers_a_known_chain():
   init = np.array([0.4, 0.3, 0.2, 0.1])
   trans = rng.dirichlet(np.ones(s) * 2, size=(k - 1, s))
   traces = _chain_traces(rng, 40_000, init, trans, edges)
-  model, binning = jexit.fit(traces, bins=edges, smoothing=0.0)
+  model, binning = jexit.fit(traces, bins=edges, loss="proxy", smoothing=0.0)
   np.testing.assert_allclose(binning.edges, np.tile(edges, (k, 1)))
   np.testing.assert_allclose(model.init, init, atol=0.01)
   np.testing.assert_allclose(model.trans, trans, atol=0.03)
@@ -41,7 +41,7 @@ def test_paper_uniform_bins():
   rng = np.random.default_rng(1)
   traces = jexit.Traces(rng.uniform(size=(50, 3)), rng.integers(0, 2, (50, 3)), None,
                         np.array([1.0, 2.0, 3.0]))
-  model, binning = jexit.fit(traces)
+  model, binning = jexit.fit(traces, bins="uniform", loss="proxy")
   assert binning.num_bins == 13 and binning.signal == "1-conf"
   np.testing.assert_allclose(binning.edges[0, :3], [0, 0.08, 0.16])
   assert binning.edges[0, -1] == 1.0
@@ -55,7 +55,7 @@ def test_empty_bins_are_smoothed_and_solvable():
   # Confidences all near 1: most of the 13 uniform bins see no data.
   conf = rng.uniform(0.95, 1.0, size=(30, 3))
   traces = jexit.Traces(conf, np.zeros((30, 3), int), None, np.ones(3))
-  model, _ = jexit.fit(traces)
+  model, _ = jexit.fit(traces, bins="uniform", loss="proxy")
   assert np.all(model.trans > 0)
   np.testing.assert_allclose(model.trans.sum(-1), 1.0)
   # An empty bin's proxy loss is its midpoint.
@@ -89,12 +89,12 @@ def test_calibrated_loss_is_monotone_rate_of_disagreement():
   flip = rng.uniform(size=n) < 1 - conf[:, 0]
   pred[flip, 0] = (final[flip] + 1) % 5
   traces = jexit.Traces(conf, pred, final, np.ones(3))
-  model, binning = jexit.fit(traces, loss="calibrated")
+  model, binning = jexit.fit(traces, bins="uniform", loss="calibrated")
   mid = (binning.edges[0, :-1] + binning.edges[0, 1:]) / 2
   np.testing.assert_allclose(model.loss[0], mid, atol=0.07)
   assert np.all(np.diff(model.loss, axis=1) >= -1e-12)
   assert np.all(model.loss[-1] == 0)  # the final ramp agrees with itself
-  labelled, _ = jexit.fit(traces, loss="calibrated", target="label")
+  labelled, _ = jexit.fit(traces, bins="uniform", loss="calibrated", target="label")
   np.testing.assert_allclose(labelled.loss[0], mid, atol=0.07)
 
 
@@ -104,9 +104,9 @@ def test_one_and_two_ramp_traces():
     traces = jexit.Traces(rng.uniform(size=(60, k)), rng.integers(0, 2, (60, k)), None,
                           np.ones(k))
     model, _ = jexit.fit(traces)
-    assert model.trans.shape == (k - 1, 13, 13)
+    assert model.trans.shape == (k - 1, 32, 32)
     policy = jexit.solve(model, np.array([0.1]))
-    assert policy.threshold.shape == (1, k, 13)
+    assert policy.threshold.shape == (1, k, 32)
 
 
 def test_signal_field_is_binned_instead_of_conf():
@@ -231,12 +231,12 @@ def test_marginal_prior_shrinks_rows_towards_next_bin_law():
   rng = np.random.default_rng(9)
   conf = np.column_stack([rng.uniform(size=500), rng.beta(8, 1, size=500)])
   traces = jexit.Traces(conf, np.zeros((500, 2), int), None, np.ones(2))
-  heavy, binning = jexit.fit(traces, prior="marginal", smoothing=1e4)
+  heavy, binning = jexit.fit(traces, bins="uniform", prior="marginal", smoothing=1e4)
   np.testing.assert_allclose(heavy.trans.sum(-1), 1.0)
   marginal = np.bincount(binning.assign(traces.exit_signal())[:, 1], minlength=13) + 1 / 13
   np.testing.assert_allclose(heavy.trans[0], np.tile(marginal / marginal.sum(), (13, 1)),
                              atol=2e-3)
-  uniform, _ = jexit.fit(traces, prior="uniform", smoothing=1e4)
+  uniform, _ = jexit.fit(traces, bins="uniform", prior="uniform", smoothing=1e4)
   np.testing.assert_allclose(uniform.trans[0], 1 / 13, atol=2e-3)
   with pytest.raises(ValueError, match="prior"):
     jexit.fit(traces, prior="nope")
@@ -265,8 +265,8 @@ def test_kernel_smoothing_keeps_rows_stochastic_and_spreads_mass():
   conf = rng.uniform(size=(300, 3))
   conf[:, 1] = conf[:, 0]  # ramp 2 repeats ramp 1: diagonal transitions
   traces = jexit.Traces(conf, np.zeros((300, 3), int), None, np.ones(3))
-  sharp, _ = jexit.fit(traces, smoothing=0.0)
-  blurred, _ = jexit.fit(traces, smoothing=0.0, kernel=1.0)
+  sharp, _ = jexit.fit(traces, bins="uniform", smoothing=0.0)
+  blurred, _ = jexit.fit(traces, bins="uniform", smoothing=0.0, kernel=1.0)
   np.testing.assert_allclose(blurred.trans.sum(-1), 1.0)
   assert np.allclose(np.diag(sharp.trans[0])[1:-1], 1.0)
   assert np.all(np.diag(blurred.trans[0]) < 0.8)

@@ -59,7 +59,7 @@ def full_trace(segments, heads, x):
 
 def solved_table(tmp_path, conf, pred, *, recall, lam_frac, name="p.npz"):
   traces = jexit.Traces(conf, pred, None, np.array([1.0, 1.0, 2.0, 2.0])[:conf.shape[1]])
-  model, binning = jexit.fit(traces, bins="quantile", num_bins=5)
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=5, loss="proxy")
   policy = jexit.solve(model, np.array([lam_frac]) / traces.cost.sum(), recall=recall)
   export.export_policy(tmp_path / name, policy, binning, model, 0, traces=traces)
   return ExitTable.load(tmp_path / name, out_of_range="clip")
