@@ -114,8 +114,13 @@ def _recall_kernel(grid, idx, init, trans, cost, lam, rtol, *, conditioned, retu
   """Recall policy for one model and one lam (PROBLEM.md, Algorithm 1).
 
     W_K(x, s) = grid[x]
-    W_k(x, s) = min(grid[x], lam c_{k+1} + sum_b trans_k[s, b] W_{k+1}(min(x, idx_{k+1}(b)), b))
+    W_k(x, s) = min(grid[x], lam c_{k+1} + sum_b trans_k[s, b] G_{k+1}[x, b])
+    G_k[x, b] = W_k(min(x, idx_k(b)), b)
     value     = lam c_1 + sum_a init[a] W_1(idx_1(a), a)
+
+  The scan carries G (what the next GEMM reads) rather than W: per ramp one
+  GEMM, one fused loop that compares, selects and builds the next G, and the
+  stop-prefix count (benchmarks/SOLVER.md).
 
   Args:
     grid: `[X]` sorted distinct losses. idx: `[K, S]` int. init: `[S]`.
@@ -130,34 +135,45 @@ def _recall_kernel(grid, idx, init, trans, cost, lam, rtol, *, conditioned, retu
   num_s = idx.shape[1]
   xs = jnp.arange(num_x)[:, None]  # [X, 1]
   stop_value = jnp.broadcast_to(grid[:, None], (num_x, num_s))  # [X, S]
+  # The reduction over x is the one [X, S] array XLA materialises outside the
+  # fused loop; int16 halves its bytes.
+  count_dtype = jnp.int16 if num_x < 2 ** 15 else jnp.int32
 
-  def at_idx(w, idx_k):
-    """`[S]`: W(idx_k(b), b) for every bin b."""
-    return jnp.take_along_axis(w, idx_k[None, :], axis=0)[0]
+  def stopping(stop_v, cont):
+    return stop_v <= cont + rtol * (1 + jnp.abs(cont))  # ties resolve to stop
 
-  def step(w_next, inputs):
-    trans_k, idx_next, cost_next = inputs
-    # G[x, b] = W_{k+1}(min(x, idx_{k+1}(b)), b) is W_{k+1} itself where
-    # x <= idx(b) and the constant W_{k+1}(idx(b), b) above: a select and an
-    # [S] gather instead of an [X, S] gather, so XLA fuses it into one loop.
-    g = jnp.where(xs <= idx_next[None, :], w_next, at_idx(w_next, idx_next)[None, :])
+  def gathered(w, w_at, idx_k):
+    """`G[x, b] = W(min(x, idx_k(b)), b)`: W itself where x <= idx_k(b), else
+    the constant W(idx_k(b), b) (a select, so XLA fuses it; no [X, S] gather)."""
+    return jnp.where(xs <= idx_k[None, :], w, w_at[None, :])
+
+  def step(carry, inputs):
+    g_next, _ = carry  # G_{k+1}: [X, S]
+    trans_k, idx_k, cost_next = inputs
     if conditioned:
-      expected = jnp.einsum("xsb,xb->xs", trans_k, g)
+      expected = jnp.einsum("xsb,xb->xs", trans_k, g_next)
     else:
       # The GEMM [X, S] x [S, S]; vmap over lam stacks the lam batch into its
-      # rows ([L*X, S] x [S, S] per model, see benchmarks/SOLVER.md).
-      expected = g @ trans_k.T
+      # rows: one [L*X, S] x [S, S] GEMM per model.
+      expected = g_next @ trans_k.T
     cont = lam * cost_next + expected
-    stop = stop_value <= cont + rtol * (1 + jnp.abs(cont))
+    stop = stopping(stop_value, cont)
     # Threshold = the largest x of the stop prefix. Stop sets are down-sets
     # for lam > 0 (Theorem 4.5); the prefix keeps the threshold conservative
     # (never stops where continuing is optimal) when they are not.
-    count = jnp.min(jnp.where(stop, num_x, xs), axis=0)  # [S]
-    return jnp.where(stop, stop_value, cont), (count, stop if return_stop else None)
+    count = jnp.min(jnp.where(stop, num_x, xs).astype(count_dtype), axis=0)  # [S]
+    # W_k = where(stop, grid, cont) is never stored, only G_k built from it;
+    # W_k(idx_k(b), b) needs just the [S] rows of cont at idx_k.
+    cont_at = jnp.take_along_axis(cont, idx_k[None, :], axis=0)[0]
+    w_at = jnp.where(stopping(grid[idx_k], cont_at), grid[idx_k], cont_at)  # [S]
+    g = gathered(jnp.where(stop, stop_value, cont), w_at, idx_k)
+    return (g, w_at), (count.astype(jnp.int32), stop if return_stop else None)
 
-  w_1, (counts, stops) = jax.lax.scan(step, stop_value, (trans, idx[1:], cost[1:]),
-                                      reverse=True)
-  value = lam * cost[0] + init @ at_idx(w_1, idx[0])
+  w_last_at = grid[idx[-1]]  # W_K(idx_K(b), b)
+  carry = (gathered(stop_value, w_last_at, idx[-1]), w_last_at)
+  (_, w_1_at), (counts, stops) = jax.lax.scan(
+      step, carry, (trans, idx[:-1], cost[1:]), reverse=True)
+  value = lam * cost[0] + init @ w_1_at
   threshold = jnp.where(counts > 0, grid[jnp.maximum(counts - 1, 0)], -jnp.inf)
   threshold = jnp.concatenate([threshold, jnp.full((1, num_s), jnp.inf, grid.dtype)])
   if return_stop:
@@ -188,16 +204,24 @@ def _norecall_kernel(loss, init, trans, cost, lam, rtol):
   return value, threshold, stop
 
 
-@functools.partial(jax.jit, static_argnames=("recall", "conditioned", "return_stop", "mesh"))
-def _solve_batched(grid, idx, init, trans, loss, cost, lam, rtol, *,
-                   recall, conditioned, return_stop, mesh=None):
+@functools.partial(jax.jit,
+                   static_argnames=("block", "recall", "conditioned", "return_stop", "mesh"))
+def _solve_batched(grid, idx, init, trans, loss, cost, lam, rtol, start=(0, 0), *,
+                   recall, conditioned, return_stop, block=None, mesh=None):
   """`[M]` models x `[L]` lam values -> value `[M, L]`, threshold `[M, L, K, S]`.
 
-  With a `mesh` (axes "model", "lam") the block is split over its devices by
-  `shard_map`: every device solves its own models x lam values, with no
-  communication. M and L must be multiples of the mesh's axis sizes.
+  With `block = (Mb, Lb)` only the block of models `i:i+Mb` and lam values
+  `j:j+Lb` at `start = (i, j)` is solved (the inputs stay on the device and
+  each block is one cheap call). With a `mesh` (axes "model", "lam") every
+  device solves the block at `start` of its own shard (`shard_map`, no
+  communication); M and L must be multiples of the mesh's axis sizes.
   """
-  def block(grid, idx, init, trans, loss, cost, lam, rtol):
+  def solve_block(grid, idx, init, trans, loss, cost, lam, rtol, i, j):
+    if block is not None:
+      mb, lb = block
+      take = lambda a: jax.lax.dynamic_slice_in_dim(a, i, mb, axis=0)
+      grid, idx, init, trans, loss, cost = map(take, (grid, idx, init, trans, loss, cost))
+      lam = jax.lax.dynamic_slice(lam, (i, j), (mb, lb))
     if recall:
       def one(grid, idx, init, trans, cost, lam):
         return _recall_kernel(grid, idx, init, trans, cost, lam, rtol,
@@ -212,14 +236,15 @@ def _solve_batched(grid, idx, init, trans, loss, cost, lam, rtol, *,
     value, threshold, stop = out
     return (value, threshold, stop) if return_stop else (value, threshold)
 
-  args = (grid, idx, init, trans, loss, cost, lam, rtol)
+  args = (grid, idx, init, trans, loss, cost, lam, rtol) + tuple(start)
   if mesh is None:
-    out = block(*args)
+    out = solve_block(*args)
   else:
     models, both = P("model"), P("model", "lam")
     # Each device's block is independent; check_vma=False because the scan
     # carry starts model-only and becomes lam-varying, which is fine here.
-    out = jax.shard_map(block, mesh=mesh, in_specs=(models,) * 6 + (both, P()),
+    out = jax.shard_map(solve_block, mesh=mesh,
+                        in_specs=(models,) * 6 + (both, P(), P(), P()),
                         out_specs=(both,) * (3 if return_stop else 2),
                         check_vma=False)(*args)
   return out if return_stop else out + (None,)
@@ -411,40 +436,46 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
     put = lambda a, spec: jax.device_put(a, used[0])
   else:
     put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-  rtol_dev = put(np.asarray(tol, dtype), P())
-
-  def run(i, j):
-    """Dispatches the block of models i:i+mc and lam values j:j+lc."""
-    block = [put(a[i:i + mc], P("model")) for a in models]
-    return _solve_batched(*block, put(lam_pad[i:i + mc, j:j + lc], P("model", "lam")),
-                          rtol_dev, recall=recall, conditioned=prep.conditioned,
-                          return_stop=return_stop, mesh=mesh)
-
-  starts = [(i, j) for i in range(0, m_pad, mc) for j in range(0, l_pad, lc)]
+  # The whole (small) input goes to the devices once; each call then solves
+  # the block at `start` of every device's shard.
+  inputs = [put(a, P("model")) for a in models]
+  inputs += [put(lam_pad, P("model", "lam")), put(np.asarray(tol, dtype), P())]
+  dm, dl = mesh_shape
+  md, ld = m_pad // dm, l_pad // dl  # one device's shard
+  mb, lb = mc // dm, lc // dl        # one device's block
+  starts = [(i, j) for i in range(0, md, mb) for j in range(0, ld, lb)]
+  run = functools.partial(_solve_batched, *inputs, recall=recall,
+                          conditioned=prep.conditioned, return_stop=return_stop,
+                          mesh=mesh)
   if len(starts) == 1:
-    value, threshold, stop = run(0, 0)
+    value, threshold, stop = run()
     if (m_pad, l_pad) != (m, num_l):
       value, threshold, stop = (a if a is None else a[:m, :num_l]
                                 for a in (value, threshold, stop))
   else:
-    value = np.empty((m, num_l), dtype)
-    threshold = np.empty((m, num_l, num_k, num_s), dtype)
+    value = np.empty((m_pad, l_pad), dtype)
+    threshold = np.empty((m_pad, l_pad, num_k, num_s), dtype)
     stop = None
     if return_stop:
-      stop = np.empty((m, num_l, num_k) + ((num_x,) if recall else ()) + (num_s,), bool)
+      stop = np.empty((m_pad, l_pad, num_k) + ((num_x,) if recall else ()) + (num_s,),
+                      bool)
     # The next block is dispatched before the last one is copied out, so at
     # most two blocks are alive at once.
     pending = None
     for start in starts + [None]:
-      current = None if start is None else (start, run(*start))
+      current = None
+      if start is not None:
+        current = start, run(tuple(np.int32(v) for v in start), block=(mb, lb))
       if pending is not None:
         (i, j), outs = pending
-        rows, cols = slice(i, min(i + mc, m)), slice(j, min(j + lc, num_l))
         for dst, src in zip((value, threshold, stop), outs):
           if dst is not None:
-            dst[rows, cols] = np.asarray(src)[:rows.stop - i, :cols.stop - j]
+            # Rows of device a are a * md + i + [0, mb): a strided view.
+            view = dst.reshape((dm, md, dl, ld) + dst.shape[2:])
+            view[:, i:i + mb, :, j:j + lb] = np.asarray(src).reshape(
+                (dm, mb, dl, lb) + dst.shape[2:])
       pending = current
-    value, threshold, stop = (a if a is None else jnp.asarray(a)
+    value, threshold, stop = (a if a is None else jnp.asarray(a[:m, :num_l])
                               for a in (value, threshold, stop))
   grid = jnp.asarray(prep.grid)
   out = Policy(threshold=threshold, value=value, lam=jnp.asarray(lam_m),
