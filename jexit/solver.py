@@ -2,6 +2,10 @@
 
 A kernel solves one model for one lam with `lax.scan(reverse=True)` over the
 ramps; `solve` vmaps it over lam and models and is the one place that jits.
+The `[M, L]` batch is solved in blocks that fit a memory budget (`max_bytes`;
+cache-sized on a CPU), each block one call of the same compiled program, and
+a block can be spread over devices with a ("model", "lam") mesh (`devices`).
+Measurements: benchmarks/SOLVER.md.
 """
 
 import functools
@@ -253,7 +257,7 @@ def _solve_batched(grid, idx, init, trans, loss, cost, lam, rtol, start=(0, 0), 
 # Default block on a CPU: the recursion streams its [X, S] buffers once per
 # ramp, so a block that stays in the last-level cache runs 2-4x faster than one
 # that does not (benchmarks/SOLVER.md). Accelerators take the largest block.
-CPU_BLOCK_BYTES = 4 << 20
+CPU_BLOCK_BYTES = 8 << 20
 
 
 def _available_bytes(device) -> int:

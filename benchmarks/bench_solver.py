@@ -1,0 +1,355 @@
+"""Solver throughput: policies/s, GFLOP/s against the machine's matmul rate, memory.
+
+Usage (from the repository root):
+
+  python benchmarks/bench_solver.py                 # the four configurations + baselines
+  python benchmarks/bench_solver.py --big           # + 100,000 policies in one call
+  python benchmarks/bench_solver.py --configs 13,3,1000,1 --reps 3
+
+Every configuration (S bins, K ramps, L lam values, M models) runs in its own
+subprocess, so its peak resident memory is its own; in it, timed `jnp.dot`
+calls (4096 x 4096, float32) alternate with timed `jexit.solve` calls, and the
+medians are compared. FLOPs counted: the GEMM only, 2 * X * S * S per ramp
+transition (K - 1 of them) per policy, X = the recall state's size (K * S for
+the random continuous losses used here).
+
+Baselines (per-policy time, on one model of the smallest configuration):
+- QuantEcon `DiscreteDP` + `backward_induction` over states (ramp, x, s) plus an
+  absorbing "stopped" state (needs `pip install quantecon`, the `bench` extra);
+- a plain-Python-loop backward induction.
+Both are checked against jexit's values.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = [(13, 3, 10000, 3), (32, 5, 4096, 8), (64, 16, 1024, 4), (128, 8, 256, 1)]
+BIG = (32, 8, 12500, 8)  # 100,000 policies in one call
+
+
+def random_model(seed, s, k, m):
+  """`[M]` random models: Dirichlet rows, continuous losses (X = K * S)."""
+  import jexit
+  rng = np.random.default_rng(seed)
+  return jexit.ExitModel(init=rng.dirichlet(np.ones(s), size=m),
+                         trans=rng.dirichlet(np.ones(s), size=(m, k - 1, s)),
+                         loss=rng.uniform(size=(m, k, s)),
+                         cost=rng.uniform(0.5, 1.5, size=(m, k)))
+
+
+def rss_bytes():
+  """Peak resident memory of this process so far."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def loop_solve(init, trans, loss, cost, lam):
+  """Recall value by plain Python loops over (ramp, x, s, b): the naive port."""
+  k_count, s_count = len(loss), len(loss[0])
+  grid = sorted(set(float(v) for row in loss for v in row))
+  pos = {v: i for i, v in enumerate(grid)}
+  idx = [[pos[float(loss[k][s])] for s in range(s_count)] for k in range(k_count)]
+  w_next = [[grid[x]] * s_count for x in range(len(grid))]
+  for k in range(k_count - 2, -1, -1):
+    w = []
+    for x in range(len(grid)):
+      row_w = []
+      for s in range(s_count):
+        cont = lam * cost[k + 1]
+        for b in range(s_count):
+          cont += trans[k][s][b] * w_next[min(x, idx[k + 1][b])][b]
+        row_w.append(min(grid[x], cont))
+      w.append(row_w)
+    w_next = w
+  return lam * cost[0] + sum(init[a] * w_next[idx[0][a]][a] for a in range(s_count))
+
+
+class QuantEconRecall:
+  """The recall problem as a QuantEcon `DiscreteDP` over states (ramp, x, s).
+
+  State (k, x, s) -> index (k * X + x) * S + s, plus a last absorbing state.
+  Actions: 0 = stop (reward -grid[x], go to the absorbing state), 1 =
+  continue (reward -lam * c_{k+1}, go to (k+1, min(x, idx_{k+1}(b)), b) with
+  probability trans_k[s, b]); at the last ramp only stop. State-action pair
+  form with a sparse Q, built once; per lam only R changes.
+  """
+
+  def __init__(self, init, trans, loss, cost):
+    import scipy.sparse as sp
+    self.init, self.cost = np.asarray(init), np.asarray(cost)
+    k_count, s_count = loss.shape
+    self.grid = np.unique(loss)
+    x_count = len(self.grid)
+    self.idx = np.searchsorted(self.grid, loss)
+    self.shape = (k_count, x_count, s_count)
+    n = k_count * x_count * s_count + 1
+    self.n = n
+    state = lambda k, x, s: (k * x_count + x) * s_count + s
+    s_ind, a_ind, rows, cols, vals = [], [], [], [], []
+    self.stop_reward, self.cont_cost = [], []
+    pair = 0
+    for k in range(k_count):
+      for x in range(x_count):
+        for s in range(s_count):
+          here = state(k, x, s)
+          s_ind.append(here); a_ind.append(0)
+          rows.append(pair); cols.append(n - 1); vals.append(1.0)
+          self.stop_reward.append(-self.grid[x]); self.cont_cost.append(0.0)
+          pair += 1
+          if k < k_count - 1:
+            s_ind.append(here); a_ind.append(1)
+            for b in range(s_count):
+              rows.append(pair); cols.append(state(k + 1, min(x, self.idx[k + 1, b]), b))
+              vals.append(trans[k, s, b])
+            self.stop_reward.append(0.0); self.cont_cost.append(-cost[k + 1])
+            pair += 1
+    s_ind.append(n - 1); a_ind.append(0)
+    rows.append(pair); cols.append(n - 1); vals.append(1.0)
+    self.stop_reward.append(0.0); self.cont_cost.append(0.0)
+    self.q = sp.csr_matrix((vals, (rows, cols)), shape=(pair + 1, n))
+    self.s_ind, self.a_ind = np.asarray(s_ind), np.asarray(a_ind)
+    self.stop_reward, self.cont_cost = np.asarray(self.stop_reward), np.asarray(self.cont_cost)
+
+  def dense(self):
+    """The same problem in DiscreteDP's product form: R `[n, 2]`, Q `[n, 2, n]`
+    (the continue action of the last ramp and of the stopped state gets reward
+    -inf, i.e. is infeasible)."""
+    n = self.n
+    feasible = np.zeros((n, 2), bool)
+    feasible[self.s_ind, self.a_ind] = True
+    self.q_dense = np.zeros((n, 2, n))
+    self.q_dense[self.s_ind, self.a_ind] = self.q.toarray()
+    self.q_dense[~feasible, n - 1] = 1.0  # a valid row for the infeasible pairs
+    self.stop_dense, self.cont_dense = np.full((n, 2), -np.inf), np.zeros((n, 2))
+    self.stop_dense[self.s_ind, self.a_ind] = self.stop_reward
+    self.cont_dense[self.s_ind, self.a_ind] = self.cont_cost
+    return self
+
+  def value(self, lam, dense=False):
+    from quantecon.markov import DiscreteDP, backward_induction
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # beta = 1: finite horizon only, as here
+      if dense:
+        r = self.stop_dense + lam * self.cont_dense
+        ddp = DiscreteDP(r, self.q_dense, 1.0)
+      else:
+        ddp = DiscreteDP(self.stop_reward + lam * self.cont_cost, self.q, 1.0,
+                         self.s_ind, self.a_ind)
+    vs, _ = backward_induction(ddp, self.shape[0])
+    k_count, x_count, s_count = self.shape
+    start = (0 * x_count + self.idx[0]) * s_count + np.arange(s_count)
+    return lam * self.cost[0] - self.init @ vs[0, start]
+
+
+# ---------------------------------------------------------------- workers
+
+
+def _median_time(fn, reps):
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), times
+
+
+def worker(config, reps, max_bytes, baselines):
+  """Measures one configuration in this process; returns a dict."""
+  import jax
+  import jax.numpy as jnp
+  import jexit
+  from jexit import solver
+
+  s, k, l, m = config
+  model = random_model(0, s, k, m)
+  lam = np.geomspace(1e-3, 1.0, l)
+  a = jnp.asarray(np.random.default_rng(1).standard_normal((4096, 4096)), jnp.float32)
+  matmul = jax.jit(jnp.dot)
+  matmul(a, a).block_until_ready()
+  rss_before = rss_bytes()
+
+  def run():
+    policy = jexit.solve(model, lam, max_bytes=max_bytes)
+    jax.block_until_ready((policy.threshold, policy.value))
+    return policy
+
+  t0 = time.perf_counter()
+  policy = run()  # compiles
+  first = time.perf_counter() - t0
+  mm_times, solve_times = [], []
+  for _ in range(reps):  # interleaved, so both see the same machine load
+    mm_times.append(_median_time(lambda: matmul(a, a).block_until_ready(), 1)[0])
+    solve_times.append(_median_time(run, 1)[0])
+  t_solve, t_mm = float(np.median(solve_times)), float(np.median(mm_times))
+  prep = solver._prepare(model, solver.working_dtype())
+  num_x = prep.grid.shape[1]
+  flops = m * l * (k - 1) * 2 * num_x * s * s
+  per_model, per_policy = solver.solve_bytes(num_x, s, k)
+  budget = max_bytes or max(solver.default_max_bytes(jax.devices()[:1]),
+                            per_model + per_policy)
+  mc, lc = solver._block_shape(m, l, per_model, per_policy, budget, (1, 1))
+  out = dict(config=config, x=num_x, policies=m * l, seconds=t_solve,
+             seconds_all=solve_times, compile_and_first=first,
+             policies_per_s=m * l / t_solve, gflops=flops / t_solve / 1e9,
+             matmul_gflops=2 * 4096 ** 3 / t_mm / 1e9, matmul_all=mm_times,
+             block=(mc, lc), blocks=-(-m // mc) * -(-l // lc), block_bytes=budget,
+             whole_batch_bytes=m * (per_model + l * per_policy),
+             threshold_bytes=int(np.asarray(policy.threshold).nbytes),
+             rss_before=rss_before, rss_peak=rss_bytes(),
+             device=str(jax.devices()[0].device_kind), backend=jax.default_backend())
+  out["ratio"] = out["gflops"] / out["matmul_gflops"]
+
+  if baselines:
+    # One model of this configuration, many lam values: jexit's per-policy time.
+    one = model._replace(**{f: getattr(model, f)[0] for f in model._fields})
+    lam_one = np.geomspace(1e-3, 1.0, 10000)
+    def run_one():
+      return jax.block_until_ready(jexit.solve(one, lam_one, max_bytes=max_bytes).value)
+    run_one()
+    t_one = _median_time(run_one, reps)[0]
+    values = np.asarray(run_one(), np.float64)
+    out["jexit_per_policy_s"] = t_one / lam_one.size
+    init, trans, loss, cost = (np.asarray(f, np.float64) for f in one)
+    loss = np.asarray(prep.loss[0], np.float64)  # the float32 losses jexit saw
+    picks = np.array([0, 3333, 6666, 9999])
+    t0 = time.perf_counter()
+    loop_values = [loop_solve(init, trans, loss, cost, lam_one[i]) for i in picks]
+    out["loop_per_policy_s"] = (time.perf_counter() - t0) / len(picks)
+    out["loop_max_rel_diff"] = float(np.max(np.abs(np.array(loop_values) - values[picks])
+                                            / np.abs(values[picks])))
+    try:
+      import quantecon  # noqa: F401  (the `bench` extra)
+    except ImportError:
+      out["quantecon"] = "not installed (pip install quantecon)"
+    else:
+      t0 = time.perf_counter()
+      qe = QuantEconRecall(init, trans, loss, cost)
+      out["quantecon_build_s"] = time.perf_counter() - t0
+      out["quantecon_states"] = qe.n
+      picks = np.linspace(0, lam_one.size - 1, 20).astype(int)
+      qe.value(lam_one[0])
+      t0 = time.perf_counter()
+      qe_values = [qe.value(lam_one[i]) for i in picks]
+      out["quantecon_per_policy_s"] = (time.perf_counter() - t0) / len(picks)
+      out["quantecon_max_rel_diff"] = float(np.max(
+          np.abs(np.array(qe_values) - values[picks]) / np.abs(values[picks])))
+      if qe.n <= 4000:  # Q [n, 2, n] float64 in memory
+        qe.dense()
+        picks = picks[::4]
+        qe.value(lam_one[0], dense=True)
+        t0 = time.perf_counter()
+        qe_values = [qe.value(lam_one[i], dense=True) for i in picks]
+        out["quantecon_dense_per_policy_s"] = (time.perf_counter() - t0) / len(picks)
+        out["quantecon_dense_max_rel_diff"] = float(np.max(
+            np.abs(np.array(qe_values) - values[picks]) / np.abs(values[picks])))
+  return out
+
+
+def spawn(config, args, baselines):
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(map(str, config)),
+         "--reps", str(args.reps)]
+  if args.max_bytes:
+    cmd += ["--max-bytes", str(args.max_bytes)]
+  if baselines:
+    cmd += ["--baselines"]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  if done.returncode != 0:
+    raise RuntimeError(f"config {config} failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mib(b):
+  return f"{b / 2 ** 20:,.0f}"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--configs", default=";".join(",".join(map(str, c)) for c in CONFIGS),
+                      help="S,K,L,M;S,K,L,M;...")
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--max-bytes", type=int, default=None,
+                      help="solve(max_bytes=...); default: the solver's default")
+  parser.add_argument("--big", action="store_true",
+                      help=f"also solve {np.prod(BIG[2:]):,} policies {BIG} in one call")
+  parser.add_argument("--no-baselines", action="store_true")
+  parser.add_argument("--json", default=None, help="write all results here")
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--baselines", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.worker:
+    config = tuple(int(v) for v in args.worker.split(","))
+    print(json.dumps(worker(config, args.reps, args.max_bytes, args.baselines)))
+    return
+
+  configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
+  results = []
+  for i, config in enumerate(configs):
+    results.append(spawn(config, args, baselines=(i == 0 and not args.no_baselines)))
+    print(f"  done {config}", file=sys.stderr, flush=True)
+  big = spawn(BIG, dataclass_args(args, reps=1), baselines=False) if args.big else None
+
+  r0 = results[0]
+  print(f"\nbackend: {r0['backend']} ({r0['device']}), {os.cpu_count()} CPU cores; "
+        f"median of {args.reps} runs, matmul = 4096^3 float32 jnp.dot timed in between\n")
+  print("| S | K | L | M | X | policies/s | GFLOP/s | matmul GFLOP/s | ratio | "
+        "blocks (Mc x Lc) | peak RSS MiB (before solve) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in results + ([big] if big else []):
+    s, k, l, m = r["config"]
+    print(f"| {s} | {k} | {l} | {m} | {r['x']} | {r['policies_per_s']:,.0f} | "
+          f"{r['gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['ratio']:.2f} | "
+          f"{r['blocks']} ({r['block'][0]} x {r['block'][1]}) | "
+          f"{mib(r['rss_peak'])} ({mib(r['rss_before'])}) |")
+  if big:
+    print(f"\n{big['policies']:,} policies {tuple(big['config'])} in one call: "
+          f"{big['seconds']:.1f} s, peak RSS {mib(big['rss_peak'])} MiB; the whole batch "
+          f"as one block would need ~{mib(big['whole_batch_bytes'])} MiB of working memory.")
+  if "jexit_per_policy_s" in r0:
+    s, k = r0["config"][:2]
+    print(f"\nper policy, one model S={s} K={k} (X={r0['x']}):")
+    print("| method | seconds / policy | jexit is faster by | max rel. diff of value |")
+    print("|---|---|---|---|")
+    print(f"| jexit.solve (10,000 lam in one call) | {r0['jexit_per_policy_s']:.3g} | 1x | |")
+    if "quantecon_per_policy_s" in r0:
+      print(f"| QuantEcon DiscreteDP + backward_induction, sparse state-action pairs "
+            f"({r0['quantecon_states']} states) | "
+            f"{r0['quantecon_per_policy_s']:.3g} | "
+            f"{r0['quantecon_per_policy_s'] / r0['jexit_per_policy_s']:,.0f}x | "
+            f"{r0['quantecon_max_rel_diff']:.1e} |")
+      if "quantecon_dense_per_policy_s" in r0:
+        print(f"| QuantEcon DiscreteDP + backward_induction, product form R [n, 2], "
+              f"Q [n, 2, n] | {r0['quantecon_dense_per_policy_s']:.3g} | "
+              f"{r0['quantecon_dense_per_policy_s'] / r0['jexit_per_policy_s']:,.0f}x | "
+              f"{r0['quantecon_dense_max_rel_diff']:.1e} |")
+    else:
+      print(f"| QuantEcon | {r0.get('quantecon')} | | |")
+    print(f"| plain Python loops | {r0['loop_per_policy_s']:.3g} | "
+          f"{r0['loop_per_policy_s'] / r0['jexit_per_policy_s']:,.0f}x | "
+          f"{r0['loop_max_rel_diff']:.1e} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(results=results, big=big), f, indent=1)
+
+
+def dataclass_args(args, **changes):
+  new = argparse.Namespace(**vars(args))
+  for key, value in changes.items():
+    setattr(new, key, value)
+  return new
+
+
+if __name__ == "__main__":
+  main()
