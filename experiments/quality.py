@@ -35,7 +35,9 @@ VARIANTS = {
     "q32-logistic": {"bins": "quantile", "num_bins": 32, "loss": "logistic"},
     "default+kernel": {**jf.DEFAULT_FIT, "kernel": 1.0, "prior": "marginal"},
     "stability signal": dict(jf.DEFAULT_FIT),
+    "dense S grid": {**jf.DEFAULT_FIT, "num_bins": (8, 12, 16, 24, 32, 48, 64, 96)},
 }
+RECALL_TARGET = 0.01
 
 
 def stability_signal(traces):
@@ -64,9 +66,30 @@ def per_fold(fr, method, target):
   return np.array(speed), agree / n
 
 
+def recall_usage(traces, fr, folds, block, target):
+  """On held-out rows at the fit-chosen lam: share of inputs whose output came
+  from an earlier ramp than the one they stopped at, and the agreement of
+  those outputs (how often, and how well, recall is used)."""
+  recalled = agree = total = 0
+  for split, (_, test_rows) in enumerate(jf.fold_rows(traces.num_inputs, folds, block=block)):
+    i = jf.choose_index(fr.splits[split]["recall"][0], target)
+    if i is None:
+      continue
+    policy, lam_index, _, binning = jf.candidate_policy(fr, "recall", i, split)
+    test = traces.take(test_rows)
+    ev = jexit.evaluate(policy, test, binning, return_per_input=True)
+    stop, out = np.asarray(ev.stop_ramp[lam_index]), np.asarray(ev.output_ramp[lam_index])
+    early = out < stop
+    recalled += early.sum()
+    agree += (test.pred[np.arange(len(out)), out] == test.pred[:, -1])[early].sum()
+    total += len(out)
+  return recalled / max(total, 1), (agree / recalled) if recalled else float("nan")
+
+
 def run(folds, num_lambdas, names=None):
   suite = workloads.suite()
   rows = []  # (workload, method, target, mean speed, std, agreement)
+  usage = {}  # workload -> (share of outputs recalled, their agreement)
   for name, traces in suite.items():
     if names and name not in names:
       continue
@@ -81,6 +104,7 @@ def run(folds, num_lambdas, names=None):
         results[("recall", variant)] = jf.frontier(
             source, folds=folds, block=block, num_lambdas=num_lambdas,
             methods=("recall",), fit_options=opts)
+    usage[name] = recall_usage(traces, base, folds, block, RECALL_TARGET)
     for t in TARGETS:
       for (method, variant), fr in results.items():
         speed, agree = per_fold(fr, method, t)
@@ -90,7 +114,7 @@ def run(folds, num_lambdas, names=None):
         speed, agree = per_fold(base, method, t)
         rows.append((name, method, t, speed.mean(), speed.std(), agree))
     print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
-  return rows
+  return rows, usage
 
 
 def table(rows):
@@ -117,8 +141,12 @@ def table(rows):
   return "\n".join(out)
 
 
-def scoreboard(rows):
-  """Per cell: default recall vs the best baseline policy (global, Apparate, patience, norecall)."""
+EXTERNAL = ("global_threshold", "apparate_greedy", "patience")
+ALL_RIVALS = EXTERNAL + ("norecall",)
+
+
+def scoreboard(rows, rivals=ALL_RIVALS):
+  """Per cell: default recall vs the best of `rivals` (held-out mean speedup)."""
   lines = ["| workload | " + " | ".join(f"{t * 100:g}%" for t in TARGETS) + " |",
            "|---|" + "---:|" * len(TARGETS)]
   wins = total = 0
@@ -127,14 +155,59 @@ def scoreboard(rows):
     for t in TARGETS:
       get = lambda m: next(r for r in rows if r[0] == w and r[1] == m and r[2] == t)
       ours = get("recall")
-      rivals = [get(m) for m in ("global_threshold", "apparate_greedy", "patience", "norecall")]
-      rival = max(rivals, key=lambda r: r[3])
+      rival = max((get(m) for m in rivals), key=lambda r: r[3])
       ok = ours[3] >= rival[3] - 1e-9
       wins += ok
       total += 1
       cells.append(f"{ours[3]:.2f} vs {rival[3]:.2f} ({rival[1]}) {'ok' if ok else 'LOSS'}")
     lines.append(f"| {w} | " + " | ".join(cells) + " |")
   return "\n".join(lines), wins, total
+
+
+FINDINGS = """## Findings
+
+- **The goal of issue 7 is not met on every cell.** jexit's default (below) is at least as
+  fast as every baseline on some cells and within about one fold standard deviation of the
+  best baseline on the others, but on several cells a baseline is still faster: Apparate's
+  greedy per-ramp thresholds at the tightest targets on VGG-11, patience on the synthetic
+  `smooth` workload, and our own no-recall optimum by 0.01-0.02x on others. The scoreboards
+  say where. Differences between the good methods are mostly smaller than the spread across
+  folds.
+- **What won (now the defaults).** Per-ramp quantile bins instead of the paper's uniform 0.08
+  bins (most inputs sit in the first 0.08 of `1 - conf`, so uniform bins cannot tell them
+  apart); a loss that is the metric (calibrated disagreement with the final ramp) instead of
+  `1 - softmax`; a logistic calibration of that rate on `log(1 - conf)` (two parameters per
+  ramp: less variance than per-bin rates when a confident bin has seen one error or none);
+  and candidate policies pooled over S in {16, 32, 64}, because a lam sweep only reaches the
+  vertices of the convex hull of the frontier and several bin counts fill the gaps. Against
+  the paper's setting the default is faster on every real-trace cell but one.
+- **What did not win (kept available).** Per-bin calibrated rates (`loss="calibrated"`);
+  one bin count alone; transition smoothing towards the next ramp's marginal and Gaussian
+  kernel smoothing across neighbouring bins (`prior="marginal"`, `kernel=1.0`: no
+  measurable change); a denser grid of bin counts (8 to 96: small gains within fold noise);
+  choosing lam by inner cross-validation (tried in the prototype; it made the choice more
+  conservative, not faster). log-quantile bins are identical to quantile bins (quantiles
+  are invariant under monotone transforms).
+- **Prediction stability is information the confidence bins lack.** Folding "did the
+  prediction change since the previous ramp" into the exit signal (`stability signal`) is by
+  far the best method on both synthetic workloads, and loses on every digits trace. The
+  synthetic generator draws a disagreeing prediction uniformly over the other classes, which
+  makes two agreeing ramps strong evidence; the digits ramps' mistakes are more consistent.
+  It is a per-workload choice, not a default; it needs a runtime that passes the signal.
+- **When recall helps, and when not.** With agreement with the final ramp as the metric, the
+  final ramp's loss is exactly 0, so an input that goes on to the end never needs an earlier
+  answer, and an input that stops early stops at a ramp that is already confident: the
+  table below shows that the default recall policy almost never outputs an earlier ramp
+  than the one it stopped at, and recall and no-recall are equal within noise everywhere.
+  The model value with recall is never above the value without (tested), but the gap is
+  tiny here. Recall pays when a later ramp can be worse than an earlier one *for the metric*
+  and stopping is forced before the final ramp: accuracy against labels with overthinking
+  networks, or a cost structure that makes the last segments very expensive.
+- **2x at <= 1% loss.** Where the oracle allows at least 2x at <= 1% loss (every workload
+  here), no policy reaches 2x at <= 1% on the digits traces: the best held-out speedups at
+  1% are 1.6-1.9x. The paper's headline (2x at about 8% loss) is reproduced in
+  experiments/REPORT.md.
+"""
 
 
 def main(argv=None):
@@ -145,8 +218,9 @@ def main(argv=None):
   p.add_argument("--workloads", nargs="*", help="subset of workload names")
   args = p.parse_args(argv)
   start = time.perf_counter()
-  rows = run(args.folds, args.num_lambdas, args.workloads)
+  rows, usage = run(args.folds, args.num_lambdas, args.workloads)
   board, wins, total = scoreboard(rows)
+  ext_board, ext_wins, _ = scoreboard(rows, EXTERNAL)
   elapsed = time.perf_counter() - start
   text = [
       "# Decision quality on held-out rows (issue 7)",
@@ -167,15 +241,27 @@ def main(argv=None):
       "settings (the levers); `paper` is the paper's setting (uniform 0.08 bins, loss = "
       "1 - conf).",
       "",
-      f"## Scoreboard: default recall vs the best baseline ({wins} of {total} cells at "
-      "least as fast)",
+      FINDINGS,
+      "",
+      f"## Scoreboard: default recall vs the best baseline, no-recall optimum included "
+      f"({wins} of {total} cells at least as fast)",
       "",
       board,
+      "",
+      f"## Scoreboard: default recall vs the best external baseline: global threshold, "
+      f"Apparate greedy, patience ({ext_wins} of {total} cells at least as fast)",
+      "",
+      ext_board,
       "",
       "## Every method",
       table(rows),
       "",
-  ]
+      f"## How often recall is used (default recall, agreement-loss target "
+      f"{RECALL_TARGET * 100:g}%, held-out rows)",
+      "",
+      "| workload | outputs from an earlier ramp than the stop | their agreement |",
+      "|---|---:|---:|",
+  ] + [f"| {w} | {u[0] * 100:.2f}% | {u[1] * 100:.1f}% |" for w, u in usage.items()] + [""]
   with open(args.out, "w", encoding="utf-8") as f:
     f.write("\n".join(text))
   print(board)
