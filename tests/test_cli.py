@@ -138,13 +138,10 @@ def test_import_apparate(tmp_path, capsys):
   np.testing.assert_allclose(traces.cost, [1, 2, 3])
 
 
-def test_demo_reads_the_embedded_trace(tmp_path, capsys, monkeypatch):
+def test_demo_reads_the_embedded_trace(tmp_path, capsys):
   from jexit import datasets
-  if not os.path.exists(datasets.demo_trace_path()):
-    # The embedded trace is produced elsewhere; stand in for it if absent.
-    stand_in = tmp_path / "digits_vgg11.npz"
-    jexit.save_traces(stand_in, small_traces(n=400))
-    monkeypatch.setattr(datasets, "demo_trace_path", lambda: str(stand_in))
+  # The trace ships inside the package (package data): it must be there.
+  assert os.path.exists(datasets.demo_trace_path())
   out_dir = tmp_path / "demo"
   rc, out, err = run(capsys, "demo", "--out", str(out_dir))
   assert rc == 0, err
