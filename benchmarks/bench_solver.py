@@ -281,8 +281,10 @@ def main():
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--max-bytes", type=int, default=None,
                       help="solve(max_bytes=...); default: the solver's default")
-  parser.add_argument("--big", action="store_true",
-                      help=f"also solve {np.prod(BIG[2:]):,} policies {BIG} in one call")
+  parser.add_argument("--big", nargs="?", const=",".join(map(str, BIG)), default=None,
+                      metavar="S,K,L,M",
+                      help=f"also solve L*M policies in one call (default {BIG}: "
+                           f"{np.prod(BIG[2:]):,})")
   parser.add_argument("--no-baselines", action="store_true")
   parser.add_argument("--json", default=None, help="write all results here")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -299,7 +301,10 @@ def main():
   for i, config in enumerate(configs):
     results.append(spawn(config, args, baselines=(i == 0 and not args.no_baselines)))
     print(f"  done {config}", file=sys.stderr, flush=True)
-  big = spawn(BIG, dataclass_args(args, reps=1), baselines=False) if args.big else None
+  big = None
+  if args.big:
+    big_config = tuple(int(v) for v in args.big.split(","))
+    big = spawn(big_config, dataclass_args(args, reps=1), baselines=False)
 
   r0 = results[0]
   print(f"\nbackend: {r0['backend']} ({r0['device']}), {os.cpu_count()} CPU cores; "

@@ -338,6 +338,13 @@ def _make_mesh(devices, m, l):
   devices = list(devices)
   if not devices:
     raise ValueError("devices: expected at least one device, got an empty list")
+  remote = [d for d in devices if d.process_index != jax.process_index()]
+  if remote:
+    # Blocks are copied back to this host; a multi-host run splits the lam
+    # grid over processes instead (benchmarks/SOLVER.md, "Several hosts").
+    raise ValueError(f"devices: expected devices of this process, got {len(remote)} of "
+                     f"another (e.g. {remote[0]}); give each process its share of "
+                     f"the lam grid and devices='all'")
   n = len(devices)
   # Every factorisation n = dm * dl: the least padded work, then the most on lam.
   shapes = [(n // dl, dl) for dl in range(n, 0, -1) if n % dl == 0]
