@@ -230,6 +230,36 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+CACHE_ENV = "JEXIT_CACHE_DIR"
+
+
+def compilation_cache_dir() -> str:
+  """Where compiled XLA programs are kept between runs ("" = nowhere).
+
+  `$JEXIT_CACHE_DIR` if set (empty disables the cache), else
+  `$XDG_CACHE_HOME/jexit/xla` or `~/.cache/jexit/xla`.
+  """
+  if CACHE_ENV in os.environ:
+    return os.environ[CACHE_ENV]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jexit", "xla")
+
+
+def _enable_compilation_cache() -> None:
+  # A fresh process otherwise spends most of a sweep compiling the solver and
+  # the replay; JAX's persistent cache makes the second run of a command fast.
+  path = compilation_cache_dir()
+  if not path:
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  except (OSError, ImportError, AttributeError, ValueError):
+    pass  # a read-only home or an older JAX: run without the cache
+
+
 def main(argv=None) -> int:
   """Runs the command line; returns the exit status (2 for bad input)."""
   parser = build_parser()
@@ -237,6 +267,8 @@ def main(argv=None) -> int:
   if getattr(args, "func", None) is None:
     parser.print_help()
     return 2
+  if args.func is not run_import_apparate:
+    _enable_compilation_cache()
   try:
     return int(args.func(args) or 0)
   except (ValueError, OSError, ImportError) as e:

@@ -150,3 +150,14 @@ def test_demo_reads_the_embedded_trace(tmp_path, capsys):
   assert str(out_dir / "frontier.png") in out
   data = json.loads((out_dir / "frontier.json").read_text())
   assert set(data["methods"]) == set(METHODS)
+
+
+def test_compilation_cache_location(monkeypatch, tmp_path):
+  from jexit import cli
+  monkeypatch.setenv("JEXIT_CACHE_DIR", str(tmp_path / "xla"))
+  assert cli.compilation_cache_dir() == str(tmp_path / "xla")
+  monkeypatch.setenv("JEXIT_CACHE_DIR", "")
+  assert cli.compilation_cache_dir() == ""
+  monkeypatch.delenv("JEXIT_CACHE_DIR")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert cli.compilation_cache_dir() == str(tmp_path / "jexit" / "xla")
