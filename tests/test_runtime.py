@@ -62,6 +62,17 @@ def random_case(rng, n, k, s, dtype=np.float32):
   return edges, loss, threshold.astype(dtype), conf, pred
 
 
+def _exported_run_equals_reference(tmp_path, traces, policy, binning, model, i, recall):
+  """Exports policy i, replays the trace with ExitTable, checks it against `reference`."""
+  export.export_policy(tmp_path / "p.npz", policy, binning, model, i, traces=traces)
+  got = ExitTable.load(tmp_path / "p.npz").run(traces.conf, traces.pred)
+  want = reference(traces.exit_signal(), traces.pred, binning.edges,
+                   np.asarray(policy.loss), np.asarray(policy.threshold)[i], recall)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  return got
+
+
 @pytest.mark.parametrize("recall", [True, False])
 @pytest.mark.parametrize("seed", range(6))
 def test_run_equals_reference_on_random_tables(seed, recall):
@@ -105,13 +116,7 @@ def test_solved_policy_round_trip_equals_reference(tmp_path, recall):
   model, binning = jexit.fit(traces, loss="calibrated")
   policy = jexit.solve(model, np.geomspace(1e-3, 1.0, 5), recall=recall)
   for i in range(5):
-    export.export_policy(tmp_path / "p.npz", policy, binning, model, i)
-    table = ExitTable.load(tmp_path / "p.npz")
-    got = table.run(traces.conf, traces.pred)
-    want = reference(traces.exit_signal(), traces.pred, binning.edges,
-                     np.asarray(policy.loss), np.asarray(policy.threshold)[i], recall)
-    for g, w in zip(got, want):
-      np.testing.assert_array_equal(g, w)
+    _exported_run_equals_reference(tmp_path, traces, policy, binning, model, i, recall)
 
 
 def test_step_by_step_matches_run_with_batches_and_scalars():
@@ -249,13 +254,7 @@ def test_digits_trace(tmp_path, recall):
   model, binning = jexit.fit(traces)
   policy = jexit.solve(model, np.array([0.01, 0.1, 1.0]) / traces.cost.sum(), recall=recall)
   for i in range(3):
-    export.export_policy(tmp_path / "p.npz", policy, binning, model, i, traces=traces)
-    table = ExitTable.load(tmp_path / "p.npz")
-    got = table.run(traces.conf, traces.pred)
-    want = reference(traces.exit_signal(), traces.pred, binning.edges,
-                     np.asarray(policy.loss), np.asarray(policy.threshold)[i], recall)
-    for g, w in zip(got, want):
-      np.testing.assert_array_equal(g, w)
+    got = _exported_run_equals_reference(tmp_path, traces, policy, binning, model, i, recall)
     stop, out = _evaluate_decisions(policy, traces, binning, i)
     np.testing.assert_array_equal(got[0], stop)
     np.testing.assert_array_equal(got[1], out)
