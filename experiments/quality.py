@@ -261,7 +261,8 @@ def main(argv=None):
       "",
       "| workload | outputs from an earlier ramp than the stop | their agreement |",
       "|---|---:|---:|",
-  ] + [f"| {w} | {u[0] * 100:.2f}% | {u[1] * 100:.1f}% |" for w, u in usage.items()] + [""]
+  ] + [f"| {w} | {u[0] * 100:.2f}% | {'-' if np.isnan(u[1]) else f'{u[1] * 100:.1f}%'} |"
+        for w, u in usage.items()] + [""]
   with open(args.out, "w", encoding="utf-8") as f:
     f.write("\n".join(text))
   print(board)
