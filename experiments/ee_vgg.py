@@ -210,7 +210,11 @@ def load_image_folder(root, size: int = 32) -> Dataset:
   from torchvision import datasets, transforms
   transform = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size),
                                   transforms.ToTensor()])
-  folder = datasets.ImageFolder(root, transform=transform)
+  try:
+    folder = datasets.ImageFolder(root, transform=transform)
+  except (FileNotFoundError, NotADirectoryError) as e:
+    raise ValueError(f"image folder {root}: no images found: expected one sub-folder "
+                     f"per class with images in it ({e})") from e
   if len(folder) == 0:
     raise ValueError(f"image folder {root}: no images found")
   images, labels = zip(*(folder[i] for i in range(len(folder))))

@@ -161,3 +161,24 @@ def test_cli_writes_a_trace(tmp_path, capsys):
   traces = jexit.load_traces(out)
   assert traces.num_ramps == 5 and traces.num_inputs == round(0.4 * 1797)
   assert "accuracy" in capsys.readouterr().out
+
+
+def test_image_folder_makes_a_trace(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for cls in ("cat", "dog", "eel"):
+    (tmp_path / cls).mkdir()
+    for i in range(8):
+      pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
+  data = ee_vgg.load_image_folder(tmp_path, size=32)
+  assert tuple(data.images.shape) == (24, 3, 32, 32) and data.num_classes == 3
+  assert float(data.images.min()) >= 0 and float(data.images.max()) <= 1
+  assert sorted(np.bincount(data.labels.numpy()).tolist()) == [8, 8, 8]
+  config = dataclasses.replace(TINY, max_images=None, copies=1)
+  run = ee_vgg.make_traces(config, data=data)
+  assert run.traces.conf.shape[1] == 3 and run.traces.pred.max() < 3
+  jexit.check_traces(run.traces)
+  with pytest.raises(ValueError, match="no images"):
+    (tmp_path / "empty").mkdir()
+    ee_vgg.load_image_folder(tmp_path / "empty")
