@@ -506,6 +506,15 @@ def read_policy_arrays(path):
   """
   path = os.fspath(path)
   try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+  except OSError as e:
+    _bad(path, f"could not read it ({e})")
+  if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUM")):
+    # np.load would try to unpickle anything else; say what it really is.
+    _bad(path, f"could not read it as a .npz archive: not a zip archive (first bytes "
+               f"{magic!r})")
+  try:
     data = np.load(path, allow_pickle=False)
   except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
     _bad(path, f"could not read it as a .npz archive ({e})")

@@ -108,6 +108,18 @@ def load_traces(path) -> Traces:
   """
   path = os.fspath(path)
   try:
+    with open(path, "rb") as f:
+      magic = f.read(6)
+  except OSError as e:
+    raise ValueError(f"trace file {path}: could not read it ({e})") from e
+  if magic.startswith(b"\x93NUMPY"):
+    raise ValueError(f"trace file {path}: expected a .npz archive of named arrays "
+                     f"({list(REQUIRED_KEYS)}...), got a single .npy array")
+  if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    # np.load would try to unpickle anything else; say what it really is.
+    raise ValueError(f"trace file {path}: could not read it as a .npz: not a zip "
+                     f"archive (first bytes {magic!r})")
+  try:
     data = np.load(path, allow_pickle=False)
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"trace file {path}: could not read it as a .npz ({e})") from e

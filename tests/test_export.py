@@ -229,3 +229,10 @@ def test_cli_export(tmp_path, capsys, solved):
   assert table.lam == pytest.approx(choice.choices["recall"].param["lam"])
   with pytest.raises(ValueError, match="agreement-loss budget"):
     export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=-1.0, out=out))
+
+
+def test_a_file_that_is_not_a_zip_is_named_as_such(tmp_path):
+  path = tmp_path / "text.npz"
+  path.write_text("threshold = 0.5\n")
+  with pytest.raises(ValueError, match="not a zip archive"):
+    load_policy_file(path)

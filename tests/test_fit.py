@@ -272,3 +272,14 @@ def test_kernel_smoothing_keeps_rows_stochastic_and_spreads_mass():
   assert np.all(np.diag(blurred.trans[0]) < 0.8)
   with pytest.raises(ValueError, match="kernel"):
     jexit.fit(traces, kernel=-1.0)
+
+
+def test_trace_file_that_is_not_a_zip(tmp_path):
+  text = tmp_path / "text.npz"
+  text.write_text("conf,pred\n0.5,1\n")
+  with pytest.raises(ValueError, match="not a zip archive"):
+    jexit.load_traces(text)
+  single = tmp_path / "single.npy"
+  np.save(single, np.ones((3, 3)))
+  with pytest.raises(ValueError, match="single .npy array"):
+    jexit.load_traces(single)
