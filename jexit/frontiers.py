@@ -85,7 +85,8 @@ def fold_rows(num_inputs: int, folds: int, *, seed: int = 0, block: int = 1):
 def fit_candidates(traces: Traces, rows, options: dict):
   """`[(model, binning)]`: one fit per value when `options["num_bins"]` is a tuple."""
   num_bins = options.get("num_bins")
-  if isinstance(num_bins, (tuple, list)) and options.get("bins", "uniform") != "quantile":
+  bins = options.get("bins", "quantile")
+  if isinstance(num_bins, (tuple, list)) and not (isinstance(bins, str) and bins == "quantile"):
     # Only quantile bins use num_bins: one fit, not several identical ones.
     options = {**options, "num_bins": int(num_bins[0]) if num_bins else 16}
   elif isinstance(num_bins, (tuple, list)):

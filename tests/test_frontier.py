@@ -206,3 +206,9 @@ def test_paper_settings_give_a_single_candidate(traces):
   fr = jf.frontier(traces, num_lambdas=20, methods=("recall",), fit_options=jf.PAPER_FIT)
   assert len(fr.candidates[0]) == 1 and fr.binning.num_bins == 13
   assert fr.test["recall"].agreement.shape == (20,)
+
+
+def test_explicit_edges_give_a_single_candidate(traces):
+  edges = np.linspace(0, 1, 6)
+  cands = jf.fit_candidates(traces, np.arange(200), {**jf.DEFAULT_FIT, "bins": edges})
+  assert len(cands) == 1 and cands[0][1].num_bins == 5
