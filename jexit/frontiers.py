@@ -298,8 +298,8 @@ def frontier(traces: Traces, *,
     >>> conf = np.sort(rng.uniform(0.3, 1, (400, 3)), axis=1)
     >>> t = jexit.Traces(conf, rng.integers(0, 2, (400, 3)), None, np.ones(3))
     >>> fr = frontier(t, num_lambdas=50, methods=("recall", "backbone"))
-    >>> fr.test["recall"].agreement.shape, fr.split["test_rows"]
-    ((50,), 200)
+    >>> fr.test["recall"].agreement.shape, fr.split["test_rows"]  # 50 lam x 3 models
+    ((150,), 200)
   """
   traces = check_traces(traces)
   n, k = traces.conf.shape
