@@ -171,6 +171,59 @@ def _binned_signal(traces: Traces, binning: Binning) -> np.ndarray:
   raise ValueError(f"binning.signal: expected '1-conf' or 'signal', got {binning.signal!r}")
 
 
+def _monotone(threshold: np.ndarray, lam: np.ndarray):
+  """Per model, the lam order `[M, L]` and the thresholds sorted by it, if every
+  threshold is nondecreasing along it (what `solve` returns for a lam grid:
+  a larger lam never makes stopping less attractive); else None."""
+  order = np.argsort(lam, axis=1, kind="stable")
+  thr = np.take_along_axis(threshold, order[:, :, None, None], axis=1)
+  if np.all(thr[:, 1:] >= thr[:, :-1]):  # +-inf compare as themselves
+    return order, thr
+  return None
+
+
+def _sweep_counts(thr, bins, best, best_ramp, loss_in, agree_w, correct_w, weight):
+  """One model's `[L]` policies, thresholds nondecreasing along L, by intervals.
+
+  With monotone thresholds the stop decision of path u at ramp k holds for
+  every policy from `first[u, k]` on (a binary search in the column
+  `thr[:, k, bin]`), so the path stops at ramp k exactly for the policies in
+  `[first[u, k], min_{j<k} first[u, j])`. Each path adds its counts to at
+  most K such intervals (difference arrays), so the cost is O(U K log L + L K)
+  instead of the replay's O(U K L). Same decisions as `_replay_one`.
+
+  Returns:
+    stop_count, out_count `[L, K]`; agree_count, correct_count, loss_sum `[L]`.
+  """
+  num_lam, k, s = thr.shape
+  u = bins.shape[0]
+  first = np.zeros((u, k), np.int64)  # the last ramp always stops: 0
+  for r in range(k - 1):
+    order = np.argsort(bins[:, r], kind="stable")
+    bounds = np.searchsorted(bins[order, r], np.arange(s + 1))
+    for b in np.flatnonzero(bounds[1:] > bounds[:-1]):
+      rows = order[bounds[b]:bounds[b + 1]]
+      first[rows, r] = np.searchsorted(thr[:, r, b], best[rows, r], side="left")
+  before = np.concatenate([np.full((u, 1), num_lam), np.minimum.accumulate(first, axis=1)[:, :-1]],
+                          axis=1)
+  uu, kk = np.nonzero(first < before)
+  start, end = first[uu, kk], before[uu, kk]
+  out = best_ramp[uu, kk]
+  w = weight[uu].astype(np.float64)
+
+  def tally(col, values, width):
+    size = (num_lam + 1) * width
+    diff = (np.bincount(start * width + col, values, minlength=size)
+            - np.bincount(end * width + col, values, minlength=size))
+    return np.cumsum(diff.reshape(num_lam + 1, width), axis=0)[:num_lam]
+
+  zero = np.zeros_like(uu)
+  count = lambda col, values, width: np.rint(tally(col, values, width)).astype(np.int64)
+  return (count(kk, w, k), count(out, w, k), count(zero, agree_w[uu, out], 1)[:, 0],
+          count(zero, correct_w[uu, out], 1)[:, 0],
+          tally(zero, loss_in[uu, out].astype(np.float64) * w, 1)[:, 0])
+
+
 def _replay_one(threshold, m, bins, best, best_ramp, loss_w, agree_w, correct_w, weight):
   """One policy on every distinct input path, as the deployed model acts.
 
@@ -219,6 +272,25 @@ def _replay_batch(threshold, model_idx, bins, best, best_ramp, loss_w, agree_w, 
   return out if per_input else out[:5]
 
 
+def _replay_chunks(thr_flat, num_lam, m, path_arrays, max_bytes, *, per_policy, per_input):
+  """`_replay_batch` over the flat `[M * L]` policy batch, in chunks under `max_bytes`."""
+  total = thr_flat.shape[0]
+  model_idx = np.repeat(np.arange(m, dtype=np.int32), num_lam)
+  limit = max(1, max_bytes // per_policy)
+  # Power-of-two chunks: a new batch size of the same order reuses the compile.
+  chunk = min(1 << int(limit).bit_length() - 1, 1 << (total - 1).bit_length())
+  device_args = tuple(jax.device_put(a) for a in path_arrays)
+  parts = []
+  for start in range(0, total, chunk):
+    idx = np.arange(start, start + chunk)
+    idx = np.where(idx < total, idx, 0)  # pad the last chunk with policy 0
+    res = _replay_batch(thr_flat[idx], model_idx[idx],
+                        *device_args, per_input=per_input)
+    take = min(chunk, total - start)
+    parts.append([np.asarray(r)[:take] for r in res])
+  return [np.concatenate(col) for col in zip(*parts)]
+
+
 def _policy_arrays(policy: Policy):
   if not isinstance(policy, Policy):
     raise ValueError(f"policy: expected jexit.Policy, got {type(policy).__name__}")
@@ -264,18 +336,20 @@ def _model_edges(binning, m: int, k: int, s: int):
 def evaluate(policy: Policy, traces: Traces,
              binning: Union[Binning, Sequence[Binning]], *,
              max_bytes: int = DEFAULT_MAX_BYTES,
-             return_per_input: bool = False) -> Evaluation:
+             return_per_input: bool = False, method: str = "auto") -> Evaluation:
   """Replays every policy of a batch on every input of a trace and scores it.
 
   Per input and policy, exactly as a deployed model acts: bin each ramp's
   signal, look up `x` (best loss so far with recall, current loss without)
   and stop at the first ramp k with `x <= threshold[k, bin_k]` (always at the
   last ramp); output the ramp that achieved the best loss (latest on ties) or
-  the stopping ramp. The replay is one jitted vmap over policies (chunked so
-  that a chunk's working memory stays under `max_bytes`); inputs whose bins
-  agree at every ramp take the same decisions, so each distinct bin path is
-  replayed once and weighted by its inputs. Metrics are computed on the host
-  in float64 from integer counts.
+  the stopping ramp. Inputs whose bins agree at every ramp take the same
+  decisions, so each distinct bin path is scored once and weighted by its
+  inputs. A lam grid from `solve` (thresholds nondecreasing in lam) is scored
+  by an interval sweep on the host: each path stops at ramp k for a contiguous
+  range of lam. Any other batch is replayed by one jitted vmap over policies
+  (chunked so that a chunk's working memory stays under `max_bytes`). Metrics
+  are computed on the host in float64 from integer counts.
 
   Args:
     policy: a `Policy` with `threshold [..., L, K, S]`, `loss [..., K, S]`.
@@ -284,6 +358,12 @@ def evaluate(policy: Policy, traces: Traces,
       `[K, S+1]`), or a list of M of them for a model batch.
     max_bytes: memory budget of one chunk of the policy batch.
     return_per_input: also return `stop_ramp`, `output_ramp` `[..., L, N]`.
+    method: `"auto"` (default) uses the interval sweep when every model's
+      thresholds are nondecreasing in lam (as `solve` returns them) and no
+      per-input result is asked for, else the replay; `"replay"` always
+      replays (one jitted vmap over policies); `"sweep"` requires the sweep.
+      Both give the same decisions and counts; the sweep costs
+      O(paths x K x log L) on the host instead of O(paths x K x L).
 
   Returns:
     An `Evaluation` with `param = lam [..., L]` and the objective at each lam
@@ -312,6 +392,8 @@ def evaluate(policy: Policy, traces: Traces,
                      f"shape {np.asarray(policy.threshold).shape}")
   if not max_bytes > 0:
     raise ValueError(f"max_bytes: expected a positive budget, got {max_bytes}")
+  if method not in ("auto", "replay", "sweep"):
+    raise ValueError(f"method: expected 'auto', 'replay' or 'sweep', got {method!r}")
   edges, signal_name = _model_edges(binning, m, k, s)
   values = _binned_signal(traces, Binning(edges[0], signal_name))
 
@@ -350,23 +432,25 @@ def evaluate(policy: Policy, traces: Traces,
   loss_w = loss_in * weight[None, :, None].astype(loss_in.dtype)
 
   total = m * num_lam
-  thr_flat = threshold.reshape(total, k, s)
-  model_idx = np.repeat(np.arange(m, dtype=np.int32), num_lam)
-  per_policy = u_pad * k * (loss.itemsize + 8) + u_pad * 32
-  limit = max(1, max_bytes // per_policy)
-  # Power-of-two chunks: a new batch size of the same order reuses the compile.
-  chunk = min(1 << int(limit).bit_length() - 1, 1 << (total - 1).bit_length())
-  device_args = tuple(jnp.asarray(a) for a in (bins, best, best_ramp, loss_w, agree_w,
-                                               correct_w, weight))
-  parts = []
-  for start in range(0, total, chunk):
-    idx = np.arange(start, start + chunk)
-    idx = np.where(idx < total, idx, 0)  # pad the last chunk with policy 0
-    res = _replay_batch(jnp.asarray(thr_flat[idx]), jnp.asarray(model_idx[idx]),
-                        *device_args, per_input=return_per_input)
-    take = min(chunk, total - start)
-    parts.append([np.asarray(r)[:take] for r in res])
-  res = [np.concatenate(col) for col in zip(*parts)]
+  monotone = None if method == "replay" or return_per_input else _monotone(threshold, lam)
+  if method == "sweep" and monotone is None:
+    raise ValueError("method: 'sweep' needs thresholds nondecreasing in lam for every "
+                     "model and return_per_input=False; use 'auto' or 'replay'")
+  if monotone is not None:
+    order, thr_sorted = monotone
+    res = [np.empty((m, num_lam) + shape, dtype) for shape, dtype in
+           (((k,), np.int64), ((k,), np.int64), ((), np.int64), ((), np.int64),
+            ((), np.float64))]
+    for i in range(m):
+      counts = _sweep_counts(thr_sorted[i], bins[i, :u], best[i, :u], best_ramp[i, :u],
+                             loss_in[i, :u], agree_w[:u], correct_w[:u], weight[:u])
+      for r, c in zip(res, counts):
+        r[i, order[i]] = c
+    res = [r.reshape((total,) + r.shape[2:]) for r in res]
+  else:
+    res = _replay_chunks(threshold.reshape(total, k, s), num_lam, m, (
+        bins, best, best_ramp, loss_w, agree_w, correct_w, weight), max_bytes,
+        per_policy=u_pad * k * (loss.itemsize + 8) + u_pad * 32, per_input=return_per_input)
   stop_count, out_count, agree_count, correct_count, loss_sum = res[:5]
 
   cost = traces.cost
@@ -522,10 +606,10 @@ def expected_objective(policy: Policy, model: ExitModel, *,
   if conditioned and trans.shape[2] != grid.shape[1]:
     raise ValueError(f"model.trans: state-conditioned axis X must equal the number of "
                      f"distinct loss values ({grid.shape[1]}), got {trans.shape[2]}")
-  cast = lambda a: jnp.asarray(np.asarray(a, dtype))
+  cast = lambda a: np.asarray(a, dtype)
   out = _expect_batched(
-      jnp.asarray(grid), jnp.asarray(idx), jnp.asarray(loss), cast(init), cast(trans),
-      cast(cost), jnp.asarray(threshold), cast(lam), recall=bool(policy.recall),
+      grid, idx, loss, cast(init), cast(trans),
+      cast(cost), threshold, cast(lam), recall=bool(policy.recall),
       conditioned=conditioned)
   out = [np.asarray(o, np.float64) for o in out]
   if not batched:

@@ -239,3 +239,74 @@ def test_new_lam_grid_and_other_mode_reuse_the_compile():
   evaluate(jexit.solve(model, np.geomspace(1e-2, 3, 16)), traces, binning)
   evaluate(jexit.solve(model, np.geomspace(1e-2, 3, 16), recall=False), traces, binning)
   assert ev_mod._replay_batch._cache_size() == size
+
+
+def monotone_policy(rng, model, num_lam, recall):
+  """A policy with random thresholds, nondecreasing in lam, and lam out of order."""
+  policy = random_policy(rng, model, num_lam, recall)
+  thr = np.sort(np.asarray(policy.threshold), axis=0)  # nondecreasing along L
+  lam = np.sort(np.asarray(policy.lam))
+  perm = rng.permutation(num_lam)
+  return policy._replace(threshold=thr[perm], lam=lam[perm])
+
+
+@pytest.mark.parametrize("recall", [True, False])
+def test_sweep_equals_loop_and_replay(recall):
+  """The interval sweep (monotone thresholds) gives the loop's decisions' counts."""
+  rng = np.random.default_rng(21 if recall else 22)
+  traces = random_traces(rng, n=160, k=4)
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=5)
+  policy = monotone_policy(rng, model, 9, recall)
+  sweep = evaluate(policy, traces, binning, method="sweep")
+  auto = evaluate(policy, traces, binning)
+  replay = evaluate(policy, traces, binning, method="replay")
+  stop, out, paid = loop_replay(policy, traces, binning.edges, binning.signal)
+  pred_out = np.take_along_axis(traces.pred, out.T, axis=1).T
+  np.testing.assert_array_equal(sweep.agreement * 160, (pred_out == traces.pred[:, -1]).sum(1))
+  np.testing.assert_array_equal(sweep.accuracy * 160, (pred_out == traces.label).sum(1))
+  for r in range(traces.num_ramps):
+    np.testing.assert_array_equal(sweep.stop_hist[:, r] * 160, (stop == r).sum(1))
+    np.testing.assert_array_equal(sweep.output_hist[:, r] * 160, (out == r).sum(1))
+  lam = np.asarray(policy.lam, np.float64)
+  per_input = np.cumsum(traces.cost)[stop]
+  np.testing.assert_allclose(sweep.objective, paid.mean(1) + lam * per_input.mean(1),
+                             rtol=1e-6)
+  for f in ("param", "agreement", "accuracy", "mean_cost", "stop_hist", "output_hist",
+            "p50_cost", "p95_cost", "p99_cost"):
+    np.testing.assert_array_equal(getattr(sweep, f), getattr(replay, f))
+    np.testing.assert_array_equal(getattr(auto, f), getattr(sweep, f))
+
+
+def test_sweep_model_batch_and_solver_grids():
+  """A model batch, and `solve`'s own lam grids (monotone), go through the sweep."""
+  rng = np.random.default_rng(23)
+  traces = random_traces(rng, n=300, k=3)
+  models, binnings = zip(*[jexit.fit(traces, rows=np.arange(i, 300, 2), bins="quantile",
+                                      num_bins=7) for i in range(2)])
+  batch = jexit.ExitModel(*[np.stack(f) for f in zip(*models)])
+  for recall in (True, False):
+    policy = jexit.solve(batch, np.geomspace(1e-4, 3, 50)[::-1], recall=recall)
+    sweep = evaluate(policy, traces, list(binnings), method="sweep")
+    replay = evaluate(policy, traces, list(binnings), method="replay")
+    assert sweep.agreement.shape == (2, 50)
+    for f in ("agreement", "mean_cost", "stop_hist", "output_hist", "p99_cost"):
+      np.testing.assert_array_equal(getattr(sweep, f), getattr(replay, f))
+    np.testing.assert_allclose(sweep.objective, replay.objective, rtol=1e-6)
+
+
+def test_sweep_needs_monotone_thresholds():
+  rng = np.random.default_rng(24)
+  traces = random_traces(rng, n=100, k=3)
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=4)
+  policy = random_policy(rng, model, 8, True)
+  thr = np.asarray(policy.threshold).copy()
+  thr[:, 0, :] = np.asarray(policy.loss)[0]   # a column that ...
+  thr[3, 0, 0] = -np.inf                      # ... drops at one lam: not monotone
+  policy = policy._replace(threshold=thr, lam=np.arange(1.0, 9.0))
+  with pytest.raises(ValueError, match="method: 'sweep' needs thresholds nondecreasing"):
+    evaluate(policy, traces, binning, method="sweep")
+  auto = evaluate(policy, traces, binning)  # falls back to the replay
+  replay = evaluate(policy, traces, binning, method="replay")
+  np.testing.assert_array_equal(auto.stop_hist, replay.stop_hist)
+  with pytest.raises(ValueError, match="method: expected 'auto', 'replay' or 'sweep'"):
+    evaluate(policy, traces, binning, method="fast")
