@@ -121,7 +121,7 @@ def global_threshold(traces: Traces, thresholds: Optional[Sequence[float]] = Non
   return from_counts(t, stop_count, stop_count, agree, correct, traces.cost, n)
 
 
-def apparate_greedy(traces: Traces, max_loss: float = 0.01, *,
+def apparate_greedy(traces: Traces, max_loss=0.01, *,
                     steps: Sequence[float] = APPARATE_STEPS,
                     min_step: float = APPARATE_MIN_STEP,
                     max_rounds: int = 100_000) -> np.ndarray:
@@ -145,12 +145,14 @@ def apparate_greedy(traces: Traces, max_loss: float = 0.01, *,
 
   Args:
     traces: the fit rows.
-    max_loss: agreement-loss budget (e.g. 0.01 or 0.015).
+    max_loss: agreement-loss budget (e.g. 0.01 or 0.015), or a sequence of
+      budgets `[B]` (one search each, sharing the per-ramp sorts).
     steps: initial step sizes to try.
     min_step: steps are not halved below this.
 
   Returns:
-    `[K]` thresholds on `1 - conf`; the last is `+inf` (always exit).
+    `[K]` thresholds on `1 - conf` (`[B, K]` for a sequence of budgets); the
+    last is `+inf` (always exit).
 
   Examples:
     >>> import numpy as np, jexit
@@ -161,8 +163,10 @@ def apparate_greedy(traces: Traces, max_loss: float = 0.01, *,
     (3,)
   """
   traces = check_traces(traces)
-  if not 0 <= max_loss <= 1:
-    raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1], got {max_loss}")
+  budgets = np.asarray(max_loss, np.float64)
+  if budgets.ndim > 1 or budgets.size == 0 or not np.all((budgets >= 0) & (budgets <= 1)):
+    raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1] (or a 1-D "
+                     f"sequence of them), got {max_loss}")
   if not steps or min(steps) <= 0 or not min_step > 0:
     raise ValueError(f"steps, min_step: expected positive step sizes, got {steps}, {min_step}")
   u = _uncertainty(traces)
@@ -172,60 +176,80 @@ def apparate_greedy(traces: Traces, max_loss: float = 0.01, *,
   dirs = k - 1
   tol = 1e-12 * max(ramp_cost[-1], 1.0)
 
-  agree_flat = agree.ravel()
-  base = np.arange(len(u)) * k
+  n = len(u)
+  # Thresholds only rise, so a move from t to t' stops, at ramp d, exactly the
+  # inputs with t <= u[:, d] < t' that now stop later: a slice of ramp d's
+  # inputs sorted by u. Counts are integers; loss and cost derive from them.
+  order = [np.argsort(u[:, j], kind="stable") for j in range(dirs)]
+  sorted_u = [u[order[j], j] for j in range(dirs)]
 
-  def measure(configs):  # [C, K-1] -> agreement loss [C], mean cost [C]
-    loss, cost = np.empty(len(configs)), np.empty(len(configs))
-    for c, cfg in enumerate(configs):
-      stop = np.full(len(u), k - 1)
-      for j in range(k - 2, -1, -1):  # the first ramp below its threshold wins
-        stop = np.where(u[:, j] < cfg[j], j, stop)
-      loss[c] = 1.0 - agree_flat[base + stop].mean()
-      cost[c] = ramp_cost[stop].mean()
-    return loss, cost
+  def moved_rows(stop, d, lo, hi):  # inputs that a move of ramp d from lo to hi stops
+    a, b = np.searchsorted(sorted_u[d], (lo, hi), side="left")
+    rows = order[d][a:b]
+    return rows[stop[rows] > d]
 
-  best_t, best_cost = np.zeros(dirs), np.inf
-  for s in steps:
-    t = np.zeros(dirs)
-    step = np.full(dirs, float(s))
-    (loss,), (cost,) = measure(t[None])
-    for _ in range(max_rounds):
-      open_dirs = np.flatnonzero(t <= 1)
-      moved = False
-      if open_dirs.size:
-        cand = np.repeat(t[None], open_dirs.size, axis=0)
-        # Rounded to 4 decimals, as Apparate does, so thresholds stay on a clean grid.
-        cand[np.arange(open_dirs.size), open_dirs] = np.round(t[open_dirs] + step[open_dirs], 4)
-        c_loss, c_cost = measure(cand)
-        feasible = c_loss <= max_loss + 1e-12
-        saving = cost - c_cost
-        real = feasible & (saving > tol)
-        unchanged = feasible & ((saving <= tol) | (np.abs(c_loss - loss) <= 1e-12))
-        free = feasible & (saving <= tol) & (c_loss <= loss + 1e-12)
-        if real.any():
-          score = np.where(real, (c_loss - loss) / np.where(real, saving, 1.0), np.inf)
-          pick = int(np.argmin(score))
-        elif free.any():
-          pick = int(np.argmax(free))
-        else:
-          pick = -1
-        if pick >= 0:
-          d = open_dirs[pick]
-          t[d] = cand[pick, d]
-          loss, cost = c_loss[pick], c_cost[pick]
-          grow = open_dirs[unchanged]
-          step[grow[grow != d]] *= 2
-          step[d] *= 2
-          moved = True
-      if not moved:
-        shrink = (step > min_step + 1e-12) & (t <= 1)
-        if not shrink.any():
-          break
-        step[shrink] /= 2
-    if cost < best_cost - tol:
-      best_t, best_cost = t.copy(), cost
-  return np.append(best_t, np.inf)
+  metrics = lambda agree_count, stop_count: (1.0 - agree_count / n, stop_count @ ramp_cost / n)
+
+  def search(max_loss):  # one greedy search: [K] thresholds
+    best_t, best_cost = np.zeros(dirs), np.inf
+    for s in steps:
+      t = np.zeros(dirs)
+      step = np.full(dirs, float(s))
+      stop = np.full(n, k - 1)
+      agree_count = int(agree[:, -1].sum())
+      stop_count = np.bincount(stop, minlength=k)
+      loss, cost = metrics(agree_count, stop_count)
+      for _ in range(max_rounds):
+        open_dirs = np.flatnonzero(t <= 1)
+        moved = False
+        if open_dirs.size:
+          # Rounded to 4 decimals, as Apparate does, so thresholds stay on a clean grid.
+          new_t = np.round(t[open_dirs] + step[open_dirs], 4)
+          c_rows, c_agree, c_count = [], [], []
+          for d, hi in zip(open_dirs, new_t):
+            rows = moved_rows(stop, d, t[d], hi)
+            count = stop_count.copy()
+            np.subtract.at(count, stop[rows], 1)
+            count[d] += len(rows)
+            c_rows.append(rows)
+            c_agree.append(agree_count + int(agree[rows, d].sum())
+                           - int(agree[rows, stop[rows]].sum()))
+            c_count.append(count)
+          c_loss, c_cost = metrics(np.array(c_agree), np.stack(c_count))
+          feasible = c_loss <= max_loss + 1e-12
+          saving = cost - c_cost
+          real = feasible & (saving > tol)
+          unchanged = feasible & ((saving <= tol) | (np.abs(c_loss - loss) <= 1e-12))
+          free = feasible & (saving <= tol) & (c_loss <= loss + 1e-12)
+          if real.any():
+            score = np.where(real, (c_loss - loss) / np.where(real, saving, 1.0), np.inf)
+            pick = int(np.argmin(score))
+          elif free.any():
+            pick = int(np.argmax(free))
+          else:
+            pick = -1
+          if pick >= 0:
+            d = open_dirs[pick]
+            t[d] = new_t[pick]
+            stop[c_rows[pick]] = d
+            agree_count, stop_count = c_agree[pick], c_count[pick]
+            loss, cost = c_loss[pick], c_cost[pick]
+            grow = open_dirs[unchanged]
+            step[grow[grow != d]] *= 2
+            step[d] *= 2
+            moved = True
+        if not moved:
+          shrink = (step > min_step + 1e-12) & (t <= 1)
+          if not shrink.any():
+            break
+          step[shrink] /= 2
+      if cost < best_cost - tol:
+        best_t, best_cost = t.copy(), cost
+    return np.append(best_t, np.inf)
+
+  if budgets.ndim == 0:
+    return search(float(budgets))
+  return np.stack([search(float(b)) for b in budgets])
 
 
 def patience(traces: Traces, patiences: Optional[Sequence[int]] = None, *,
@@ -294,7 +318,13 @@ def oracle(traces: Traces, lambdas: Optional[Sequence[float]] = None, *,
   if lam.ndim != 1 or lam.size == 0 or not np.all(np.isfinite(lam)) or np.any(lam < 0):
     raise ValueError(f"lambdas: expected a non-empty [P] array of finite values >= 0, "
                      f"got shape {lam.shape}")
-  disagree = (traces.pred != traces.pred[:, -1:]).astype(np.float64)
-  value = disagree[None] + lam[:, None, None] * np.cumsum(traces.cost)[None, None, :]
-  stop = np.argmin(value, axis=2)
+  # Only two ramps can be optimal: ramp 0 (the cheapest) and the first ramp
+  # that agrees with the final one (the cheapest without a disagreement).
+  # Every other ramp costs at least as much as one of them for the same
+  # disagreement, and ties go to the earlier ramp.
+  ramp_cost = np.cumsum(np.asarray(traces.cost, np.float64))
+  agree = traces.pred == traces.pred[:, -1:]
+  first = np.argmax(agree, axis=1)  # [N] the first agreeing ramp
+  take_first = lam[:, None] * ramp_cost[first][None, :] < 1.0 + lam[:, None] * ramp_cost[0]
+  stop = np.where((first == 0)[None, :] | take_first, first[None, :], 0)
   return summarize(stop, stop, traces, param=lam, return_per_input=return_per_input)

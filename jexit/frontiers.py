@@ -232,7 +232,7 @@ def _run_split(traces, fit_rows, test_rows, *, candidates, lambdas, methods,
       out[name] = both(baselines.global_threshold, threshold_grid)
     elif name == "apparate_greedy":
       budgets = np.asarray(apparate_budgets, np.float64)
-      thresholds = np.stack([baselines.apparate_greedy(fit_t, b) for b in budgets])
+      thresholds = baselines.apparate_greedy(fit_t, budgets)
       out[name] = both(lambda t: baselines.threshold_rule(t, thresholds, param=budgets))
     elif name == "patience":
       out[name] = both(baselines.patience)

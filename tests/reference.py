@@ -95,3 +95,63 @@ def objective_of_rule(init, trans, loss, cost, lam, stop_rule, recall=True):
         total += p * (x + lam * spent)
         break
   return total
+
+
+def apparate_greedy(u, agree, cost, max_loss, steps, min_step, max_rounds=100_000):
+  """Apparate's greedy threshold search, re-measuring every candidate from scratch.
+
+  `u [N, K]` is `1 - conf`, `agree [N, K]` whether ramp k agrees with the
+  final one. Each candidate's agreement loss and mean cost come from a full
+  pass over the inputs (jexit.baselines updates counts incrementally).
+  """
+  n, k = u.shape
+  ramp_cost = np.cumsum(cost)
+  dirs = k - 1
+  tol = 1e-12 * max(ramp_cost[-1], 1.0)
+
+  def measure(cfg):
+    stop = np.full(n, k - 1)
+    for j in range(k - 2, -1, -1):  # the first ramp below its threshold wins
+      stop = np.where(u[:, j] < cfg[j], j, stop)
+    return 1.0 - agree[np.arange(n), stop].sum() / n, np.bincount(stop, minlength=k) @ ramp_cost / n
+
+  best_t, best_cost = np.zeros(dirs), np.inf
+  for s in steps:
+    t, step = np.zeros(dirs), np.full(dirs, float(s))
+    loss, cost_now = measure(t)
+    for _ in range(max_rounds):
+      open_dirs = [d for d in range(dirs) if t[d] <= 1]
+      moved = False
+      if open_dirs:
+        cands = []
+        for d in open_dirs:
+          c = t.copy()
+          c[d] = np.round(t[d] + step[d], 4)
+          cands.append((d, c) + measure(c))
+        feasible = [cl <= max_loss + 1e-12 for _, _, cl, _ in cands]
+        real = [f and cost_now - cc > tol for f, (_, _, _, cc) in zip(feasible, cands)]
+        pick = None
+        if any(real):
+          scores = [(cl - loss) / (cost_now - cc) if r else np.inf
+                    for r, (_, _, cl, cc) in zip(real, cands)]
+          pick = int(np.argmin(scores))
+        else:
+          free = [f and cost_now - cc <= tol and cl <= loss + 1e-12
+                  for f, (_, _, cl, cc) in zip(feasible, cands)]
+          pick = free.index(True) if any(free) else None
+        if pick is not None:
+          d = cands[pick][0]
+          for f, (dd, _, cl, cc) in zip(feasible, cands):
+            if f and dd != d and (cost_now - cc <= tol or abs(cl - loss) <= 1e-12):
+              step[dd] *= 2
+          t, loss, cost_now = cands[pick][1], cands[pick][2], cands[pick][3]
+          step[d] *= 2
+          moved = True
+      if not moved:
+        shrink = (step > min_step + 1e-12) & (t <= 1)
+        if not shrink.any():
+          break
+        step[shrink] /= 2
+    if cost_now < best_cost - tol:
+      best_t, best_cost = t.copy(), cost_now
+  return np.append(best_t, np.inf)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import jexit
+import reference
 from jexit import baselines
 from jexit.evaluation import evaluate
 
@@ -150,3 +151,40 @@ def test_oracle_bounds_every_method():
   for i, lam in enumerate(oracle.param):
     np.testing.assert_allclose((1 - oracle.agreement[i]) + lam * oracle.mean_cost[i],
                                oracle_value(lam))
+
+
+def test_apparate_greedy_equals_the_from_scratch_reference():
+  """The incremental search takes the same moves as re-measuring every candidate."""
+  rng = np.random.default_rng(11)
+  for trial in range(40):
+    n, k = int(rng.integers(5, 200)), int(rng.integers(2, 6))
+    conf = rng.uniform(size=(n, k))
+    if trial % 2:
+      conf = np.round(conf, 2)  # ties between inputs and with thresholds
+    pred = rng.integers(0, 3, (n, k))
+    cost = rng.choice([0.0, 0.5, 1.0, 3.0], k)
+    cost[-1] = 1.0
+    traces = jexit.Traces(conf, pred, None, cost)
+    budgets = (0.0, 0.02, 0.1)
+    got = baselines.apparate_greedy(traces, budgets)
+    agree = pred == pred[:, -1:]
+    for b, row in zip(budgets, got):
+      want = reference.apparate_greedy(1.0 - conf, agree, cost, b,
+                                       baselines.APPARATE_STEPS, baselines.APPARATE_MIN_STEP)
+      np.testing.assert_array_equal(row, want)
+      np.testing.assert_array_equal(baselines.apparate_greedy(traces, b), want)
+
+
+def test_oracle_equals_argmin_over_every_ramp():
+  rng = np.random.default_rng(12)
+  for _ in range(30):
+    n, k = int(rng.integers(1, 60)), int(rng.integers(1, 6))
+    pred = rng.integers(0, 3, (n, k))
+    cost = rng.choice([0.0, 0.5, 1.0, 3.0], k)
+    cost[0] += 0.1
+    traces = jexit.Traces(rng.uniform(size=(n, k)), pred, None, cost)
+    lam = np.concatenate([[0.0, 0.5, 1.0, 2.0], rng.exponential(1.0, 20)])
+    value = ((pred != pred[:, -1:])[None] + lam[:, None, None] * np.cumsum(cost))
+    want = np.argmin(value, axis=2)  # earliest on ties
+    ev = baselines.oracle(traces, lam, return_per_input=True)
+    np.testing.assert_array_equal(ev.stop_ramp, want)
