@@ -209,9 +209,10 @@ def _norecall_kernel(loss, init, trans, cost, lam, rtol):
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("block", "recall", "conditioned", "return_stop", "mesh"))
+                   static_argnames=("block", "recall", "conditioned", "return_stop", "mesh",
+                                    "trim"))
 def _solve_batched(grid, idx, init, trans, loss, cost, lam, rtol, start=(0, 0), *,
-                   recall, conditioned, return_stop, block=None, mesh=None):
+                   recall, conditioned, return_stop, block=None, mesh=None, trim=None):
   """`[M]` models x `[L]` lam values -> value `[M, L]`, threshold `[M, L, K, S]`.
 
   With `block = (Mb, Lb)` only the block of models `i:i+Mb` and lam values
@@ -219,6 +220,10 @@ def _solve_batched(grid, idx, init, trans, loss, cost, lam, rtol, start=(0, 0), 
   each block is one cheap call). With a `mesh` (axes "model", "lam") every
   device solves the block at `start` of its own shard (`shard_map`, no
   communication); M and L must be multiples of the mesh's axis sizes.
+  With `trim = (m, l, squeeze)` (one device) the outputs are cut to the
+  first m models and l lam values, and the model axis is dropped if
+  `squeeze`, inside the jit: eager slicing would compile one more small
+  program per shape, which a fresh process pays for every time.
   """
   def solve_block(grid, idx, init, trans, loss, cost, lam, rtol, i, j):
     if block is not None:
@@ -251,6 +256,9 @@ def _solve_batched(grid, idx, init, trans, loss, cost, lam, rtol, start=(0, 0), 
                         in_specs=(models,) * 6 + (both, P(), P(), P()),
                         out_specs=(both,) * (3 if return_stop else 2),
                         check_vma=False)(*args)
+  if trim is not None:
+    m, l, squeeze = trim
+    out = tuple(o[0, :l] if squeeze else o[:m, :l] for o in out)
   return out if return_stop else out + (None,)
 
 
@@ -458,11 +466,16 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
   run = functools.partial(_solve_batched, *inputs, recall=recall,
                           conditioned=prep.conditioned, return_stop=return_stop,
                           mesh=mesh)
-  if len(starts) == 1:
+  squeeze = not prep.batched
+  if len(starts) == 1 and mesh is None:
+    value, threshold, stop = run(trim=(m, num_l, squeeze))
+  elif len(starts) == 1:
     value, threshold, stop = run()
     if (m_pad, l_pad) != (m, num_l):
       value, threshold, stop = (a if a is None else a[:m, :num_l]
                                 for a in (value, threshold, stop))
+    if squeeze:
+      value, threshold, stop = (a if a is None else a[0] for a in (value, threshold, stop))
   else:
     value = np.empty((m_pad, l_pad), dtype)
     threshold = np.empty((m_pad, l_pad, num_k, num_s), dtype)
@@ -486,14 +499,11 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
             view[:, i:i + mb, :, j:j + lb] = np.asarray(src).reshape(
                 (dm, mb, dl, lb) + dst.shape[2:])
       pending = current
-    value, threshold, stop = (a if a is None else jnp.asarray(a[:m, :num_l])
-                              for a in (value, threshold, stop))
-  grid = jnp.asarray(prep.grid)
-  out = Policy(threshold=threshold, value=value, lam=jnp.asarray(lam_m),
-               loss=jnp.asarray(prep.loss), cost=jnp.asarray(prep.cost),
-               recall=recall, stop=stop, grid=grid if recall else None)
-  if not prep.batched:
-    out = out._replace(**{f: getattr(out, f)[0] for f in
-                          ("threshold", "value", "lam", "loss", "cost", "stop", "grid")
-                          if getattr(out, f) is not None})
-  return out
+    value, threshold, stop = (
+        a if a is None else jax.device_put(a[0, :num_l] if squeeze else a[:m, :num_l])
+        for a in (value, threshold, stop))
+  # Host arrays are cut before they go to the device (no eager device ops).
+  host = lambda a: jax.device_put(a[0] if squeeze else a)
+  return Policy(threshold=threshold, value=value, lam=host(lam_m), loss=host(prep.loss),
+                cost=host(prep.cost), recall=recall, stop=stop,
+                grid=host(prep.grid) if recall else None)
