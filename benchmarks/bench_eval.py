@@ -98,12 +98,14 @@ def main():
     for recall in (True, False):
       policy = jexit.solve(model, lam, recall=recall)
       jax.block_until_ready(policy.threshold)
-      evaluate(policy, test_t, binning)  # compile
-      secs = _median(lambda: evaluate(policy, test_t, binning), args.reps)
-      paths = len(np.unique(binning.assign(1 - test_t.conf), axis=0))
-      what = "evaluate, recall" if recall else "evaluate, no recall"
-      print(f"| {what} | {num_bins} | {len(lam)} | {test_t.num_inputs} | {paths} | "
-            f"{secs:.3f} | {test_t.num_inputs * len(lam) / secs:,.0f} |")
+      for method in ("sweep", "replay"):
+        run = lambda: evaluate(policy, test_t, binning, method=method)
+        run()  # compile
+        secs = _median(run, args.reps)
+        paths = len(np.unique(binning.assign(1 - test_t.conf), axis=0))
+        what = f"evaluate {method}, {'recall' if recall else 'no recall'}"
+        print(f"| {what} | {num_bins} | {len(lam)} | {test_t.num_inputs} | {paths} | "
+              f"{secs:.3f} | {test_t.num_inputs * len(lam) / secs:,.0f} |")
 
   # 2. the sweep (frontier), warm, with phases.
   t0 = time.perf_counter()
@@ -133,20 +135,32 @@ def main():
     print(f"| {phase} | {secs:.2f} |")
   print(f"| other (splits, Pareto sets) | {total - sum(phases.values()):.2f} |")
 
-  # 3. the command line, as a user runs it.
+  # 3. the command line, as a user runs it: without the persistent compilation
+  # cache, then twice with a new one (the first run fills it).
   if not args.no_cli:
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "trace.npz")
       jexit.save_traces(path, traces)
-      env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
       cmd = [sys.executable, "-c", "import sys; from jexit.cli import main; sys.exit(main())",
              "sweep", path]
+      print(f"\n`jexit sweep trace.npz` ({n} inputs) as a new process:")
+      print("| compilation cache | seconds |")
+      print("|---|---|")
+      for label, cache in (("none (JEXIT_CACHE_DIR=)", ""),
+                           ("empty (first run fills it)", os.path.join(tmp, "xla")),
+                           ("filled", os.path.join(tmp, "xla"))):
+        env = dict(os.environ, JEXIT_CACHE_DIR=cache,
+                   PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        status = "" if done.returncode == 0 else f" (exit {done.returncode}: {done.stderr[-500:]})"
+        print(f"| {label} | {wall:.2f}{status} |")
       t0 = time.perf_counter()
-      done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-      wall = time.perf_counter() - t0
-      status = "ok" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr[-500:]}"
-      print(f"\n`jexit sweep trace.npz` ({n} inputs) as a new process: {wall:.2f} s ({status})")
-
+      subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; jnp.zeros(1)"],
+                     check=True)
+      print(f"| (for scale: `import jax` and one array, a new process) | "
+            f"{time.perf_counter() - t0:.2f} |")
 
 if __name__ == "__main__":
   main()
