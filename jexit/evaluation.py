@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jexit.runtime import stability_signal
 from jexit.solver import check_model, working_dtype
 from jexit.traces import check_traces
 from jexit.types import Binning, ExitModel, Policy, Traces
@@ -163,12 +164,15 @@ def summarize(stop_ramp: np.ndarray, output_ramp: np.ndarray, traces: Traces, *,
 def _binned_signal(traces: Traces, binning: Binning) -> np.ndarray:
   if binning.signal == "1-conf":
     return 1.0 - traces.conf
+  if binning.signal == "stability":
+    return stability_signal(traces.conf, traces.pred)
   if binning.signal == "signal":
     if traces.signal is None:
       raise ValueError("binning.signal: the binning bins traces.signal, but the "
                        "traces have no signal")
     return traces.signal
-  raise ValueError(f"binning.signal: expected '1-conf' or 'signal', got {binning.signal!r}")
+  raise ValueError(f"binning.signal: expected '1-conf', 'stability' or 'signal', got "
+                   f"{binning.signal!r}")
 
 
 def _monotone(threshold: np.ndarray, lam: np.ndarray):

@@ -114,8 +114,9 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
   if edges.shape != (k, s + 1):
     raise ValueError(f"binning.edges: expected shape [K, S+1] = ({k}, {s + 1}) to match "
                      f"the policy's K={k} ramps and S={s} bins, got {edges.shape}")
-  if binning.signal not in ("1-conf", "signal"):
-    raise ValueError(f"binning.signal: expected '1-conf' or 'signal', got {binning.signal!r}")
+  if binning.signal not in ("1-conf", "stability", "signal"):
+    raise ValueError(f"binning.signal: expected '1-conf', 'stability' or 'signal', got "
+                     f"{binning.signal!r}")
   if model is not None:
     if not isinstance(model, ExitModel):
       raise ValueError(f"model: expected jexit.ExitModel, got {type(model).__name__}")

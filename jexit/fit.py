@@ -4,6 +4,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from jexit.runtime import stability_signal
 from jexit.traces import check_traces
 from jexit.types import Binning, ExitModel, Traces
 
@@ -106,7 +107,8 @@ def fit(traces: Traces,
         smoothing: float = 1.0,
         prior: str = "uniform",
         kernel: float = 0.0,
-        loss_smoothing: float = 1.0) -> Tuple[ExitModel, Binning]:
+        loss_smoothing: float = 1.0,
+        signal: Optional[str] = None) -> Tuple[ExitModel, Binning]:
   """Fits an `ExitModel` and its `Binning` on (a fit split of) `traces`.
 
   The defaults (32 per-ramp quantile bins, logistic-calibrated disagreement
@@ -116,6 +118,11 @@ def fit(traces: Traces,
   Args:
     traces: the traces; validated here.
     rows: indices of the fit rows (default: all).
+    signal: the exit signal to bin: `"1-conf"`, `"stability"` (`1 - conf`
+      plus 1 where the prediction changed since the previous ramp: what
+      patience/PABEE uses, folded into one signal; the runtime computes it
+      from conf and pred) or `"signal"` (`traces.signal`). Default:
+      `"signal"` if the traces have one, else `"1-conf"`.
     bins: `"quantile"` (per-ramp quantiles of the fit rows' signal, `num_bins`
       bins), `"uniform"` (width `step` on [0, 1], the paper's 0.08) or an
       array of edges `[S+1]` (all ramps) or `[K, S+1]`.
@@ -175,8 +182,17 @@ def fit(traces: Traces,
     raise ValueError(f"prior: expected 'uniform' or 'marginal', got {prior!r}")
   if loss_smoothing < 0 or not np.isfinite(loss_smoothing):
     raise ValueError(f"loss_smoothing: expected a finite value >= 0, got {loss_smoothing}")
-  values = traces.exit_signal()
-  signal_name = "signal" if traces.signal is not None else "1-conf"
+  signal_name = signal or ("signal" if traces.signal is not None else "1-conf")
+  if signal_name == "1-conf":
+    values = 1.0 - np.asarray(traces.conf, np.float64)
+  elif signal_name == "stability":
+    values = stability_signal(traces.conf, traces.pred)
+  elif signal_name == "signal":
+    if traces.signal is None:
+      raise ValueError("signal: 'signal' bins traces.signal, but the traces have none")
+    values = np.asarray(traces.signal, np.float64)
+  else:
+    raise ValueError(f"signal: expected '1-conf', 'stability' or 'signal', got {signal!r}")
 
   if isinstance(bins, str):
     if bins == "uniform":

@@ -15,6 +15,11 @@ arrays, read with `allow_pickle=False`:
 | `threshold` | `[K, S]`   | same as `loss`    | stop thresholds: values of `loss` or +-inf |
 | `cost`      | `[K]`      | float64           | `c_k`, cost of segment k plus its head |
 
+Signals (`header.signal`): `"1-conf"`, `v = 1 - max softmax`; `"stability"`,
+`v = (1 - max softmax) + 1` if the ramp's prediction differs from the previous
+ramp's (`+ 0` at the first ramp; see `stability_signal`); `"signal"`, a custom
+signal the caller computes.
+
 Decision rule at ramp k (0-based) once its signal `v` is known:
 
     s    = number of inner edges edges[k, 1:-1] that are <= v
@@ -52,13 +57,13 @@ import numpy as np
 FORMAT_NAME = "jexit-policy"
 FORMAT_VERSION = 1
 ARRAY_KEYS = ("header", "edges", "loss", "threshold", "cost")
-SIGNALS = ("1-conf", "signal")
+SIGNALS = ("1-conf", "stability", "signal")
 # name -> (required, accepted Python types, meaning)
 HEADER_FIELDS = {
     "format": (True, (str,), f"always {FORMAT_NAME!r}"),
     "format_version": (True, (int,), "integer version of this layout"),
     "jexit_version": (True, (str,), "version of jexit that wrote the file"),
-    "signal": (True, (str,), "the signal the edges bin: '1-conf' or 'signal'"),
+    "signal": (True, (str,), "the signal the edges bin: '1-conf', 'stability' or 'signal'"),
     "lam": (True, (int, float), "the cost weight lam the policy was solved for"),
     "recall": (True, (bool,), "whether the output is the best ramp so far"),
     "num_ramps": (True, (int,), "K"),
@@ -218,7 +223,9 @@ class ExitTable:
     cost: `[K]` float64 segment costs.
     lam: the cost weight the policy was solved for.
     recall: whether the output is the best ramp so far (else the current).
-    signal: `"1-conf"` (1 - max softmax) or `"signal"` (a custom signal).
+    signal: `"1-conf"` (1 - max softmax), `"stability"` (1 - max softmax,
+      plus 1 where the prediction changed since the previous ramp) or
+      `"signal"` (a custom signal).
     header: the file's JSON header (dict).
     nan, out_of_range, range_tol: the input-handling modes (module docstring).
 
@@ -344,7 +351,8 @@ class ExitTable:
     Args:
       k: the 0-based ramp that just ran.
       signal_k: `[...]` its exit signal per input (1 - max softmax for a
-        "1-conf" table); a scalar for one input.
+        "1-conf" table; for a "stability" table plus 1 where ramp k's
+        prediction differs from ramp k-1's); a scalar for one input.
       state: the state `step(k - 1, ...)` returned for these same inputs (use
         `state.take(rows)` after dropping stopped inputs); None at k = 0.
 
@@ -444,11 +452,11 @@ class ExitTable:
     out-of-range values at ramps an input never reaches are not consulted.
 
     Args:
-      conf: `[N, K]` max-softmax confidences (used for a "1-conf" table; may
-        be None when `signal` is given).
+      conf: `[N, K]` max-softmax confidences (used for "1-conf" and
+        "stability" tables; may be None when `signal` is given).
       pred: `[N, K]` int predictions of every ramp.
       signal: `[N, K]` the custom signal, required for a "signal" table and
-        refused for a "1-conf" one.
+        refused for the others.
 
     Returns:
       `(stop_ramp [N], output_ramp [N], output_pred [N])`, 0-based ramps and
@@ -464,16 +472,19 @@ class ExitTable:
       raise ValueError(f"pred: expected shape [N, K={k_count}] (the table has "
                        f"{k_count} ramps), got {_describe(pred)}")
     n = pred.shape[0]
-    if self.signal == "1-conf":
+    if self.signal in ("1-conf", "stability"):
       if signal is not None:
-        raise ValueError("signal: this table bins 1 - conf; pass conf, not signal")
+        raise ValueError(f"signal: this table bins {self.signal!r}, computed from conf "
+                         f"and pred; pass conf, not signal")
       if conf is None:
-        raise ValueError("conf: expected [N, K] confidences for a '1-conf' table, got None")
+        raise ValueError(f"conf: expected [N, K] confidences for a {self.signal!r} table, "
+                         f"got None")
       conf = np.asarray(conf)
       if conf.shape != (n, k_count):
         raise ValueError(f"conf: expected shape [N, K] = ({n}, {k_count}) (like pred, "
                          f"K from the table), got {_describe(conf)}")
-      values = 1.0 - conf.astype(np.float64)
+      values = (1.0 - conf.astype(np.float64) if self.signal == "1-conf"
+                else stability_signal(conf, pred))
     else:
       if signal is None:
         raise ValueError("signal: this table bins a custom signal (header.signal = "
@@ -495,6 +506,19 @@ class ExitTable:
         break
     return stop_ramp, output_ramp, pred[np.arange(n), output_ramp]
 
+
+def stability_signal(conf, pred) -> np.ndarray:
+  """`[..., K]` float64 "stability" signal from confidences and predictions.
+
+  `(1 - conf[..., k]) + 1` where `pred[..., k] != pred[..., k-1]`, else
+  `1 - conf[..., k]` (always at k = 0): a ramp that changed its mind is less
+  trusted than any ramp that agrees with its predecessor. Values in [0, 2].
+  """
+  conf = np.asarray(conf, np.float64)
+  pred = np.asarray(pred)
+  changed = np.zeros(conf.shape, np.float64)
+  changed[..., 1:] = pred[..., 1:] != pred[..., :-1]
+  return (1.0 - conf) + changed
 
 def read_policy_arrays(path):
   """Reads a policy file without pickle; returns validated

@@ -58,7 +58,9 @@ class EarlyExitRunner:
     heads: K ramp heads; `heads[k]` maps segment k's output to `[B, C]` logits.
     table: an `ExitTable` or the path of a policy file.
     signal_fn: optional `logits [B, C] -> signal [B]`; required when the table
-      bins a custom signal (`table.signal == "signal"`). Default:
+      bins a custom signal (`table.signal == "signal"`), refused for a
+      "stability" table (the runner computes `1 - max softmax`, plus 1 where
+      the ramp's prediction differs from the previous ramp's). Default:
       `1 - max softmax`.
     keep_logits: also return the output ramp's logits.
 
@@ -89,10 +91,13 @@ class EarlyExitRunner:
     if len(segments) != table.num_ramps:
       raise ValueError(f"segments: the table has K={table.num_ramps} ramps, the model "
                        f"{len(segments)} segments/heads (a table for another model?)")
-    if table.signal != "1-conf" and signal_fn is None:
+    if table.signal == "signal" and signal_fn is None:
       raise ValueError(f"signal_fn: the table bins a custom signal "
                        f"(signal={table.signal!r}), not 1 - max softmax; pass "
                        f"signal_fn(logits) -> [B] computing that signal")
+    if table.signal == "stability" and signal_fn is not None:
+      raise ValueError("signal_fn: a 'stability' table's signal comes from the ramps' "
+                       "confidences and predictions; expected signal_fn=None")
     self.segments, self.heads, self.table = segments, heads, table
     self.signal_fn, self.keep_logits = signal_fn, keep_logits
     self._mode_sensitive = None
@@ -124,11 +129,13 @@ class EarlyExitRunner:
                        f"got {tuple(logits.shape)}")
     return logits
 
-  def _signal(self, k, logits, conf) -> np.ndarray:
-    """`[B]` float64 signal on the host (1 - conf unless `signal_fn`)."""
+  def _signal(self, k, logits, conf, changed=None) -> np.ndarray:
+    """`[B]` float64 signal on the host: 1 - conf (plus `changed` [B] bool for a
+    "stability" table) unless `signal_fn`."""
     if self.signal_fn is None:
       # In float64 from the float32 confidence, as jexit.evaluation computes it.
-      return 1.0 - conf.cpu().numpy().astype(np.float64)
+      v = 1.0 - conf.cpu().numpy().astype(np.float64)
+      return v if changed is None else v + changed
     signal = self.signal_fn(logits)
     if tuple(signal.shape) != (logits.shape[0],):
       raise ValueError(f"signal_fn: expected a [B={logits.shape[0]}] signal at ramp {k}, "
@@ -157,6 +164,7 @@ class EarlyExitRunner:
     rows = np.arange(b)                          # input index of each row, on the host
     best_loss = np.full(b, np.inf, table.dtype)  # the ExitState of `table.step`
     best_ramp = np.full(b, -1, np.int64)
+    stability, prev_pred = table.signal == "stability", None
     # Per ramp run: the rows it ran on and its predictions/logits for them.
     # Outputs are gathered once at the end instead of scattered per ramp.
     ran, preds, all_logits = [], [], []
@@ -170,8 +178,12 @@ class EarlyExitRunner:
         raise ValueError(f"heads[{k}]: expected {all_logits[0].shape[1]} classes like "
                          f"heads[0], got logits of shape {tuple(logits.shape)}")
       conf, pred = max_softmax(logits)
+      changed = None
+      if stability:
+        pred_host = pred.cpu().numpy()
+        changed = np.zeros(rows.size, bool) if k == 0 else pred_host != prev_pred
       # The rows and k are right by construction: the rule without step's checks.
-      stop, best_loss, best_ramp = table._decide(k, self._signal(k, logits, conf),
+      stop, best_loss, best_ramp = table._decide(k, self._signal(k, logits, conf, changed),
                                                  best_loss, best_ramp)
       ran.append(rows)
       preds.append(pred)
@@ -185,6 +197,8 @@ class EarlyExitRunner:
           # Compact: later segments only run on the inputs still going.
           h = h.index_select(0, torch.from_numpy(np.flatnonzero(keep)).to(device))
         rows, best_loss, best_ramp = rows[keep], best_loss[keep], best_ramp[keep]
+      if stability:
+        prev_pred = pred_host[~stop]
     # Row of each input's output ramp in the concatenation of what each ramp
     # ran on (`ran[j]` is sorted: compaction keeps the input order).
     offsets = np.cumsum([0] + [r.size for r in ran])
@@ -208,7 +222,7 @@ class EarlyExitRunner:
     scatters; the output ramp's tensors are kept by reference."""
     table = self.table
     best_loss, best_ramp = float("inf"), -1
-    out_pred = out_logits = None
+    out_pred = out_logits = prev_pred = None
     h = x
     for k in range(self.num_ramps):
       h = self.segments[k](h)
@@ -216,6 +230,10 @@ class EarlyExitRunner:
       conf, pred = max_softmax(logits)
       if self.signal_fn is None:
         v = 1.0 - float(conf.item())
+        if self.table.signal == "stability":
+          p = int(pred.item())
+          v += float(k > 0 and p != prev_pred)
+          prev_pred = p
       else:
         v = float(self._signal(k, logits, conf)[0])
       stop, best_loss, best_ramp = table.decide_one(k, v, best_loss, best_ramp)

@@ -77,7 +77,9 @@ class Binning(NamedTuple):
 
   Attributes:
     edges: `[K, S+1]` increasing edges per ramp.
-    signal: which signal is binned: `"1-conf"` or `"signal"`.
+    signal: which signal is binned: `"1-conf"`, `"stability"` (`1 - conf`
+      plus 1 where the prediction changed since the previous ramp,
+      `jexit.runtime.stability_signal`) or `"signal"` (`Traces.signal`).
   """
   edges: np.ndarray  # [K, S+1]
   signal: str = "1-conf"

@@ -285,3 +285,35 @@ def test_package_import_of_runtime_avoids_jax():
     if package.stdout.strip() == "True":
       pytest.skip("jexit/__init__.py imports JAX eagerly (pending a lazy __init__)")
     pytest.fail("jexit.runtime pulled in JAX")
+
+
+@pytest.mark.parametrize("recall", [True, False])
+def test_stability_table_run_and_step_equal_evaluate(tmp_path, recall):
+  """A 'stability' table: the runtime computes the signal from conf and pred."""
+  from jexit.runtime import stability_signal
+  rng = np.random.default_rng(9)
+  n, k = 400, 4
+  pred = rng.integers(0, 3, (n, k))
+  traces = jexit.Traces(rng.uniform(size=(n, k)), pred, None, rng.uniform(0.5, 1.5, k))
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=8, signal="stability")
+  assert binning.signal == "stability"
+  values = stability_signal(traces.conf, traces.pred)
+  np.testing.assert_array_equal(values[:, 0], 1 - traces.conf[:, 0])
+  np.testing.assert_allclose(values[:, 1:] - (1 - traces.conf[:, 1:]),
+                             pred[:, 1:] != pred[:, :-1], atol=1e-12)
+  policy = jexit.solve(model, np.array([0.01, 0.1]), recall=recall)
+  for i in range(2):
+    stop, out = _evaluate_decisions(policy, traces, binning, i)
+    export.export_policy(tmp_path / "p.npz", policy, binning, model, i)
+    table = ExitTable.load(tmp_path / "p.npz")
+    assert table.signal == "stability"
+    got = table.run(traces.conf, traces.pred)
+    np.testing.assert_array_equal(got[0], stop)
+    np.testing.assert_array_equal(got[1], out)
+    state, rows = None, np.arange(n)  # step by step with the signal computed by hand
+    for r in range(k):
+      stop_r, state = table.step(r, values[rows, r], state)
+      np.testing.assert_array_equal(stop[rows[stop_r]], r)
+      rows, state = rows[~stop_r], state.take(~stop_r)
+    with pytest.raises(ValueError, match="pass conf, not signal"):
+      table.run(traces.conf, traces.pred, signal=values)

@@ -228,3 +228,37 @@ def test_runner_on_digits_vgg(tmp_path):
   differ = ((out.stop_ramp.numpy() != want_stop) | (out.output_ramp.numpy() != want_out)
             | (out.pred.numpy() != want_pred))
   assert near.sum() <= 5 and not np.any(differ & ~near), np.flatnonzero(differ)
+
+
+@pytest.mark.parametrize("recall", [True, False])
+def test_runner_stability_table_equals_numpy_runtime(tmp_path, recall):
+  """A 'stability' table: the runner tracks each input's previous prediction."""
+  segments, heads = tiny_model(seed=3)
+  x = torch.randn(300, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+  conf, pred = full_trace(segments, heads, x)
+  traces = jexit.Traces(conf, pred, None, np.array([1.0, 1.0, 2.0, 2.0]))
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=6, signal="stability")
+  policy = jexit.solve(model, np.array([0.01]), recall=recall)
+  # This random network rarely agrees with its last ramp, so the solved policy
+  # runs everything; a hand-made table stops in the lower half of the bins
+  # (unchanged, confident predictions) and goes on in the upper half.
+  loss = np.asarray(policy.loss)
+  thr = np.where(np.arange(6) < 3, loss, -np.inf)
+  thr[-1] = np.inf
+  policy = policy._replace(threshold=thr[None].astype(loss.dtype))
+  export.export_policy(tmp_path / "s.npz", policy, binning, model, 0, traces=traces)
+  table = ExitTable.load(tmp_path / "s.npz", out_of_range="clip")
+  want_stop, want_out, want_pred = table.run(conf, pred)
+  assert len(np.unique(want_stop)) >= 2
+  changed = pred[:, 1:] != pred[:, :-1]
+  assert 0 < changed.mean() < 1  # the flag differs between inputs and ramps
+  runner = EarlyExitRunner(segments, heads, table)
+  out = runner(x)
+  np.testing.assert_array_equal(out.stop_ramp.numpy(), want_stop)
+  np.testing.assert_array_equal(out.output_ramp.numpy(), want_out)
+  np.testing.assert_array_equal(out.pred.numpy(), want_pred)
+  for i in range(0, 300, 23):  # batch size 1
+    one = runner(x[i:i + 1])
+    assert (int(one.stop_ramp[0]), int(one.output_ramp[0])) == (want_stop[i], want_out[i])
+  with pytest.raises(ValueError, match="signal_fn"):
+    EarlyExitRunner(segments, heads, table, signal_fn=lambda z: 1.0 - max_softmax(z)[0])
