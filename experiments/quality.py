@@ -197,6 +197,13 @@ FINDINGS = """## Findings
   Keeping full bin resolution for both values of the flag (2S bins: quantile edges of
   `1 - conf`, and the same edges shifted by 1) gave the same verdict in a prototype run
   (5 folds; e.g. VGG-11/3 ramps at 1%: 1.58x vs the default's 1.81x; synth-smooth: 2.05x vs 1.48x).
+- **Choosing the signal per workload (now `jexit budget`'s default).** Since prediction
+  stability wins on some workloads and loses on others, `jexit budget --signal auto` chooses
+  between `1 - conf` and the stability signal by a 4-fold cross-fitting inside the fit rows.
+  experiments/SELECT_FAMILY.md (`python experiments/select_family.py`) measures that rule
+  with this file's protocol: 25 of 32 cells at least as fast as the best external baseline
+  (19 of 32 with `1 - conf` alone); it wins back every synthetic cell and changes nothing on
+  the digits traces, where 7 cells stay behind a baseline.
 - **When recall helps, and when not.** With agreement with the final ramp as the metric, the
   final ramp's loss is exactly 0, so an input that goes on to the end never needs an earlier
   answer, and an input that stops early stops at a ramp that is already confident: the

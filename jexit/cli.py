@@ -34,8 +34,19 @@ def _num_bins(text: str):
   return values[0] if len(values) == 1 else values
 
 
-def _add_fit_args(p):
+def _add_fit_args(p, auto_signal=False):
   g = p.add_argument_group("model (defaults: jexit.frontiers.DEFAULT_FIT)")
+  if auto_signal:
+    g.add_argument("--signal", choices=("auto", "1-conf", "stability", "signal"),
+                   default="auto",
+                   help="exit signal of the solver's model; auto (default) picks 1-conf "
+                        "(or the trace's signal) or stability by inner cross-fitting on "
+                        "the fit rows (one split; with --folds it keeps 1-conf)")
+  else:
+    g.add_argument("--signal", choices=("1-conf", "stability", "signal"),
+                   help="exit signal: 1 - conf (default; the trace's signal if it has "
+                        "one), stability (1 - conf, plus 1 where the prediction changed "
+                        "since the previous ramp) or the trace's signal")
   g.add_argument("--bins", choices=("uniform", "quantile"),
                  help="bins of the exit signal: uniform width --step or per-ramp quantiles")
   g.add_argument("--step", type=float, help="bin width for --bins uniform (paper: 0.08)")
@@ -84,9 +95,11 @@ def _write_json(path, data) -> None:
 
 
 def _frontier_kwargs(args) -> dict:
+  fit_options = _fit_overrides(args)
+  if getattr(args, "signal", None) is not None:
+    fit_options["signal"] = args.signal
   return dict(num_lambdas=args.num_lambdas, test_fraction=args.test_fraction,
-              seed=args.seed, folds=args.folds, block=args.block,
-              fit_options=_fit_overrides(args))
+              seed=args.seed, folds=args.folds, block=args.block, fit_options=fit_options)
 
 
 def _plot(fr, path, trace, max_loss) -> str:
@@ -117,7 +130,9 @@ def run_budget(args) -> int:
   from jexit import frontiers as jf  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   traces = load_traces(args.trace)
-  b = jf.budget(traces, args.max_loss, **_frontier_kwargs(args))
+  kwargs = _frontier_kwargs(args)
+  signal = kwargs["fit_options"].pop("signal")  # auto selects with one split only
+  b = jf.budget(traces, args.max_loss, signal=signal, **kwargs)
   print(jf.format_budget(b, trace=args.trace))
   if args.json:
     _write_json(args.json, jf.budget_to_dict(b, args.trace))
@@ -200,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="agreement-loss budget (default 0.01 = 99%% agreement)")
   p.add_argument("--json", help="write the choices as JSON here")
   _add_split_args(p)
-  _add_fit_args(p)
+  _add_fit_args(p, auto_signal=True)
   p.set_defaults(func=run_budget)
 
   p = sub.add_parser("demo", help="the sweep on the embedded digits VGG-11 trace",

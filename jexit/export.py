@@ -241,6 +241,13 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                  help="split rows in blocks of this many related rows (--max-loss)")
   p.add_argument("--grid", type=int, default=1000,
                  help="lam values per candidate model tried by --max-loss (default 1000)")
+  p.add_argument("--signal", choices=("auto", "1-conf", "stability", "signal"),
+                 default=None,
+                 help="exit signal of the model: 1-conf, stability (1 - conf, plus 1 where "
+                      "the prediction changed since the previous ramp), the trace's "
+                      "signal, or auto (chosen on the fit rows by inner cross-fitting, as "
+                      "`jexit budget`; --max-loss only). Default: auto with --max-loss, "
+                      "else 1-conf (the trace's signal if it has one)")
   p.set_defaults(func=run_export)
   return p
 
@@ -256,6 +263,11 @@ def run_export(args) -> int:
   traces = load_traces(args.trace)
   recall = not args.no_recall
   options = dict(frontiers.PAPER_FIT) if args.paper else {}
+  signal = args.signal or ("auto" if args.max_loss is not None else None)
+  if signal == "auto" and args.lam is not None:
+    raise ValueError("--signal auto chooses on a fit split; it needs --max-loss")
+  if signal not in (None, "auto"):
+    options["signal"] = signal
   if args.lam is not None:
     if not (np.isfinite(args.lam) and args.lam >= 0):
       raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
@@ -267,6 +279,12 @@ def run_export(args) -> int:
       raise ValueError(f"--max-loss: expected an agreement-loss budget in [0, 1], "
                        f"got {args.max_loss}")
     method = "recall" if recall else "norecall"
+    if signal == "auto":
+      chosen, _ = frontiers.choose_signal(traces, args.max_loss, seed=args.seed,
+                                          block=args.block, fit_options=options,
+                                          num_lambdas=args.grid)
+      if chosen is not None:
+        options["signal"] = chosen
     fr = frontiers.frontier(traces, methods=(method,), seed=args.seed, block=args.block,
                             num_lambdas=args.grid, fit_options=options)
     fit_ev, test_ev = fr.splits[0][method]

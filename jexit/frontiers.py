@@ -383,11 +383,40 @@ class BudgetChoice(NamedTuple):
 
 
 class Budget(NamedTuple):
-  """Per method, the parameter chosen on fit rows for `max_loss`, and its metrics."""
+  """Per method, the parameter chosen on fit rows for `max_loss`, and its metrics.
+
+  `signal_scores` (with `signal="auto"`): per candidate exit signal, its mean
+  held-out speedup at `max_loss` in the inner cross-validation on the fit
+  rows; the chosen signal is `fit_options["signal"]`.
+  """
   max_loss: float
   split: dict
   choices: Dict[str, BudgetChoice]
   fit_options: dict
+  signal_scores: Optional[Dict[str, float]] = None
+
+
+SIGNAL_CHOICES = ("auto", "1-conf", "stability", "signal")
+INNER_FOLDS = 4
+
+
+def signal_score(traces: Traces, signal: str, max_loss: float, *, folds: int = INNER_FOLDS,
+                 block: int = 1, fit_options: Optional[dict] = None,
+                 num_lambdas: int = NUM_LAMBDAS, max_bytes: int = DEFAULT_MAX_BYTES) -> float:
+  """Mean held-out speedup of the recall policy at `max_loss` under k-fold
+  cross-fitting of `traces` (the fit rows of an outer split) with this signal.
+
+  Each fold chooses its parameter on its own fit rows (speedup 1, the
+  backbone, when none meets the budget there), as `budget` does.
+  """
+  fr = frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
+                fit_options={**(fit_options or {}), "signal": signal}, methods=("recall",),
+                max_bytes=max_bytes)
+  speed = []
+  for fit_ev, test_ev in (split["recall"] for split in fr.splits):
+    i = choose_index(fit_ev, max_loss)
+    speed.append(1.0 if i is None else float(test_ev.speedup[i]))
+  return float(np.mean(speed))
 
 
 def _param_value(fr: Frontier, method: str, split: int, index: int):
@@ -427,6 +456,33 @@ def choose(fr: Frontier, max_loss: float) -> Dict[str, BudgetChoice]:
   return out
 
 
+def choose_signal(traces: Traces, max_loss: float, *, test_fraction: float = 0.5,
+                  seed: int = 0, block: int = 1, fit_options: Optional[dict] = None,
+                  num_lambdas: int = NUM_LAMBDAS, inner_folds: int = INNER_FOLDS,
+                  max_bytes: int = DEFAULT_MAX_BYTES):
+  """The exit signal for the solver's model, chosen on the fit rows of a split.
+
+  Scores the traces' own signal (`1 - conf`, or `traces.signal`) and
+  `"stability"` with `signal_score` on the fit rows of
+  `split_rows(..., test_fraction, seed, block)` (the test rows are not read)
+  and returns `(the better one, {signal: score})`; ties go to the traces'
+  own. `(None, None)` when the fit rows hold fewer than `2 * inner_folds`
+  blocks (too few to compare).
+  """
+  traces = check_traces(traces)
+  fit_rows, _ = split_rows(traces.num_inputs, test_fraction=test_fraction, seed=seed,
+                           block=block)
+  if len(_blocks(len(fit_rows), block)) < 2 * inner_folds:
+    return None, None
+  own = "signal" if traces.signal is not None else "1-conf"
+  inner = traces.take(fit_rows)
+  scores = {sig: signal_score(inner, sig, max_loss, folds=inner_folds, block=block,
+                              fit_options=fit_options, num_lambdas=num_lambdas,
+                              max_bytes=max_bytes)
+            for sig in (own, "stability")}
+  return max(scores, key=lambda sig: (scores[sig], sig == own)), scores
+
+
 def budget(traces: Traces, max_loss: float = 0.01, *,
            folds: Optional[int] = None,
            test_fraction: float = 0.5,
@@ -436,7 +492,9 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
            num_lambdas: int = NUM_LAMBDAS,
            fit_options: Optional[dict] = None,
            methods: Sequence[str] = METHODS,
-           max_bytes: int = DEFAULT_MAX_BYTES) -> Budget:
+           max_bytes: int = DEFAULT_MAX_BYTES,
+           signal: Optional[str] = "auto",
+           inner_folds: int = INNER_FOLDS) -> Budget:
   """Per method, the parameter with most speedup meeting an agreement-loss budget.
 
   The parameter is chosen on the fit rows (`1 - agreement <= max_loss` there,
@@ -445,11 +503,25 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
   metrics pool the folds (cross-fitting). Apparate's greedy search is run
   with `max_loss` as its budget.
 
+  The exit signal of the solver's model is chosen on the fit rows too: with
+  `signal="auto"` (default, single split), an `inner_folds`-fold
+  cross-fitting of the fit rows scores the traces' own signal (`1 - conf`,
+  or `traces.signal`) and `"stability"` (`1 - conf`, plus 1 where the
+  prediction changed since the previous ramp) by their mean held-out
+  speedup at `max_loss`, and the better one (ties: the traces' own) is
+  fitted on all fit rows (experiments/SELECT_FAMILY.md measured it).
+
   Args:
     traces: the traces.
     max_loss: agreement-loss budget, e.g. 0.01 for 99% agreement.
     folds, test_fraction, seed, block, lambdas, num_lambdas, fit_options,
       methods, max_bytes: as for `frontier`.
+    signal: `"auto"`, one of `"1-conf"`, `"stability"`, `"signal"` (no
+      selection), or None (the traces' own, or `fit_options["signal"]`).
+      `"auto"` selects only with a single split; with `folds` (and with fit
+      rows too few to compare) it keeps the traces' own signal, and
+      `signal_scores` is None.
+    inner_folds: k of the inner cross-fitting for `signal="auto"`.
 
   Returns:
     A `Budget`: `choices[method] = BudgetChoice(param, fit, test)`.
@@ -466,12 +538,27 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
   """
   if not 0 <= max_loss <= 1:
     raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1], got {max_loss}")
+  if signal is not None and signal not in SIGNAL_CHOICES:
+    raise ValueError(f"signal: expected one of {list(SIGNAL_CHOICES)} or None, got {signal!r}")
+  traces = check_traces(traces)
+  fit_options = dict(fit_options or {})
+  scores = None
+  if signal == "auto" and "signal" not in fit_options and folds is None and any(
+      m in methods for m in ("recall", "norecall")):
+    chosen, scores = choose_signal(traces, max_loss, test_fraction=test_fraction, seed=seed,
+                                   block=block, fit_options=fit_options,
+                                   num_lambdas=num_lambdas, inner_folds=inner_folds,
+                                   max_bytes=max_bytes)
+    if chosen is not None:
+      fit_options["signal"] = chosen
+  elif signal not in (None, "auto"):
+    fit_options["signal"] = signal
   fr = frontier(traces, lambdas=lambdas, num_lambdas=num_lambdas,
                 test_fraction=test_fraction, seed=seed, folds=folds, block=block,
                 fit_options=fit_options, methods=methods, apparate_budgets=(max_loss,),
                 max_bytes=max_bytes)
   return Budget(max_loss=float(max_loss), split=fr.split, choices=choose(fr, max_loss),
-                fit_options=fr.fit_options)
+                fit_options=fr.fit_options, signal_scores=scores)
 
 
 # ---- JSON-ready dictionaries and text tables (the CLI writes and prints them)
@@ -530,7 +617,7 @@ def budget_to_dict(b: Budget, trace: Optional[str] = None) -> dict:
   return {"trace": trace, "max_loss": b.max_loss, "split": dict(b.split),
           "fit_options": {k: _num(v) if not isinstance(v, str) else v
                           for k, v in b.fit_options.items()},
-          "methods": methods}
+          "signal_scores": b.signal_scores, "methods": methods}
 
 
 def _fmt_param(p):
@@ -591,6 +678,10 @@ def format_budget(b: Budget, trace: Optional[str] = None) -> str:
     lines.append(f"trace: {trace}")
   lines.append(_split_line(b.split))
   lines.append(f"agreement-loss budget: {b.max_loss * 100:g}% (chosen on fit rows)")
+  if b.signal_scores:
+    scores = ", ".join(f"{sig} {v:.2f}x" for sig, v in b.signal_scores.items())
+    lines.append(f"exit signal of recall/norecall: {b.fit_options.get('signal')} (chosen on "
+                 f"fit rows by inner cross-fitting, mean held-out speedup: {scores})")
   head = (f"{'method':<18}{'param':>28}{'fit agree':>11}{'fit speedup':>13}"
           f"{'test agree':>12}{'test speedup':>14}{'test acc':>10}")
   lines += [head, "-" * len(head)]

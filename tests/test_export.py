@@ -192,7 +192,7 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path, solved):
 
 def _args(**kw):
   base = dict(lam=None, max_loss=None, no_recall=False, paper=False, seed=0, block=1,
-              grid=40)
+              grid=40, signal=None)
   base.update(kw)
   return types.SimpleNamespace(**base)
 
@@ -227,6 +227,7 @@ def test_cli_export(tmp_path, capsys, solved):
   agreement = np.mean(fit_t.pred[np.arange(len(output)), output] == fit_t.pred[:, -1])
   assert agreement == pytest.approx(float(choice.choices["recall"].fit.agreement[0]))
   assert table.lam == pytest.approx(choice.choices["recall"].param["lam"])
+  assert table.signal == choice.fit_options.get("signal", "1-conf")  # the same signal choice
   with pytest.raises(ValueError, match="agreement-loss budget"):
     export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=-1.0, out=out))
 

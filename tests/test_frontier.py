@@ -212,3 +212,38 @@ def test_explicit_edges_give_a_single_candidate(traces):
   edges = np.linspace(0, 1, 6)
   cands = jf.fit_candidates(traces, np.arange(200), {**jf.DEFAULT_FIT, "bins": edges})
   assert len(cands) == 1 and cands[0][1].num_bins == 5
+
+
+def flip_traces(n=1600, k=3, seed=0):
+  """Confidence says nothing; a prediction that changed says the ramp is wrong."""
+  rng = np.random.default_rng(seed)
+  final = rng.integers(0, 5, n)
+  right = rng.uniform(size=(n, k)) < np.array([0.6, 0.8, 1.0])[:k]
+  wrong = (final[:, None] + rng.integers(1, 5, (n, k))) % 5
+  pred = np.where(right, final[:, None], wrong)
+  return jexit.Traces(rng.uniform(0.2, 1.0, (n, k)), pred, None, np.ones(k))
+
+
+def test_budget_chooses_the_signal_on_fit_rows_only():
+  traces = flip_traces()
+  b = jf.budget(traces, 0.02, num_lambdas=60, methods=("recall", "global_threshold"))
+  assert set(b.signal_scores) == {"1-conf", "stability"}
+  assert b.signal_scores["stability"] > b.signal_scores["1-conf"] + 0.1
+  assert b.fit_options["signal"] == "stability"
+  assert b.choices["recall"].test.speedup[0] > b.choices["global_threshold"].test.speedup[0]
+  # The test rows are never read by the choice: scramble them, same scores.
+  _, test_rows = jf.split_rows(traces.num_inputs)
+  pred = traces.pred.copy()
+  pred[test_rows] = np.random.default_rng(1).integers(0, 5, pred[test_rows].shape)
+  other = jf.choose_signal(traces._replace(pred=pred), 0.02, num_lambdas=60)
+  assert other == ("stability", b.signal_scores)
+  # An explicit signal, or folds, make no selection.
+  assert jf.budget(traces, 0.02, num_lambdas=60, methods=("recall",),
+                   signal="1-conf").signal_scores is None
+  fold = jf.budget(traces, 0.02, num_lambdas=60, methods=("recall",), folds=2)
+  assert fold.signal_scores is None and "signal" not in fold.fit_options
+  with pytest.raises(ValueError, match="signal: expected one of"):
+    jf.budget(traces, 0.02, signal="entropy")
+  text = jf.format_budget(b)
+  assert "exit signal of recall/norecall: stability" in text
+  assert jf.budget_to_dict(b)["signal_scores"] == b.signal_scores
