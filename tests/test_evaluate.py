@@ -310,3 +310,19 @@ def test_sweep_needs_monotone_thresholds():
   np.testing.assert_array_equal(auto.stop_hist, replay.stop_hist)
   with pytest.raises(ValueError, match="method: expected 'auto', 'replay' or 'sweep'"):
     evaluate(policy, traces, binning, method="fast")
+
+
+def test_auto_uses_the_sweep_for_solver_grids(monkeypatch):
+  """`solve`'s lam grids are monotone, so `evaluate` never needs the replay for them."""
+  from jexit import evaluation
+  rng = np.random.default_rng(25)
+  traces = random_traces(rng, n=400, k=4)
+  def no_replay(*args, **kwargs):
+    raise AssertionError("the replay ran")
+  monkeypatch.setattr(evaluation, "_replay_chunks", no_replay)
+  for num_bins in (4, 16):
+    model, binning = jexit.fit(traces, num_bins=num_bins)
+    for recall in (True, False):
+      ev = evaluate(jexit.solve(model, np.geomspace(1e-5, 10, 300), recall=recall), traces,
+                    binning)
+      assert ev.agreement.shape == (300,)
