@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jexit.runtime import stability_signal
 from jexit.solver import check_model, working_dtype
-from jexit.traces import check_traces
+from jexit.traces import check_traces, signal_values
 from jexit.types import Binning, ExitModel, Policy, Traces
 
 QUANTILES = (0.50, 0.95, 0.99)
@@ -159,20 +158,6 @@ def summarize(stop_ramp: np.ndarray, output_ramp: np.ndarray, traces: Traces, *,
       objective=None if objective is None else np.asarray(objective, np.float64),
       stop_ramp=stop_ramp.astype(np.int32) if return_per_input else None,
       output_ramp=output_ramp.astype(np.int32) if return_per_input else None)
-
-
-def _binned_signal(traces: Traces, binning: Binning) -> np.ndarray:
-  if binning.signal == "1-conf":
-    return 1.0 - traces.conf
-  if binning.signal == "stability":
-    return stability_signal(traces.conf, traces.pred)
-  if binning.signal == "signal":
-    if traces.signal is None:
-      raise ValueError("binning.signal: the binning bins traces.signal, but the "
-                       "traces have no signal")
-    return traces.signal
-  raise ValueError(f"binning.signal: expected '1-conf', 'stability' or 'signal', got "
-                   f"{binning.signal!r}")
 
 
 def _monotone(threshold: np.ndarray, lam: np.ndarray):
@@ -399,7 +384,7 @@ def evaluate(policy: Policy, traces: Traces,
   if method not in ("auto", "replay", "sweep"):
     raise ValueError(f"method: expected 'auto', 'replay' or 'sweep', got {method!r}")
   edges, signal_name = _model_edges(binning, m, k, s)
-  values = _binned_signal(traces, Binning(edges[0], signal_name))
+  values = signal_values(traces, signal_name, "binning.signal")
 
   bins_n = np.stack([Binning(edges[i], signal_name).assign(values) for i in range(m)])
   # Inputs whose bins agree at every ramp (under every model) take the same

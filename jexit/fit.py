@@ -4,8 +4,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from jexit.runtime import stability_signal
-from jexit.traces import check_traces
+from jexit.traces import check_traces, signal_values
 from jexit.types import Binning, ExitModel, Traces
 
 PAPER_STEP = 0.08
@@ -183,16 +182,7 @@ def fit(traces: Traces,
   if loss_smoothing < 0 or not np.isfinite(loss_smoothing):
     raise ValueError(f"loss_smoothing: expected a finite value >= 0, got {loss_smoothing}")
   signal_name = signal or ("signal" if traces.signal is not None else "1-conf")
-  if signal_name == "1-conf":
-    values = 1.0 - np.asarray(traces.conf, np.float64)
-  elif signal_name == "stability":
-    values = stability_signal(traces.conf, traces.pred)
-  elif signal_name == "signal":
-    if traces.signal is None:
-      raise ValueError("signal: 'signal' bins traces.signal, but the traces have none")
-    values = np.asarray(traces.signal, np.float64)
-  else:
-    raise ValueError(f"signal: expected '1-conf', 'stability' or 'signal', got {signal!r}")
+  values = signal_values(traces, signal_name)
 
   if isinstance(bins, str):
     if bins == "uniform":

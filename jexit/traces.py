@@ -5,6 +5,7 @@ import zipfile
 
 import numpy as np
 
+from jexit.runtime import stability_signal
 from jexit.types import Traces
 
 REQUIRED_KEYS = ("conf", "pred", "cost")
@@ -85,6 +86,21 @@ def check_traces(traces: Traces) -> Traces:
       bad = np.argwhere(~np.isfinite(signal))[0]
       _fail("signal", "finite values", f"{signal[tuple(bad)]} at row {bad[0]}, ramp {bad[1]}")
   return Traces(conf=conf, pred=pred, label=label, cost=cost, signal=signal)
+
+
+def signal_values(traces: Traces, name: str, field: str = "signal") -> np.ndarray:
+  """`[N, K]` float64 values of the exit signal `name` of checked traces:
+  `"1-conf"`, `"stability"` or `"signal"` (`traces.signal`); `field` names the
+  argument in errors."""
+  if name == "1-conf":
+    return 1.0 - np.asarray(traces.conf, np.float64)
+  if name == "stability":
+    return stability_signal(traces.conf, traces.pred)
+  if name == "signal":
+    if traces.signal is None:
+      raise ValueError(f"{field}: 'signal' bins traces.signal, but the traces have none")
+    return np.asarray(traces.signal, np.float64)
+  raise ValueError(f"{field}: expected '1-conf', 'stability' or 'signal', got {name!r}")
 
 
 def save_traces(path, traces: Traces) -> None:
