@@ -303,16 +303,22 @@ def default_oracle_lambdas(traces: Traces, num: int = 200) -> np.ndarray:
 
 
 def oracle(traces: Traces, lambdas: Optional[Sequence[float]] = None, *,
-           return_per_input: bool = False) -> Evaluation:
+           target: str = "agreement", return_per_input: bool = False) -> Evaluation:
   """The hindsight oracle (offline optimum): a bound, not a policy.
 
   Per input, the ramp minimising `disagree_k + lam * (c_1 + ... + c_k)`
   (earliest on ties), with `disagree_k` = 1 if ramp k's pred differs from the
   final ramp's. At lam = 0 it is the earliest ramp that agrees with the final
   one. No policy's `(1 - agreement) + lam * mean_cost` is below the oracle's
-  at any lam. `param` is lam (default: `default_oracle_lambdas`).
+  at any lam. `param` is lam (default: `default_oracle_lambdas`). With
+  `target="label"`, `disagree_k` = 1 if ramp k's pred differs from the label
+  (the bound for accuracy): at lam = 0, the first correct ramp.
   """
   traces = check_traces(traces)
+  if target not in ("agreement", "label"):
+    raise ValueError(f"target: expected 'agreement' or 'label', got {target!r}")
+  if target == "label" and traces.label is None:
+    raise ValueError("target: 'label' needs traces.label, which is None")
   lam = default_oracle_lambdas(traces) if lambdas is None else np.asarray(lambdas,
                                                                           np.float64)
   if lam.ndim != 1 or lam.size == 0 or not np.all(np.isfinite(lam)) or np.any(lam < 0):
@@ -323,8 +329,9 @@ def oracle(traces: Traces, lambdas: Optional[Sequence[float]] = None, *,
   # Every other ramp costs at least as much as one of them for the same
   # disagreement, and ties go to the earlier ramp.
   ramp_cost = np.cumsum(np.asarray(traces.cost, np.float64))
-  agree = traces.pred == traces.pred[:, -1:]
-  first = np.argmax(agree, axis=1)  # [N] the first agreeing ramp
+  truth = traces.pred[:, -1:] if target == "agreement" else traces.label[:, None]
+  agree = traces.pred == truth
+  first = np.argmax(agree, axis=1)  # [N] the first agreeing ramp (0 when none)
   take_first = lam[:, None] * ramp_cost[first][None, :] < 1.0 + lam[:, None] * ramp_cost[0]
   stop = np.where((first == 0)[None, :] | take_first, first[None, :], 0)
   return summarize(stop, stop, traces, param=lam, return_per_input=return_per_input)

@@ -132,7 +132,7 @@ def run_budget(args) -> int:
   traces = load_traces(args.trace)
   kwargs = _frontier_kwargs(args)
   signal = kwargs["fit_options"].pop("signal")  # auto selects with one split only
-  b = jf.budget(traces, args.max_loss, signal=signal, **kwargs)
+  b = jf.budget(traces, args.max_loss, signal=signal, metric=args.metric, **kwargs)
   print(jf.format_budget(b, trace=args.trace))
   if args.json:
     _write_json(args.json, jf.budget_to_dict(b, args.trace))
@@ -206,13 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
   _add_fit_args(p)
   p.set_defaults(func=run_sweep)
 
-  p = sub.add_parser("budget", help="each method's parameter for an agreement-loss budget",
+  p = sub.add_parser("budget", help="each method's parameter for an agreement- or "
+                                    "accuracy-loss budget",
                      description="Per method, the parameter with the most speedup whose "
-                                 "agreement loss on the fit rows is at most --max-loss, "
-                                 "with its fit and test metrics.")
+                                 "agreement (or accuracy) loss on the fit rows is at most "
+                                 "--max-loss, with its fit and test metrics.")
   p.add_argument("trace", help="trace .npz")
   p.add_argument("--max-loss", type=float, default=0.01, dest="max_loss",
-                 help="agreement-loss budget (default 0.01 = 99%% agreement)")
+                 help="loss budget (default 0.01: 99%% agreement, or with --metric accuracy "
+                      "1 point below the backbone's accuracy; negative: a required gain)")
+  p.add_argument("--metric", choices=("agreement", "accuracy"), default="agreement",
+                 help="what the budget limits: agreement with the final ramp (default) or "
+                      "accuracy against the labels, relative to the backbone; accuracy fits "
+                      "the solver's loss to the labels (--target label) unless --target is given")
   p.add_argument("--json", help="write the choices as JSON here")
   _add_split_args(p)
   _add_fit_args(p, auto_signal=True)

@@ -231,6 +231,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                       help="agreement-loss budget (e.g. 0.01): export the policy with "
                            "the most speedup on the fit rows whose agreement loss there "
                            "is at most this (jexit.frontiers.DEFAULT_FIT candidates)")
+  p.add_argument("--metric", choices=("agreement", "accuracy"), default="agreement",
+                 help="what --max-loss limits: agreement with the final ramp (default) or "
+                      "accuracy against the labels relative to the backbone, as `jexit "
+                      "budget --metric`; accuracy fits the loss to the labels")
   p.add_argument("--out", required=True, help="policy file to write")
   p.add_argument("--no-recall", action="store_true", dest="no_recall",
                  help="solve the no-recall policy (output = the stopping ramp)")
@@ -268,6 +272,11 @@ def run_export(args) -> int:
     raise ValueError("--signal auto chooses on a fit split; it needs --max-loss")
   if signal not in (None, "auto"):
     options["signal"] = signal
+  if args.metric == "accuracy":
+    if args.lam is not None:
+      raise ValueError("--metric accuracy chooses on a fit split; it needs --max-loss")
+    if traces.label is None:
+      raise ValueError("--metric accuracy: the trace has no 'label' array")
   if args.lam is not None:
     if not (np.isfinite(args.lam) and args.lam >= 0):
       raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
@@ -275,28 +284,34 @@ def run_export(args) -> int:
     policy = solve(model, np.array([args.lam]), recall=recall)
     lam_index, note = 0, " (fitted on all of TRACE)"
   else:
-    if not (np.isfinite(args.max_loss) and 0 <= args.max_loss <= 1):
-      raise ValueError(f"--max-loss: expected an agreement-loss budget in [0, 1], "
+    low = 0 if args.metric == "agreement" else -1
+    if not (np.isfinite(args.max_loss) and low <= args.max_loss <= 1):
+      raise ValueError(f"--max-loss: expected an {args.metric}-loss budget in [{low}, 1], "
                        f"got {args.max_loss}")
     method = "recall" if recall else "norecall"
-    if signal == "auto":
-      chosen, _ = frontiers.choose_signal(traces, args.max_loss, seed=args.seed,
+    # As `jexit budget`: the exit signal (auto) and, for accuracy, the loss
+    # target are chosen on the fit rows by inner cross-fitting.
+    families = frontiers.model_families(traces, options, signal=signal, metric=args.metric)
+    if len(families) > 1:
+      chosen, _ = frontiers.choose_family(traces, args.max_loss, families, seed=args.seed,
                                           block=args.block, fit_options=options,
-                                          num_lambdas=args.grid)
-      if chosen is not None:
-        options["signal"] = chosen
+                                          num_lambdas=args.grid, metric=args.metric)
+      options.update(families[chosen if chosen is not None else next(iter(families))])
     fr = frontiers.frontier(traces, methods=(method,), seed=args.seed, block=args.block,
                             num_lambdas=args.grid, fit_options=options)
     fit_ev, test_ev = fr.splits[0][method]
-    i = frontiers.choose_index(fit_ev, args.max_loss)
+    score = args.metric
+    ref = fr.backbone_fit_accuracy[0] if score == "accuracy" else 1.0
+    i = frontiers.choose_index(fit_ev, args.max_loss, metric=score, reference=ref)
     if i is None:
-      raise ValueError(f"--max-loss: no policy reaches agreement >= {1 - args.max_loss:g} "
-                       f"on the fit rows; the best is {float(np.max(fit_ev.agreement)):.4g}")
+      raise ValueError(f"--max-loss: no policy reaches {score} >= {ref - args.max_loss:.4g} "
+                       f"on the fit rows; the best is "
+                       f"{float(np.max(getattr(fit_ev, score))):.4g}")
     policy, lam_index, model, binning = frontiers.candidate_policy(fr, method, i)
-    note = (f"; chosen on {fr.split['fit_rows']} fit rows (agreement "
-            f"{float(fit_ev.agreement[i]):.4f}, speedup {float(fit_ev.speedup[i]):.2f}x), "
-            f"held-out {fr.split['test_rows']} rows: agreement "
-            f"{float(test_ev.agreement[i]):.4f}, speedup {float(test_ev.speedup[i]):.2f}x")
+    note = (f"; chosen on {fr.split['fit_rows']} fit rows ({score} "
+            f"{float(getattr(fit_ev, score)[i]):.4f}, speedup {float(fit_ev.speedup[i]):.2f}x), "
+            f"held-out {fr.split['test_rows']} rows: {score} "
+            f"{float(getattr(test_ev, score)[i]):.4f}, speedup {float(test_ev.speedup[i]):.2f}x")
   header = export_policy(args.out, policy, binning, model, lam_index, traces=traces)
   print(f"wrote {args.out}: K={header['num_ramps']} S={header['num_bins']} "
         f"lam={header['lam']:.6g} recall={header['recall']} signal={header['signal']}{note}")

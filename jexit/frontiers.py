@@ -33,6 +33,7 @@ METHODS = ("recall", "norecall", "global_threshold", "apparate_greedy", "patienc
            "fixed_ramp", "backbone", "oracle")
 APPARATE_BUDGETS = (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)
 TARGETS = (0.005, 0.01, 0.02, 0.05)
+METRICS = ("agreement", "accuracy")  # what a loss budget limits
 NUM_LAMBDAS = 1000
 
 
@@ -182,6 +183,9 @@ class Frontier(NamedTuple):
     binning: the first split's first `Binning`.
     candidates: per split, the `(model, binning)` of each candidate model; the
       recall and norecall grids are `L` lam values per candidate, in order.
+    lambdas: the `[L]` lam grid.
+    backbone_fit_accuracy: per split, the backbone's accuracy on the fit rows
+      (None without labels): the reference of `choose(..., metric="accuracy")`.
   """
   test: Dict[str, Evaluation]
   fit: Dict[str, Evaluation]
@@ -195,6 +199,7 @@ class Frontier(NamedTuple):
   binning: Binning
   candidates: List[list] = []
   lambdas: Optional[np.ndarray] = None
+  backbone_fit_accuracy: List[Optional[float]] = []
 
 
 def candidate_policy(fr: "Frontier", method: str, index: int, split: int = 0):
@@ -213,7 +218,7 @@ def candidate_policy(fr: "Frontier", method: str, index: int, split: int = 0):
 
 
 def _run_split(traces, fit_rows, test_rows, *, candidates, lambdas, methods,
-               apparate_budgets, threshold_grid, oracle_lambdas, max_bytes):
+               apparate_budgets, threshold_grid, oracle_lambdas, max_bytes, oracle_target):
   """Every method on one split: method -> (fit Evaluation, test Evaluation)."""
   fit_t, test_t = traces.take(fit_rows), traces.take(test_rows)
   out, policy, thresholds = {}, None, None
@@ -241,7 +246,8 @@ def _run_split(traces, fit_rows, test_rows, *, candidates, lambdas, methods,
     elif name == "backbone":
       out[name] = both(baselines.backbone)
     elif name == "oracle":
-      out[name] = both(baselines.oracle, oracle_lambdas)
+      out[name] = both(lambda t, lam: baselines.oracle(t, lam, target=oracle_target),
+                       oracle_lambdas)
     else:
       raise ValueError(f"methods: unknown method {name!r}; expected some of {list(METHODS)}")
   return out, policy, thresholds
@@ -259,7 +265,8 @@ def frontier(traces: Traces, *,
              apparate_budgets: Sequence[float] = APPARATE_BUDGETS,
              threshold_grid=None,
              oracle_lambdas=None,
-             max_bytes: int = DEFAULT_MAX_BYTES) -> Frontier:
+             max_bytes: int = DEFAULT_MAX_BYTES,
+             metric: str = "agreement") -> Frontier:
   """Evaluates every method's parameter grid on fit rows and on held-out rows.
 
   Splits the rows (seeded; `test_fraction` held out, or `folds`-fold
@@ -287,6 +294,9 @@ def frontier(traces: Traces, *,
       fit rows).
     oracle_lambdas: `[P]` lam grid of the hindsight oracle.
     max_bytes: memory budget of `evaluate`'s chunks.
+    metric: `"agreement"` or `"accuracy"` (needs labels): what the hindsight
+      oracle is a bound of (the first ramp that agrees with the final one, or
+      the first correct one).
 
   Returns:
     A `Frontier`.
@@ -303,6 +313,10 @@ def frontier(traces: Traces, *,
   """
   traces = check_traces(traces)
   n, k = traces.conf.shape
+  if metric not in METRICS:
+    raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
+  if metric == "accuracy" and traces.label is None:
+    raise ValueError("metric: 'accuracy' needs traces with labels (traces.label is None)")
   if k < 2:
     raise ValueError(f"traces.conf: expected at least 2 ramps for a frontier, got K={k}")
   methods = tuple(methods)
@@ -339,7 +353,7 @@ def frontier(traces: Traces, *,
         traces, fit_r, test_r, candidates=candidates, lambdas=lambdas,
         methods=methods, apparate_budgets=apparate_budgets,
         threshold_grid=threshold_grid, oracle_lambdas=oracle_lambdas,
-        max_bytes=max_bytes)
+        max_bytes=max_bytes, oracle_target="label" if metric == "accuracy" else "agreement")
     splits.append(res)
     thresholds.append(thr)
     if i == 0:
@@ -350,20 +364,47 @@ def frontier(traces: Traces, *,
   return Frontier(test=test, fit=fit_ev, pareto=pareto, split=split, splits=splits,
                   apparate_thresholds=thresholds, fit_options=opts, policy=policy,
                   model=fitted[0][0][0], binning=fitted[0][0][1], candidates=fitted,
-                  lambdas=lambdas)
+                  lambdas=lambdas,
+                  backbone_fit_accuracy=[_backbone_accuracy(traces, f) for f, _ in rows])
 
 
-def choose_index(evaluation: Evaluation, max_loss: float) -> Optional[int]:
-  """Index of the parameter with most speedup among those with `1 - agreement <= max_loss`.
+def _backbone_accuracy(traces: Traces, rows) -> Optional[float]:
+  if traces.label is None:
+    return None
+  return float(np.mean(traces.pred[rows, -1] == traces.label[rows]))
 
-  Ties go to the higher agreement, then to the first. None if none qualifies.
+
+def _check_metric(metric: str, max_loss: float):
+  if metric not in METRICS:
+    raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
+  low = 0 if metric == "agreement" else -1
+  if not (np.isfinite(max_loss) and low <= max_loss <= 1):
+    raise ValueError(f"max_loss: expected an {metric}-loss budget in [{low}, 1], got {max_loss}")
+
+
+def choose_index(evaluation: Evaluation, max_loss: float, *, metric: str = "agreement",
+                 reference: float = 1.0) -> Optional[int]:
+  """Index of the parameter with most speedup among those within the loss budget.
+
+  The loss is `reference - agreement` with `metric="agreement"` (reference 1:
+  the backbone agrees with itself) or `reference - accuracy` with
+  `metric="accuracy"` (pass the backbone's accuracy on the same rows; a
+  negative `max_loss` then asks for a gain). Ties go to the higher score,
+  then to the first. None if none qualifies.
   """
-  agreement = np.asarray(evaluation.agreement, np.float64)
-  ok = 1.0 - agreement <= max_loss + 1e-12
+  if metric == "accuracy":
+    if evaluation.accuracy is None:
+      raise ValueError("metric: 'accuracy' needs traces with labels (traces.label is None)")
+    score = np.asarray(evaluation.accuracy, np.float64)
+  elif metric == "agreement":
+    score = np.asarray(evaluation.agreement, np.float64)
+  else:
+    raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
+  ok = reference - score <= max_loss + 1e-12
   if not ok.any():
     return None
   speed = np.where(ok, evaluation.speedup, -np.inf)
-  order = np.lexsort((np.arange(len(speed)), -agreement, -speed))
+  order = np.lexsort((np.arange(len(speed)), -score, -speed))
   return int(order[0])
 
 
@@ -385,15 +426,18 @@ class BudgetChoice(NamedTuple):
 class Budget(NamedTuple):
   """Per method, the parameter chosen on fit rows for `max_loss`, and its metrics.
 
-  `signal_scores` (with `signal="auto"`): per candidate exit signal, its mean
-  held-out speedup at `max_loss` in the inner cross-validation on the fit
-  rows; the chosen signal is `fit_options["signal"]`.
+  `signal_scores` (with `signal="auto"`): per candidate exit signal (and,
+  with `metric="accuracy"`, loss target), its mean held-out speedup at
+  `max_loss` in the inner cross-validation on the fit rows; the chosen ones
+  are `fit_options["signal"]` and `fit_options["target"]`. `metric`: what
+  `max_loss` limits, `"agreement"` or `"accuracy"`.
   """
   max_loss: float
   split: dict
   choices: Dict[str, BudgetChoice]
   fit_options: dict
   signal_scores: Optional[Dict[str, float]] = None
+  metric: str = "agreement"
 
 
 SIGNAL_CHOICES = ("auto", "1-conf", "stability", "signal")
@@ -402,19 +446,27 @@ INNER_FOLDS = 4
 
 def signal_score(traces: Traces, signal: str, max_loss: float, *, folds: int = INNER_FOLDS,
                  block: int = 1, fit_options: Optional[dict] = None,
-                 num_lambdas: int = NUM_LAMBDAS, max_bytes: int = DEFAULT_MAX_BYTES) -> float:
+                 num_lambdas: int = NUM_LAMBDAS, max_bytes: int = DEFAULT_MAX_BYTES,
+                 metric: str = "agreement") -> float:
   """Mean held-out speedup of the recall policy at `max_loss` under k-fold
   cross-fitting of `traces` (the fit rows of an outer split) with this signal.
 
   Each fold chooses its parameter on its own fit rows (speedup 1, the
   backbone, when none meets the budget there), as `budget` does.
   """
+  return _inner_score(traces, {**(fit_options or {}), "signal": signal}, max_loss,
+                      folds=folds, block=block, num_lambdas=num_lambdas, max_bytes=max_bytes,
+                      metric=metric)
+
+
+def _inner_score(traces, options, max_loss, *, folds, block, num_lambdas, max_bytes, metric):
   fr = frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
-                fit_options={**(fit_options or {}), "signal": signal}, methods=("recall",),
-                max_bytes=max_bytes)
+                fit_options=options, methods=("recall",), max_bytes=max_bytes)
   speed = []
-  for fit_ev, test_ev in (split["recall"] for split in fr.splits):
-    i = choose_index(fit_ev, max_loss)
+  for split, ref in zip(fr.splits, fr.backbone_fit_accuracy):
+    fit_ev, test_ev = split["recall"]
+    i = choose_index(fit_ev, max_loss, metric=metric,
+                     reference=ref if metric == "accuracy" else 1.0)
     speed.append(1.0 if i is None else float(test_ev.speedup[i]))
   return float(np.mean(speed))
 
@@ -431,16 +483,22 @@ def _param_value(fr: Frontier, method: str, split: int, index: int):
   return value.item() if hasattr(value, "item") else value
 
 
-def choose(fr: Frontier, max_loss: float) -> Dict[str, BudgetChoice]:
-  """Per method of a frontier, the budget choice made on each split's fit rows."""
-  if not 0 <= max_loss <= 1:
-    raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1], got {max_loss}")
+def choose(fr: Frontier, max_loss: float, metric: str = "agreement") -> Dict[str, BudgetChoice]:
+  """Per method of a frontier, the budget choice made on each split's fit rows.
+
+  `metric="accuracy"` measures the loss as the backbone's accuracy on the
+  fit rows minus the parameter's (the traces need labels).
+  """
+  _check_metric(metric, max_loss)
+  if metric == "accuracy" and None in fr.backbone_fit_accuracy:
+    raise ValueError("metric: 'accuracy' needs traces with labels (traces.label is None)")
   out = {}
   for method in fr.test:
     params, fits, tests = [], [], []
     for i, res in enumerate(fr.splits):
       fit_ev, test_ev = res[method]
-      idx = choose_index(fit_ev, max_loss)
+      idx = choose_index(fit_ev, max_loss, metric=metric,
+                         reference=fr.backbone_fit_accuracy[i] if metric == "accuracy" else 1.0)
       if idx is None:
         params = None
         break
@@ -459,7 +517,7 @@ def choose(fr: Frontier, max_loss: float) -> Dict[str, BudgetChoice]:
 def choose_signal(traces: Traces, max_loss: float, *, test_fraction: float = 0.5,
                   seed: int = 0, block: int = 1, fit_options: Optional[dict] = None,
                   num_lambdas: int = NUM_LAMBDAS, inner_folds: int = INNER_FOLDS,
-                  max_bytes: int = DEFAULT_MAX_BYTES):
+                  max_bytes: int = DEFAULT_MAX_BYTES, metric: str = "agreement"):
   """The exit signal for the solver's model, chosen on the fit rows of a split.
 
   Scores the traces' own signal (`1 - conf`, or `traces.signal`) and
@@ -469,18 +527,64 @@ def choose_signal(traces: Traces, max_loss: float, *, test_fraction: float = 0.5
   own. `(None, None)` when the fit rows hold fewer than `2 * inner_folds`
   blocks (too few to compare).
   """
+  own = "signal" if traces.signal is not None else "1-conf"
+  families = {sig: {"signal": sig} for sig in (own, "stability")}
+  name, scores = choose_family(traces, max_loss, families, test_fraction=test_fraction,
+                               seed=seed, block=block, fit_options=fit_options,
+                               num_lambdas=num_lambdas, inner_folds=inner_folds,
+                               max_bytes=max_bytes, metric=metric)
+  return name, scores
+
+
+def choose_family(traces: Traces, max_loss: float, families: Dict[str, dict], *,
+                  test_fraction: float = 0.5, seed: int = 0, block: int = 1,
+                  fit_options: Optional[dict] = None, num_lambdas: int = NUM_LAMBDAS,
+                  inner_folds: int = INNER_FOLDS, max_bytes: int = DEFAULT_MAX_BYTES,
+                  metric: str = "agreement"):
+  """The model family (named `jexit.fit` options) chosen on the fit rows of a split.
+
+  Each family's options (over `fit_options`) are scored by the mean held-out
+  speedup of the recall policy at `max_loss` (`metric`) under an
+  `inner_folds`-fold cross-fitting of the fit rows of
+  `split_rows(..., test_fraction, seed, block)`; the test rows are not read.
+  Returns `(name of the best family, {name: score})`, ties to the first
+  listed; `(None, None)` when the fit rows hold fewer than `2 * inner_folds`
+  blocks (too few to compare).
+  """
   traces = check_traces(traces)
   fit_rows, _ = split_rows(traces.num_inputs, test_fraction=test_fraction, seed=seed,
                            block=block)
   if len(_blocks(len(fit_rows), block)) < 2 * inner_folds:
     return None, None
-  own = "signal" if traces.signal is not None else "1-conf"
   inner = traces.take(fit_rows)
-  scores = {sig: signal_score(inner, sig, max_loss, folds=inner_folds, block=block,
-                              fit_options=fit_options, num_lambdas=num_lambdas,
-                              max_bytes=max_bytes)
-            for sig in (own, "stability")}
-  return max(scores, key=lambda sig: (scores[sig], sig == own)), scores
+  scores = {name: _inner_score(inner, {**(fit_options or {}), **opts}, max_loss,
+                               folds=inner_folds, block=block, num_lambdas=num_lambdas,
+                               max_bytes=max_bytes, metric=metric)
+            for name, opts in families.items()}
+  order = list(families)
+  return max(order, key=lambda name: (scores[name], -order.index(name))), scores
+
+
+def model_families(traces: Traces, fit_options: dict, *, signal: Optional[str] = "auto",
+                   metric: str = "agreement") -> Dict[str, dict]:
+  """The candidate model families `budget` chooses among: `{name: fit options}`.
+
+  Exit signals (the traces' own and `"stability"`, with `signal="auto"` and
+  no `fit_options["signal"]`) x loss targets (`"agreement"` and `"label"`,
+  with `metric="accuracy"` and no `fit_options["target"]`); one family when
+  nothing is left to choose.
+  """
+  own = "signal" if traces.signal is not None else "1-conf"
+  signals = ([own, "stability"] if signal == "auto" and "signal" not in fit_options
+             else [fit_options.get("signal")])
+  targets = (["agreement", "label"] if metric == "accuracy" and fit_options.get("target") is None
+             else [fit_options.get("target")])
+  families = {}
+  for tgt in targets:
+    for sig in signals:
+      name = ", ".join([sig or own] + ([f"{tgt} loss"] if len(targets) > 1 else []))
+      families[name] = {k: v for k, v in (("signal", sig), ("target", tgt)) if v is not None}
+  return families
 
 
 def budget(traces: Traces, max_loss: float = 0.01, *,
@@ -494,8 +598,9 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
            methods: Sequence[str] = METHODS,
            max_bytes: int = DEFAULT_MAX_BYTES,
            signal: Optional[str] = "auto",
-           inner_folds: int = INNER_FOLDS) -> Budget:
-  """Per method, the parameter with most speedup meeting an agreement-loss budget.
+           inner_folds: int = INNER_FOLDS,
+           metric: str = "agreement") -> Budget:
+  """Per method, the parameter with most speedup meeting an agreement (or accuracy) loss budget.
 
   The parameter is chosen on the fit rows (`1 - agreement <= max_loss` there,
   then most speedup) and reported on the fit rows and on the held-out rows;
@@ -510,6 +615,8 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
   prediction changed since the previous ramp) by their mean held-out
   speedup at `max_loss`, and the better one (ties: the traces' own) is
   fitted on all fit rows (experiments/SELECT_FAMILY.md measured it).
+  `signal_scores` holds each candidate's score (with `metric="accuracy"`,
+  candidates are named `"<signal>, <target> loss"`).
 
   Args:
     traces: the traces.
@@ -522,6 +629,16 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
       rows too few to compare) it keeps the traces' own signal, and
       `signal_scores` is None.
     inner_folds: k of the inner cross-fitting for `signal="auto"`.
+    metric: `"agreement"` (loss = 1 - agreement with the final ramp) or
+      `"accuracy"` (loss = the backbone's accuracy on the same rows minus the
+      policy's; needs labels; `max_loss < 0` asks for a gain). With
+      `"accuracy"` and no `fit_options["target"]`, the inner cross-fitting
+      also chooses the solver's loss: disagreement with the final ramp
+      (`target="agreement"`) or error against the labels (`"label"`), with
+      which a recall policy may answer with an earlier ramp that is more
+      often right than the one it stopped at (experiments/RECALL.md measured
+      both); with `folds` it keeps `"agreement"`. Apparate's greedy search
+      runs its default budget grid (it measures agreement), chosen by accuracy.
 
   Returns:
     A `Budget`: `choices[method] = BudgetChoice(param, fit, test)`.
@@ -536,29 +653,32 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
     >>> float(b.choices["backbone"].test.agreement[0])
     1.0
   """
-  if not 0 <= max_loss <= 1:
-    raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1], got {max_loss}")
+  _check_metric(metric, max_loss)
   if signal is not None and signal not in SIGNAL_CHOICES:
     raise ValueError(f"signal: expected one of {list(SIGNAL_CHOICES)} or None, got {signal!r}")
   traces = check_traces(traces)
   fit_options = dict(fit_options or {})
-  scores = None
-  if signal == "auto" and "signal" not in fit_options and folds is None and any(
-      m in methods for m in ("recall", "norecall")):
-    chosen, scores = choose_signal(traces, max_loss, test_fraction=test_fraction, seed=seed,
-                                   block=block, fit_options=fit_options,
-                                   num_lambdas=num_lambdas, inner_folds=inner_folds,
-                                   max_bytes=max_bytes)
-    if chosen is not None:
-      fit_options["signal"] = chosen
-  elif signal not in (None, "auto"):
+  if metric == "accuracy" and traces.label is None:
+    raise ValueError("metric: 'accuracy' needs traces with labels (traces.label is None)")
+  if signal not in (None, "auto"):
     fit_options["signal"] = signal
+  families = model_families(traces, fit_options, signal=signal, metric=metric)
+  scores = None
+  if len(families) > 1 and folds is None and any(m in methods for m in ("recall", "norecall")):
+    chosen, scores = choose_family(traces, max_loss, families, test_fraction=test_fraction,
+                                   seed=seed, block=block, fit_options=fit_options,
+                                   num_lambdas=num_lambdas, inner_folds=inner_folds,
+                                   max_bytes=max_bytes, metric=metric)
+    if chosen is not None:
+      fit_options.update(families[chosen])
   fr = frontier(traces, lambdas=lambdas, num_lambdas=num_lambdas,
                 test_fraction=test_fraction, seed=seed, folds=folds, block=block,
-                fit_options=fit_options, methods=methods, apparate_budgets=(max_loss,),
-                max_bytes=max_bytes)
-  return Budget(max_loss=float(max_loss), split=fr.split, choices=choose(fr, max_loss),
-                fit_options=fr.fit_options, signal_scores=scores)
+                fit_options=fit_options, methods=methods,
+                apparate_budgets=(max_loss,) if metric == "agreement" else APPARATE_BUDGETS,
+                max_bytes=max_bytes, metric=metric)
+  return Budget(max_loss=float(max_loss), split=fr.split,
+                choices=choose(fr, max_loss, metric), fit_options=fr.fit_options,
+                signal_scores=scores, metric=metric)
 
 
 # ---- JSON-ready dictionaries and text tables (the CLI writes and prints them)
@@ -608,13 +728,14 @@ def frontier_to_dict(fr: Frontier, trace: Optional[str] = None, *,
 
 
 def budget_to_dict(b: Budget, trace: Optional[str] = None) -> dict:
-  """`{"trace", "max_loss", "split", "fit_options", "methods": {m: {"param", "fit", "test"}}}`."""
+  """`{"trace", "metric", "max_loss", "split", "fit_options", "signal_scores",
+  "methods": {m: {"param", "fit", "test"}}}`."""
   methods = {}
   for m, c in b.choices.items():
     methods[m] = {"param": _num(c.param) if c.param is not None else None,
                   "fit": None if c.fit is None else metrics(c.fit),
                   "test": None if c.test is None else metrics(c.test)}
-  return {"trace": trace, "max_loss": b.max_loss, "split": dict(b.split),
+  return {"trace": trace, "metric": b.metric, "max_loss": b.max_loss, "split": dict(b.split),
           "fit_options": {k: _num(v) if not isinstance(v, str) else v
                           for k, v in b.fit_options.items()},
           "signal_scores": b.signal_scores, "methods": methods}
@@ -677,23 +798,36 @@ def format_budget(b: Budget, trace: Optional[str] = None) -> str:
   if trace:
     lines.append(f"trace: {trace}")
   lines.append(_split_line(b.split))
-  lines.append(f"agreement-loss budget: {b.max_loss * 100:g}% (chosen on fit rows)")
+  if b.metric == "accuracy":
+    lines.append(f"accuracy budget: at {'least' if b.max_loss < 0 else 'most'} "
+                 f"{abs(b.max_loss) * 100:g}% {'above' if b.max_loss < 0 else 'below'} the "
+                 f"backbone's accuracy on the fit rows (chosen on fit rows)")
+  else:
+    lines.append(f"agreement-loss budget: {b.max_loss * 100:g}% (chosen on fit rows)")
   if b.signal_scores:
     scores = ", ".join(f"{sig} {v:.2f}x" for sig, v in b.signal_scores.items())
-    lines.append(f"exit signal of recall/norecall: {b.fit_options.get('signal')} (chosen on "
-                 f"fit rows by inner cross-fitting, mean held-out speedup: {scores})")
-  head = (f"{'method':<18}{'param':>28}{'fit agree':>11}{'fit speedup':>13}"
-          f"{'test agree':>12}{'test speedup':>14}{'test acc':>10}")
+    what = "exit signal" + (", loss target" if b.metric == "accuracy" else "")
+    chosen = str(b.fit_options.get("signal"))
+    if any(name.endswith(" loss") for name in b.signal_scores):
+      chosen += f", {b.fit_options.get('target', 'agreement')} loss"
+    lines.append(f"{what} of recall/norecall: {chosen} (chosen on fit rows by inner "
+                 f"cross-fitting, mean held-out speedup: {scores})")
+  # The budget's metric on fit and test rows, then the other one on test rows.
+  score, other = (("accuracy", "agreement") if b.metric == "accuracy"
+                  else ("agreement", "accuracy"))
+  short = {"accuracy": "acc", "agreement": "agree"}
+  head = (f"{'method':<18}{'param':>28}{'fit ' + short[score]:>11}{'fit speedup':>13}"
+          f"{'test ' + short[score]:>12}{'test speedup':>14}{'test ' + short[other]:>12}")
   lines += [head, "-" * len(head)]
+  pct = lambda ev, f: "-" if getattr(ev, f) is None else f"{getattr(ev, f)[0] * 100:.1f}%"
   for m, c in b.choices.items():
     if c.test is None:
       lines.append(f"{m:<18}{'no parameter meets the budget':>28}")
       continue
-    acc = "-" if c.test.accuracy is None else f"{c.test.accuracy[0] * 100:.1f}%"
     param = _fmt_param(_num(c.param))
     if len(param) > 27:
       param = param[:24] + "..."
-    lines.append(f"{m:<18}{param:>28}{c.fit.agreement[0] * 100:>10.1f}%"
-                 f"{c.fit.speedup[0]:>12.2f}x{c.test.agreement[0] * 100:>11.1f}%"
-                 f"{c.test.speedup[0]:>13.2f}x{acc:>10}")
+    lines.append(f"{m:<18}{param:>28}{pct(c.fit, score):>11}"
+                 f"{c.fit.speedup[0]:>12.2f}x{pct(c.test, score):>12}"
+                 f"{c.test.speedup[0]:>13.2f}x{pct(c.test, other):>12}")
   return "\n".join(lines)

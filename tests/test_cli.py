@@ -161,3 +161,16 @@ def test_compilation_cache_location(monkeypatch, tmp_path):
   monkeypatch.delenv("JEXIT_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   assert cli.compilation_cache_dir() == str(tmp_path / "jexit" / "xla")
+
+
+def test_budget_by_accuracy(trace_file, tmp_path, capsys):
+  out_json = tmp_path / "acc.json"
+  rc, out, err = run(capsys, "budget", trace_file, "--metric", "accuracy", "--max-loss", "0.02",
+                     "--num-lambdas", "40", "--json", str(out_json))
+  assert rc == 0, err
+  assert "accuracy budget: at most 2% below the backbone" in out and "fit acc" in out
+  data = json.loads(out_json.read_text())
+  assert data["metric"] == "accuracy" and data["fit_options"]["target"] in ("agreement", "label")
+  assert any(name.endswith("label loss") for name in data["signal_scores"])
+  rc, _, err = run(capsys, "budget", trace_file, "--max-loss", "-0.1")
+  assert rc == 2 and "agreement-loss budget in [0, 1]" in err

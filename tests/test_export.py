@@ -192,7 +192,7 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path, solved):
 
 def _args(**kw):
   base = dict(lam=None, max_loss=None, no_recall=False, paper=False, seed=0, block=1,
-              grid=40, signal=None)
+              grid=40, signal=None, metric="agreement")
   base.update(kw)
   return types.SimpleNamespace(**base)
 
@@ -237,3 +237,34 @@ def test_a_file_that_is_not_a_zip_is_named_as_such(tmp_path):
   path.write_text("threshold = 0.5\n")
   with pytest.raises(ValueError, match="not a zip archive"):
     load_policy_file(path)
+
+
+def test_cli_export_by_accuracy_matches_budget(tmp_path, capsys):
+  from jexit import frontiers
+  rng = np.random.default_rng(3)
+  n, k = 1200, 4
+  z = np.array([0.8, 2.0, 2.0, 1.6]) - 1.5 * rng.normal(size=(n, 1)) + rng.normal(0, 1.2, (n, k))
+  conf = 0.1 + 0.9 / (1 + np.exp(-z))
+  label = rng.integers(0, 10, n)
+  right = rng.uniform(size=(n, k)) < conf
+  pred = np.where(right, label[:, None], (label[:, None] + rng.integers(1, 10, (n, k))) % 10)
+  traces = jexit.Traces(conf, pred, label, np.ones(k))
+  path = str(tmp_path / "t.npz")
+  jexit.save_traces(path, traces)
+  out = str(tmp_path / "acc.npz")
+  export.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
+  assert "accuracy" in capsys.readouterr().out
+  table = load_policy_file(out)
+  choice = frontiers.budget(traces, 0.0, metric="accuracy", methods=("recall",), num_lambdas=40)
+  assert table.lam == pytest.approx(choice.choices["recall"].param["lam"])
+  fit_rows, _ = frontiers.split_rows(n)
+  fit_t = traces.take(fit_rows)
+  _, output, _ = table.run(fit_t.conf, fit_t.pred)
+  accuracy = np.mean(fit_t.pred[np.arange(len(output)), output] == fit_t.label)
+  assert accuracy == pytest.approx(float(choice.choices["recall"].fit.accuracy[0]))
+  assert accuracy >= np.mean(fit_t.pred[:, -1] == fit_t.label)
+  with pytest.raises(ValueError, match="needs --max-loss"):
+    export.run_export(_args(trace=path, lam=0.1, out=out, metric="accuracy"))
+  jexit.save_traces(path, traces._replace(label=None))
+  with pytest.raises(ValueError, match="no 'label' array"):
+    export.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))

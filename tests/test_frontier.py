@@ -247,3 +247,88 @@ def test_budget_chooses_the_signal_on_fit_rows_only():
   text = jf.format_budget(b)
   assert "exit signal of recall/norecall: stability" in text
   assert jf.budget_to_dict(b)["signal_scores"] == b.signal_scores
+
+
+def overthink_traces(n=2000, seed=3):
+  """Each ramp right with probability conf (independently given conf); the
+  final ramp is less sure than the middle ones, so many inputs are right
+  early and wrong at the end (experiments/recall_pays.py's workload)."""
+  rng = np.random.default_rng(seed)
+  k = 4
+  z = np.array([0.8, 2.0, 2.0, 1.6]) - 1.5 * rng.normal(size=(n, 1)) + rng.normal(0, 1.2, (n, k))
+  conf = 0.1 + 0.9 / (1 + np.exp(-z))
+  label = rng.integers(0, 10, n)
+  right = rng.uniform(size=(n, k)) < conf
+  pred = np.where(right, label[:, None], (label[:, None] + rng.integers(1, 10, (n, k))) % 10)
+  return jexit.Traces(conf, pred, label, np.ones(k))
+
+
+def test_choose_index_by_accuracy():
+  ev = jexit.Evaluation(param=np.arange(4.0), agreement=np.array([1.0, 0.9, 0.95, 0.8]),
+                        accuracy=np.array([0.80, 0.84, 0.79, 0.70]),
+                        mean_cost=np.array([4.0, 3.0, 2.0, 1.0]),
+                        speedup=np.array([1.0, 4 / 3, 2.0, 4.0]), stop_hist=None,
+                        output_hist=None, p50_cost=None, p95_cost=None, p99_cost=None,
+                        objective=None, num_inputs=10)
+  assert jf.choose_index(ev, 0.0) == 0                    # agreement: only the backbone
+  assert jf.choose_index(ev, 0.01, metric="accuracy", reference=0.80) == 2
+  assert jf.choose_index(ev, -0.02, metric="accuracy", reference=0.80) == 1  # a gain
+  assert jf.choose_index(ev, -0.1, metric="accuracy", reference=0.80) is None
+  with pytest.raises(ValueError, match="needs traces with labels"):
+    jf.choose_index(ev._replace(accuracy=None), 0.01, metric="accuracy", reference=0.8)
+  with pytest.raises(ValueError, match="metric: expected one of"):
+    jf.choose_index(ev, 0.01, metric="f1")
+
+
+def test_label_oracle_is_first_correct_ramp_and_bounds_every_policy():
+  traces = overthink_traces(500)
+  orc = jexit.baselines.oracle(traces, [0.0, 0.05, 0.3], target="label", return_per_input=True)
+  correct = traces.pred == traces.label[:, None]
+  first = np.where(correct.any(1), np.argmax(correct, 1), 0)
+  np.testing.assert_array_equal(orc.stop_ramp[0], first)
+  assert orc.accuracy[0] == pytest.approx(correct.any(1).mean())
+  # No policy (here: every global threshold) has a lower error + lam * cost.
+  grid = jexit.baselines.global_threshold(traces)
+  for i, lam in enumerate([0.0, 0.05, 0.3]):
+    bound = 1 - orc.accuracy[i] + lam * orc.mean_cost[i]
+    assert np.all(1 - grid.accuracy + lam * grid.mean_cost >= bound - 1e-12)
+  with pytest.raises(ValueError, match="needs traces.label"):
+    jexit.baselines.oracle(traces._replace(label=None), target="label")
+
+
+def test_budget_by_accuracy_chooses_the_loss_target_and_recall_pays():
+  traces = overthink_traces()
+  fit_rows, test_rows = jf.split_rows(traces.num_inputs)
+  backbone_fit = np.mean(traces.pred[fit_rows, -1] == traces.label[fit_rows])
+  # A gain of 5 points over the backbone on the fit rows.
+  b = jf.budget(traces, -0.05, metric="accuracy", num_lambdas=100, signal="1-conf",
+                methods=("recall", "norecall", "backbone", "oracle"))
+  assert b.metric == "accuracy"
+  assert set(b.signal_scores) == {"1-conf, agreement loss", "1-conf, label loss"}
+  # The label loss knows that the final ramp is often wrong; agreement cannot.
+  assert b.fit_options["target"] == "label"
+  assert b.signal_scores["1-conf, label loss"] > b.signal_scores["1-conf, agreement loss"] + 0.3
+  recall = b.choices["recall"]
+  assert recall.fit.accuracy[0] >= backbone_fit + 0.05 - 1e-12
+  assert recall.test.accuracy[0] > np.mean(traces.pred[test_rows, -1] == traces.label[test_rows])
+  # Answering with an earlier ramp is what buys the gain: recall is faster
+  # than the best no-recall policy with the same gain, or the latter has none.
+  norecall = b.choices["norecall"]
+  assert norecall.fit is None or recall.fit.speedup[0] > norecall.fit.speedup[0]
+  assert b.choices["backbone"].fit is None  # the backbone cannot gain on itself
+  assert "accuracy budget: at least 5% above the backbone" in jf.format_budget(b)
+  d = jf.budget_to_dict(b)
+  assert d["metric"] == "accuracy" and d["fit_options"]["target"] == "label"
+
+
+def test_budget_by_accuracy_validates():
+  with pytest.raises(ValueError, match="needs traces with labels"):
+    jf.budget(make_traces(labels=False), 0.01, metric="accuracy", num_lambdas=20)
+  with pytest.raises(ValueError, match=r"agreement-loss budget in \[0, 1\]"):
+    jf.budget(make_traces(), -0.01, num_lambdas=20)
+  with pytest.raises(ValueError, match="metric: expected one of"):
+    jf.budget(make_traces(), 0.01, metric="top5", num_lambdas=20)
+  # An explicit target is kept (nothing to choose with one signal).
+  b = jf.budget(make_traces(), 0.02, metric="accuracy", num_lambdas=20, signal="1-conf",
+                fit_options={"target": "agreement"}, methods=("recall",))
+  assert b.signal_scores is None and b.fit_options["target"] == "agreement"
