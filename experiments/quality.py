@@ -6,10 +6,12 @@ folds (the fit rows), the parameter with the most fit speedup whose fit
 agreement loss is within the target is chosen, and it is scored on the
 held-out fold. Cells report the mean over folds of the held-out speedup
 (+- the standard deviation across folds) and the pooled held-out agreement.
-Digits traces are split in blocks of 4 rows (4 augmented copies of an image).
+Digits traces are split in blocks of 4 rows (4 augmented copies of an image;
+`--block` for traces made with another `make_traces.py --copies`).
 
 Usage:
   python experiments/quality.py [--folds 5] [--num-lambdas 300] [--out experiments/QUALITY.md]
+      [--trace-dir experiments/traces] [--block 4] [--workloads NAME ...]
 """
 
 import argparse
@@ -86,14 +88,15 @@ def recall_usage(traces, fr, folds, block, target):
   return recalled / max(total, 1), (agree / recalled) if recalled else float("nan")
 
 
-def run(folds, num_lambdas, names=None):
-  suite = workloads.suite()
+def run(folds, num_lambdas, names=None, trace_dir=None, digits_block=4):
+  """`digits_block`: rows per image in the digits traces (synthetic rows: 1)."""
+  suite = workloads.suite(trace_dir)
   rows = []  # (workload, method, target, mean speed, std, agreement)
   usage = {}  # workload -> (share of outputs recalled, their agreement)
   for name, traces in suite.items():
     if names and name not in names:
       continue
-    block = 4 if name.startswith("digits") else 1
+    block = digits_block if name.startswith("digits") else 1
     start = time.perf_counter()
     base = jf.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
                        methods=("recall", "norecall") + BASELINES)
@@ -226,17 +229,24 @@ def main(argv=None):
   p.add_argument("--num-lambdas", type=int, default=300)
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "QUALITY.md"))
   p.add_argument("--workloads", nargs="*", help="subset of workload names")
+  p.add_argument("--trace-dir", default=None,
+                 help="folder of the digits traces (default experiments/traces)")
+  p.add_argument("--block", type=int, default=4,
+                 help="rows per image in the digits traces (make_traces.py --copies)")
   args = p.parse_args(argv)
   start = time.perf_counter()
-  rows, usage = run(args.folds, args.num_lambdas, args.workloads)
+  rows, usage = run(args.folds, args.num_lambdas, args.workloads, args.trace_dir, args.block)
   board, wins, total = scoreboard(rows)
   ext_board, ext_wins, _ = scoreboard(rows, EXTERNAL)
   elapsed = time.perf_counter() - start
+  extra = "".join([f" --trace-dir {args.trace_dir}" if args.trace_dir else "",
+                   f" --block {args.block}" if args.block != 4 else "",
+                   f" --workloads {' '.join(args.workloads)}" if args.workloads else ""])
   text = [
       "# Decision quality on held-out rows (issue 7)",
       "",
       f"Command: `python experiments/quality.py --folds {args.folds} --num-lambdas "
-      f"{args.num_lambdas}` ({elapsed / 60:.0f} min on {platform.machine()} "
+      f"{args.num_lambdas}{extra}` ({elapsed / 60:.0f} min on {platform.machine()} "
       f"{os.cpu_count()}-core CPU, jexit {jexit.__version__}).",
       "",
       f"Protocol: {args.folds}-fold cross-fitting. Each method's parameter is chosen on the "
@@ -244,7 +254,8 @@ def main(argv=None):
       "scored on the held-out fold. Cells: mean held-out speedup over folds ± its standard "
       "deviation across folds (pooled held-out agreement). `*` marks the best policy in the "
       "column (the oracle is a hindsight bound, not a policy). Digits traces are split in "
-      "blocks of 4 rows so the augmented copies of one image never straddle fit and test.",
+      f"blocks of {args.block} rows so the augmented copies of one image never straddle fit "
+      "and test.",
       "",
       f"`recall` is jexit's default: `DEFAULT_FIT = {jf.DEFAULT_FIT}`, lam grid of "
       f"{args.num_lambdas} values per candidate. Bracketed variants change only the model "

@@ -26,6 +26,7 @@ is computed once per workload and its per-fold results reused.
 Usage:
   python experiments/select_family.py [--folds 5] [--inner-folds 4] [--num-lambdas 300]
       [--out experiments/SELECT_FAMILY.md] [--workloads NAME ...]
+      [--trace-dir experiments/traces] [--block 4]
 """
 
 import argparse
@@ -83,14 +84,17 @@ def inner_scores(sources, fit_rows, inner_folds, block, num_lambdas):
   return out
 
 
-def run(folds, inner_folds, num_lambdas, names=None):
-  """Per workload x target: every number of the report (a dict per cell)."""
+def run(folds, inner_folds, num_lambdas, names=None, trace_dir=None, digits_block=4):
+  """Per workload x target: every number of the report (a dict per cell).
+
+  `digits_block`: rows per image in the digits traces (synthetic rows: 1).
+  """
   cells = []
-  for name, traces in workloads.suite().items():
+  for name, traces in workloads.suite(trace_dir).items():
     if names and name not in names:
       continue
     start = time.perf_counter()
-    block = 4 if name.startswith("digits") else 1
+    block = digits_block if name.startswith("digits") else 1
     sources = family_traces(traces)
     outer = {fam: jf.frontier(src, folds=folds, block=block, methods=("recall",),
                               num_lambdas=num_lambdas, fit_options=dict(jf.DEFAULT_FIT))
@@ -204,9 +208,14 @@ def main(argv=None):
   p.add_argument("--num-lambdas", type=int, default=300)
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "SELECT_FAMILY.md"))
   p.add_argument("--workloads", nargs="*", help="subset of workload names")
+  p.add_argument("--trace-dir", default=None,
+                 help="folder of the digits traces (default experiments/traces)")
+  p.add_argument("--block", type=int, default=4,
+                 help="rows per image in the digits traces (make_traces.py --copies)")
   args = p.parse_args(argv)
   start = time.perf_counter()
-  cells = run(args.folds, args.inner_folds, args.num_lambdas, args.workloads)
+  cells = run(args.folds, args.inner_folds, args.num_lambdas, args.workloads,
+              args.trace_dir, args.block)
   elapsed = time.perf_counter() - start
   n = len(cells)
   sel_wins = {rule: wins(cells, lambda c, r=rule: c[r]) for rule in RULES}
@@ -217,6 +226,8 @@ def main(argv=None):
            != (c["default"][0] >= c["baseline"][0] - 1e-9)]
   cmd = (f"JEXIT_CACHE_DIR= PYTHONPATH=. python experiments/select_family.py --folds "
          f"{args.folds} --inner-folds {args.inner_folds} --num-lambdas {args.num_lambdas}"
+         + (f" --trace-dir {args.trace_dir}" if args.trace_dir else "")
+         + (f" --block {args.block}" if args.block != 4 else "")
          + (f" --workloads {' '.join(args.workloads)}" if args.workloads else ""))
   text = [
       "# Choosing the model family per workload by inner cross-validation (issue 7)",
@@ -225,9 +236,9 @@ def main(argv=None):
       f"{os.cpu_count()}-core CPU, jexit {jexit.__version__}).",
       "",
       f"Protocol: {args.folds}-fold outer cross-fitting, as experiments/quality.py (digits "
-      "traces in blocks of 4 rows). Per workload, outer fold and agreement-loss target, the "
-      f"family (jexit's default, `DEFAULT_FIT = {jf.DEFAULT_FIT}`, or the same fit on the "
-      "stability signal of quality.py) is chosen on the outer fit rows only: an inner "
+      f"traces in blocks of {args.block} rows). Per workload, outer fold and agreement-loss "
+      f"target, the family (jexit's default, `DEFAULT_FIT = {jf.DEFAULT_FIT}`, or the same "
+      "fit on the stability signal of quality.py) is chosen on the outer fit rows only: an inner "
       f"{args.inner_folds}-fold cross-fitting (same blocks) of both families, lam chosen on "
       "each inner fit split (most speedup within the target; backbone when none), and the "
       "family with the higher mean inner held-out speedup wins (ties: default). The chosen "

@@ -10,7 +10,7 @@ confidence. Two flavours:
 """
 
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -55,12 +55,16 @@ def synthetic(kind: str, n: int = 4000, k: int = 5, classes: int = 10,
   return jexit.Traces(conf=conf, pred=pred, label=label, cost=cost)
 
 
-def suite() -> Dict[str, jexit.Traces]:
-  """Every workload of the benchmark suite that is available here."""
+def suite(trace_dir: Optional[str] = None) -> Dict[str, jexit.Traces]:
+  """Every workload of the benchmark suite that is available here.
+
+  `trace_dir`: folder of the digits traces (default `TRACE_DIR`).
+  """
+  trace_dir = TRACE_DIR if trace_dir is None else trace_dir
   out = {}
   for arch in ("vgg11", "vgg13", "vgg16"):
     for ramps in (3, 5):
-      path = os.path.join(TRACE_DIR, f"digits_{arch}_{ramps}ramps.npz")
+      path = os.path.join(trace_dir, f"digits_{arch}_{ramps}ramps.npz")
       if os.path.exists(path):
         out[f"digits-{arch}-{ramps}r"] = jexit.load_traces(path)
   out["synth-smooth"] = synthetic("smooth", seed=1)
