@@ -1,7 +1,7 @@
 """The `jexit` command line: the only place in jexit that touches argv, files and stdout.
 
   jexit sweep TRACE [--json OUT] [--plot OUT.png]   every method's frontier
-  jexit budget TRACE --max-loss 0.01 [--folds K]    parameters for a budget
+  jexit budget TRACE --max-loss 0.01 [--metric M]   parameters for a budget
   jexit demo [--out DIR]                            the sweep on the embedded trace
   jexit import-apparate PICKLE --out TRACE.npz --allow-pickle
   jexit export ...                                  (when jexit.export is present)
