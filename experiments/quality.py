@@ -196,8 +196,8 @@ FINDINGS = """## Findings
   ramps, 17x with 5) gives more Bellman-optimal candidates to choose from on the fit rows
   (`python experiments/cost_tilts.py`, 1 min). It is at least as fast as the default on 31 of 32
   cells (median +0.009x, at most +0.048x, -0.001x on one) and at least as fast as the best
-  external baseline on 23 of 32 cells instead of 19; the 4 cells it flips are won by 0.010x or less (one a tie),
-  within fold noise, and VGG-11 still trails Apparate greedy at 0.5% and 1%. Not the default: it
+  external baseline on 23 of 32 cells instead of 19; the 4 cells it flips are won by 0.010x
+  or less (one a tie), within fold noise, and VGG-11 still trails Apparate greedy at 0.5% and 1%. Not the default: it
   multiplies the solve and evaluation work for gains smaller than the spread across folds.
 - **Prediction stability is information the confidence bins lack.** Folding "did the
   prediction change since the previous ramp" into the exit signal (`stability signal`) is by
