@@ -808,7 +808,7 @@ def format_budget(b: Budget, trace: Optional[str] = None) -> str:
     scores = ", ".join(f"{sig} {v:.2f}x" for sig, v in b.signal_scores.items())
     what = "exit signal" + (", loss target" if b.metric == "accuracy" else "")
     chosen = str(b.fit_options.get("signal"))
-    if any(name.endswith(" loss") for name in b.signal_scores):
+    if b.metric == "accuracy":
       chosen += f", {b.fit_options.get('target', 'agreement')} loss"
     lines.append(f"{what} of recall/norecall: {chosen} (chosen on fit rows by inner "
                  f"cross-fitting, mean held-out speedup: {scores})")
