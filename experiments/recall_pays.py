@@ -47,18 +47,14 @@ def backbone_accuracy(traces, rows):
 
 
 def choose_by_accuracy(fit_ev, backbone_acc, target):
-  """Index with most fit speedup whose fit accuracy loss is <= target; None if none.
+  """`jexit budget --metric accuracy`'s choice on the fit rows; None if none.
 
   `target=MAX_ACC`: the index with the highest fit accuracy (ties: most speedup).
   """
-  acc = np.asarray(fit_ev.accuracy, np.float64)
   if target == MAX_ACC:
+    acc = np.asarray(fit_ev.accuracy, np.float64)
     return int(np.lexsort((np.arange(len(acc)), -np.asarray(fit_ev.speedup), -acc))[0])
-  ok = backbone_acc - acc <= target + 1e-12
-  if not ok.any():
-    return None
-  speed = np.where(ok, fit_ev.speedup, -np.inf)
-  return int(np.lexsort((np.arange(len(speed)), -acc, -speed))[0])
+  return jf.choose_index(fit_ev, target, metric="accuracy", reference=backbone_acc)
 
 
 def per_fold(traces, fr, rows, method, target, pick=None):
@@ -68,9 +64,10 @@ def per_fold(traces, fr, rows, method, target, pick=None):
   `fr` is a frontier, or with `pick` a dict of them: fold i uses `fr[pick[i]]`.
   """
   speed, gain, n, missed = [], 0.0, 0, 0
-  for i, (fit_rows, test_rows) in enumerate(rows):
-    fit_ev, test_ev = (fr if pick is None else fr[pick[i]]).splits[i][method]
-    i = choose_by_accuracy(fit_ev, backbone_accuracy(traces, fit_rows), target)
+  for fold, (_, test_rows) in enumerate(rows):
+    frf = fr if pick is None else fr[pick[fold]]
+    fit_ev, test_ev = frf.splits[fold][method]
+    i = choose_by_accuracy(fit_ev, frf.backbone_fit_accuracy[fold], target)
     if i is None:
       speed.append(1.0)
       missed += 1
@@ -86,9 +83,8 @@ def recall_usage(traces, fr, rows, target):
   inputs answered by an earlier ramp than the one they stopped at, the accuracy
   of those answers, and the accuracy the stopping ramp would have had."""
   early_n = right = right_stop = total = 0
-  for split, (fit_rows, test_rows) in enumerate(rows):
-    i = choose_by_accuracy(fr.splits[split]["recall"][0], backbone_accuracy(traces, fit_rows),
-                           target)
+  for split, (_, test_rows) in enumerate(rows):
+    i = choose_by_accuracy(fr.splits[split]["recall"][0], fr.backbone_fit_accuracy[split], target)
     if i is None:
       continue
     policy, lam_index, _, binning = jf.candidate_policy(fr, "recall", i, split)
@@ -134,12 +130,10 @@ def label_overthink(n=4000, k=5, classes=10, seed=3):
 
 
 def oracle(traces):
-  """Hindsight bound: stop at the first correct ramp (ramp 1 when none is)."""
-  correct = traces.pred == traces.label[:, None]
-  first = np.where(correct.any(1), np.argmax(correct, 1), 0)
-  cum = np.cumsum(traces.cost)
-  acc = correct.any(1).mean() - np.mean(correct[:, -1])
-  return float(cum[-1] / cum[first].mean()), float(acc)
+  """Hindsight bound: stop at the first correct ramp (ramp 1 when none is);
+  its speedup and accuracy gain over the backbone."""
+  ev = jexit.baselines.oracle(traces, [0.0], target="label")
+  return float(ev.speedup[0]), float(ev.accuracy[0]) - backbone_accuracy(traces, slice(None))
 
 
 def select_family(traces, rows, block, num_lambdas, inner_folds):
@@ -151,10 +145,12 @@ def select_family(traces, rows, block, num_lambdas, inner_folds):
   for fit_rows, _ in rows:
     inner = traces.take(fit_rows)
     scores = {t: {} for t in TARGETS}
+    inner_rows = jf.fold_rows(inner.num_inputs, inner_folds, block=block)
     for name, opts in families.items():
+      # One inner frontier per family scores every target (choose_family
+      # would refit per target).
       fr = jf.frontier(inner, folds=inner_folds, block=block, num_lambdas=num_lambdas,
                        fit_options=opts, methods=("recall",))
-      inner_rows = jf.fold_rows(inner.num_inputs, inner_folds, block=block)
       for t in TARGETS:
         speed, _, _ = per_fold(inner, fr, inner_rows, "recall", t)
         scores[t][name] = speed.mean()
