@@ -107,7 +107,8 @@ def fit(traces: Traces,
         prior: str = "uniform",
         kernel: float = 0.0,
         loss_smoothing: float = 1.0,
-        signal: Optional[str] = None) -> Tuple[ExitModel, Binning]:
+        signal: Optional[str] = None,
+        history: Optional[float] = None) -> Tuple[ExitModel, Binning]:
   """Fits an `ExitModel` and its `Binning` on (a fit split of) `traces`.
 
   The defaults (32 per-ramp quantile bins, logistic-calibrated disagreement
@@ -143,10 +144,28 @@ def fit(traces: Traces,
       neighbouring bins share their rows' evidence.
     loss_smoothing: pseudo-count pulling each calibrated bin towards the
       ramp's overall error rate.
+    history: None (the default): the Markov `trans [K-1, S, S]`. A number
+      alpha >= 0: the state-conditioned `trans [K-1, X, S, S]` (recall only),
+      where x is the recall state after ramp k, the index in the solver's grid
+      X (the sorted distinct values of `loss` in `solver.working_dtype()`) of
+      `min_{j <= k} loss[j, bin_j]`. From the counts `n[k, x, a, b]` of the fit
+      rows, each row is shrunk towards the Markov row (smoothed as above) with
+      alpha pseudo-rows:
+
+        trans[k, x, a, :] = (n[k, x, a, :] + alpha * markov[k, a, :])
+                            / (sum_b n[k, x, a, b] + alpha)
+
+      alpha -> inf gives the Markov model; alpha = 0 gives the empirical
+      conditional frequencies (the Markov row where `(k, x, a)` has no data).
+      Solve it in the same x64 mode it was fitted in (X depends on the dtype).
+      The stop sets of a conditioned model need not be down-sets in x; the
+      solver's threshold table then keeps the stop prefix (conservative).
+      Measured in experiments/QUALITY.md (not a default).
 
   Returns:
-    `(model, binning)`: `model.init [S]`, `trans [K-1, S, S]`, `loss [K, S]`,
-    `cost [K]`; `binning.edges [K, S+1]`.
+    `(model, binning)`: `model.init [S]`, `trans [K-1, S, S]` (or
+    `[K-1, X, S, S]` with `history`), `loss [K, S]`, `cost [K]`;
+    `binning.edges [K, S+1]`.
 
   Examples:
     >>> import numpy as np, jexit
@@ -159,6 +178,9 @@ def fit(traces: Traces,
     >>> paper, _ = jexit.fit(t, bins="uniform", loss="proxy")  # 0.08 bins
     >>> paper.trans.shape
     (2, 13, 13)
+    >>> conditioned, _ = jexit.fit(t, history=32.0)  # trans [K-1, X, S, S]
+    >>> conditioned.trans.shape[::2]
+    (2, 32)
   """
   traces = check_traces(traces)
   n, k = traces.conf.shape
@@ -181,6 +203,11 @@ def fit(traces: Traces,
     raise ValueError(f"prior: expected 'uniform' or 'marginal', got {prior!r}")
   if loss_smoothing < 0 or not np.isfinite(loss_smoothing):
     raise ValueError(f"loss_smoothing: expected a finite value >= 0, got {loss_smoothing}")
+  if history is not None and (isinstance(history, (bool, np.bool_))
+                              or not isinstance(history, (int, float, np.integer, np.floating))
+                              or not np.isfinite(history) or history < 0):
+    raise ValueError(f"history: expected None or a finite shrinkage strength alpha >= 0 "
+                     f"(pseudo-rows), got {history!r}")
   signal_name = signal or ("signal" if traces.signal is not None else "1-conf")
   values = signal_values(traces, signal_name)
 
@@ -269,5 +296,38 @@ def fit(traces: Traces,
       table[-1] = 0.0
   else:
     raise ValueError(f"loss: expected 'proxy', 'calibrated' or 'logistic', got {loss!r}")
+  if history is not None:
+    trans = _conditioned_trans(b, table, trans, float(history))
   model = ExitModel(init=init, trans=trans, loss=table, cost=traces.cost.copy())
   return model, binning
+
+
+def _conditioned_trans(b: np.ndarray, loss: np.ndarray, markov: np.ndarray,
+                       alpha: float) -> np.ndarray:
+  """`[K-1, X, S, S]` transitions given the recall state, shrunk to `markov`.
+
+  Args:
+    b: `[N, K]` bins of the fit rows. loss: `[K, S]` the model's loss table.
+    markov: `[K-1, S, S]` the Markov rows to shrink towards. alpha: pseudo-rows.
+  """
+  # Imported here: `import jexit` (and the numpy runtime) must not need JAX.
+  from jexit.solver import working_dtype  # pylint: disable=import-outside-toplevel
+  # The grid exactly as solver._prepare builds it: distinct losses in the
+  # working dtype (float32 merges values that differ only in float64).
+  cast = loss.astype(working_dtype())
+  grid = np.unique(cast)
+  idx = np.searchsorted(grid, cast)  # [K, S]
+  n, k = b.shape
+  s_count = loss.shape[1]
+  # The grid is sorted, so the index of the best loss so far is the running
+  # min of the indices.
+  x = np.minimum.accumulate(idx[np.arange(k)[None, :], b], axis=1)  # [N, K]
+  counts = np.zeros((k - 1, len(grid), s_count, s_count))
+  ramp = np.broadcast_to(np.arange(k - 1)[None, :], (n, k - 1))
+  np.add.at(counts, (ramp, x[:, :-1], b[:, :-1], b[:, 1:]), 1.0)
+  prior = markov[:, None, :, :]
+  rows = counts.sum(-1, keepdims=True)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    shrunk = (counts + alpha * prior) / (rows + alpha)
+  # alpha = 0 and no data in (k, x, a): nothing to condition on, keep Markov.
+  return np.where(rows + alpha > 0, shrunk, np.broadcast_to(prior, shrunk.shape))

@@ -183,6 +183,9 @@ class Frontier(NamedTuple):
     binning: the first split's first `Binning`.
     candidates: per split, the `(model, binning)` of each candidate model; the
       recall and norecall grids are `L` lam values per candidate, in order.
+    markov_candidates: per split, the candidates the norecall grid was solved
+      from: `candidates` itself, or, when `fit_options["history"]` makes those
+      state-conditioned (recall only), the Markov models they shrink towards.
     lambdas: the `[L]` lam grid.
     backbone_fit_accuracy: per split, the backbone's accuracy on the fit rows
       (None without labels): the reference of `choose(..., metric="accuracy")`.
@@ -200,6 +203,7 @@ class Frontier(NamedTuple):
   candidates: List[list] = []
   lambdas: Optional[np.ndarray] = None
   backbone_fit_accuracy: List[Optional[float]] = []
+  markov_candidates: List[list] = []
 
 
 def candidate_policy(fr: "Frontier", method: str, index: int, split: int = 0):
@@ -212,13 +216,15 @@ def candidate_policy(fr: "Frontier", method: str, index: int, split: int = 0):
   if method not in ("recall", "norecall"):
     raise ValueError(f"method: expected 'recall' or 'norecall', got {method!r}")
   num_lam = len(fr.lambdas)
-  model, binning = fr.candidates[split][index // num_lam]
+  source = fr.markov_candidates if method == "norecall" and fr.markov_candidates else fr.candidates
+  model, binning = source[split][index // num_lam]
   policy = solve(model, fr.lambdas, recall=method == "recall")
   return policy, index % num_lam, model, binning
 
 
-def _run_split(traces, fit_rows, test_rows, *, candidates, lambdas, methods,
-               apparate_budgets, threshold_grid, oracle_lambdas, max_bytes, oracle_target):
+def _run_split(traces, fit_rows, test_rows, *, candidates, markov_candidates, lambdas,
+               methods, apparate_budgets, threshold_grid, oracle_lambdas, max_bytes,
+               oracle_target):
   """Every method on one split: method -> (fit Evaluation, test Evaluation)."""
   fit_t, test_t = traces.take(fit_rows), traces.take(test_rows)
   out, policy, thresholds = {}, None, None
@@ -226,7 +232,7 @@ def _run_split(traces, fit_rows, test_rows, *, candidates, lambdas, methods,
   for name in methods:
     if name in ("recall", "norecall"):
       fits, tests = [], []
-      for model, binning in candidates:
+      for model, binning in (candidates if name == "recall" else markov_candidates):
         pol = solve(model, lambdas, recall=name == "recall")
         if name == "recall" and policy is None:
           policy = pol
@@ -286,7 +292,9 @@ def frontier(traces: Traces, *,
     block: rows are split in blocks of this many consecutive rows (related
       inputs, e.g. augmented copies of one image, stay on one side).
     fit_options: `jexit.fit` keyword arguments overriding `DEFAULT_FIT`; a
-      tuple `num_bins` fits one candidate model per value.
+      tuple `num_bins` fits one candidate model per value. With `history`
+      (state-conditioned transitions, recall only) the norecall grid is
+      solved on the Markov fit of the same rows.
     methods: which of `METHODS` to run.
     apparate_budgets: agreement-loss budgets Apparate's greedy search is run
       with (its parameter grid).
@@ -339,6 +347,11 @@ def frontier(traces: Traces, *,
   split.update(pareto="chosen on fit rows", metrics="test rows")
 
   fitted = [fit_candidates(traces, f, opts) for f, _ in rows]
+  markov = fitted
+  if opts.get("history") is not None and "norecall" in methods:
+    # Without recall the state is the bin alone: the no-recall policies are
+    # solved on the Markov models the state-conditioned ones shrink towards.
+    markov = [fit_candidates(traces, f, {**opts, "history": None}) for f, _ in rows]
   if lambdas is None:
     lambdas = default_lambdas(fitted[0][0][0], num_lambdas)
   lambdas = np.asarray(lambdas, np.float64)
@@ -348,9 +361,10 @@ def frontier(traces: Traces, *,
     oracle_lambdas = baselines.default_oracle_lambdas(traces)
 
   splits, thresholds, policy = [], [], None
-  for i, ((fit_r, test_r), candidates) in enumerate(zip(rows, fitted)):
+  for i, ((fit_r, test_r), candidates, markov_c) in enumerate(zip(rows, fitted, markov)):
     res, pol, thr = _run_split(
-        traces, fit_r, test_r, candidates=candidates, lambdas=lambdas,
+        traces, fit_r, test_r, candidates=candidates, markov_candidates=markov_c,
+        lambdas=lambdas,
         methods=methods, apparate_budgets=apparate_budgets,
         threshold_grid=threshold_grid, oracle_lambdas=oracle_lambdas,
         max_bytes=max_bytes, oracle_target="label" if metric == "accuracy" else "agreement")
@@ -365,7 +379,8 @@ def frontier(traces: Traces, *,
                   apparate_thresholds=thresholds, fit_options=opts, policy=policy,
                   model=fitted[0][0][0], binning=fitted[0][0][1], candidates=fitted,
                   lambdas=lambdas,
-                  backbone_fit_accuracy=[_backbone_accuracy(traces, f) for f, _ in rows])
+                  backbone_fit_accuracy=[_backbone_accuracy(traces, f) for f, _ in rows],
+                  markov_candidates=markov)
 
 
 def _backbone_accuracy(traces: Traces, rows) -> Optional[float]:

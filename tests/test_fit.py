@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import jexit
+from jexit.solver import working_dtype
 
 
 def _chain_traces(rng, n, init, trans, edges, *, cost=None):
@@ -283,3 +284,155 @@ def test_trace_file_that_is_not_a_zip(tmp_path):
   np.save(single, np.ones((3, 3)))
   with pytest.raises(ValueError, match="single .npy array"):
     jexit.load_traces(single)
+
+
+def _history_traces(n=3000, k=4, seed=12):
+  """Traces with a persistent per-input difficulty: the best loss so far says
+  more about the next bin than the current bin alone (not Markov)."""
+  rng = np.random.default_rng(seed)
+  hard = rng.normal(size=n)
+  z = 1.0 + np.linspace(0, 2, k) - 1.5 * hard[:, None] + rng.normal(0, 1.0, (n, k))
+  conf = 1 / (1 + np.exp(-z))
+  final = rng.integers(0, 5, n)
+  pred = np.where(rng.uniform(size=(n, k)) < conf, final[:, None], (final[:, None] + 1) % 5)
+  pred[:, -1] = final
+  return jexit.Traces(conf, pred, None, np.array([1.0, 1.0, 2.0, 1.0][:k]))
+
+
+def _recall_grid(loss):
+  """The solver's grid of recall states: distinct losses in the working dtype."""
+  cast = np.asarray(loss).astype(working_dtype())
+  return np.unique(cast), np.searchsorted(np.unique(cast), cast)
+
+
+def test_history_fits_a_state_conditioned_model_on_the_solver_grid():
+  traces = _history_traces()
+  markov, binning = jexit.fit(traces, num_bins=8)
+  model, binning2 = jexit.fit(traces, num_bins=8, history=8.0)
+  grid, _ = _recall_grid(model.loss)
+  assert model.trans.shape == (3, len(grid), 8, 8)
+  np.testing.assert_allclose(model.trans.sum(-1), 1.0)
+  assert np.all(model.trans >= 0)
+  # Only the transitions change: same bins, init, loss and cost.
+  np.testing.assert_array_equal(binning.edges, binning2.edges)
+  for f in ("init", "loss", "cost"):
+    np.testing.assert_array_equal(getattr(model, f), getattr(markov, f))
+  policy = jexit.solve(model, np.geomspace(1e-3, 1, 5))
+  assert policy.threshold.shape == (5, 4, 8)
+  with pytest.raises(ValueError, match="recall"):
+    jexit.solve(model, np.array([0.1]), recall=False)
+
+
+def test_history_grid_merges_losses_equal_in_float32():
+  # Ramp 1's bins and ramp 2's bins have losses 1e-12 apart: distinct in
+  # float64, one value in float32, where the solver's grid has one x for both.
+  edges = np.array([0.0, 0.25, 0.5, 1.0])
+  v = np.array([[0.1, 0.1 + 1e-12, 0.2], [0.3, 0.3 + 1e-12, 0.7], [0.7, 0.3, 0.1]] * 20)
+  traces = jexit.Traces(1 - v, np.zeros(v.shape, int), None, np.ones(3))
+  model, _ = jexit.fit(traces, bins=edges, loss="proxy", history=1.0)
+  assert working_dtype() == np.float32
+  x32 = len(np.unique(model.loss.astype(np.float32)))
+  assert x32 < len(np.unique(model.loss))
+  assert model.trans.shape[1] == x32
+  policy = jexit.solve(model, np.array([0.01, 0.1]))
+  np.testing.assert_allclose(jexit.expected_objective(policy, model), policy.value,
+                             rtol=1e-5)
+
+
+def test_history_to_infinity_is_the_markov_model():
+  traces = _history_traces()
+  markov, _ = jexit.fit(traces, num_bins=8)
+  model, _ = jexit.fit(traces, num_bins=8, history=1e12)
+  np.testing.assert_allclose(model.trans, np.broadcast_to(markov.trans[:, None], model.trans.shape),
+                             atol=1e-9)
+  lam = np.geomspace(1e-4, 1, 30)
+  a, b = jexit.solve(markov, lam), jexit.solve(model, lam)
+  np.testing.assert_allclose(b.value, a.value, rtol=1e-5)
+  np.testing.assert_array_equal(b.threshold, a.threshold)
+
+
+def test_history_zero_is_the_empirical_conditional_frequency():
+  traces = _history_traces(n=4000, k=3)
+  model, binning = jexit.fit(traces, num_bins=4, history=0.0)
+  markov, _ = jexit.fit(traces, num_bins=4)
+  grid, idx = _recall_grid(model.loss)
+  b = binning.assign(traces.exit_signal())
+  seen = 0
+  for r in range(2):
+    x = idx[np.arange(r + 1)[None, :], b[:, :r + 1]].min(axis=1)
+    for xi in range(len(grid)):
+      for a in range(4):
+        here = (x == xi) & (b[:, r] == a)
+        if here.sum() == 0:  # no data: the Markov row
+          np.testing.assert_allclose(model.trans[r, xi, a], markov.trans[r, a])
+          continue
+        seen += 1
+        freq = np.bincount(b[here, r + 1], minlength=4) / here.sum()
+        np.testing.assert_allclose(model.trans[r, xi, a], freq)
+  assert seen >= 8
+  # The history matters in these traces: some rows differ from the Markov ones.
+  assert np.abs(model.trans - markov.trans[:, None]).max() > 0.1
+
+
+def test_history_value_agrees_with_expected_objective():
+  traces = _history_traces()
+  model, _ = jexit.fit(traces, num_bins=8, history=8.0)
+  lam = np.geomspace(1e-4, 1, 40)
+  policy = jexit.solve(model, lam, return_stop=True)
+  objective = jexit.expected_objective(policy, model)
+  # The threshold table keeps the stop prefix in x; it is the optimal table
+  # wherever the stop sets are down-sets, and never better than optimal.
+  stop = np.asarray(policy.stop)  # [L, K, X, S]
+  down = ~np.any(stop[:, :, 1:] & ~stop[:, :, :-1], axis=(1, 2, 3))
+  assert down.sum() >= 30
+  np.testing.assert_allclose(objective[down], policy.value[down], rtol=1e-5, atol=1e-7)
+  assert np.all(objective >= policy.value - 1e-6)
+
+
+def test_history_model_is_the_path_law_when_the_state_keeps_the_past():
+  # Ramp 1's losses are all below ramp 2's, so after ramp 2 the recall state x
+  # is ramp 1's bin: (x, bin) is the whole past and the alpha = 0 model is the
+  # fit rows' path law. Any threshold policy's expected objective under the
+  # model is then its mean objective replayed on the rows; under the Markov
+  # model it is not (ramp 3 depends on ramp 1 given ramp 2).
+  rng = np.random.default_rng(13)
+  n = 5000
+  v1 = rng.uniform(0, 0.3, n)
+  v2 = rng.uniform(0.5, 1.0, n)
+  v3 = np.clip(v1 * 3 + rng.normal(0, 0.05, n), 0, 1)
+  traces = jexit.Traces(1 - np.column_stack([v1, v2, v3]), np.zeros((n, 3), int), None,
+                        np.array([1.0, 1.0, 1.0]))
+  lam = np.geomspace(1e-3, 0.3, 12)
+  got = {}
+  for name, history in (("conditioned", 0.0), ("markov", None)):
+    model, binning = jexit.fit(traces, num_bins=4, loss="proxy", smoothing=0.0,
+                               history=history)
+    grid, idx = _recall_grid(model.loss)
+    b = binning.assign(traces.exit_signal())
+    policy = jexit.solve(model, lam)
+    thr = np.asarray(policy.threshold)
+    # Replay the threshold tables on the rows' bins.
+    replay = np.empty(len(lam))
+    for li in range(len(lam)):
+      x = np.full(n, len(grid))
+      done = np.zeros(n, bool)
+      total = np.zeros(n)
+      for r in range(3):
+        x = np.where(done, x, np.minimum(x, idx[r, b[:, r]]))
+        total += np.where(done, 0.0, lam[li] * traces.cost[r])
+        stop = ~done & (grid[np.minimum(x, len(grid) - 1)] <= thr[li, r, b[:, r]])
+        total += np.where(stop, grid[np.minimum(x, len(grid) - 1)], 0.0)
+        done |= stop
+      assert done.all()
+      replay[li] = total.mean()
+    got[name] = (jexit.expected_objective(policy, model), replay)
+  model_value, replay = got["conditioned"]
+  np.testing.assert_allclose(model_value, replay, rtol=1e-5)
+  model_value, replay = got["markov"]
+  assert np.abs(model_value - replay).max() > 1e-3
+
+
+@pytest.mark.parametrize("history", [-1.0, np.nan, np.inf, "8", True])
+def test_history_argument_errors(history):
+  with pytest.raises(ValueError, match="history: expected None or a finite"):
+    jexit.fit(jexit.Traces(**_good()), history=history)

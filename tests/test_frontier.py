@@ -332,3 +332,28 @@ def test_budget_by_accuracy_validates():
   b = jf.budget(make_traces(), 0.02, metric="accuracy", num_lambdas=20, signal="1-conf",
                 fit_options={"target": "agreement"}, methods=("recall",))
   assert b.signal_scores is None and b.fit_options["target"] == "agreement"
+
+
+def test_history_fit_option_end_to_end(traces):
+  kw = dict(num_lambdas=40, methods=("recall", "norecall"), folds=2)
+  plain = jf.frontier(traces, **kw)
+  cond = jf.frontier(traces, fit_options={"history": 16.0}, **kw)
+  assert cond.fit_options["history"] == 16.0
+  assert all(m.trans.ndim == 4 for split in cond.candidates for m, _ in split)
+  assert all(m.trans.ndim == 3 for split in cond.markov_candidates for m, _ in split)
+  # Without recall the state is the bin alone: norecall keeps the Markov fit.
+  for f in ("agreement", "speedup"):
+    np.testing.assert_array_equal(getattr(cond.test["norecall"], f),
+                                  getattr(plain.test["norecall"], f))
+  _, _, model, _ = jf.candidate_policy(cond, "norecall", 50, split=1)
+  assert model.trans.ndim == 3
+  policy, lam_index, model, binning = jf.candidate_policy(cond, "recall", 50, split=1)
+  assert model.trans.ndim == 4 and policy.threshold.shape[1:] == (3, binning.num_bins)
+  ev = evaluate(policy, traces.take(jf.fold_rows(400, 2)[1][1]), binning)
+  np.testing.assert_allclose(ev.agreement[lam_index], cond.splits[1]["recall"][1].agreement[50])
+  b = jf.budget(traces, 0.02, num_lambdas=40, methods=("recall", "norecall", "global_threshold"),
+                fit_options={"history": 16.0})
+  assert b.fit_options["history"] == 16.0
+  assert set(b.choices) == {"recall", "norecall", "global_threshold"}
+  assert json.loads(json.dumps(jf.budget_to_dict(b)))["fit_options"]["history"] == 16.0
+  assert "recall" in jf.format_budget(b)
