@@ -13,11 +13,14 @@ medians are compared. FLOPs counted: the GEMM only, 2 * X * S * S per ramp
 transition (K - 1 of them) per policy, X = the recall state's size (K * S for
 the random continuous losses used here).
 
-Baselines (per-policy time, on one model of the smallest configuration):
+Baselines (per-policy time, model 0 of every configuration at a few of its lam
+values, against jexit's batch time / policies; `--no-baselines` skips them):
 - QuantEcon `DiscreteDP` + `backward_induction` over states (ramp, x, s) plus an
-  absorbing "stopped" state (needs `pip install quantecon`, the `bench` extra);
-- a plain-Python-loop backward induction.
-Both are checked against jexit's values.
+  absorbing "stopped" state, sparse state-action-pair form, and the dense
+  product form where Q [n, 2, n] fits (needs `pip install quantecon`, the
+  `bench` extra);
+- a plain-Python-loop backward induction (skipped above ~20 s per policy).
+All are checked against jexit's values.
 """
 
 import argparse
@@ -34,6 +37,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [(13, 3, 10000, 3), (32, 5, 4096, 8), (64, 16, 1024, 4), (128, 8, 256, 1)]
 BIG = (32, 8, 12500, 8)  # 100,000 policies in one call
+LOOP_MAX_INNER = 2e7  # the plain loop runs ~1 M steps/s: skip it above ~20 s per policy
+DENSE_MAX_STATES = 4000  # QuantEcon's dense Q [n, 2, n] float64
 
 
 def random_model(seed, s, k, m):
@@ -95,31 +100,33 @@ class QuantEconRecall:
     self.shape = (k_count, x_count, s_count)
     n = k_count * x_count * s_count + 1
     self.n = n
-    state = lambda k, x, s: (k * x_count + x) * s_count + s
-    s_ind, a_ind, rows, cols, vals = [], [], [], [], []
-    self.stop_reward, self.cont_cost = [], []
-    pair = 0
-    for k in range(k_count):
-      for x in range(x_count):
-        for s in range(s_count):
-          here = state(k, x, s)
-          s_ind.append(here); a_ind.append(0)
-          rows.append(pair); cols.append(n - 1); vals.append(1.0)
-          self.stop_reward.append(-self.grid[x]); self.cont_cost.append(0.0)
-          pair += 1
-          if k < k_count - 1:
-            s_ind.append(here); a_ind.append(1)
-            for b in range(s_count):
-              rows.append(pair); cols.append(state(k + 1, min(x, self.idx[k + 1, b]), b))
-              vals.append(trans[k, s, b])
-            self.stop_reward.append(0.0); self.cont_cost.append(-cost[k + 1])
-            pair += 1
-    s_ind.append(n - 1); a_ind.append(0)
-    rows.append(pair); cols.append(n - 1); vals.append(1.0)
-    self.stop_reward.append(0.0); self.cont_cost.append(0.0)
-    self.q = sp.csr_matrix((vals, (rows, cols)), shape=(pair + 1, n))
-    self.s_ind, self.a_ind = np.asarray(s_ind), np.asarray(a_ind)
-    self.stop_reward, self.cont_cost = np.asarray(self.stop_reward), np.asarray(self.cont_cost)
+    # Pairs in state order: each state's stop pair, then its continue pair
+    # (not at the last ramp); the absorbing state last (stop = stay).
+    k, x, s = (a.ravel() for a in np.meshgrid(np.arange(k_count), np.arange(x_count),
+                                              np.arange(s_count), indexing="ij"))
+    live = k < k_count - 1
+    acts = 1 + live
+    pair_state = np.append(np.repeat(np.arange(n - 1), acts), n - 1)
+    is_cont = np.zeros(pair_state.size, bool)
+    is_cont[np.cumsum(acts)[live] - 1] = True
+    self.s_ind, self.a_ind = pair_state, is_cont.astype(np.int64)
+    stop_x = np.append(np.repeat(x, acts), 0)
+    self.stop_reward = np.where(is_cont, 0.0, -self.grid[stop_x])
+    self.stop_reward[-1] = 0.0
+    cont_k = k[live]
+    self.cont_cost = np.zeros(pair_state.size)
+    self.cont_cost[is_cont] = -self.cost[cont_k + 1]
+    nnz = np.where(is_cont, s_count, 1)
+    indptr = np.zeros(pair_state.size + 1, np.int64)
+    np.cumsum(nnz, out=indptr[1:])
+    cols = np.full(indptr[-1], n - 1, np.int32)
+    vals = np.ones(indptr[-1])
+    at = indptr[:-1][is_cont][:, None] + np.arange(s_count)
+    b = np.arange(s_count)
+    cols[at] = ((cont_k[:, None] + 1) * x_count
+                + np.minimum(x[live][:, None], self.idx[cont_k + 1][:, b])) * s_count + b
+    vals[at] = trans[cont_k, s[live]]
+    self.q = sp.csr_matrix((vals, cols, indptr), shape=(pair_state.size, n))
 
   def dense(self):
     """The same problem in DiscreteDP's product form: R `[n, 2]`, Q `[n, 2, n]`
@@ -211,48 +218,50 @@ def worker(config, reps, max_bytes, baselines):
   out["ratio"] = out["gflops"] / out["matmul_gflops"]
 
   if baselines:
-    # One model of this configuration, many lam values: jexit's per-policy time.
-    one = model._replace(**{f: getattr(model, f)[0] for f in model._fields})
-    lam_one = np.geomspace(1e-3, 1.0, 10000)
-    def run_one():
-      return jax.block_until_ready(jexit.solve(one, lam_one, max_bytes=max_bytes).value)
-    run_one()
-    t_one = _median_time(run_one, reps)[0]
-    values = np.asarray(run_one(), np.float64)
-    out["jexit_per_policy_s"] = t_one / lam_one.size
-    init, trans, loss, cost = (np.asarray(f, np.float64) for f in one)
+    # The same recall problem, one lam at a time: model 0 of this configuration
+    # at a few of its lam values, against jexit's per-policy time in this batch.
+    out["jexit_per_policy_s"] = t_solve / (m * l)
+    values = np.asarray(policy.value[0], np.float64)
+    init, trans, loss, cost = (np.asarray(getattr(model, f)[0], np.float64)
+                               for f in ("init", "trans", "loss", "cost"))
     loss = np.asarray(prep.loss[0], np.float64)  # the float32 losses jexit saw
-    picks = np.array([0, 3333, 6666, 9999])
-    t0 = time.perf_counter()
-    loop_values = [loop_solve(init, trans, loss, cost, lam_one[i]) for i in picks]
-    out["loop_per_policy_s"] = (time.perf_counter() - t0) / len(picks)
-    out["loop_max_rel_diff"] = float(np.max(np.abs(np.array(loop_values) - values[picks])
-                                            / np.abs(values[picks])))
+    rel = lambda got, picks: float(np.max(np.abs(np.array(got) - values[picks])
+                                          / np.abs(values[picks])))
+    inner = (k - 1) * num_x * s * s
+    if inner <= LOOP_MAX_INNER:
+      picks = np.linspace(0, l - 1, 4).astype(int)
+      t0 = time.perf_counter()
+      got = [loop_solve(init, trans, loss, cost, lam[i]) for i in picks]
+      out["loop_per_policy_s"] = (time.perf_counter() - t0) / len(picks)
+      out["loop_max_rel_diff"] = rel(got, picks)
+    else:
+      out["loop"] = f"not run ({inner / 1e6:.0f} M inner-loop steps per policy)"
     try:
       import quantecon  # noqa: F401  (the `bench` extra)
     except ImportError:
       out["quantecon"] = "not installed (pip install quantecon)"
-    else:
-      t0 = time.perf_counter()
-      qe = QuantEconRecall(init, trans, loss, cost)
-      out["quantecon_build_s"] = time.perf_counter() - t0
-      out["quantecon_states"] = qe.n
-      picks = np.linspace(0, lam_one.size - 1, 20).astype(int)
-      qe.value(lam_one[0])
-      t0 = time.perf_counter()
-      qe_values = [qe.value(lam_one[i]) for i in picks]
-      out["quantecon_per_policy_s"] = (time.perf_counter() - t0) / len(picks)
-      out["quantecon_max_rel_diff"] = float(np.max(
-          np.abs(np.array(qe_values) - values[picks]) / np.abs(values[picks])))
-      if qe.n <= 4000:  # Q [n, 2, n] float64 in memory
+      return out
+    t0 = time.perf_counter()
+    qe = QuantEconRecall(init, trans, loss, cost)
+    out["quantecon_build_s"] = time.perf_counter() - t0
+    out["quantecon_states"], out["quantecon_nnz"] = qe.n, int(qe.q.nnz)
+    for form in ("sparse", "dense"):
+      if form == "dense":
+        if qe.n > DENSE_MAX_STATES:  # Q [n, 2, n] float64 in memory
+          break
         qe.dense()
-        picks = picks[::4]
-        qe.value(lam_one[0], dense=True)
-        t0 = time.perf_counter()
-        qe_values = [qe.value(lam_one[i], dense=True) for i in picks]
-        out["quantecon_dense_per_policy_s"] = (time.perf_counter() - t0) / len(picks)
-        out["quantecon_dense_max_rel_diff"] = float(np.max(
-            np.abs(np.array(qe_values) - values[picks]) / np.abs(values[picks])))
+      dense = form == "dense"
+      qe.value(lam[0], dense=dense)  # numba compiles
+      picks = np.linspace(0, l - 1, 20).astype(int)
+      got, t0 = [], time.perf_counter()
+      for i in picks:  # at least 3 policies, at most 20 or ~20 s
+        got.append(qe.value(lam[i], dense=dense))
+        if len(got) >= 3 and time.perf_counter() - t0 > 20:
+          break
+      key = "quantecon" if form == "sparse" else "quantecon_dense"
+      out[f"{key}_per_policy_s"] = (time.perf_counter() - t0) / len(got)
+      out[f"{key}_max_rel_diff"] = rel(got, picks[:len(got)])
+      out[f"{key}_policies"] = len(got)
   return out
 
 
@@ -299,7 +308,7 @@ def main():
   configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
   results = []
   for i, config in enumerate(configs):
-    results.append(spawn(config, args, baselines=(i == 0 and not args.no_baselines)))
+    results.append(spawn(config, args, baselines=not args.no_baselines))
     print(f"  done {config}", file=sys.stderr, flush=True)
   big = None
   if args.big:
@@ -322,28 +331,24 @@ def main():
     print(f"\n{big['policies']:,} policies {tuple(big['config'])} in one call: "
           f"{big['seconds']:.1f} s, peak RSS {mib(big['rss_peak'])} MiB; the whole batch "
           f"as one block would need ~{mib(big['whole_batch_bytes'])} MiB of working memory.")
-  if "jexit_per_policy_s" in r0:
-    s, k = r0["config"][:2]
-    print(f"\nper policy, one model S={s} K={k} (X={r0['x']}):")
-    print("| method | seconds / policy | jexit is faster by | max rel. diff of value |")
-    print("|---|---|---|---|")
-    print(f"| jexit.solve (10,000 lam in one call) | {r0['jexit_per_policy_s']:.3g} | 1x | |")
-    if "quantecon_per_policy_s" in r0:
-      print(f"| QuantEcon DiscreteDP + backward_induction, sparse state-action pairs "
-            f"({r0['quantecon_states']} states) | "
-            f"{r0['quantecon_per_policy_s']:.3g} | "
-            f"{r0['quantecon_per_policy_s'] / r0['jexit_per_policy_s']:,.0f}x | "
-            f"{r0['quantecon_max_rel_diff']:.1e} |")
-      if "quantecon_dense_per_policy_s" in r0:
-        print(f"| QuantEcon DiscreteDP + backward_induction, product form R [n, 2], "
-              f"Q [n, 2, n] | {r0['quantecon_dense_per_policy_s']:.3g} | "
-              f"{r0['quantecon_dense_per_policy_s'] / r0['jexit_per_policy_s']:,.0f}x | "
-              f"{r0['quantecon_dense_max_rel_diff']:.1e} |")
-    else:
-      print(f"| QuantEcon | {r0.get('quantecon')} | | |")
-    print(f"| plain Python loops | {r0['loop_per_policy_s']:.3g} | "
-          f"{r0['loop_per_policy_s'] / r0['jexit_per_policy_s']:,.0f}x | "
-          f"{r0['loop_max_rel_diff']:.1e} |")
+  with_qe = [r for r in results if "jexit_per_policy_s" in r]
+  if with_qe:
+    print("\nper policy, model 0 of each configuration, the same recall problem solved one lam "
+          "at a time (jexit: its batch time above / policies):")
+    print("| S, K, L, M | QuantEcon states (Q nonzeros) | jexit s/policy | QuantEcon sparse "
+          "s/policy (x jexit) | QuantEcon dense s/policy (x jexit) | plain loops s/policy "
+          "(x jexit) | max rel. diff of value |")
+    print("|---|---|---|---|---|---|---|")
+    for r in with_qe:
+      mine = r["jexit_per_policy_s"]
+      cell = lambda key: (f"{r[key]:.3g} ({r[key] / mine:,.0f}x)" if key in r else "not run")
+      diffs = [r[d] for d in ("quantecon_max_rel_diff", "quantecon_dense_max_rel_diff",
+                              "loop_max_rel_diff") if d in r]
+      states = (f"{r['quantecon_states']:,} ({r['quantecon_nnz']:,})"
+                if "quantecon_states" in r else r.get("quantecon", ""))
+      print(f"| {', '.join(map(str, r['config']))} | {states} | {mine:.3g} | "
+            f"{cell('quantecon_per_policy_s')} | {cell('quantecon_dense_per_policy_s')} | "
+            f"{cell('loop_per_policy_s')} | {max(diffs):.1e} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(results=results, big=big), f, indent=1)
