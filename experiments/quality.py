@@ -199,6 +199,19 @@ FINDINGS = """## Findings
   external baseline on 23 of 32 cells instead of 19; the 4 cells it flips are won by 0.010x
   or less (one a tie), within fold noise, and VGG-11 still trails Apparate greedy at 0.5% and 1%. Not the default: it
   multiplies the solve and evaluation work for gains smaller than the spread across folds.
+- **The state-conditioned model: no gain, not adopted.** `jexit.fit(..., history=alpha)`
+  conditions each transition on the recall state x (the best loss so far) as well as the
+  current bin, `trans[k, x, a, b]`, shrunk towards the Markov row with alpha pseudo-rows; the
+  recall policy is solved on it (`python experiments/history.py --alphas 32,128`, then
+  `--alphas 0,4`; 1 min each). With alpha = 0, 4, 32 or 128 the held-out speedup moves by at
+  most 0.022x from the default's on any cell (median 0.000x; the default's fold standard
+  deviation has median 0.039x), and 17 or 18 of 32 cells are at least as fast as the best
+  external baseline, against 19 for the default. On the digits traces the best loss so far
+  differs from the current bin's loss on 0-5% of the rows per ramp (the calibrated loss falls
+  with depth), so x adds little to the bin; on synth-overthink it differs on 34-83% of the
+  rows and still changes nothing. A conditioned model's stop sets need not be down-sets in x,
+  which the threshold table cannot express; on these models (alpha = 32, S = 32) that costs at
+  most 0.5% of the model objective.
 - **Prediction stability is information the confidence bins lack.** Folding "did the
   prediction change since the previous ramp" into the exit signal (`stability signal`) is by
   far the best method on both synthetic workloads, and loses on every digits trace. The
