@@ -1,5 +1,8 @@
 """Fits the discrete Markov exit model (PROBLEM.md) from traces."""
 
+import functools
+import math
+from statistics import NormalDist
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -8,6 +11,7 @@ from jexit.traces import check_traces, signal_values
 from jexit.types import Binning, ExitModel, Traces
 
 PAPER_STEP = 0.08
+PARAMETRIC_STEPS = 1000  # Adam steps of the parametric transition fit
 
 
 def uniform_edges(num_ramps: int, step: float = PAPER_STEP,
@@ -108,7 +112,9 @@ def fit(traces: Traces,
         kernel: float = 0.0,
         loss_smoothing: float = 1.0,
         signal: Optional[str] = None,
-        history: Optional[float] = None) -> Tuple[ExitModel, Binning]:
+        history: Optional[float] = None,
+        trans_model: str = "counts",
+        trans_strength: Optional[float] = None) -> Tuple[ExitModel, Binning]:
   """Fits an `ExitModel` and its `Binning` on (a fit split of) `traces`.
 
   The defaults (32 per-ramp quantile bins, logistic-calibrated disagreement
@@ -161,6 +167,31 @@ def fit(traces: Traces,
       The stop sets of a conditioned model need not be down-sets in x; the
       solver's threshold table then keeps the stop prefix (conservative).
       Measured in experiments/QUALITY.md (not a default).
+    trans_model: `"counts"` (the default): each row of `trans` is the fit
+      rows' transition counts, smoothed as above. `"parametric"`: a
+      heteroscedastic ordered-probit model, 2 + (S - 1) parameters per ramp
+      transition, fitted by maximum likelihood (Adam, `optax`) to the counts
+      `n[k, a, b]`. Bin a of ramp k sits at `z_a = Phi^{-1}(q_a)`, `q_a` the
+      mid quantile of bin a among the fit rows at ramp k (half a pseudo-count
+      per bin keeps `q_a` in (0, 1)); ramp k+1's latent value is
+      `N(beta_k * z_a, exp(delta_k * z_a)^2)` and bin b of ramp k+1 is the
+      interval `(t_k[b-1], t_k[b]]` of the latent axis, with cut points
+      `t_k [S-1]` fitted too and the outer bins open-ended:
+
+        param[k, a, b] = Phi((t_k[b] - beta_k z_a) / exp(delta_k z_a))
+                         - Phi((t_k[b-1] - beta_k z_a) / exp(delta_k z_a))
+
+      (the location and scale of ramp k+1's axis are the cut points'). Rows
+      with few counts borrow the shape of their neighbours' rows.
+    trans_strength: with `"parametric"`, how many pseudo-rows of the
+      parametric row are added to each row's smoothed counts `c[k, a, :]`
+      (the counts model's numerator):
+
+        trans[k, a, :] = (c[k, a, :] + strength * param[k, a, :])
+                         / (sum_b c[k, a, b] + strength)
+
+      None (or inf): the parametric rows alone; 0: the counts model exactly.
+      Measured in experiments/QUALITY.md (not a default).
 
   Returns:
     `(model, binning)`: `model.init [S]`, `trans [K-1, S, S]` (or
@@ -181,6 +212,9 @@ def fit(traces: Traces,
     >>> conditioned, _ = jexit.fit(t, history=32.0)  # trans [K-1, X, S, S]
     >>> conditioned.trans.shape[::2]
     (2, 32)
+    >>> probit, _ = jexit.fit(t, trans_model="parametric", trans_strength=16.0)
+    >>> bool(np.allclose(probit.trans.sum(-1), 1.0))
+    True
   """
   traces = check_traces(traces)
   n, k = traces.conf.shape
@@ -208,6 +242,17 @@ def fit(traces: Traces,
                               or not np.isfinite(history) or history < 0):
     raise ValueError(f"history: expected None or a finite shrinkage strength alpha >= 0 "
                      f"(pseudo-rows), got {history!r}")
+  if trans_model not in ("counts", "parametric"):
+    raise ValueError(f"trans_model: expected 'counts' or 'parametric', got {trans_model!r}")
+  if trans_strength is not None:
+    if trans_model != "parametric":
+      raise ValueError(f"trans_strength: expected None with trans_model={trans_model!r} "
+                       f"(it weighs the parametric rows), got {trans_strength!r}")
+    if (isinstance(trans_strength, (bool, np.bool_))
+        or not isinstance(trans_strength, (int, float, np.integer, np.floating))
+        or np.isnan(trans_strength) or trans_strength < 0):
+      raise ValueError(f"trans_strength: expected None or a number of pseudo-rows >= 0 "
+                       f"(inf allowed), got {trans_strength!r}")
   signal_name = signal or ("signal" if traces.signal is not None else "1-conf")
   values = signal_values(traces, signal_name)
 
@@ -240,6 +285,9 @@ def fit(traces: Traces,
   init = init_counts / init_counts.sum()
 
   trans = np.empty((max(k - 1, 0), s_count, s_count))
+  strength = math.inf if trans_strength is None else float(trans_strength)
+  if trans_model == "parametric" and k > 1 and strength > 0:
+    param, _ = _parametric_trans(b, s_count)
   for r in range(k - 1):
     counts = np.zeros((s_count, s_count))
     np.add.at(counts, (b[:, r], b[:, r + 1]), 1.0)
@@ -252,6 +300,11 @@ def fit(traces: Traces,
       # uniform one that would put mass on bins the data never visits.
       marginal = np.bincount(b[:, r + 1], minlength=s_count) + 1.0 / s_count
       counts += smoothing * s_count * marginal / marginal.sum()
+    if trans_model == "parametric" and strength > 0:
+      if math.isinf(strength):
+        trans[r] = param[r]
+        continue
+      counts = counts + strength * param[r]
     row = counts.sum(axis=1, keepdims=True)
     # A row with no data and no smoothing: stay in the same bin (documented).
     empty = row[:, 0] == 0
@@ -331,3 +384,93 @@ def _conditioned_trans(b: np.ndarray, loss: np.ndarray, markov: np.ndarray,
     shrunk = (counts + alpha * prior) / (rows + alpha)
   # alpha = 0 and no data in (k, x, a): nothing to condition on, keep Markov.
   return np.where(rows + alpha > 0, shrunk, np.broadcast_to(prior, shrunk.shape))
+
+
+def _latent_axis(counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Bins of one ramp on a standard normal axis, from their counts `[S]`.
+
+  Returns `(mid [S], cuts [S-1])`: `Phi^{-1}` of each bin's mid quantile and
+  of the quantiles between bins. Half a pseudo-count per bin keeps every
+  quantile inside (0, 1) and every bin a proper interval.
+  """
+  w = np.asarray(counts, np.float64) + 0.5
+  upper = np.cumsum(w) / w.sum()
+  lower = upper - w / w.sum()
+  inv = np.vectorize(NormalDist().inv_cdf, otypes=[np.float64])
+  return inv((lower + upper) / 2), inv(np.clip(upper[:-1], 1e-12, 1 - 1e-12))
+
+
+def _parametric_trans(b: np.ndarray, s_count: int,
+                      steps: int = PARAMETRIC_STEPS) -> Tuple[np.ndarray, dict]:
+  """`[K-1, S, S]` ordered-probit transitions fitted to the bins `b [N, K]`.
+
+  See `fit(trans_model="parametric")`. Returns `(trans, params)`, `params`
+  the fitted `beta [K-1]`, `delta [K-1]`, `cuts [K-1, S-1]` and the axes
+  `z [K-1, S]` they were fitted on.
+  """
+  n, k = b.shape
+  counts = np.zeros((k - 1, s_count, s_count))
+  ramp = np.broadcast_to(np.arange(k - 1)[None, :], (n, k - 1))
+  np.add.at(counts, (ramp, b[:, :-1], b[:, 1:]), 1.0)
+  if s_count == 1:
+    return np.ones((k - 1, 1, 1)), {}
+  axes = [_latent_axis(np.bincount(b[:, r], minlength=s_count)) for r in range(k)]
+  z = np.stack([axes[r][0] for r in range(k - 1)])  # [K-1, S] source ramps
+  cuts = np.stack([axes[r + 1][1] for r in range(k - 1)])  # [K-1, S-1] start
+  # Start at the independent model (beta = delta = 0: every row is the next
+  # ramp's marginal), cut points parametrised by the first one and softplus gaps.
+  gaps = np.maximum(np.diff(cuts, axis=1), 1e-6)
+  start = {"beta": np.zeros(k - 1), "delta": np.zeros(k - 1), "first": cuts[:, 0],
+           "gaps": np.log(np.expm1(gaps))}
+  fitted, probs = _probit_fitter(steps)(start, counts, z)
+  params = {name: np.asarray(v, np.float64) for name, v in fitted.items()}
+  params["cuts"] = params.pop("first")[:, None] + np.concatenate(
+      [np.zeros((k - 1, 1)), np.cumsum(np.logaddexp(0.0, params.pop("gaps")), axis=1)], axis=1)
+  params["z"] = z
+  trans = np.maximum(np.asarray(probs, np.float64), 0.0)
+  return trans / trans.sum(-1, keepdims=True), params
+
+
+@functools.lru_cache(maxsize=None)
+def _probit_fitter(steps: int):
+  """A jitted `(start, counts [T, S, S], z [T, S]) -> (params, probs [T, S, S])`."""
+  # Imported here: `import jexit` (and the numpy runtime) must not need JAX.
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from jax.scipy.special import ndtr  # pylint: disable=import-outside-toplevel
+
+  def probs(p, z):  # one ramp transition: z [S] -> [S, S]
+    cuts = p["first"] + jnp.concatenate([jnp.zeros(1), jnp.cumsum(jax.nn.softplus(p["gaps"]))])
+    x = (cuts[None, :] - p["beta"] * z[:, None]) * jnp.exp(-p["delta"] * z)[:, None]
+    ones, zeros = jnp.ones_like(x[:, :1]), jnp.zeros_like(x[:, :1])
+    below = jnp.concatenate([zeros, ndtr(x), ones], axis=1)
+    above = jnp.concatenate([ones, ndtr(-x), zeros], axis=1)
+    # Difference of the smaller tail: 1 - Phi(x) for x > 0 cancels in float32.
+    lower = jnp.concatenate([-ones, x], axis=1)
+    return jnp.where(lower > 0, above[:, :-1] - above[:, 1:], below[:, 1:] - below[:, :-1])
+
+  def nll(p, counts, z):  # mean negative log-likelihood per row of one transition
+    logp = jnp.log(jnp.maximum(probs(p, z), 1e-30))
+    return -jnp.sum(jnp.where(counts > 0, counts * logp, 0.0)) / jnp.maximum(counts.sum(), 1.0)
+
+  total = lambda p, counts, z: jnp.sum(jax.vmap(nll)(p, counts, z))
+  # The transitions are independent: one summed loss, one Adam state; each
+  # parameter's gradient comes from its own transition only.
+  opt = optax.adam(optax.cosine_decay_schedule(0.05, steps, alpha=0.01))
+
+  @jax.jit
+  def run(start, counts, z):
+    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), start)
+    counts, z = jnp.asarray(counts, jnp.float32), jnp.asarray(z, jnp.float32)
+    grad = jax.grad(total)
+
+    def step(carry, _):
+      p, state = carry
+      updates, state = opt.update(grad(p, counts, z), state, p)
+      return (optax.apply_updates(p, updates), state), None
+
+    (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
+    return p, jax.vmap(probs)(p, z)
+
+  return run

@@ -436,3 +436,134 @@ def test_history_model_is_the_path_law_when_the_state_keeps_the_past():
 def test_history_argument_errors(history):
   with pytest.raises(ValueError, match="history: expected None or a finite"):
     jexit.fit(jexit.Traces(**_good()), history=history)
+
+
+def _probit_family(z, beta, delta, cuts):
+  """`[S, S]` rows of fit(trans_model="parametric")'s family, written with scipy."""
+  from scipy.stats import norm  # pylint: disable=import-outside-toplevel
+  c = np.concatenate([[-np.inf], cuts, [np.inf]])
+  return np.diff(norm.cdf((c[None, :] - beta * z[:, None]) / np.exp(delta * z)[:, None]), axis=1)
+
+
+def _probit_chain(rng, n, init, truth):
+  """Bins `[N, K]` drawn from the family ramp by ramp, and the true `trans`.
+
+  The source axis is the one fit() builds: Phi^{-1} of each bin's mid
+  quantile among the rows at that ramp, half a pseudo-count per bin.
+  """
+  from scipy.stats import norm  # pylint: disable=import-outside-toplevel
+  s = len(init)
+  b = [rng.choice(s, size=n, p=init)]
+  trans = []
+  for beta, delta, cuts in truth:
+    w = np.bincount(b[-1], minlength=s) + 0.5
+    upper = np.cumsum(w) / w.sum()
+    z = norm.ppf(upper - w / w.sum() / 2)
+    trans.append(_probit_family(z, beta, delta, cuts))
+    cum = np.cumsum(trans[-1][b[-1]], axis=1)
+    b.append(np.minimum((rng.uniform(size=n)[:, None] > cum).sum(1), s - 1))
+  return np.stack(b, axis=1), np.stack(trans)
+
+
+_PROBIT_TRUTH = ((0.8, 0.25, np.linspace(-1.8, 1.5, 11)),
+                 (1.3, -0.2, np.array([-2.2, -1.4, -1.0, -0.5, -0.3, 0.1, 0.4, 0.6, 1.1, 1.5, 2.4])))
+
+
+def _probit_traces(n, seed=0):
+  rng = np.random.default_rng(seed)
+  init = rng.dirichlet(np.ones(12) * 3)
+  b, trans = _probit_chain(rng, n, init, _PROBIT_TRUTH)
+  edges = np.linspace(0, 1, 13)
+  centres = (edges[:-1] + edges[1:]) / 2
+  traces = jexit.Traces(1 - centres[b], np.zeros(b.shape, int), None, np.ones(3))
+  return traces, edges, b, trans
+
+
+def test_parametric_trans_rows_are_laws_and_only_trans_changes():
+  traces = _history_traces()
+  counts, binning = jexit.fit(traces, num_bins=8)
+  for strength in (None, 16.0):
+    model, binning2 = jexit.fit(traces, num_bins=8, trans_model="parametric",
+                                trans_strength=strength)
+    assert model.trans.shape == (3, 8, 8)
+    np.testing.assert_allclose(model.trans.sum(-1), 1.0, atol=1e-12)
+    assert np.all(model.trans > 0)
+    np.testing.assert_array_equal(binning.edges, binning2.edges)
+    for f in ("init", "loss", "cost"):
+      np.testing.assert_array_equal(getattr(model, f), getattr(counts, f))
+  # The parametric rows are the Markov rows that history= shrinks towards.
+  conditioned, _ = jexit.fit(traces, num_bins=8, trans_model="parametric", history=1e12)
+  pure, _ = jexit.fit(traces, num_bins=8, trans_model="parametric")
+  np.testing.assert_allclose(conditioned.trans, np.broadcast_to(pure.trans[:, None],
+                                                                conditioned.trans.shape),
+                             atol=1e-9)
+
+
+def test_parametric_trans_recovers_the_family_it_was_simulated_from():
+  traces, edges, _, truth = _probit_traces(200_000)
+  model, _ = jexit.fit(traces, bins=edges, loss="proxy", trans_model="parametric")
+  np.testing.assert_allclose(model.trans, truth, atol=0.005)
+  counts, _ = jexit.fit(traces, bins=edges, loss="proxy")
+  assert np.abs(model.trans - truth).mean() < 0.5 * np.abs(counts.trans - truth).mean()
+
+
+def test_parametric_trans_recovers_the_parameters():
+  from jexit.fit import _parametric_trans  # pylint: disable=import-outside-toplevel
+  from scipy.stats import norm  # pylint: disable=import-outside-toplevel
+  _, _, b, truth = _probit_traces(200_000)
+  trans, params = _parametric_trans(b, 12)
+  np.testing.assert_allclose(trans, truth, atol=0.005)
+  for r in range(2):  # the documented axis: Phi^{-1} of the mid quantiles, +0.5 per bin
+    w = np.bincount(b[:, r], minlength=12) + 0.5
+    np.testing.assert_allclose(params["z"][r], norm.ppf((np.cumsum(w) - w / 2) / w.sum()),
+                               rtol=1e-9)
+  np.testing.assert_allclose(params["beta"], [t[0] for t in _PROBIT_TRUTH], atol=0.03)
+  np.testing.assert_allclose(params["delta"], [t[1] for t in _PROBIT_TRUTH], atol=0.03)
+  np.testing.assert_allclose(params["cuts"], np.stack([t[2] for t in _PROBIT_TRUTH]), atol=0.03)
+
+
+def test_parametric_trans_beats_counts_on_few_rows_from_the_family():
+  traces, edges, _, truth = _probit_traces(2000, seed=1)
+  model, _ = jexit.fit(traces, bins=edges, loss="proxy", trans_model="parametric")
+  counts, _ = jexit.fit(traces, bins=edges, loss="proxy")
+  assert np.abs(model.trans - truth).mean() < 0.5 * np.abs(counts.trans - truth).mean()
+
+
+@pytest.mark.parametrize("prior", ["uniform", "marginal"])
+def test_parametric_strength_mixes_pseudo_rows_into_the_counts(prior):
+  traces = _history_traces(n=1500)
+  kw = dict(num_bins=8, smoothing=0.5, prior=prior)
+  counts, _ = jexit.fit(traces, **kw)
+  pure, _ = jexit.fit(traces, trans_model="parametric", **kw)
+  zero, _ = jexit.fit(traces, trans_model="parametric", trans_strength=0.0, **kw)
+  huge, _ = jexit.fit(traces, trans_model="parametric", trans_strength=1e12, **kw)
+  np.testing.assert_array_equal(zero.trans, counts.trans)
+  np.testing.assert_allclose(huge.trans, pure.trans, atol=1e-9)
+  inf, _ = jexit.fit(traces, trans_model="parametric", trans_strength=np.inf, **kw)
+  np.testing.assert_array_equal(inf.trans, pure.trans)
+  # In between: the smoothed counts c plus `strength` rows of the parametric law.
+  _, binning = jexit.fit(traces, **kw)
+  b = binning.assign(traces.exit_signal())
+  strength = 20.0
+  mixed, _ = jexit.fit(traces, trans_model="parametric", trans_strength=strength, **kw)
+  for r in range(3):
+    n = np.zeros((8, 8))
+    np.add.at(n, (b[:, r], b[:, r + 1]), 1.0)
+    rows = n.sum(1, keepdims=True) + 8 * 0.5  # either prior adds S * smoothing per row
+    c = counts.trans[r] * rows
+    np.testing.assert_allclose(mixed.trans[r], (c + strength * pure.trans[r]) / (rows + strength),
+                               rtol=1e-10)
+  assert np.abs(pure.trans - counts.trans).max() > 1e-3  # the mixture is not trivial
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(trans_model="probit"), "trans_model: expected 'counts' or 'parametric'"),
+    (dict(trans_strength=4.0), "trans_strength: expected None with trans_model='counts'"),
+    (dict(trans_model="parametric", trans_strength=-1.0), "trans_strength: expected None or"),
+    (dict(trans_model="parametric", trans_strength=np.nan), "trans_strength: expected None or"),
+    (dict(trans_model="parametric", trans_strength="8"), "trans_strength: expected None or"),
+    (dict(trans_model="parametric", trans_strength=True), "trans_strength: expected None or"),
+])
+def test_parametric_argument_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    jexit.fit(jexit.Traces(**_good()), **kwargs)
