@@ -1,0 +1,108 @@
+"""A lever of issue 7 measured: parametric transitions fitted by maximum likelihood.
+
+`jexit.fit(..., trans_model="parametric", trans_strength=s)` replaces each
+transition row by a heteroscedastic ordered-probit row (2 + (S - 1)
+parameters per ramp transition, fitted with optax), alone (s = inf) or as s
+pseudo-rows mixed into the smoothed counts. Protocol and scoreboard as
+experiments/quality.py (5-fold cross-fitting, digits blocks of 4; `1 - conf`
+signal; the default fit otherwise: S in {16, 32, 64}, logistic loss): default
+recall vs recall with the parametric transitions, against the best external
+baseline (global threshold, Apparate greedy, patience). Then, as a check of
+the model rather than the policy: the held-out log-likelihood of the bin paths
+(per row, summed over the ramp transitions) under each transition model minus
+under the default counts, mean over the same folds, per bin count S.
+
+Usage:
+  python experiments/parametric.py [--strengths inf,32] [--folds 5] [--num-lambdas 300]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jexit  # pylint: disable=wrong-import-position
+from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from experiments import workloads  # pylint: disable=wrong-import-position
+from experiments.quality import EXTERNAL, TARGETS, per_fold  # pylint: disable=wrong-import-position
+
+
+def heldout_loglik(traces, folds, block, strengths, num_bins):
+  """`{S: [mean held-out log-likelihood gain per row, one per strength]}` over counts."""
+  gain = {}
+  for s_count in num_bins:
+    ll = np.zeros((folds, 1 + len(strengths)))
+    for f, (fit_rows, test_rows) in enumerate(jf.fold_rows(traces.num_inputs, folds,
+                                                           block=block)):
+      for j, s in enumerate((None,) + strengths):
+        opts = {} if s is None else {"trans_model": "parametric", "trans_strength": s}
+        model, binning = jexit.fit(traces, rows=fit_rows, num_bins=s_count, **opts)
+        b = binning.assign(traces.take(test_rows).exit_signal())
+        ramp = np.arange(b.shape[1] - 1)[None, :]
+        ll[f, j] = np.log(model.trans[ramp, b[:, :-1], b[:, 1:]]).sum(1).mean()
+    gain[s_count] = (ll[:, 1:] - ll[:, :1]).mean(0)
+  return gain
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--strengths", default="inf,32",
+                 help="pseudo-rows of the parametric row per count row (inf: parametric alone)")
+  p.add_argument("--folds", type=int, default=5)
+  p.add_argument("--num-lambdas", type=int, default=300)
+  args = p.parse_args()
+  strengths = tuple(float(s) for s in args.strengths.split(","))
+  names = ["default"] + [f"parametric={s:g}" for s in strengths]
+  wins = dict.fromkeys(names, 0)
+  gains = {n: [] for n in names[1:]}  # held-out speedup minus the default's
+  noise = []  # fold standard deviation of the default's speedup
+  total = 0
+  loglik = {}
+  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%: " + " / ".join(names)
+                                     + " vs best baseline" for t in TARGETS) + " |")
+  print("|---|" + "---:|" * len(TARGETS))
+  for name, traces in workloads.suite().items():
+    block = 4 if name.startswith("digits") else 1
+    start = time.perf_counter()
+    kw = dict(folds=args.folds, block=block, num_lambdas=args.num_lambdas)
+    frs = {"default": jf.frontier(traces, methods=("recall",) + EXTERNAL, **kw)}
+    for s, n in zip(strengths, names[1:]):
+      frs[n] = jf.frontier(traces, methods=("recall",), fit_options={
+          "trans_model": "parametric", "trans_strength": s}, **kw)
+    loglik[name] = heldout_loglik(traces, args.folds, block, strengths, jf.DEFAULT_FIT["num_bins"])
+    cells = []
+    for t in TARGETS:
+      speed = {n: per_fold(fr, "recall", t)[0] for n, fr in frs.items()}
+      rival = max(per_fold(frs["default"], m, t)[0].mean() for m in EXTERNAL)
+      for n in names:
+        wins[n] += speed[n].mean() >= rival - 1e-9
+      for n in names[1:]:
+        gains[n].append(speed[n].mean() - speed["default"].mean())
+      noise.append(speed["default"].std())
+      total += 1
+      cells.append(" / ".join(f"{speed[n].mean():.3f}" for n in names) + f" vs {rival:.3f}")
+    print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)",
+          flush=True)
+  print(f"\nat least as fast as the best external baseline (of {total} cells): "
+        + ", ".join(f"{n} {wins[n]}" for n in names))
+  print(f"fold standard deviation of the default's held-out speedup: median "
+        f"{np.median(noise):.3f}x, max {np.max(noise):.3f}x")
+  for n in names[1:]:
+    g = np.array(gains[n])
+    print(f"{n} minus default: median {np.median(g):+.3f}x, min {g.min():+.3f}x, "
+          f"max {g.max():+.3f}x, >= default on {int((g >= -1e-9).sum())} of {total} cells")
+  sizes = jf.DEFAULT_FIT["num_bins"]
+  print("\nheld-out log-likelihood of the bin paths minus the counts model's (nats per row; "
+        + " / ".join(names[1:]) + ")")
+  print("| workload | " + " | ".join(f"S = {s}" for s in sizes) + " |")
+  print("|---|" + "---:|" * len(sizes))
+  for name, gain in loglik.items():
+    print(f"| {name} | " + " | ".join(" / ".join(f"{g:+.3f}" for g in gain[s]) for s in sizes)
+          + " |")
+
+
+if __name__ == "__main__":
+  main()
