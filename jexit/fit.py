@@ -26,20 +26,29 @@ def uniform_edges(num_ramps: int, step: float = PAPER_STEP,
 
 def quantile_edges(values: np.ndarray, num_bins: int,
                    lo: Optional[float] = None,
-                   hi: Optional[float] = None) -> np.ndarray:
+                   hi: Optional[float] = None,
+                   power: float = 1.0) -> np.ndarray:
   """`[K, S+1]` per-ramp edges at the quantiles of `values` `[N, K]`.
 
+  Inner edge i sits at the quantile level `(i / S) ** power` of ramp k's
+  values, i = 1..S-1: `power = 1` gives bins of equal counts; `power > 1`
+  finer bins at the low end (the most confident inputs of `1 - conf`, where
+  the stop thresholds of tight loss budgets sit), `power < 1` at the high end.
   Repeated quantiles (many equal values) are nudged apart so every ramp keeps
   exactly `num_bins` bins; such bins are empty and smoothing fills them.
   """
   if num_bins < 1:
     raise ValueError(f"num_bins: expected >= 1, got {num_bins}")
+  _check_power(power)
   values = np.asarray(values, np.float64)
   k = values.shape[1]
+  levels = np.linspace(0, 1, num_bins + 1)[1:-1]
+  if power != 1:
+    levels = levels ** float(power)
   edges = np.empty((k, num_bins + 1))
   for r in range(k):
     v = values[:, r]
-    q = np.quantile(v, np.linspace(0, 1, num_bins + 1)[1:-1])
+    q = np.quantile(v, levels)
     lo_r = min(v.min(), q.min() if q.size else v.min()) if lo is None else lo
     hi_r = max(v.max(), q.max() if q.size else v.max()) if hi is None else hi
     e = np.concatenate([[lo_r], q, [hi_r]])
@@ -51,6 +60,14 @@ def quantile_edges(values: np.ndarray, num_bins: int,
         e[i] = e[i - 1] + tiny
     edges[r] = e
   return edges
+
+
+def _check_power(power) -> None:
+  if (isinstance(power, (bool, np.bool_))
+      or not isinstance(power, (int, float, np.integer, np.floating))
+      or not np.isfinite(power) or power <= 0):
+    raise ValueError(f"quantile_power: expected a finite number > 0 (1: equal-count bins), "
+                     f"got {power!r}")
 
 
 def _isotonic_increasing(y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -105,6 +122,7 @@ def fit(traces: Traces,
         bins: Union[str, np.ndarray] = "quantile",
         step: float = PAPER_STEP,
         num_bins: int = 32,
+        quantile_power: float = 1.0,
         loss: str = "logistic",
         target: str = "agreement",
         smoothing: float = 1.0,
@@ -134,6 +152,13 @@ def fit(traces: Traces,
       array of edges `[S+1]` (all ramps) or `[K, S+1]`.
     step: bin width for `"uniform"`.
     num_bins: S for `"quantile"`.
+    quantile_power: p for `"quantile"`: inner edge i at the quantile level
+      `(i / S) ** p` of the ramp's fit rows (`quantile_edges`). 1 (the
+      default): bins of equal counts; p > 1: finer bins among the most
+      confident inputs, where the stop thresholds of tight loss budgets sit
+      (about `(i / S) ** p` of the fit rows fall below edge i); p < 1: finer
+      among the least confident. Measured in experiments/QUALITY.md (not a
+      default).
     loss: `"proxy"`: `l_k(s)` = mean signal of the fit rows in bin s at ramp k
       (the bin's midpoint when empty), the paper's `1 - softmax`;
       `"calibrated"`: smoothed rate at which ramp k's prediction is wrong
@@ -253,6 +278,10 @@ def fit(traces: Traces,
         or np.isnan(trans_strength) or trans_strength < 0):
       raise ValueError(f"trans_strength: expected None or a number of pseudo-rows >= 0 "
                        f"(inf allowed), got {trans_strength!r}")
+  _check_power(quantile_power)
+  if quantile_power != 1 and not (isinstance(bins, str) and bins == "quantile"):
+    raise ValueError(f"quantile_power: expected 1 with bins other than 'quantile' (it places "
+                     f"quantile edges), got {quantile_power!r}")
   signal_name = signal or ("signal" if traces.signal is not None else "1-conf")
   values = signal_values(traces, signal_name)
 
@@ -264,7 +293,7 @@ def fit(traces: Traces,
         edges = uniform_edges(k, step, values.min(), values.max() + step * 1e-6)
     elif bins == "quantile":
       lo, hi = (0.0, 1.0) if signal_name == "1-conf" else (None, None)
-      edges = quantile_edges(values, num_bins, lo, hi)
+      edges = quantile_edges(values, num_bins, lo, hi, power=quantile_power)
     else:
       raise ValueError(f"bins: expected 'uniform', 'quantile' or an array of edges, got {bins!r}")
   else:

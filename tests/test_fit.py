@@ -567,3 +567,56 @@ def test_parametric_strength_mixes_pseudo_rows_into_the_counts(prior):
 def test_parametric_argument_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     jexit.fit(jexit.Traces(**_good()), **kwargs)
+
+
+def test_quantile_power_one_gives_the_equal_count_edges():
+  rng = np.random.default_rng(11)
+  traces = jexit.Traces(rng.beta(5, 1, size=(500, 3)), rng.integers(0, 3, (500, 3)), None,
+                        np.ones(3))
+  rows = np.arange(300)
+  values = traces.take(rows).exit_signal()
+  inner = [np.quantile(values[:, r], np.linspace(0, 1, 17)[1:-1]) for r in range(3)]
+  expected = np.stack([np.concatenate([[0.0], q, [1.0]]) for q in inner])
+  for power in (1.0, 1, np.float32(1.0)):
+    model, binning = jexit.fit(traces, rows=rows, num_bins=16, quantile_power=power)
+    np.testing.assert_array_equal(binning.edges, expected)
+    default, _ = jexit.fit(traces, rows=rows, num_bins=16)
+    np.testing.assert_array_equal(model.trans, default.trans)
+    np.testing.assert_array_equal(jexit.quantile_edges(values, 16, 0.0, 1.0, power=power),
+                                  jexit.quantile_edges(values, 16, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("power", [0.5, 2.0, 3.0])
+def test_quantile_power_puts_the_expected_share_of_fit_rows_below_each_edge(power):
+  rng = np.random.default_rng(12)
+  n, s = 5000, 16
+  traces = jexit.Traces(rng.beta(5, 1, size=(n, 3)), rng.integers(0, 3, (n, 3)), None,
+                        np.ones(3))
+  rows = np.arange(0, n, 2)
+  _, binning = jexit.fit(traces, rows=rows, num_bins=s, quantile_power=power)
+  values = traces.take(rows).exit_signal()
+  below = (values[:, None, :] < binning.edges.T[None, 1:-1, :]).mean(0)  # [S-1, K]
+  levels = (np.arange(1, s) / s) ** power
+  np.testing.assert_allclose(below, np.tile(levels[:, None], (1, 3)), atol=1.5 / len(rows))
+  # p > 1: the first bin holds (1/S)**p of the rows instead of 1/S (finer at the confident end).
+  counts = np.bincount(binning.assign(values)[:, 0], minlength=s) / len(rows)
+  assert abs(counts[0] - (1 / s) ** power) < 2 / len(rows)
+  assert binning.num_bins == s and np.all(np.diff(binning.edges, axis=1) > 0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(quantile_power=0.0), "quantile_power: expected a finite number > 0"),
+    (dict(quantile_power=-2.0), "quantile_power: expected a finite number > 0"),
+    (dict(quantile_power=np.nan), "quantile_power: expected a finite number > 0"),
+    (dict(quantile_power=np.inf), "quantile_power: expected a finite number > 0"),
+    (dict(quantile_power="2"), "quantile_power: expected a finite number > 0"),
+    (dict(quantile_power=True), "quantile_power: expected a finite number > 0"),
+    (dict(quantile_power=2.0, bins="uniform"), "quantile_power: expected 1 with bins other"),
+    (dict(quantile_power=2.0, bins=np.linspace(0, 1, 5)),
+     "quantile_power: expected 1 with bins other"),
+])
+def test_quantile_power_argument_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    jexit.fit(jexit.Traces(**_good()), **kwargs)
+  with pytest.raises(ValueError, match="quantile_power: expected a finite number > 0"):
+    jexit.quantile_edges(np.zeros((4, 2)), 4, power=0.0)
