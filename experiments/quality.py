@@ -227,6 +227,26 @@ FINDINGS = """## Findings
   default's fold standard deviation has median 0.039x), and 17, 18, 18 and 19 of 32 cells are at
   least as fast as the best external baseline, against 19 for the default. As with the
   state-conditioned model, the transition law is not what limits the decisions here.
+- **Finer bins where the stop decisions are made: no gain beyond more candidates; not
+  adopted.** `jexit.fit(..., quantile_power=p)` puts ramp k's inner edge i at the quantile level
+  (i / S)^p of its fit rows: p > 1 gives finer bins among the most confident inputs, where the
+  first ramps' thresholds sit at tight targets (the policies chosen at 0.5% and 1% stop 5-11% of
+  the VGG-11 inputs at the first ramp), p < 1 finer bins among the least confident, where later
+  ramps' thresholds sit (they stop 75-90% of the inputs that reach them) (`python
+  experiments/binning.py`, 2 min). One p alone does not help: with p = 0.5, 1.5, 2 or 3 the
+  median change per cell is -0.004x to +0.002x (at most +0.019x, down to -0.095x), and 15, 18,
+  15 and 16 of 32 cells are at least as fast as the best external baseline, against 19 for the
+  default. Pooling the candidates over p (each with the three S) gains a little: p in {1, 2}
+  median +0.005x (-0.004x to +0.025x), 20 of 32 cells; p in {0.5, 1, 2} median +0.008x (-0.003x
+  to +0.026x), 21 of 32. But as many candidates from a denser grid of bin counts at p = 1 gain
+  as much (six S from 16 to 96: +0.004x, 20 of 32; nine S from 12 to 96: +0.007x, 21 of 32): the
+  gain is the extra candidates (as with tilted costs), not where the bins are. A data-driven
+  variant (per fold, a pilot fit and solve on the fit rows; each candidate refitted with half
+  its inner edges packed within one bin width of the quantile levels where the stop boundaries
+  of its fit-chosen policies at the four targets fall) gives median +0.003x (-0.017x to
+  +0.021x), 21 of 32. Every flipped cell is won by 0.009x or less (one a tie; fold noise: 0.039x
+  median), and VGG-11 still trails Apparate greedy at 0.5% and 1% under every variant (best:
+  1.72x vs 1.74x and 1.84x vs 1.85x with 3 ramps, 1.71x vs 1.76x at 0.5% with 5 ramps).
 - **Prediction stability is information the confidence bins lack.** Folding "did the
   prediction change since the previous ramp" into the exit signal (`stability signal`) is by
   far the best method on both synthetic workloads, and loses on every digits trace. The
