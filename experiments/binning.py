@@ -31,33 +31,22 @@ Usage:
 """
 
 import argparse
-import contextlib
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
 from jexit import frontiers as jf  # pylint: disable=wrong-import-position
-from experiments import workloads  # pylint: disable=wrong-import-position
-from experiments.quality import EXTERNAL, TARGETS, per_fold  # pylint: disable=wrong-import-position
+from experiments.quality import (  # pylint: disable=wrong-import-position
+    TARGETS, candidates_from, compare_variants)
 
 
-@contextlib.contextmanager
 def pooled_powers(powers):
   """Within the block, `frontier` fits its candidate models once per power."""
-  plain = jf.fit_candidates
-
-  def fit_candidates(traces, rows, options):
-    return [c for p in powers for c in plain(traces, rows, {**options, "quantile_power": p})]
-
-  jf.fit_candidates = fit_candidates
-  try:
-    yield
-  finally:
-    jf.fit_candidates = plain
+  return candidates_from(lambda plain, traces, rows, options: [
+      c for p in powers for c in plain(traces, rows, {**options, "quantile_power": p})])
 
 
 def stop_levels(traces, rows, model, binning, num_lambdas):
@@ -102,13 +91,11 @@ def refined_edges(values, levels, num_bins, share):
   return edges
 
 
-@contextlib.contextmanager
 def refined_candidates(share, num_lambdas):
   """Within the block, `frontier` refits each candidate with finer bins at its
   own stop boundaries (found on the same fit rows)."""
-  plain = jf.fit_candidates
 
-  def fit_candidates(traces, rows, options):
+  def make(plain, traces, rows, options):
     values = traces.take(rows).exit_signal()
     out = []
     for model, binning in plain(traces, rows, options):
@@ -118,11 +105,7 @@ def refined_candidates(share, num_lambdas):
       out.append(jexit.fit(traces, rows=rows, **{**options, "bins": edges, "num_bins": s}))
     return out
 
-  jf.fit_candidates = fit_candidates
-  try:
-    yield
-  finally:
-    jf.fit_candidates = plain
+  return candidates_from(make)
 
 
 def main():
@@ -145,20 +128,11 @@ def main():
            + ["pool " + ",".join(f"{x:g}" for x in s) for s in pools]
            + [f"S={s[0]}..{s[-1]} ({len(s)})" for s in controls]
            + (["refined"] if args.refine_share > 0 else []))
-  wins = dict.fromkeys(names, 0)
-  gains = {n: [] for n in names[1:]}  # held-out speedup minus the default's
-  noise = []  # fold standard deviation of the default's speedup
-  total = 0
-  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%: " + " / ".join(names)
-                                     + " vs best baseline" for t in TARGETS) + " |")
-  print("|---|" + "---:|" * len(TARGETS))
-  for name, traces in workloads.suite().items():
-    block = 4 if name.startswith("digits") else 1
-    start = time.perf_counter()
-    kw = dict(folds=args.folds, block=block, num_lambdas=args.num_lambdas)
-    frs = {"default": jf.frontier(traces, methods=("recall",) + EXTERNAL, **kw)}
+
+  def variants(_name, traces, kw, default):
     # One lam grid for every variant (the default's), so only the bins differ.
-    kw["lambdas"] = frs["default"].lambdas
+    kw = {**kw, "lambdas": default.lambdas}
+    frs = {}
     for x, n in zip(powers, names[1:]):
       frs[n] = jf.frontier(traces, methods=("recall",), fit_options={"quantile_power": x}, **kw)
     for s, n in zip(pools, names[1 + len(powers):]):
@@ -169,27 +143,9 @@ def main():
     if args.refine_share > 0:
       with refined_candidates(args.refine_share, args.num_lambdas):
         frs["refined"] = jf.frontier(traces, methods=("recall",), **kw)
-    cells = []
-    for t in TARGETS:
-      speed = {n: per_fold(fr, "recall", t)[0] for n, fr in frs.items()}
-      rival = max(per_fold(frs["default"], m, t)[0].mean() for m in EXTERNAL)
-      for n in names:
-        wins[n] += speed[n].mean() >= rival - 1e-9
-      for n in names[1:]:
-        gains[n].append(speed[n].mean() - speed["default"].mean())
-      noise.append(speed["default"].std())
-      total += 1
-      cells.append(" / ".join(f"{speed[n].mean():.3f}" for n in names) + f" vs {rival:.3f}")
-    print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)",
-          flush=True)
-  print(f"\nat least as fast as the best external baseline (of {total} cells): "
-        + ", ".join(f"{n} {wins[n]}" for n in names))
-  print(f"fold standard deviation of the default's held-out speedup: median "
-        f"{np.median(noise):.3f}x, max {np.max(noise):.3f}x")
-  for n in names[1:]:
-    g = np.array(gains[n])
-    print(f"{n} minus default: median {np.median(g):+.3f}x, min {g.min():+.3f}x, "
-          f"max {g.max():+.3f}x, >= default on {int((g >= -1e-9).sum())} of {total} cells")
+    return frs
+
+  compare_variants(names, variants, args.folds, args.num_lambdas)
 
 
 if __name__ == "__main__":

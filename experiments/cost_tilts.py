@@ -13,25 +13,20 @@ Usage:
 """
 
 import argparse
-import contextlib
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jexit import frontiers as jf  # pylint: disable=wrong-import-position
-from experiments import workloads  # pylint: disable=wrong-import-position
-from experiments.quality import EXTERNAL, TARGETS, per_fold  # pylint: disable=wrong-import-position
+from experiments.quality import candidates_from, compare_variants  # pylint: disable=wrong-import-position
 
 
-@contextlib.contextmanager
 def tilted_candidates(factors):
   """Within the block, `frontier` fits each candidate model and adds its tilts."""
-  plain = jf.fit_candidates
 
-  def fit_candidates(traces, rows, options):
+  def make(plain, traces, rows, options):
     out = []
     for model, binning in plain(traces, rows, options):
       out.append((model, binning))
@@ -42,11 +37,7 @@ def tilted_candidates(factors):
           out.append((model._replace(cost=cost), binning))
     return out
 
-  jf.fit_candidates = fit_candidates
-  try:
-    yield
-  finally:
-    jf.fit_candidates = plain
+  return candidates_from(make)
 
 
 def main():
@@ -56,30 +47,13 @@ def main():
   p.add_argument("--num-lambdas", type=int, default=300)
   args = p.parse_args()
   factors = tuple(float(x) for x in args.factors.split(","))
-  wins = {"default": 0, "tilted": 0}
-  total = 0
-  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%: default / tilted vs best baseline"
-                                     for t in TARGETS) + " |")
-  print("|---|" + "---:|" * len(TARGETS))
-  for name, traces in workloads.suite().items():
-    block = 4 if name.startswith("digits") else 1
-    start = time.perf_counter()
-    kw = dict(folds=args.folds, block=block, num_lambdas=args.num_lambdas)
-    base = jf.frontier(traces, methods=("recall",) + EXTERNAL, **kw)
+
+  def variants(_name, traces, kw, _default):
     with tilted_candidates(factors):
-      tilt = jf.frontier(traces, methods=("recall",), **kw)
-    cells = []
-    for t in TARGETS:
-      ours, more = per_fold(base, "recall", t)[0].mean(), per_fold(tilt, "recall", t)[0].mean()
-      rival = max(per_fold(base, m, t)[0].mean() for m in EXTERNAL)
-      wins["default"] += ours >= rival - 1e-9
-      wins["tilted"] += more >= rival - 1e-9
-      total += 1
-      cells.append(f"{ours:.3f} / {more:.3f} vs {rival:.3f}")
-    print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)",
-          flush=True)
-  print(f"\nat least as fast as the best external baseline: default {wins['default']} of "
-        f"{total}, tilted {wins['tilted']} of {total} (factors {factors})")
+      return {"tilted": jf.frontier(traces, methods=("recall",), **kw)}
+
+  print(f"factors {factors}")
+  compare_variants(["default", "tilted"], variants, args.folds, args.num_lambdas)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ Usage:
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
 from jexit import frontiers as jf  # pylint: disable=wrong-import-position
-from experiments import workloads  # pylint: disable=wrong-import-position
-from experiments.quality import EXTERNAL, TARGETS, per_fold  # pylint: disable=wrong-import-position
+from experiments.quality import compare_variants  # pylint: disable=wrong-import-position
 
 
 def heldout_loglik(traces, folds, block, strengths, num_bins):
@@ -56,44 +54,16 @@ def main():
   args = p.parse_args()
   strengths = tuple(float(s) for s in args.strengths.split(","))
   names = ["default"] + [f"parametric={s:g}" for s in strengths]
-  wins = dict.fromkeys(names, 0)
-  gains = {n: [] for n in names[1:]}  # held-out speedup minus the default's
-  noise = []  # fold standard deviation of the default's speedup
-  total = 0
   loglik = {}
-  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%: " + " / ".join(names)
-                                     + " vs best baseline" for t in TARGETS) + " |")
-  print("|---|" + "---:|" * len(TARGETS))
-  for name, traces in workloads.suite().items():
-    block = 4 if name.startswith("digits") else 1
-    start = time.perf_counter()
-    kw = dict(folds=args.folds, block=block, num_lambdas=args.num_lambdas)
-    frs = {"default": jf.frontier(traces, methods=("recall",) + EXTERNAL, **kw)}
-    for s, n in zip(strengths, names[1:]):
-      frs[n] = jf.frontier(traces, methods=("recall",), fit_options={
-          "trans_model": "parametric", "trans_strength": s}, **kw)
-    loglik[name] = heldout_loglik(traces, args.folds, block, strengths, jf.DEFAULT_FIT["num_bins"])
-    cells = []
-    for t in TARGETS:
-      speed = {n: per_fold(fr, "recall", t)[0] for n, fr in frs.items()}
-      rival = max(per_fold(frs["default"], m, t)[0].mean() for m in EXTERNAL)
-      for n in names:
-        wins[n] += speed[n].mean() >= rival - 1e-9
-      for n in names[1:]:
-        gains[n].append(speed[n].mean() - speed["default"].mean())
-      noise.append(speed["default"].std())
-      total += 1
-      cells.append(" / ".join(f"{speed[n].mean():.3f}" for n in names) + f" vs {rival:.3f}")
-    print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)",
-          flush=True)
-  print(f"\nat least as fast as the best external baseline (of {total} cells): "
-        + ", ".join(f"{n} {wins[n]}" for n in names))
-  print(f"fold standard deviation of the default's held-out speedup: median "
-        f"{np.median(noise):.3f}x, max {np.max(noise):.3f}x")
-  for n in names[1:]:
-    g = np.array(gains[n])
-    print(f"{n} minus default: median {np.median(g):+.3f}x, min {g.min():+.3f}x, "
-          f"max {g.max():+.3f}x, >= default on {int((g >= -1e-9).sum())} of {total} cells")
+
+  def variants(name, traces, kw, _default):
+    loglik[name] = heldout_loglik(traces, args.folds, kw["block"], strengths,
+                                  jf.DEFAULT_FIT["num_bins"])
+    return {n: jf.frontier(traces, methods=("recall",), fit_options={
+        "trans_model": "parametric", "trans_strength": s}, **kw)
+            for s, n in zip(strengths, names[1:])}
+
+  compare_variants(names, variants, args.folds, args.num_lambdas)
   sizes = jf.DEFAULT_FIT["num_bins"]
   print("\nheld-out log-likelihood of the bin paths minus the counts model's (nats per row; "
         + " / ".join(names[1:]) + ")")

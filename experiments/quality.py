@@ -15,6 +15,7 @@ Usage:
 """
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -146,6 +147,68 @@ def table(rows):
 
 EXTERNAL = ("global_threshold", "apparate_greedy", "patience")
 ALL_RIVALS = EXTERNAL + ("norecall",)
+
+
+@contextlib.contextmanager
+def candidates_from(make):
+  """Within the block, `frontier` fits its candidate models with
+  `make(plain, traces, rows, options)`, `plain` the usual `fit_candidates`."""
+  plain = jf.fit_candidates
+  jf.fit_candidates = lambda traces, rows, options: make(plain, traces, rows, options)
+  try:
+    yield
+  finally:
+    jf.fit_candidates = plain
+
+
+def compare_variants(names, variants, folds, num_lambdas):
+  """Prints the levers' scoreboard (experiments/cost_tilts.py, history.py, ...).
+
+  Per workload and target: the held-out speedup of the default recall and of
+  each variant's recall against the best external baseline, then how many
+  cells each reaches that baseline and each variant's change vs the default.
+
+  Args:
+    names: `["default", variant, ...]`.
+    variants: `(name, traces, kw, default) -> {variant: Frontier}` for
+      `names[1:]`: the workload's name and traces, `kw` the `frontier` keyword
+      arguments of the default run, `default` its Frontier (with every
+      external baseline).
+  """
+  wins = dict.fromkeys(names, 0)
+  gains = {n: [] for n in names[1:]}  # held-out speedup minus the default's
+  noise = []  # fold standard deviation of the default's speedup
+  total = 0
+  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%: " + " / ".join(names)
+                                     + " vs best baseline" for t in TARGETS) + " |")
+  print("|---|" + "---:|" * len(TARGETS))
+  for name, traces in workloads.suite().items():
+    block = 4 if name.startswith("digits") else 1
+    start = time.perf_counter()
+    kw = dict(folds=folds, block=block, num_lambdas=num_lambdas)
+    frs = {"default": jf.frontier(traces, methods=("recall",) + EXTERNAL, **kw)}
+    frs.update(variants(name, traces, kw, frs["default"]))
+    cells = []
+    for t in TARGETS:
+      speed = {n: per_fold(fr, "recall", t)[0] for n, fr in frs.items()}
+      rival = max(per_fold(frs["default"], m, t)[0].mean() for m in EXTERNAL)
+      for n in names:
+        wins[n] += speed[n].mean() >= rival - 1e-9
+      for n in names[1:]:
+        gains[n].append(speed[n].mean() - speed["default"].mean())
+      noise.append(speed["default"].std())
+      total += 1
+      cells.append(" / ".join(f"{speed[n].mean():.3f}" for n in names) + f" vs {rival:.3f}")
+    print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)",
+          flush=True)
+  print(f"\nat least as fast as the best external baseline (of {total} cells): "
+        + ", ".join(f"{n} {wins[n]}" for n in names))
+  print(f"fold standard deviation of the default's held-out speedup: median "
+        f"{np.median(noise):.3f}x, max {np.max(noise):.3f}x")
+  for n in names[1:]:
+    g = np.array(gains[n])
+    print(f"{n} minus default: median {np.median(g):+.3f}x, min {g.min():+.3f}x, "
+          f"max {g.max():+.3f}x, >= default on {int((g >= -1e-9).sum())} of {total} cells")
 
 
 def scoreboard(rows, rivals=ALL_RIVALS):
