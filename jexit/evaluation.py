@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jexit.solver import check_model, working_dtype
+from jexit.solver import PRECISION, check_model, working_dtype
 from jexit.traces import check_traces, signal_values
 from jexit.types import Binning, ExitModel, Policy, Traces
+
+_mm = functools.partial(jnp.matmul, precision=PRECISION)
 
 QUANTILES = (0.50, 0.95, 0.99)
 DEFAULT_MAX_BYTES = 1 << 30  # working memory of one chunk of the policy batch
@@ -493,7 +495,8 @@ def _expect_recall(grid, idx, init, trans, cost, threshold, lam, *, conditioned)
     thr_k, trans_k, idx_next, cost_next = inputs
     stopped = jnp.where(grid[:, None] <= thr_k[None, :], p, 0)
     cont = p - stopped
-    q = jnp.einsum("xs,xsb->xb", cont, trans_k) if conditioned else cont @ trans_k
+    q = (jnp.einsum("xs,xsb->xb", cont, trans_k, precision=PRECISION) if conditioned
+         else _mm(cont, trans_k))
     # Mass from every x >= idx_next(b) lands on x' = idx_next(b); x < idx keeps x.
     tail = jnp.cumsum(q[::-1], axis=0)[::-1]
     p_next = (jnp.where(xs < idx_next[None, :], q, 0)
@@ -517,13 +520,13 @@ def _expect_norecall(loss, init, trans, cost, threshold, lam):
     thr_k, loss_k, trans_k, cost_next = inputs
     stopped = jnp.where(loss_k <= thr_k, p, 0)
     cont = p - stopped
-    return (cont @ trans_k, loss_acc + stopped @ loss_k,
+    return (_mm(cont, trans_k), loss_acc + _mm(stopped, loss_k),
             cost_acc + cost_next * cont.sum()), stopped.sum()
 
   zero = jnp.zeros((), init.dtype)
   (p, loss_acc, cost_acc), stops = jax.lax.scan(
       step, (init, zero, zero), (threshold[:-1], loss[:-1], trans, cost[1:]))
-  loss_acc = loss_acc + p @ loss[-1]
+  loss_acc = loss_acc + _mm(p, loss[-1])
   mean_cost = cost[0] + cost_acc
   return loss_acc + lam * mean_cost, loss_acc, mean_cost, jnp.append(stops, p.sum())
 

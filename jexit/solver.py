@@ -19,6 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jexit.types import ExitModel, Policy
 
 
+# Full float32 products on every backend: an accelerator's default (TF32 on
+# NVIDIA GPUs, bf16 passes on TPUs) moves values by ~1e-4 and flips near-tied
+# stop decisions (benchmarks/SOLVER.md, GPU table). CPUs ignore the setting.
+PRECISION = jax.lax.Precision.HIGHEST
+_mm = functools.partial(jnp.matmul, precision=PRECISION)
+
+
 def working_dtype():
   """float64 when JAX x64 is enabled, else float32."""
   return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
@@ -155,11 +162,11 @@ def _recall_kernel(grid, idx, init, trans, cost, lam, rtol, *, conditioned, retu
     g_next, _ = carry  # G_{k+1}: [X, S]
     trans_k, idx_k, cost_next = inputs
     if conditioned:
-      expected = jnp.einsum("xsb,xb->xs", trans_k, g_next)
+      expected = jnp.einsum("xsb,xb->xs", trans_k, g_next, precision=PRECISION)
     else:
       # The GEMM [X, S] x [S, S]; vmap over lam stacks the lam batch into its
       # rows: one [L*X, S] x [S, S] GEMM per model.
-      expected = g_next @ trans_k.T
+      expected = _mm(g_next, trans_k.T)
     cont = lam * cost_next + expected
     stop = stopping(stop_value, cont)
     # Threshold = the largest x of the stop prefix. Stop sets are down-sets
@@ -177,7 +184,7 @@ def _recall_kernel(grid, idx, init, trans, cost, lam, rtol, *, conditioned, retu
   carry = (gathered(stop_value, w_last_at, idx[-1]), w_last_at)
   (_, w_1_at), (counts, stops) = jax.lax.scan(
       step, carry, (trans, idx[:-1], cost[1:]), reverse=True)
-  value = lam * cost[0] + init @ w_1_at
+  value = lam * cost[0] + _mm(init, w_1_at)
   threshold = jnp.where(counts > 0, grid[jnp.maximum(counts - 1, 0)], -jnp.inf)
   threshold = jnp.concatenate([threshold, jnp.full((1, num_s), jnp.inf, grid.dtype)])
   if return_stop:
@@ -197,12 +204,12 @@ def _norecall_kernel(loss, init, trans, cost, lam, rtol):
   """
   def step(u_next, inputs):
     trans_k, loss_k, cost_next = inputs
-    cont = lam * cost_next + trans_k @ u_next
+    cont = lam * cost_next + _mm(trans_k, u_next)
     stop = loss_k <= cont + rtol * (1 + jnp.abs(cont))
     return jnp.where(stop, loss_k, cont), stop
 
   u_1, stops = jax.lax.scan(step, loss[-1], (trans, loss[:-1], cost[1:]), reverse=True)
-  value = lam * cost[0] + init @ u_1
+  value = lam * cost[0] + _mm(init, u_1)
   stop = jnp.concatenate([stops, jnp.ones((1,) + loss.shape[1:], bool)], axis=0)
   threshold = jnp.where(stop, loss, -jnp.inf).at[-1].set(jnp.inf)
   return value, threshold, stop

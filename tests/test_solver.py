@@ -3,6 +3,7 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -301,3 +302,30 @@ def test_float32_and_float64_agree(x64):
   v32 = np.asarray(jexit.solve(model, lam).value)
   assert v32.dtype == np.float32
   np.testing.assert_allclose(v32, v64, rtol=1e-5)
+
+
+def test_every_product_is_full_float32():
+  """Accelerators default to TF32/bf16 products, which moved values by 1e-4 and
+  failed the reference checks on an H100 (benchmarks/SOLVER.md); the solver's
+  and the model evaluator's GEMMs ask for HIGHEST precision."""
+  from jexit import evaluation
+  x, s, k = 5, 3, 3
+  f32 = lambda *shape: jnp.zeros(shape, jnp.float32)
+  idx = jnp.zeros((k, s), jnp.int32)
+  texts = []
+  for conditioned in (False, True):
+    trans = f32(k - 1, x, s, s) if conditioned else f32(k - 1, s, s)
+    texts.append(jax.jit(solver_lib._recall_kernel, static_argnames=(
+        "conditioned", "return_stop")).lower(
+            f32(x), idx, f32(s), trans, f32(k), 0.1, 1e-5, conditioned=conditioned,
+            return_stop=False).as_text())
+    texts.append(jax.jit(evaluation._expect_recall, static_argnames="conditioned").lower(
+        f32(x), idx, f32(s), trans, f32(k), f32(k, s), 0.1,
+        conditioned=conditioned).as_text())
+  texts.append(jax.jit(solver_lib._norecall_kernel).lower(
+      f32(k, s), f32(s), f32(k - 1, s, s), f32(k), 0.1, 1e-5).as_text())
+  texts.append(jax.jit(evaluation._expect_norecall).lower(
+      f32(k, s), f32(s), f32(k - 1, s, s), f32(k), f32(k, s), 0.1).as_text())
+  dots = [line for text in texts for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) >= 8
+  assert all("precision = [HIGHEST, HIGHEST]" in line for line in dots), dots
