@@ -31,6 +31,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# On a GPU this process and the `jexit sweep` it starts share the device; JAX's
+# default (take 75% of its memory at start) would leave the second too little.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _median(fn, reps):

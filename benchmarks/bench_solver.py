@@ -8,8 +8,11 @@ Usage (from the repository root):
 
 Every configuration (S bins, K ramps, L lam values, M models) runs in its own
 subprocess, so its peak resident memory is its own; in it, timed `jnp.dot`
-calls (4096 x 4096, float32) alternate with timed `jexit.solve` calls, and the
-medians are compared. FLOPs counted: the GEMM only, 2 * X * S * S per ramp
+calls (n x n float32 at HIGHEST precision, as the solver's GEMMs; n = 4096, or
+`--matmul-size`) alternate with timed `jexit.solve` calls, and the medians are
+compared. On an accelerator the peak device memory is reported too. Model 0's
+values and thresholds at 5 lam values are checked against a float64 numpy
+recursion (`numpy_recall`). FLOPs counted: the GEMM only, 2 * X * S * S per ramp
 transition (K - 1 of them) per policy, X = the recall state's size (K * S for
 the random continuous losses used here).
 
@@ -24,6 +27,7 @@ All are checked against jexit's values.
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -159,6 +163,31 @@ class QuantEconRecall:
     return lam * self.cost[0] - self.init @ vs[0, start]
 
 
+def numpy_recall(init, trans, loss, cost, lam, rtol=1e-5):
+  """Float64 recall value and `[K, S]` thresholds, vectorised over x (numpy).
+
+  `W_k(x, s) = min(grid[x], lam c_{k+1} + sum_b trans_k[s, b] W_{k+1}(min(x, idx_{k+1}(b)), b))`;
+  the threshold is the largest grid value of the stop prefix in x (-inf if
+  empty), and near-ties (within `rtol`) stop, as in `jexit.solve`. Checks the solver's precision on any
+  backend (e.g. TF32 GEMMs on a GPU).
+  """
+  k_count, s_count = loss.shape
+  grid = np.unique(loss)
+  idx = np.searchsorted(grid, loss)
+  xs = np.arange(len(grid))[:, None]
+  w = np.broadcast_to(grid[:, None], (len(grid), s_count))  # W_K
+  thresholds = [np.full(s_count, np.inf)]
+  for k in range(k_count - 2, -1, -1):
+    g = np.take_along_axis(w, np.minimum(xs, idx[k + 1][None, :]), axis=0)
+    cont = lam * cost[k + 1] + g @ trans[k].T
+    stop = grid[:, None] <= cont + rtol * (1 + np.abs(cont))
+    count = np.where(stop.all(axis=0), len(grid), np.argmin(stop, axis=0))
+    thresholds.append(np.where(count > 0, grid[np.maximum(count - 1, 0)], -np.inf))
+    w = np.where(stop, grid[:, None], cont)
+  value = lam * cost[0] + init @ w[idx[0], np.arange(s_count)]
+  return value, np.array(thresholds[::-1])
+
+
 # ---------------------------------------------------------------- workers
 
 
@@ -171,7 +200,7 @@ def _median_time(fn, reps):
   return float(np.median(times)), times
 
 
-def worker(config, reps, max_bytes, baselines):
+def worker(config, reps, max_bytes, baselines, matmul_size):
   """Measures one configuration in this process; returns a dict."""
   import jax
   import jax.numpy as jnp
@@ -181,9 +210,15 @@ def worker(config, reps, max_bytes, baselines):
   s, k, l, m = config
   model = random_model(0, s, k, m)
   lam = np.geomspace(1e-3, 1.0, l)
-  a = jnp.asarray(np.random.default_rng(1).standard_normal((4096, 4096)), jnp.float32)
-  matmul = jax.jit(jnp.dot)
+  n = matmul_size
+  a = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
+  # Full float32, as the solver's GEMMs (jexit.solver.PRECISION); an
+  # accelerator's default precision is timed once too, for reference.
+  matmul = jax.jit(functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST))
   matmul(a, a).block_until_ready()
+  fast = jax.jit(jnp.dot)
+  fast(a, a).block_until_ready()
+  t_fast = _median_time(lambda: fast(a, a).block_until_ready(), 5)[0]
   rss_before = rss_bytes()
 
   def run():
@@ -209,13 +244,29 @@ def worker(config, reps, max_bytes, baselines):
   out = dict(config=config, x=num_x, policies=m * l, seconds=t_solve,
              seconds_all=solve_times, compile_and_first=first,
              policies_per_s=m * l / t_solve, gflops=flops / t_solve / 1e9,
-             matmul_gflops=2 * 4096 ** 3 / t_mm / 1e9, matmul_all=mm_times,
+             matmul_gflops=2 * n ** 3 / t_mm / 1e9, matmul_all=mm_times, matmul_size=n,
+             matmul_default_gflops=2 * n ** 3 / t_fast / 1e9,
              block=(mc, lc), blocks=-(-m // mc) * -(-l // lc), block_bytes=budget,
              whole_batch_bytes=m * (per_model + l * per_policy),
              threshold_bytes=int(np.asarray(policy.threshold).nbytes),
              rss_before=rss_before, rss_peak=rss_bytes(),
              device=str(jax.devices()[0].device_kind), backend=jax.default_backend())
   out["ratio"] = out["gflops"] / out["matmul_gflops"]
+  stats = jax.devices()[0].memory_stats() if out["backend"] != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    out["device_peak"] = int(stats["peak_bytes_in_use"])
+
+  # Precision against a float64 numpy recursion: model 0 at 5 lam values.
+  prep_loss = np.asarray(prep.loss[0], np.float64)  # the float32 losses jexit saw
+  one = [np.asarray(getattr(model, f)[0], np.float64) for f in ("init", "trans", "cost")]
+  rel, same, total = 0.0, 0, 0
+  for i in np.linspace(0, l - 1, 5).astype(int):
+    v, th = numpy_recall(one[0], one[1], prep_loss, one[2], lam[i])
+    rel = max(rel, abs(float(policy.value[0, i]) - v) / abs(v))
+    got = np.asarray(policy.threshold[0, i], np.float64)
+    same += int(np.sum(got == th.astype(np.float32).astype(np.float64)))
+    total += th.size
+  out["ref_max_rel_diff"], out["ref_threshold_agree"] = rel, same / total
 
   if baselines:
     # The same recall problem, one lam at a time: model 0 of this configuration
@@ -267,7 +318,7 @@ def worker(config, reps, max_bytes, baselines):
 
 def spawn(config, args, baselines):
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(map(str, config)),
-         "--reps", str(args.reps)]
+         "--reps", str(args.reps), "--matmul-size", str(args.matmul_size)]
   if args.max_bytes:
     cmd += ["--max-bytes", str(args.max_bytes)]
   if baselines:
@@ -294,6 +345,8 @@ def main():
                       metavar="S,K,L,M",
                       help=f"also solve L*M policies in one call (default {BIG}: "
                            f"{np.prod(BIG[2:]):,})")
+  parser.add_argument("--matmul-size", type=int, default=4096,
+                      help="n of the n x n float32 jnp.dot that measures the matmul rate")
   parser.add_argument("--no-baselines", action="store_true")
   parser.add_argument("--json", default=None, help="write all results here")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -302,7 +355,8 @@ def main():
 
   if args.worker:
     config = tuple(int(v) for v in args.worker.split(","))
-    print(json.dumps(worker(config, args.reps, args.max_bytes, args.baselines)))
+    print(json.dumps(worker(config, args.reps, args.max_bytes, args.baselines,
+                            args.matmul_size)))
     return
 
   configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
@@ -316,17 +370,25 @@ def main():
     big = spawn(big_config, dataclass_args(args, reps=1), baselines=False)
 
   r0 = results[0]
+  n = args.matmul_size
   print(f"\nbackend: {r0['backend']} ({r0['device']}), {os.cpu_count()} CPU cores; "
-        f"median of {args.reps} runs, matmul = 4096^3 float32 jnp.dot timed in between\n")
+        f"median of {args.reps} runs, matmul = {n}^3 float32 jnp.dot at HIGHEST precision "
+        f"timed in between (at the default precision: {r0['matmul_default_gflops']:,.0f} "
+        f"GFLOP/s); vs float64 = max rel. diff of "
+        f"value and share of equal thresholds, model 0 at 5 lam values\n")
+  on_device = "device_peak" in r0
   print("| S | K | L | M | X | policies/s | GFLOP/s | matmul GFLOP/s | ratio | "
-        "blocks (Mc x Lc) | peak RSS MiB (before solve) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        "blocks (Mc x Lc) | peak RSS MiB (before solve) | "
+        + ("peak device MiB | " if on_device else "") + "vs float64 |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if on_device else ""))
   for r in results + ([big] if big else []):
     s, k, l, m = r["config"]
     print(f"| {s} | {k} | {l} | {m} | {r['x']} | {r['policies_per_s']:,.0f} | "
           f"{r['gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['ratio']:.2f} | "
           f"{r['blocks']} ({r['block'][0]} x {r['block'][1]}) | "
-          f"{mib(r['rss_peak'])} ({mib(r['rss_before'])}) |")
+          f"{mib(r['rss_peak'])} ({mib(r['rss_before'])}) | "
+          + (f"{mib(r['device_peak'])} | " if on_device else "")
+          + f"{r['ref_max_rel_diff']:.1e}, {r['ref_threshold_agree']:.1%} |")
   if big:
     print(f"\n{big['policies']:,} policies {tuple(big['config'])} in one call: "
           f"{big['seconds']:.1f} s, peak RSS {mib(big['rss_peak'])} MiB; the whole batch "

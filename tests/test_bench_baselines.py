@@ -56,3 +56,21 @@ def test_quantecon_model_and_loop_equal_jexit(s, k):
     via_loop = bench.loop_solve(one[0], one[1], loss32, one[3], l)
     np.testing.assert_allclose(via_pairs, policy.value[i], rtol=1e-5)
     np.testing.assert_allclose(via_loop, policy.value[i], rtol=1e-5)
+
+
+def test_numpy_recall_equals_jexit():
+  """The benchmark's float64 precision check reproduces values and thresholds."""
+  bench = _bench()
+  model = bench.random_model(5, 6, 4, 1)
+  lam = np.array([0.003, 0.05, 0.4])
+  policy = jexit.solve(model, lam)
+  init, trans, cost = (np.asarray(getattr(model, f)[0], np.float64)
+                       for f in ("init", "trans", "cost"))
+  loss32 = np.asarray(policy.loss[0], np.float64)  # [M = 1, ...] batches
+  stops = 0
+  for i, l in enumerate(lam):
+    value, threshold = bench.numpy_recall(init, trans, loss32, cost, l)
+    np.testing.assert_allclose(value, policy.value[0, i], rtol=1e-5)
+    np.testing.assert_array_equal(threshold.astype(np.float32), policy.threshold[0, i])
+    stops += np.isfinite(threshold[:-1]).sum()
+  assert stops > 0  # some ramp stops somewhere: the thresholds are not all -inf
