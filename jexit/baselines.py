@@ -15,7 +15,7 @@ import numpy as np
 
 from jexit.evaluation import Evaluation, from_counts, summarize
 from jexit.traces import check_traces
-from jexit.types import Traces
+from jexit.types import Binning, Policy, Traces
 
 APPARATE_STEPS = (0.0125, 0.025, 0.05)  # initial steps tried (threshold_tuner.py)
 APPARATE_MIN_STEP = 0.0125
@@ -38,6 +38,46 @@ def first_below(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
   below = values[None, :, :-1] < thresholds[:, None, :k - 1]  # [P, N, K-1]
   any_below = below.any(axis=2)
   return np.where(any_below, np.argmax(below, axis=2), k - 1)
+
+
+def threshold_policy(thresholds: Sequence[float], cost: Sequence[float]):
+  """Per-ramp confidence thresholds as a jexit table, to export and deploy.
+
+  The rule "exit at the first ramp k with `1 - conf[k] < t_k`" (global
+  threshold, Apparate) is a no-recall policy over 2 bins per ramp: bin 0 is
+  `1 - conf < t_k` (edges `[lo, t_k, hi]`; bins are `[e_s, e_{s+1})`) with
+  loss 0, bin 1 the rest with loss 1, threshold 0 (the last ramp +inf).
+  `jexit.evaluate`, `jexit.runtime.ExitTable` and the torch runner then make
+  the rule's decisions exactly.
+
+  Args:
+    thresholds: `[K]` per-ramp thresholds (the last ramp's is ignored), or one
+      value for every ramp (the global threshold) with `cost` giving K.
+    cost: `[K]` segment costs (the traces' `cost`).
+
+  Returns:
+    `(Policy [L = 1], Binning)`; `policy.lam` is 0 and `policy.value` NaN
+    (no model was solved).
+  """
+  cost = np.asarray(cost, np.float64)
+  if cost.ndim != 1 or cost.size < 1 or not np.all(np.isfinite(cost)) or np.any(cost < 0):
+    raise ValueError(f"cost: expected [K] finite values >= 0, got {cost.tolist()}")
+  k = cost.size
+  t = np.asarray(thresholds, np.float64)
+  if t.ndim == 0:
+    t = np.full(k, float(t))
+  if t.shape != (k,) or not np.all(np.isfinite(t[:-1])):
+    raise ValueError(f"thresholds: expected one finite value or [K={k}] finite values "
+                     f"(the last may be anything), got {np.asarray(thresholds).tolist()}")
+  t = np.where(np.arange(k) == k - 1, 0.5, t)  # the last ramp always exits
+  edges = np.stack([np.minimum(t, 0.0) - 1.0, t, np.maximum(t, 1.0) + 1.0], axis=1)
+  loss = np.tile(np.array([0.0, 1.0], np.float32), (k, 1))
+  threshold = np.zeros((1, k, 2), np.float32)
+  threshold[0, -1] = np.inf
+  policy = Policy(threshold=threshold, value=np.array([np.nan], np.float32),
+                  lam=np.zeros(1, np.float32), loss=loss, cost=cost.astype(np.float32),
+                  recall=False)
+  return policy, Binning(edges=edges, signal="1-conf")
 
 
 def threshold_rule(traces: Traces, thresholds: np.ndarray, *, param=None,

@@ -188,3 +188,42 @@ def test_oracle_equals_argmin_over_every_ramp():
     want = np.argmin(value, axis=2)  # earliest on ties
     ev = baselines.oracle(traces, lam, return_per_input=True)
     np.testing.assert_array_equal(ev.stop_ramp, want)
+
+
+def test_threshold_policy_table_makes_the_rule_s_decisions(tmp_path):
+  """Per-ramp thresholds as a table: evaluate, the exported file and the numpy
+  runtime all stop where `threshold_rule` does, ties (1 - conf == t) included."""
+  from jexit.export import export_policy
+  from jexit.runtime import ExitTable
+  rng = np.random.default_rng(4)
+  n, k = 400, 4
+  conf = rng.uniform(0.2, 1.0, (n, k)).astype(np.float32)
+  pred = rng.integers(0, 3, (n, k))
+  traces = jexit.Traces(conf, pred, rng.integers(0, 3, n), np.array([1.0, 2.0, 1.5, 3.0]))
+  u = 1.0 - np.asarray(conf, np.float64)
+  cases = [np.array([0.1, 0.3, 0.2, 0.0]), np.array([0.0, 0.0, 0.0, 0.0]),
+           np.array([2.0, 0.5, -1.0, 7.0]), u[7],  # t_k equal to an input's 1 - conf
+           0.25]  # one global threshold
+  for i, t in enumerate(cases):
+    policy, binning = baselines.threshold_policy(t, traces.cost)
+    tk = np.broadcast_to(t, (k,))
+    want = baselines.threshold_rule(traces, tk[None], return_per_input=True)
+    got = evaluate(policy, traces, binning, return_per_input=True)
+    np.testing.assert_array_equal(got.stop_ramp, want.stop_ramp)
+    np.testing.assert_array_equal(got.output_ramp, want.stop_ramp)
+    np.testing.assert_allclose(got.speedup, want.speedup)
+    path = tmp_path / f"t{i}.npz"
+    export_policy(path, policy, binning, None, 0)
+    stop, output, _ = ExitTable.load(path).run(conf, pred)
+    np.testing.assert_array_equal(stop, want.stop_ramp[0])
+    np.testing.assert_array_equal(output, want.stop_ramp[0])
+  assert int(np.sum(want.stop_ramp[0] < k - 1)) > 0
+
+
+def test_threshold_policy_rejects_bad_input():
+  with pytest.raises(ValueError, match="thresholds"):
+    baselines.threshold_policy([0.1, np.nan, 0.2], [1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="thresholds"):
+    baselines.threshold_policy([0.1, 0.2], [1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="cost"):
+    baselines.threshold_policy([0.1, 0.2, 0.3], [1.0, -1.0, 1.0])
