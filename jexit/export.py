@@ -144,7 +144,7 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
       "num_bins": int(s),
       "cost": [float(c) for c in cost64],
       "dtype": np.dtype(dtype).name,
-      "value": float(value[lam_index]),
+      "value": float(value[lam_index]) if np.isfinite(value[lam_index]) else None,
       "lam_index": lam_index,
       "model_index": None if model_index is None else int(model_index),
   }
@@ -238,6 +238,11 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="policy file to write")
   p.add_argument("--no-recall", action="store_true", dest="no_recall",
                  help="solve the no-recall policy (output = the stopping ramp)")
+  p.add_argument("--method", choices=("solver", "best"), default="solver",
+                 help="with --max-loss: 'solver' (default) exports the solved policy; "
+                      "'best' exports whichever of it, Apparate's greedy per-ramp "
+                      "thresholds and the global threshold has the most speedup on the fit "
+                      "rows, as `jexit budget` reports (thresholds become a 2-bin table)")
   p.add_argument("--paper", action="store_true",
                  help="the paper's model: uniform 0.08 bins, loss = 1 - conf")
   p.add_argument("--seed", type=int, default=0, help="seed of the fit split (--max-loss)")
@@ -261,6 +266,7 @@ def run_export(args) -> int:
   # The solver side needs JAX; keep it off this module's import.
   from jexit.fit import fit  # pylint: disable=import-outside-toplevel
   from jexit import frontiers  # pylint: disable=import-outside-toplevel
+  from jexit.baselines import threshold_policy  # pylint: disable=import-outside-toplevel
   from jexit.solver import solve  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
 
@@ -277,6 +283,8 @@ def run_export(args) -> int:
       raise ValueError("--metric accuracy chooses on a fit split; it needs --max-loss")
     if traces.label is None:
       raise ValueError("--metric accuracy: the trace has no 'label' array")
+  if args.method == "best" and args.lam is not None:
+    raise ValueError("--method best chooses on a fit split; it needs --max-loss")
   if args.lam is not None:
     if not (np.isfinite(args.lam) and args.lam >= 0):
       raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
@@ -297,8 +305,15 @@ def run_export(args) -> int:
                                           block=args.block, fit_options=options,
                                           num_lambdas=args.grid, metric=args.metric)
       options.update(families[chosen if chosen is not None else next(iter(families))])
-    fr = frontiers.frontier(traces, methods=(method,), seed=args.seed, block=args.block,
-                            num_lambdas=args.grid, fit_options=options)
+    rivals = ("apparate_greedy", "global_threshold") if args.method == "best" else ()
+    fr = frontiers.frontier(traces, methods=(method,) + rivals, seed=args.seed,
+                            block=args.block, num_lambdas=args.grid, fit_options=options,
+                            apparate_budgets=((args.max_loss,) if args.metric == "agreement"
+                                              else frontiers.APPARATE_BUDGETS),
+                            metric=args.metric)
+    if rivals:  # the deployable method with the most fit speedup, as `jexit budget`
+      best = frontiers.best_method(frontiers.choose(fr, args.max_loss, args.metric))
+      method = best or method
     fit_ev, test_ev = fr.splits[0][method]
     score = args.metric
     ref = fr.backbone_fit_accuracy[0] if score == "accuracy" else 1.0
@@ -307,8 +322,14 @@ def run_export(args) -> int:
       raise ValueError(f"--max-loss: no policy reaches {score} >= {ref - args.max_loss:.4g} "
                        f"on the fit rows; the best is "
                        f"{float(np.max(getattr(fit_ev, score))):.4g}")
-    policy, lam_index, model, binning = frontiers.candidate_policy(fr, method, i)
-    note = (f"; chosen on {fr.split['fit_rows']} fit rows ({score} "
+    if method in ("recall", "norecall"):
+      policy, lam_index, model, binning = frontiers.candidate_policy(fr, method, i)
+    else:  # per-ramp confidence thresholds as a table
+      param = frontiers._param_value(fr, method, 0, i)  # pylint: disable=protected-access
+      thresholds = param + [0.0] if isinstance(param, list) else param
+      policy, binning = threshold_policy(thresholds, traces.cost)
+      lam_index, model = 0, None
+    note = (f"; {method}" + (" (best on the fit rows)" if rivals else "") + f", chosen on {fr.split['fit_rows']} fit rows ({score} "
             f"{float(getattr(fit_ev, score)[i]):.4f}, speedup {float(fit_ev.speedup[i]):.2f}x), "
             f"held-out {fr.split['test_rows']} rows: {score} "
             f"{float(getattr(test_ev, score)[i]):.4f}, speedup {float(test_ev.speedup[i]):.2f}x")

@@ -192,7 +192,7 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path, solved):
 
 def _args(**kw):
   base = dict(lam=None, max_loss=None, no_recall=False, paper=False, seed=0, block=1,
-              grid=40, signal=None, metric="agreement")
+              grid=40, signal=None, metric="agreement", method="solver")
   base.update(kw)
   return types.SimpleNamespace(**base)
 
@@ -268,3 +268,32 @@ def test_cli_export_by_accuracy_matches_budget(tmp_path, capsys):
   jexit.save_traces(path, traces._replace(label=None))
   with pytest.raises(ValueError, match="no 'label' array"):
     export.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
+
+
+def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
+  """`--method best` exports what `jexit budget` names best; a threshold rule
+  becomes a 2-bin table whose decisions reproduce its fit-row metrics."""
+  from jexit import frontiers
+  from jexit.datasets import demo_trace_path as default_trace_path
+  traces = jexit.load_traces(default_trace_path())
+  out = str(tmp_path / "best.npz")
+  for max_loss in (0.01, 0.05):
+    export.run_export(_args(trace=default_trace_path(), max_loss=max_loss, out=out,
+                            method="best", block=4, signal="1-conf"))
+    printed = capsys.readouterr().out
+    b = frontiers.budget(traces, max_loss, block=4, num_lambdas=40, signal="1-conf",
+                         methods=("recall", "apparate_greedy", "global_threshold"))
+    fit_speed = {m: float(c.fit.speedup[0]) for m, c in b.choices.items()}
+    assert b.best == max(fit_speed, key=fit_speed.get)
+    assert f"{b.best} (best on the fit rows)" in printed
+    table = load_policy_file(out)
+    assert (table.num_bins == 2) == (b.best != "recall")
+    fit_rows, _ = frontiers.split_rows(traces.num_inputs, block=4)
+    fit_t = traces.take(fit_rows)
+    stop, output, _ = table.run(fit_t.conf, fit_t.pred)
+    agreement = np.mean(fit_t.pred[np.arange(len(output)), output] == fit_t.pred[:, -1])
+    assert agreement == pytest.approx(float(b.choices[b.best].fit.agreement[0]))
+    mean_cost = np.mean(np.cumsum(traces.cost)[stop])
+    assert traces.cost.sum() / mean_cost == pytest.approx(fit_speed[b.best])
+  with pytest.raises(ValueError, match="needs --max-loss"):
+    export.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method="best"))
