@@ -161,12 +161,56 @@ def candidates_from(make):
     jf.fit_candidates = plain
 
 
+class Scoreboard:
+  """Prints held-out speedups of a default and its variants against the best
+  external baseline, cell by cell, then how many cells each reaches that
+  baseline and each variant's change vs the default."""
+
+  def __init__(self, names):
+    self.names = names  # ["default", variant, ...]
+    self.wins = dict.fromkeys(names, 0)
+    self.gains = {n: [] for n in names[1:]}  # held-out speedup minus the default's
+    self.noise = []  # fold standard deviation of the default's speedup
+    self.total = 0
+    print("| workload | " + " | ".join(f"loss <= {t * 100:g}%: " + " / ".join(names)
+                                       + " vs best baseline" for t in TARGETS) + " |")
+    print("|---|" + "---:|" * len(TARGETS))
+
+  def cell(self, speed, rival):
+    """`speed`: name -> per-fold held-out speedups; `rival`: the best baseline's mean."""
+    for n in self.names:
+      self.wins[n] += speed[n].mean() >= rival - 1e-9
+    for n in self.names[1:]:
+      self.gains[n].append(speed[n].mean() - speed["default"].mean())
+    self.noise.append(speed["default"].std())
+    self.total += 1
+    return " / ".join(f"{speed[n].mean():.3f}" for n in self.names) + f" vs {rival:.3f}"
+
+  @staticmethod
+  def row(name, cells, start):
+    print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)",
+          flush=True)
+
+  def summary(self, noise=True, notes=None):
+    """`notes`: optional name -> text appended to that variant's line."""
+    total = self.total
+    print(f"\nat least as fast as the best external baseline (of {total} cells): "
+          + ", ".join(f"{n} {self.wins[n]}" for n in self.names))
+    if noise:
+      print(f"fold standard deviation of the default's held-out speedup: median "
+            f"{np.median(self.noise):.3f}x, max {np.max(self.noise):.3f}x")
+    for n in self.names[1:]:
+      g = np.array(self.gains[n])
+      print(f"{n} minus default: median {np.median(g):+.3f}x, min {g.min():+.3f}x, "
+            f"max {g.max():+.3f}x, >= default on {int((g >= -1e-9).sum())} of {total} cells"
+            + (notes[n] if notes else ""))
+
+
 def compare_variants(names, variants, folds, num_lambdas):
   """Prints the levers' scoreboard (experiments/cost_tilts.py, history.py, ...).
 
   Per workload and target: the held-out speedup of the default recall and of
-  each variant's recall against the best external baseline, then how many
-  cells each reaches that baseline and each variant's change vs the default.
+  each variant's recall against the best external baseline (`Scoreboard`).
 
   Args:
     names: `["default", variant, ...]`.
@@ -175,13 +219,7 @@ def compare_variants(names, variants, folds, num_lambdas):
       arguments of the default run, `default` its Frontier (with every
       external baseline).
   """
-  wins = dict.fromkeys(names, 0)
-  gains = {n: [] for n in names[1:]}  # held-out speedup minus the default's
-  noise = []  # fold standard deviation of the default's speedup
-  total = 0
-  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%: " + " / ".join(names)
-                                     + " vs best baseline" for t in TARGETS) + " |")
-  print("|---|" + "---:|" * len(TARGETS))
+  board = Scoreboard(names)
   for name, traces in workloads.suite().items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
@@ -192,23 +230,9 @@ def compare_variants(names, variants, folds, num_lambdas):
     for t in TARGETS:
       speed = {n: per_fold(fr, "recall", t)[0] for n, fr in frs.items()}
       rival = max(per_fold(frs["default"], m, t)[0].mean() for m in EXTERNAL)
-      for n in names:
-        wins[n] += speed[n].mean() >= rival - 1e-9
-      for n in names[1:]:
-        gains[n].append(speed[n].mean() - speed["default"].mean())
-      noise.append(speed["default"].std())
-      total += 1
-      cells.append(" / ".join(f"{speed[n].mean():.3f}" for n in names) + f" vs {rival:.3f}")
-    print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)",
-          flush=True)
-  print(f"\nat least as fast as the best external baseline (of {total} cells): "
-        + ", ".join(f"{n} {wins[n]}" for n in names))
-  print(f"fold standard deviation of the default's held-out speedup: median "
-        f"{np.median(noise):.3f}x, max {np.max(noise):.3f}x")
-  for n in names[1:]:
-    g = np.array(gains[n])
-    print(f"{n} minus default: median {np.median(g):+.3f}x, min {g.min():+.3f}x, "
-          f"max {g.max():+.3f}x, >= default on {int((g >= -1e-9).sum())} of {total} cells")
+      cells.append(board.cell(speed, rival))
+    board.row(name, cells, start)
+  board.summary()
 
 
 def scoreboard(rows, rivals=ALL_RIVALS):

@@ -53,11 +53,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   pools = [tuple(p.split(",")) for p in args.pool.split(";")]
   names = ["default"] + ["recall+" + "+".join(p) for p in pools]
-  wins, gains, total = dict.fromkeys(names, 0), {n: [] for n in names[1:]}, 0
   picks = {n: {} for n in names[1:]}
-  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%: " + " / ".join(names)
-                                     + " vs best baseline" for t in quality.TARGETS) + " |")
-  print("|---|" + "---:|" * len(quality.TARGETS))
+  board = quality.Scoreboard(names)
   for name, traces in workloads.suite().items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
@@ -71,21 +68,10 @@ def main(argv=None):
         for m, c in picked.items():
           picks[n][m] = picks[n].get(m, 0) + c
       rival = max(quality.per_fold(fr, m, t)[0].mean() for m in quality.EXTERNAL)
-      for n in names:
-        wins[n] += speed[n].mean() >= rival - 1e-9
-      for n in names[1:]:
-        gains[n].append(speed[n].mean() - speed["default"].mean())
-      total += 1
-      cells.append(" / ".join(f"{speed[n].mean():.3f}" for n in names) + f" vs {rival:.3f}")
-    print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)",
-          flush=True)
-  print(f"\nat least as fast as the best external baseline (of {total} cells): "
-        + ", ".join(f"{n} {wins[n]}" for n in names))
-  for n in names[1:]:
-    g = np.array(gains[n])
-    print(f"{n} minus default: median {np.median(g):+.3f}x, min {g.min():+.3f}x, "
-          f"max {g.max():+.3f}x, >= default on {int((g >= -1e-9).sum())} of {total} cells; "
-          f"picked (folds x targets): {picks[n]}")
+      cells.append(board.cell(speed, rival))
+    board.row(name, cells, start)
+  board.summary(noise=False,
+                notes={n: f"; picked (folds x targets): {picks[n]}" for n in names[1:]})
 
 
 if __name__ == "__main__":
