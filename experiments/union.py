@@ -9,8 +9,15 @@ default pool (recall, no recall, Apparate greedy, global threshold) is the rule
 of `jexit budget`'s "best" line and `jexit export --method best`
 (`jexit.frontiers.best_method`).
 
+The last column, `budget default`, is the whole rule of `jexit budget` with
+its defaults: per fold, the exit signal of the solver's model (`1 - conf` or
+`stability`) is chosen on the fit rows by an inner cross-fitting
+(`--inner-folds`, as `jexit.frontiers.choose_family`), then recall and no
+recall on that signal, Apparate greedy and the global threshold compete by
+fit speedup (`best_method`, ties in `DEPLOYABLE` order).
+
 Usage:
-  python experiments/union.py [--folds 5] [--num-lambdas 300]
+  python experiments/union.py [--folds 5] [--num-lambdas 300] [--inner-folds 4]
       [--pool apparate_greedy,global_threshold]
 """
 
@@ -26,11 +33,18 @@ from jexit import frontiers as jf  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 
+SIGNALS = ("1-conf", "stability")
+
+
 def union_per_fold(fr, members, target):
   """Held-out speedup per fold of the member with the most fit speedup, and
-  how often each member was picked."""
+  how often each member was picked.
+
+  `fr`: a Frontier, or a list of per-fold `{member: (fit, test)}` dicts.
+  """
+  splits = fr if isinstance(fr, list) else fr.splits
   speed, picked = [], dict.fromkeys(members, 0)
-  for split in fr.splits:
+  for split in splits:
     best = (-np.inf, 1.0, None)  # (fit speedup, held-out speedup, member)
     for m in members:
       fit_ev, test_ev = split[m]
@@ -43,28 +57,88 @@ def union_per_fold(fr, members, target):
   return np.array(speed), picked
 
 
+def inner_choices(traces, folds, inner_folds, block, num_lambdas):
+  """Per outer fold, target -> (signal, (signal, member)) chosen on the fold's
+  fit rows by an inner cross-fitting: the signal as `choose_family` picks it
+  (mean inner held-out speedup of recall; ties: `1 - conf`), and the
+  (signal, deployable member) pair with the most mean inner held-out speedup
+  (ties: `1 - conf`, then `DEPLOYABLE` order)."""
+  pairs = [(sig, m) for sig in SIGNALS for m in jf.DEPLOYABLE
+           if sig == "1-conf" or m in ("recall", "norecall")]
+  out = []
+  for fit_rows, _ in jf.fold_rows(traces.num_inputs, folds, seed=0, block=block):
+    inner = {sig: jf.frontier(traces.take(fit_rows), folds=inner_folds, block=block,
+                              methods=tuple(m for s, m in pairs if s == sig),
+                              num_lambdas=num_lambdas,
+                              fit_options={**jf.DEFAULT_FIT, "signal": sig})
+             for sig in SIGNALS}
+    choice = {}
+    for t in quality.TARGETS:
+      score = {(sig, m): quality.per_fold(inner[sig], m, t)[0].mean() for sig, m in pairs}
+      signal = max(SIGNALS, key=lambda sig: (score[sig, "recall"], -SIGNALS.index(sig)))
+      choice[t] = signal, max(pairs, key=lambda p: (score[p], -pairs.index(p)))
+    out.append(choice)
+  return out
+
+
+def budget_default_splits(fr, fr_stability, choices, target):
+  """Per fold `{member: (fit, test)}`: recall and no recall from the frontier
+  of the fold's chosen signal, the threshold rules from the `1 - conf` one."""
+  out = []
+  for i, (split, stab) in enumerate(zip(fr.splits, fr_stability.splits)):
+    own = stab if choices[i][target][0] == "stability" else split
+    out.append({m: own[m] if m in ("recall", "norecall") else split[m] for m in jf.DEPLOYABLE})
+  return out
+
+
+def _chosen(splits, target):
+  """`union_per_fold` for one member per fold (its name is the dict key)."""
+  speed, picked = [], {}
+  for split in splits:
+    (name, (fit_ev, test_ev)), = split.items()
+    i = jf.choose_index(fit_ev, target)
+    speed.append(1.0 if i is None else float(test_ev.speedup[i]))
+    picked[name] = picked.get(name, 0) + 1
+  return np.array(speed), picked
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--folds", type=int, default=5)
   parser.add_argument("--num-lambdas", type=int, default=300)
+  parser.add_argument("--inner-folds", type=int, default=jf.INNER_FOLDS)
   parser.add_argument("--pool", default="apparate_greedy;apparate_greedy,global_threshold;"
                                         "norecall,apparate_greedy,global_threshold",
                       help="';'-separated pools of baselines to join with recall")
   args = parser.parse_args(argv)
   pools = [tuple(p.split(",")) for p in args.pool.split(";")]
-  names = ["default"] + ["recall+" + "+".join(p) for p in pools]
+  names = ["default"] + ["recall+" + "+".join(p) for p in pools] + ["budget default", "inner member"]
   picks = {n: {} for n in names[1:]}
+  on_stability = 0
   board = quality.Scoreboard(names)
   for name, traces in workloads.suite().items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
     fr = jf.frontier(traces, folds=args.folds, block=block, num_lambdas=args.num_lambdas,
                      methods=("recall", "norecall") + quality.EXTERNAL)
+    fr_stability = jf.frontier(traces, folds=args.folds, block=block,
+                               num_lambdas=args.num_lambdas, methods=("recall", "norecall"),
+                               fit_options={**jf.DEFAULT_FIT, "signal": "stability"})
+    choices = inner_choices(traces, args.folds, args.inner_folds, block, args.num_lambdas)
     cells = []
     for t in quality.TARGETS:
       speed = {"default": quality.per_fold(fr, "recall", t)[0]}
-      for n, pool in zip(names[1:], pools):
-        speed[n], picked = union_per_fold(fr, ("recall",) + pool, t)
+      runs = [(fr, ("recall",) + pool) for pool in pools]
+      runs.append((budget_default_splits(fr, fr_stability, choices, t), jf.DEPLOYABLE))
+      inner = []
+      for i, (split, stab) in enumerate(zip(fr.splits, fr_stability.splits)):
+        sig, m = choices[i][t][1]
+        inner.append({f"{sig} {m}": (stab if sig == "stability" else split)[m]})
+      runs.append((inner, None))
+      on_stability += sum(c[t][0] == "stability" for c in choices)
+      for n, (source, members) in zip(names[1:], runs):
+        speed[n], picked = (union_per_fold(source, members, t) if members
+                            else _chosen(source, t))
         for m, c in picked.items():
           picks[n][m] = picks[n].get(m, 0) + c
       rival = max(quality.per_fold(fr, m, t)[0].mean() for m in quality.EXTERNAL)
@@ -72,6 +146,8 @@ def main(argv=None):
     board.row(name, cells, start)
   board.summary(noise=False,
                 notes={n: f"; picked (folds x targets): {picks[n]}" for n in names[1:]})
+  print(f"budget default: signal chosen on the fit rows = stability in {on_stability} of "
+        f"{board.total * args.folds} folds x targets")
 
 
 if __name__ == "__main__":
