@@ -238,11 +238,13 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="policy file to write")
   p.add_argument("--no-recall", action="store_true", dest="no_recall",
                  help="solve the no-recall policy (output = the stopping ramp)")
-  p.add_argument("--method", choices=("solver", "best"), default="solver",
-                 help="with --max-loss: 'solver' (default) exports the solved policy; "
-                      "'best' exports whichever of it, Apparate's greedy per-ramp "
+  p.add_argument("--method", choices=("best", "solver"), default=None,
+                 help="with --max-loss: 'best' (default) exports whichever of the solved "
+                      "policy with and without recall, Apparate's greedy per-ramp "
                       "thresholds and the global threshold has the most speedup on the fit "
-                      "rows, as `jexit budget` reports (thresholds become a 2-bin table)")
+                      "rows, as `jexit budget` reports it (thresholds become a 2-bin table; "
+                      "experiments/UNION.md measured the rule); 'solver' exports the solved "
+                      "policy (with --lam, always)")
   p.add_argument("--paper", action="store_true",
                  help="the paper's model: uniform 0.08 bins, loss = 1 - conf")
   p.add_argument("--seed", type=int, default=0, help="seed of the fit split (--max-loss)")
@@ -285,6 +287,7 @@ def run_export(args) -> int:
       raise ValueError("--metric accuracy: the trace has no 'label' array")
   if args.method == "best" and args.lam is not None:
     raise ValueError("--method best chooses on a fit split; it needs --max-loss")
+  best = args.method in ("best", None) and args.lam is None
   if args.lam is not None:
     if not (np.isfinite(args.lam) and args.lam >= 0):
       raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
@@ -305,7 +308,9 @@ def run_export(args) -> int:
                                           block=args.block, fit_options=options,
                                           num_lambdas=args.grid, metric=args.metric)
       options.update(families[chosen if chosen is not None else next(iter(families))])
-    rivals = ("apparate_greedy", "global_threshold") if args.method == "best" else ()
+    # best: every deployable method (`jexit budget`'s pool), less recall with --no-recall.
+    rivals = tuple(m for m in frontiers.DEPLOYABLE
+                   if m != method and (recall or m != "recall")) if best else ()
     fr = frontiers.frontier(traces, methods=(method,) + rivals, seed=args.seed,
                             block=args.block, num_lambdas=args.grid, fit_options=options,
                             apparate_budgets=((args.max_loss,) if args.metric == "agreement"

@@ -277,17 +277,23 @@ def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
   from jexit.datasets import demo_trace_path as default_trace_path
   traces = jexit.load_traces(default_trace_path())
   out = str(tmp_path / "best.npz")
-  for max_loss in (0.01, 0.05):
+  shipped = set()
+  # method None is the command line's default with --max-loss: best.
+  for max_loss, method, no_recall in ((0.01, "best", False), (0.05, None, False),
+                                      (0.03, None, True), (0.05, None, True)):
     export.run_export(_args(trace=default_trace_path(), max_loss=max_loss, out=out,
-                            method="best", block=4, signal="1-conf"))
+                            method=method, block=4, signal="1-conf", no_recall=no_recall))
     printed = capsys.readouterr().out
+    pool = ("norecall", "apparate_greedy", "global_threshold")
     b = frontiers.budget(traces, max_loss, block=4, num_lambdas=40, signal="1-conf",
-                         methods=("recall", "apparate_greedy", "global_threshold"))
+                         methods=pool if no_recall else ("recall",) + pool)
     fit_speed = {m: float(c.fit.speedup[0]) for m, c in b.choices.items()}
     assert b.best == max(fit_speed, key=fit_speed.get)
     assert f"{b.best} (best on the fit rows)" in printed
+    shipped.add(b.best)
     table = load_policy_file(out)
-    assert (table.num_bins == 2) == (b.best != "recall")
+    assert table.recall == (b.best == "recall")
+    assert (table.num_bins == 2) == (b.best not in ("recall", "norecall"))
     fit_rows, _ = frontiers.split_rows(traces.num_inputs, block=4)
     fit_t = traces.take(fit_rows)
     stop, output, _ = table.run(fit_t.conf, fit_t.pred)
@@ -295,5 +301,8 @@ def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
     assert agreement == pytest.approx(float(b.choices[b.best].fit.agreement[0]))
     mean_cost = np.mean(np.cumsum(traces.cost)[stop])
     assert traces.cost.sum() / mean_cost == pytest.approx(fit_speed[b.best])
+  assert len(shipped) > 1, shipped  # the cases above ship more than one kind of rule
   with pytest.raises(ValueError, match="needs --max-loss"):
     export.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method="best"))
+  export.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method=None))
+  assert load_policy_file(out).num_bins > 2  # --lam ships the solved policy
