@@ -1,0 +1,226 @@
+"""What the ramps' signals allow at all: in-sample ceilings (issue 7, "2x at <= 1% loss").
+
+Held-out, no method reaches 2x at <= 1% agreement loss on the digits traces,
+while the hindsight oracle (each input stops at the first ramp that agrees
+with the final one) allows 2.1x-4.8x. The oracle reads the answer; a policy
+reads only the ramps' confidence and prediction. This script asks how much of
+the gap a policy family could close even if it were fitted, and its parameter
+chosen, on the very rows it is scored on (in-sample, all rows): an upper bound
+on what that family can do held-out on these traces, up to luck.
+
+Families (each fitted and chosen on all rows of a workload, then scored there):
+- recall / no recall: jexit's default model with 16, 32, 64 or 128 quantile
+  bins (the candidates pooled), on `1 - conf` and on the stability signal;
+- Apparate greedy and the global threshold, as jexit runs them;
+- per-ramp thresholds by exhaustive search: every combination of thresholds
+  on the first K-2 ramps from a grid of per-ramp quantiles of `1 - conf`
+  (plus never and always; as many per ramp as keep the combinations within
+  `--max-combos`: every distinct value with 3 ramps, 27 per ramp with 5), and
+  for ramp K-1 every cut between distinct values (`ramp_threshold_ceiling`).
+  With 3 ramps this is the exact in-sample optimum of the family that
+  Apparate's greedy search and the global threshold belong to; with 5, a
+  lower bound of it;
+- learned exit scores: per ramp k < K, a gradient-boosted classifier
+  (scikit-learn's HistGradientBoostingClassifier) of "ramp k agrees with the
+  final ramp" from everything seen up to ramp k (conf and log(1 - conf) of
+  ramps 1..k, which earlier predictions equal ramp k's, and how many), its
+  probabilities cross-fitted (5 folds, blocked as quality.py: no row is scored
+  by a classifier that saw it), then per-ramp thresholds on those scores by the
+  same exhaustive search, in-sample. A richer signal than any single ramp's
+  confidence; still no oracle knowledge;
+- patience, and the hindsight oracle.
+
+Usage:
+  python experiments/ceiling.py [--max-combos 20000] [--num-lambdas 600]
+      [--out experiments/CEILING.md]
+"""
+
+import argparse
+import itertools
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jexit  # pylint: disable=wrong-import-position
+from jexit import baselines  # pylint: disable=wrong-import-position
+from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from experiments import quality, workloads  # pylint: disable=wrong-import-position
+
+TARGETS = quality.TARGETS
+BINS = (16, 32, 64, 128)
+METHODS = ("recall", "norecall", "recall [stability]", "global_threshold", "apparate_greedy",
+           "per-ramp thresholds (exhaustive)", "learned scores (exhaustive)", "patience", "oracle")
+FOLDS = 5
+
+
+def ramp_threshold_ceiling(traces, targets, grid):
+  """target -> most speedup of any per-ramp threshold rule with agreement loss <= target.
+
+  The rule stops at the first ramp k < K with `1 - conf_k < t_k` (else at the
+  last) and answers that ramp's prediction. Thresholds of ramps 1..K-2 run
+  over `grid` per-ramp quantiles of `1 - conf` plus 0 (never stop) and inf
+  (always stop); for ramp K-1 every cut between distinct values is tried, by
+  sorting the rows that reach it. Exhaustive over that grid, on the rows given.
+  """
+  u = 1.0 - np.asarray(traces.conf, np.float64)
+  n, k = u.shape
+  agree = (traces.pred == traces.pred[:, -1:]).astype(np.float64)
+  spent = np.cumsum(traces.cost)
+  grids = [np.unique(np.concatenate([[0.0, np.inf], np.quantile(u[:, j], np.linspace(0, 1, grid))]))
+           for j in range(k - 2)]
+  best = {t: 1.0 for t in targets}  # the backbone meets every target
+  for combo in itertools.product(*grids):
+    stop = np.full(n, -1)
+    for j, t in enumerate(combo):
+      stop[(stop < 0) & (u[:, j] < t)] = j
+    early = stop >= 0
+    agree_early = agree[early, stop[early]].sum()
+    cost_early = spent[stop[early]].sum()
+    rest = np.flatnonzero(~early)
+    # Rows reaching ramp K-1, most confident first: stopping the first c of them
+    # there is a threshold rule only at cuts between distinct values.
+    order = rest[np.argsort(u[rest, k - 2], kind="stable")]
+    ur = u[order, k - 2]
+    cuts = np.concatenate([[0], np.flatnonzero(ur[1:] > ur[:-1]) + 1, [len(order)]])
+    a_stop = np.concatenate([[0.0], np.cumsum(agree[order, k - 2])])[cuts]
+    a_go = agree[order, k - 1].sum() - np.concatenate([[0.0], np.cumsum(agree[order, k - 1])])[cuts]
+    agreement = (agree_early + a_stop + a_go) / n
+    mean_cost = (cost_early + cuts * spent[k - 2] + (len(order) - cuts) * spent[k - 1]) / n
+    speed = spent[-1] / mean_cost
+    for t in targets:
+      ok = agreement >= 1.0 - t - 1e-12
+      if ok.any():
+        best[t] = max(best[t], float(speed[ok].max()))
+  return best
+
+
+FINDINGS = """## Findings
+
+- **On the digits traces no policy family tried reaches 2x at <= 1% agreement loss, even
+  in-sample.** The best, each fitted and chosen on the rows it is scored on, reach 1.61x-1.92x
+  (VGG-11/5 ramps: 1.92x with learned scores; VGG-16/3 ramps: 1.90x with per-ramp thresholds).
+  The hindsight oracle allows 2.10x-4.78x, but it knows which inputs the early ramps get right;
+  the ramps' confidence and predictions do not carry that, as far as any family here can read.
+- **jexit's default rule is at that ceiling held-out.** At 1% loss, `jexit budget`'s default
+  rule (experiments/UNION.md, 5-fold held-out) reaches 1.85x, 1.82x, 1.70x, 1.61x, 1.90x and
+  1.81x on the six digits workloads. The in-sample best of every family is 1.86x, 1.92x,
+  1.71x, 1.61x, 1.90x and 1.80x. That is within 0.02x everywhere but VGG-11/5 ramps, where the
+  learned scores' in-sample 1.92x is 0.10x above.
+- **Exhaustive per-ramp thresholds gain little over Apparate's greedy search** (in-sample, at
+  most +0.02x at 1% on the 3-ramp traces, where the search is exact). The in-sample recall
+  policy is within 0.03x of them at 1% on every digits trace but VGG-11/3 ramps (1.80x vs
+  1.85x).
+- **A richer signal gains a little on some traces and loses on others.** Learned exit scores
+  (gradient boosting on every conf and prediction seen so far) beat the best confidence
+  family in-sample on VGG-11/5 ramps (+0.10x at 1%) and VGG-16/5 ramps (+0.02x), and lose on
+  VGG-13/3 ramps (-0.05x) and VGG-16/3 ramps (-0.04x). Nothing in this table is held-out for
+  the thresholds, so a deployed learned rule would do worse than these cells; jexit does not
+  ship one.
+- **Where the signal carries it, 2x at 1% is met held-out.** On both synthetic workloads the
+  stability signal reaches 2.08x and 2.15x in-sample at 1%, and `jexit budget`'s default rule
+  2.07x and 2.19x held-out (experiments/UNION.md).
+"""
+
+
+def history_features(traces, k):
+  """`[N, F]`: what a policy has seen at ramp k (0-based): conf and log(1 - conf)
+  of ramps 0..k, which earlier predictions equal ramp k's, and how many do."""
+  conf = np.asarray(traces.conf[:, :k + 1], np.float64)
+  same = (traces.pred[:, :k + 1] == traces.pred[:, k:k + 1]).astype(np.float64)
+  return np.concatenate([conf, np.log(np.maximum(1.0 - conf, 1e-9)), same,
+                         same.sum(axis=1, keepdims=True)], axis=1)
+
+
+def learned_scores(traces, block, seed=0):
+  """Traces whose conf at ramps < K is a cross-fitted P(ramp k agrees with the final one)."""
+  from sklearn.ensemble import HistGradientBoostingClassifier  # pylint: disable=import-outside-toplevel
+  score = np.array(traces.conf, np.float64)
+  for fit_rows, test_rows in jf.fold_rows(traces.num_inputs, FOLDS, seed=seed, block=block):
+    for k in range(traces.num_ramps - 1):
+      x = history_features(traces, k)
+      y = (traces.pred[:, k] == traces.pred[:, -1]).astype(int)
+      if y[fit_rows].min() == y[fit_rows].max():  # one class: nothing to learn
+        score[test_rows, k] = y[fit_rows][0]
+        continue
+      clf = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=seed)
+      clf.fit(x[fit_rows], y[fit_rows])
+      score[test_rows, k] = clf.predict_proba(x[test_rows])[:, 1]
+  return traces._replace(conf=np.clip(score, 0.0, 1.0))
+
+
+def in_sample(traces, num_lambdas, max_combos, block):
+  """method -> target -> in-sample speedup (most speedup within the target)."""
+  rows = np.arange(traces.num_inputs)
+  evals = {}
+  for signal, names in (("1-conf", ("recall", "norecall")), ("stability", ("recall",))):
+    opts = jf.merged_fit_options({"signal": signal, "num_bins": BINS})
+    candidates = jf.fit_candidates(traces, rows, opts)
+    lambdas = jf.default_lambdas(candidates[0][0], num_lambdas)
+    methods = names + (("global_threshold", "apparate_greedy", "patience", "oracle")
+                       if signal == "1-conf" else ())
+    res, _, _ = jf._run_split(  # pylint: disable=protected-access
+        traces, rows, rows, candidates=candidates, markov_candidates=candidates,
+        lambdas=lambdas, methods=methods, apparate_budgets=jf.APPARATE_BUDGETS,
+        threshold_grid=baselines.default_threshold_grid(traces),
+        oracle_lambdas=baselines.default_oracle_lambdas(traces), max_bytes=jf.DEFAULT_MAX_BYTES,
+        oracle_target="agreement")
+    for m, (fit_ev, _) in res.items():
+      evals[m if signal == "1-conf" else f"{m} [stability]"] = fit_ev
+  out = {}
+  for m, ev in evals.items():
+    out[m] = {}
+    for t in TARGETS:
+      i = jf.choose_index(ev, t)
+      out[m][t] = 1.0 if i is None else float(ev.speedup[i])
+  k = traces.num_ramps
+  grid = traces.num_inputs if k == 3 else int(max_combos ** (1.0 / max(k - 2, 1)))
+  out["per-ramp thresholds (exhaustive)"] = ramp_threshold_ceiling(traces, TARGETS, grid)
+  out["learned scores (exhaustive)"] = ramp_threshold_ceiling(learned_scores(traces, block),
+                                                              TARGETS, grid)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--max-combos", type=int, default=20000, dest="max_combos",
+                      help="threshold combinations of the first K-2 ramps tried by the "
+                           "exhaustive search (3 ramps: every distinct value)")
+  parser.add_argument("--num-lambdas", type=int, default=600)
+  parser.add_argument("--out", default=None, help="write the report (markdown) here")
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  lines = ["| workload | method | " + " | ".join(f"loss <= {t * 100:g}%" for t in TARGETS) + " |",
+           "|---|---|" + "---:|" * len(TARGETS)]
+  summary = []
+  for name, traces in workloads.suite().items():
+    t0 = time.perf_counter()
+    block = 4 if name.startswith("digits") else 1
+    res = in_sample(traces, args.num_lambdas, args.max_combos, block)
+    policies = [m for m in METHODS if m != "oracle"]
+    for m in METHODS:
+      lines.append(f"| {name} | {m} | " + " | ".join(f"{res[m][t]:.2f}x" for t in TARGETS) + " |")
+    top = max(policies, key=lambda m: res[m][0.01])
+    summary.append(f"{name}: best policy in-sample at <= 1% loss {res[top][0.01]:.2f}x ({top}); "
+                   f"oracle {res['oracle'][0.01]:.2f}x")
+    print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+  table = "\n".join(lines + [""] + summary)
+  print(table)
+  if args.out:
+    cmd = "python experiments/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    with open(args.out, "w") as f:
+      f.write(f"# In-sample ceilings of each policy family (issue 7)\n\nCommand: `{cmd.strip()}` "
+              f"({(time.perf_counter() - start) / 60:.1f} min on {platform.machine()} "
+              f"{os.cpu_count()}-core CPU, jexit {jexit.__version__}).\n\n"
+              f"{__doc__.split(chr(10) + chr(10), 1)[1].split('Usage:')[0].strip()}\n\n"
+              f"Cells: speedup on all rows at the parameter with the most speedup whose agreement "
+              f"loss on the same rows is within the target (1.00x: the backbone).\n\n"
+              f"{FINDINGS}\n## Output\n\n{table}\n")
+  return 0
+
+
+if __name__ == "__main__":
+  main()
