@@ -380,10 +380,15 @@ FINDINGS = """## Findings
   at tight targets; there the gain comes from choosing the family, not from a better Bellman
   policy. Choosing the family by inner cross-fitting instead lost (29 of 32).
   `jexit export --method solver` ships the solved policy instead.
-- **2x at <= 1% loss.** Where the oracle allows at least 2x at <= 1% loss (every workload
-  here), no policy reaches 2x at <= 1% on the digits traces: the best held-out speedups at
-  1% are 1.6-1.9x. The paper's headline (2x at about 8% loss) is reproduced in
-  experiments/REPORT.md.
+- **2x at <= 1% loss.** The hindsight oracle allows it on every workload here. On the two
+  synthetic workloads `jexit budget`'s default rule reaches it held-out (2.07x and 2.19x at
+  1%). On the digits traces nothing does: held-out, the default rule reaches 1.61x-1.90x at
+  1%, and experiments/CEILING.md (`python experiments/ceiling.py`, 2 min) shows that no policy
+  family tried reaches 2x there even when fitted and chosen on the rows it is scored on
+  (in-sample best 1.61x-1.92x; the families are exhaustive per-ramp thresholds, the Markov
+  policies, and learned exit scores from every conf and prediction seen so far). The default
+  rule is within 0.02x of that in-sample ceiling on 5 of 6 digits workloads. The paper's
+  headline (2x at about 8% loss) is reproduced in experiments/REPORT.md.
 """
 
 
