@@ -376,7 +376,7 @@ FINDINGS = """## Findings
   experiments/UNION.md). Result: at least as fast as the best external baseline on 31 of 32
   cells, against 19 for recall alone, 25 for the signal choice alone and 29 for the family
   choice with `1 - conf` alone. The one cell lost is VGG-11/3 ramps at 2%, by 0.002x (fold
-  standard deviation 0.09x). It ships a threshold rule in 36 of 160 choices, mostly on VGG-11
+  standard deviations 0.10x and 0.08x). It ships a threshold rule in 36 of 160 choices, mostly on VGG-11
   at tight targets; there the gain comes from choosing the family, not from a better Bellman
   policy. Choosing the family by inner cross-fitting instead lost (29 of 32).
   `jexit export --method solver` ships the solved policy instead.

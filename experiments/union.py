@@ -42,19 +42,28 @@ def union_per_fold(fr, members, target):
 
   `fr`: a Frontier, or a list of per-fold `{member: (fit, test)}` dicts.
   """
-  splits = fr if isinstance(fr, list) else fr.splits
-  speed, picked = [], dict.fromkeys(members, 0)
+  return _scored(fr if isinstance(fr, list) else fr.splits, members, target)[:2]
+
+
+def _scored(splits, members, target):
+  """(held-out speedup per fold, picks, pooled held-out agreement) of the
+  member with the most fit speedup per fold (the backbone when none meets
+  the target on the fit rows)."""
+  speed, picked, agree, rows = [], dict.fromkeys(members, 0), 0.0, 0
   for split in splits:
-    best = (-np.inf, 1.0, None)  # (fit speedup, held-out speedup, member)
+    best = (-np.inf, 1.0, 1.0, None)  # (fit speedup, held-out speedup, agreement, member)
     for m in members:
       fit_ev, test_ev = split[m]
       i = jf.choose_index(fit_ev, target)
       if i is not None and float(fit_ev.speedup[i]) > best[0]:
-        best = (float(fit_ev.speedup[i]), float(test_ev.speedup[i]), m)
+        best = (float(fit_ev.speedup[i]), float(test_ev.speedup[i]),
+                float(test_ev.agreement[i]), m)
     speed.append(best[1])
-    if best[2] is not None:
-      picked[best[2]] += 1
-  return np.array(speed), picked
+    n = split[members[0]][1].num_inputs
+    agree, rows = agree + best[2] * n, rows + n
+    if best[3] is not None:
+      picked[best[3]] += 1
+  return np.array(speed), picked, agree / rows
 
 
 def inner_choices(traces, folds, inner_folds, block, num_lambdas):
@@ -115,6 +124,7 @@ def main(argv=None):
   names = ["default"] + ["recall+" + "+".join(p) for p in pools] + ["budget default", "inner member"]
   picks = {n: {} for n in names[1:]}
   on_stability = 0
+  detail = []  # budget default vs the best external baseline, cell by cell
   board = quality.Scoreboard(names)
   for name, traces in workloads.suite().items():
     block = 4 if name.startswith("digits") else 1
@@ -143,11 +153,27 @@ def main(argv=None):
           picks[n][m] = picks[n].get(m, 0) + c
       rival = max(quality.per_fold(fr, m, t)[0].mean() for m in quality.EXTERNAL)
       cells.append(board.cell(speed, rival))
+      mine, _, agree = _scored(runs[len(pools)][0], jf.DEPLOYABLE, t)
+      best = max(quality.EXTERNAL, key=lambda m: quality.per_fold(fr, m, t)[0].mean())
+      theirs, their_agree = quality.per_fold(fr, best, t)
+      detail.append((name, t, mine, agree, best, theirs, their_agree))
     board.row(name, cells, start)
   board.summary(noise=False,
                 notes={n: f"; picked (folds x targets): {picks[n]}" for n in names[1:]})
   print(f"budget default: signal chosen on the fit rows = stability in {on_stability} of "
         f"{board.total * args.folds} folds x targets")
+  print("\nbudget default vs the best external baseline: held-out speedup, mean over folds "
+        "± std across folds (pooled held-out agreement)\n")
+  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%" for t in quality.TARGETS) + " |")
+  print("|---|" + "---|" * len(quality.TARGETS))
+  for w in dict.fromkeys(d[0] for d in detail):
+    cells = []
+    for _, _, mine, agree, best, theirs, their_agree in (d for d in detail if d[0] == w):
+      verdict = "" if mine.mean() >= theirs.mean() - 1e-9 else " **LOSS**"
+      cells.append(f"{mine.mean():.2f}x ±{mine.std():.2f} ({agree * 100:.1f}%) vs "
+                   f"{theirs.mean():.2f}x ±{theirs.std():.2f} ({their_agree * 100:.1f}%) "
+                   f"{best}{verdict}")
+    print(f"| {w} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
