@@ -6,8 +6,8 @@ speedup within the target); the union then keeps the member whose chosen
 parameter has the most fit speedup and is scored on the held-out fold.
 Same protocol, workloads and scoreboard as experiments/quality.py. The last
 default pool (recall, no recall, Apparate greedy, global threshold) is the rule
-of `jexit budget`'s "best" line and `jexit export --method best`
-(`jexit.frontiers.best_method`).
+of `jexit budget`'s "best" line (`jexit.frontiers.best_method`), with the
+signal fixed to `1 - conf`.
 
 The last column, `budget default`, is the whole rule of `jexit budget` with
 its defaults: per fold, the exit signal of the solver's model (`1 - conf` or
