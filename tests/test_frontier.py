@@ -168,6 +168,15 @@ def test_json_dicts_have_the_documented_shape(traces, fr):
   assert jf.frontier_to_dict(no_labels)["methods"]["backbone"][0]["accuracy"] is None
   text = jf.format_frontier(fr, trace="t.npz")
   assert "recall" in text and "loss <= 1%" in text
+  # The "best (fit rows)" row repeats, per budget, the row of best_method's choice.
+  rows = {line[:18].strip(): line[18:] for line in text.splitlines()}
+  cells = lambda row: [row[i:i + 20] for i in range(0, len(row), 20)]
+  for j, t in enumerate(jf.TARGETS):
+    best = jf.best_method(jf.choose(fr, t))
+    assert best in jf.DEPLOYABLE and f"{best} at {t * 100:g}%" in text
+    assert cells(rows["best (fit rows)"])[j] == cells(rows[best])[j]
+  only = jf.frontier(traces, num_lambdas=10, methods=("recall", "backbone"))
+  assert "best (fit rows)" not in jf.format_frontier(only)
 
 
 def test_if_stop_tables_follow_the_thresholds(fr):
