@@ -40,7 +40,8 @@ def union_per_fold(fr, members, target):
   """Held-out speedup per fold of the member with the most fit speedup, and
   how often each member was picked.
 
-  `fr`: a Frontier, or a list of per-fold `{member: (fit, test)}` dicts.
+  `fr`: a Frontier, or a list of per-fold `{member: (fit, test)}` dicts;
+  `members` None: every member of each fold's dict.
   """
   return _scored(fr if isinstance(fr, list) else fr.splits, members, target)[:2]
 
@@ -49,20 +50,20 @@ def _scored(splits, members, target):
   """(held-out speedup per fold, picks, pooled held-out agreement) of the
   member with the most fit speedup per fold (the backbone when none meets
   the target on the fit rows)."""
-  speed, picked, agree, rows = [], dict.fromkeys(members, 0), 0.0, 0
+  speed, picked, agree, rows = [], dict.fromkeys(members or (), 0), 0.0, 0
   for split in splits:
     best = (-np.inf, 1.0, 1.0, None)  # (fit speedup, held-out speedup, agreement, member)
-    for m in members:
+    for m in members or split:
       fit_ev, test_ev = split[m]
       i = jf.choose_index(fit_ev, target)
       if i is not None and float(fit_ev.speedup[i]) > best[0]:
         best = (float(fit_ev.speedup[i]), float(test_ev.speedup[i]),
                 float(test_ev.agreement[i]), m)
     speed.append(best[1])
-    n = split[members[0]][1].num_inputs
+    n = next(iter(split.values()))[1].num_inputs
     agree, rows = agree + best[2] * n, rows + n
     if best[3] is not None:
-      picked[best[3]] += 1
+      picked[best[3]] = picked.get(best[3], 0) + 1
   return np.array(speed), picked, agree / rows
 
 
@@ -98,17 +99,6 @@ def budget_default_splits(fr, fr_stability, choices, target):
     own = stab if choices[i][target][0] == "stability" else split
     out.append({m: own[m] if m in ("recall", "norecall") else split[m] for m in jf.DEPLOYABLE})
   return out
-
-
-def _chosen(splits, target):
-  """`union_per_fold` for one member per fold (its name is the dict key)."""
-  speed, picked = [], {}
-  for split in splits:
-    (name, (fit_ev, test_ev)), = split.items()
-    i = jf.choose_index(fit_ev, target)
-    speed.append(1.0 if i is None else float(test_ev.speedup[i]))
-    picked[name] = picked.get(name, 0) + 1
-  return np.array(speed), picked
 
 
 def main(argv=None):
@@ -147,8 +137,7 @@ def main(argv=None):
       runs.append((inner, None))
       on_stability += sum(c[t][0] == "stability" for c in choices)
       for n, (source, members) in zip(names[1:], runs):
-        speed[n], picked = (union_per_fold(source, members, t) if members
-                            else _chosen(source, t))
+        speed[n], picked = union_per_fold(source, members, t)
         for m, c in picked.items():
           picks[n][m] = picks[n].get(m, 0) + c
       rival = max(quality.per_fold(fr, m, t)[0].mean() for m in quality.EXTERNAL)

@@ -826,7 +826,8 @@ def format_frontier(fr: Frontier, targets: Sequence[float] = TARGETS,
         cells.append(f"{s:>20}")
     lines.append(f"{m:<18}" + "".join(cells))
   best = [best_method(c) for c in chosen]
-  if sum(m in fr.test for m in DEPLOYABLE) > 1:
+  show_best = sum(m in fr.test for m in DEPLOYABLE) > 1
+  if show_best:
     cells = [f"{'-':>20}" if m is None else
              f"{c[m].test.speedup[0]:.2f}x ({c[m].test.agreement[0] * 100:.1f}%)".rjust(20)
              for m, c in zip(best, chosen)]
@@ -834,7 +835,7 @@ def format_frontier(fr: Frontier, targets: Sequence[float] = TARGETS,
   backbone = fr.model.cost.sum()
   lines.append(f"(speedup = total cost {backbone:.4g} / mean cost; oracle is a hindsight "
                f"bound, not a policy)")
-  if sum(m in fr.test for m in DEPLOYABLE) > 1:
+  if show_best:
     lines.append("(best (fit rows): of " + ", ".join(m for m in DEPLOYABLE if m in fr.test)
                  + ", the one with the most fit speedup: "
                  + ", ".join(f"{m or '-'} at {t * 100:g}%" for m, t in zip(best, targets))

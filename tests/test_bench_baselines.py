@@ -6,23 +6,10 @@ timings compare different problems. QuantEcon itself is not needed here: its
 backward induction is redone in numpy on the same R, Q and pairs.
 """
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
 import jexit
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench():
-  spec = importlib.util.spec_from_file_location(
-      "bench_solver", os.path.join(ROOT, "benchmarks", "bench_solver.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _backward_induction(qe, lam, horizon):
@@ -36,9 +23,9 @@ def _backward_induction(qe, lam, horizon):
 
 
 @pytest.mark.parametrize("s, k", [(4, 3), (5, 4)])
-def test_quantecon_model_and_loop_equal_jexit(s, k):
+def test_quantecon_model_and_loop_equal_jexit(s, k, load_script):
   pytest.importorskip("scipy")
-  bench = _bench()
+  bench = load_script("benchmarks/bench_solver.py")
   model = bench.random_model(3, s, k, 1)
   one = [np.asarray(getattr(model, f)[0], np.float64) for f in ("init", "trans", "loss", "cost")]
   qe = bench.QuantEconRecall(*one)
@@ -58,9 +45,9 @@ def test_quantecon_model_and_loop_equal_jexit(s, k):
     np.testing.assert_allclose(via_loop, policy.value[i], rtol=1e-5)
 
 
-def test_numpy_recall_equals_jexit():
+def test_numpy_recall_equals_jexit(load_script):
   """The benchmark's float64 precision check reproduces values and thresholds."""
-  bench = _bench()
+  bench = load_script("benchmarks/bench_solver.py")
   model = bench.random_model(5, 6, 4, 1)
   lam = np.array([0.003, 0.05, 0.4])
   policy = jexit.solve(model, lam)

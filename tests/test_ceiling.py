@@ -5,25 +5,13 @@ values of `1 - conf` (plus never and always), scored by
 `jexit.baselines.threshold_rule`, on tiny traces with ties.
 """
 
-import importlib.util
 import itertools
-import os
 
 import numpy as np
 import pytest
 
 import jexit
 from jexit import baselines
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _ceiling():
-  spec = importlib.util.spec_from_file_location(
-      "ceiling", os.path.join(ROOT, "experiments", "ceiling.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _brute_force(traces, targets):
@@ -36,25 +24,26 @@ def _brute_force(traces, targets):
 
 
 @pytest.mark.parametrize("k, seed", [(3, 0), (3, 1), (4, 2)])
-def test_exhaustive_search_equals_brute_force(k, seed):
+def test_exhaustive_search_equals_brute_force(k, seed, load_script):
   rng = np.random.default_rng(seed)
   n = 14
   conf = np.round(rng.uniform(0.3, 1.0, (n, k)), 1)  # rounding makes ties
   pred = rng.integers(0, 3, (n, k))
   traces = jexit.Traces(conf, pred, None, rng.uniform(0.5, 2.0, k))
   targets = (0.0, 0.1, 0.25, 0.5, 1.0)  # 1.0: stop every input at ramp 1
-  got = _ceiling().ramp_threshold_ceiling(traces, targets, grid=n)
+  got = load_script("experiments/ceiling.py").ramp_threshold_ceiling(traces, targets, grid=n)
   want = _brute_force(traces, targets)
   assert got == pytest.approx(want)
   assert len(set(want.values())) > 1  # the targets constrain the rule differently
 
 
-def test_a_coarse_grid_is_a_lower_bound():
+def test_a_coarse_grid_is_a_lower_bound(load_script):
+  ceiling = load_script("experiments/ceiling.py")
   rng = np.random.default_rng(5)
   conf = rng.uniform(0.3, 1.0, (60, 4))
   traces = jexit.Traces(conf, rng.integers(0, 2, (60, 4)), None, np.ones(4))
   targets = (0.05, 0.2)
-  fine = _ceiling().ramp_threshold_ceiling(traces, targets, grid=60)
-  coarse = _ceiling().ramp_threshold_ceiling(traces, targets, grid=3)
+  fine = ceiling.ramp_threshold_ceiling(traces, targets, grid=60)
+  coarse = ceiling.ramp_threshold_ceiling(traces, targets, grid=3)
   assert all(coarse[t] <= fine[t] + 1e-12 for t in targets)
   assert fine == pytest.approx(_brute_force(traces, targets))
