@@ -19,6 +19,7 @@ fit speedup (`best_method`, ties in `DEPLOYABLE` order).
 Usage:
   python experiments/union.py [--folds 5] [--num-lambdas 300] [--inner-folds 4]
       [--pool apparate_greedy,global_threshold]
+  python experiments/union.py --seeds 0,1,2,3,4   # repeated outer splits
 """
 
 import argparse
@@ -67,7 +68,7 @@ def _scored(splits, members, target):
   return np.array(speed), picked, agree / rows
 
 
-def inner_choices(traces, folds, inner_folds, block, num_lambdas):
+def inner_choices(traces, folds, inner_folds, block, num_lambdas, seed=0):
   """Per outer fold, target -> (signal, (signal, member)) chosen on the fold's
   fit rows by an inner cross-fitting: the signal as `choose_family` picks it
   (mean inner held-out speedup of recall; ties: `1 - conf`), and the
@@ -76,7 +77,7 @@ def inner_choices(traces, folds, inner_folds, block, num_lambdas):
   pairs = [(sig, m) for sig in SIGNALS for m in jf.DEPLOYABLE
            if sig == "1-conf" or m in ("recall", "norecall")]
   out = []
-  for fit_rows, _ in jf.fold_rows(traces.num_inputs, folds, seed=0, block=block):
+  for fit_rows, _ in jf.fold_rows(traces.num_inputs, folds, seed=seed, block=block):
     inner = {sig: jf.frontier(traces.take(fit_rows), folds=inner_folds, block=block,
                               methods=tuple(m for s, m in pairs if s == sig),
                               num_lambdas=num_lambdas,
@@ -101,6 +102,62 @@ def budget_default_splits(fr, fr_stability, choices, target):
   return out
 
 
+def budget_vs_external(traces, folds, inner_folds, block, num_lambdas, seed):
+  """target -> (held-out speedup per fold of `budget default`, {external
+  baseline: held-out speedup per fold}) on the outer split of `seed`."""
+  kw = dict(folds=folds, block=block, num_lambdas=num_lambdas, seed=seed)
+  fr = jf.frontier(traces, methods=("recall", "norecall") + quality.EXTERNAL, **kw)
+  fr_stability = jf.frontier(traces, methods=("recall", "norecall"),
+                             fit_options={**jf.DEFAULT_FIT, "signal": "stability"}, **kw)
+  choices = inner_choices(traces, folds, inner_folds, block, num_lambdas, seed=seed)
+  return {t: (_scored(budget_default_splits(fr, fr_stability, choices, t), jf.DEPLOYABLE, t)[0],
+              {m: quality.per_fold(fr, m, t)[0] for m in quality.EXTERNAL})
+          for t in quality.TARGETS}
+
+
+def repeated(seeds, folds, inner_folds, num_lambdas):
+  """`budget default` against the best external baseline on the outer splits
+  of several seeds (repeated cross-fitting): cells won per seed, and per cell
+  the mean over seeds x folds."""
+  runs = {}  # (workload, target) -> [(mine, {baseline: speeds}) per seed]
+  for name, traces in workloads.suite().items():
+    block = 4 if name.startswith("digits") else 1
+    start = time.perf_counter()
+    for seed in seeds:
+      for t, r in budget_vs_external(traces, folds, inner_folds, block, num_lambdas,
+                                     seed).items():
+        runs.setdefault((name, t), []).append(r)
+    print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+  print("\ncells (of 32) where budget default is at least as fast as the best external "
+        "baseline, per outer split seed:")
+  for s, seed in enumerate(seeds):
+    won = sum(r[s][0].mean() >= max(v.mean() for v in r[s][1].values()) - 1e-9
+              for r in runs.values())
+    lost = [f"{w} {t * 100:g}%" for (w, t), r in runs.items()
+            if r[s][0].mean() < max(v.mean() for v in r[s][1].values()) - 1e-9]
+    print(f"  seed {seed}: {won}" + (f" (lost: {', '.join(lost)})" if lost else ""))
+  print(f"\nheld-out speedup, mean over {len(seeds)} seeds x {folds} folds: budget default "
+        "vs the best external baseline (by that mean); Δ: budget default minus that baseline, "
+        "mean ± std over the seeds' fold means\n")
+  print("| workload | " + " | ".join(f"loss <= {t * 100:g}%" for t in quality.TARGETS) + " |")
+  print("|---|" + "---|" * len(quality.TARGETS))
+  won = 0
+  for w in dict.fromkeys(k[0] for k in runs):
+    cells = []
+    for t in quality.TARGETS:
+      r = runs[w, t]
+      mine = np.array([m.mean() for m, _ in r])
+      theirs = {b: np.array([d[b].mean() for _, d in r]) for b in quality.EXTERNAL}
+      best = max(quality.EXTERNAL, key=lambda b: theirs[b].mean())
+      delta = mine - theirs[best]
+      ok = mine.mean() >= theirs[best].mean() - 1e-9
+      won += ok
+      cells.append(f"{mine.mean():.3f}x vs {theirs[best].mean():.3f}x {best}, "
+                   f"Δ {delta.mean():+.3f} ±{delta.std():.3f}" + ("" if ok else " **LOSS**"))
+    print(f"| {w} | " + " | ".join(cells) + " |")
+  print(f"\nat least as fast as the best external baseline, mean over seeds: {won} of {len(runs)}")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--folds", type=int, default=5)
@@ -109,7 +166,14 @@ def main(argv=None):
   parser.add_argument("--pool", default="apparate_greedy;apparate_greedy,global_threshold;"
                                         "norecall,apparate_greedy,global_threshold",
                       help="';'-separated pools of baselines to join with recall")
+  parser.add_argument("--seeds", default=None,
+                      help="comma-separated outer split seeds: run only budget default "
+                           "against the external baselines, repeated over these splits")
   args = parser.parse_args(argv)
+  if args.seeds:
+    repeated([int(s) for s in args.seeds.split(",")], args.folds, args.inner_folds,
+             args.num_lambdas)
+    return
   pools = [tuple(p.split(",")) for p in args.pool.split(";")]
   names = ["default"] + ["recall+" + "+".join(p) for p in pools] + ["budget default", "inner member"]
   picks = {n: {} for n in names[1:]}

@@ -1,0 +1,32 @@
+"""experiments/union.py keeps, per fold, the member with the most fit speedup
+within the target and scores it on the held-out fold."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+
+def _ev(speedup, agreement, n=10):
+  return SimpleNamespace(speedup=np.array(speedup), agreement=np.array(agreement),
+                         accuracy=None, num_inputs=n)
+
+
+def test_scored_keeps_the_fit_fastest_member_and_falls_back_to_the_backbone(load_script):
+  union = load_script("experiments/union.py")
+  splits = [
+      # fold 0: "a" is faster on the fit rows within 1% (its 3.0x misses the target)
+      {"a": (_ev([3.0, 2.0], [0.95, 0.995]), _ev([2.5, 1.5], [0.9, 0.98])),
+       "b": (_ev([1.8], [1.0]), _ev([1.9], [1.0]))},
+      # fold 1: nothing meets the target on the fit rows: the backbone (1x, full agreement)
+      {"a": (_ev([3.0], [0.9]), _ev([3.0], [0.9], n=30)),
+       "b": (_ev([2.0], [0.98]), _ev([2.0], [0.98], n=30))},
+  ]
+  speed, picked, agree = union._scored(splits, None, 0.01)
+  np.testing.assert_allclose(speed, [1.5, 1.0])
+  assert picked == {"a": 1}
+  assert agree == pytest.approx((0.98 * 10 + 1.0 * 30) / 40)
+  # restricted to "b", fold 0 ships b's held-out 1.9x
+  speed, picked, _ = union._scored(splits, ("b",), 0.01)
+  np.testing.assert_allclose(speed, [1.9, 1.0])
+  assert picked == {"b": 1}
