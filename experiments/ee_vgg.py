@@ -313,17 +313,24 @@ def train(model: EarlyExitVGG, images: torch.Tensor, labels: torch.Tensor, *,
           epochs: int = 10, ramp_epochs: Optional[int] = None,
           training: str = "separate", batch_size: int = 64, lr: float = 3e-3,
           augment_train: bool = True, seed: int = 0, device=None,
-          progress: bool = False) -> list:
+          progress: bool = False, ramp_target: str = "labels",
+          temperature: float = 2.0) -> list:
   """Trains `model` in place on `images [N, C, H, W]`, `labels [N]`.
 
   joint: backbone and every head, loss = sum over ramps of cross-entropy.
   separate: backbone + final head for `epochs`; then, with the backbone frozen
     (BN statistics too), the other heads for `ramp_epochs` (default `epochs`),
     as when ramps are added to an already trained network.
+  ramp_target (separate training): "labels", cross-entropy against the labels;
+    "teacher", self-distillation: `temperature**2` x KL(final head || ramp
+    head), both softened by `temperature` (Hinton et al., 2015), so the ramps
+    learn to agree with the final ramp, the metric the policies are scored by.
 
   Returns:
     Mean training loss per epoch (phase 1 then phase 2).
   """
+  if ramp_target not in ("labels", "teacher"):
+    raise ValueError(f"ramp_target: expected 'labels' or 'teacher', got {ramp_target!r}")
   device = torch.device(device) if device is not None else default_device()
   generator = torch.Generator().manual_seed(seed + 2)
   model.to(device)
@@ -356,11 +363,25 @@ def train(model: EarlyExitVGG, images: torch.Tensor, labels: torch.Tensor, *,
       loss = loss + ce(head(x), y)
     return loss
 
+  def distill_loss(x, _):
+    feats = []
+    with torch.no_grad():
+      for segment in model.segments:
+        x = segment(x)
+        feats.append(x)
+      teacher = nn.functional.log_softmax(model.heads[-1](x) / temperature, -1)
+    loss = 0.0
+    for f, head in zip(feats[:-1], model.heads[:-1]):
+      student = nn.functional.log_softmax(head(f) / temperature, -1)
+      loss = loss + temperature**2 * nn.functional.kl_div(
+          student, teacher, log_target=True, reduction="batchmean")
+    return loss
+
   model.eval()  # the frozen backbone keeps its BN running statistics
-  model.heads.train()
+  model.heads[:-1].train()  # the final head is the frozen teacher
   ramps = list(model.heads[:-1].parameters())
   if ramps:
-    losses += _fit(ramps, ramp_loss,
+    losses += _fit(ramps, ramp_loss if ramp_target == "labels" else distill_loss,
                    epochs=epochs if ramp_epochs is None else ramp_epochs,
                    desc="ramps", **common)
   return losses
@@ -469,6 +490,7 @@ class TraceConfig:
   epochs: int = 10
   ramp_epochs: Optional[int] = None  # separate training's phase 2
   training: str = "separate"     # "separate" or "joint"
+  ramp_target: str = "labels"    # separate training's phase 2: "labels" or "teacher"
   batch_size: int = 64
   lr: float = 3e-3
   augment_train: bool = True
@@ -535,7 +557,8 @@ def make_traces(config: TraceConfig = TraceConfig(), data: Optional[Dataset] = N
                  epochs=config.epochs, ramp_epochs=config.ramp_epochs,
                  training=config.training, batch_size=config.batch_size,
                  lr=config.lr, augment_train=config.augment_train,
-                 seed=config.seed, device=device, progress=progress)
+                 seed=config.seed, device=device, progress=progress,
+                 ramp_target=config.ramp_target)
   train_seconds = time.perf_counter() - start
 
   conf, pred = extract(model, x, device=device, progress=progress)

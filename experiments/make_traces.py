@@ -47,6 +47,9 @@ def parse_args(argv=None):
   p.add_argument("--width-div", type=int, default=d.width_div,
                  help="divide VGG channel counts by this (1 = torchvision widths)")
   p.add_argument("--training", default=d.training, choices=("separate", "joint"))
+  p.add_argument("--ramp-target", default=d.ramp_target, choices=("labels", "teacher"),
+                 help="separate training: the ramps learn the labels, or the final "
+                      "head's softened output (self-distillation)")
   p.add_argument("--batch-size", type=int, default=d.batch_size)
   p.add_argument("--lr", type=float, default=d.lr)
   p.add_argument("--no-augment-train", action="store_true",
@@ -91,7 +94,7 @@ def main(argv=None):
   config = ee_vgg.TraceConfig(
       arch=args.arch, ramps=args.ramps, ramp_stages=stages,
       width_div=args.width_div, epochs=args.epochs, ramp_epochs=args.ramp_epochs,
-      training=args.training, batch_size=args.batch_size, lr=args.lr,
+      training=args.training, ramp_target=args.ramp_target, batch_size=args.batch_size, lr=args.lr,
       augment_train=not args.no_augment_train, trace_frac=args.trace_frac,
       copies=args.copies, seed=args.seed,
       cost="latency" if args.latency else "flops")

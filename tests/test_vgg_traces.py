@@ -58,6 +58,31 @@ def test_trace_rows_are_disjoint_from_training_rows():
   assert not set(train) & set(held2) and len(train) + len(held2) == 1797
 
 
+def test_self_distilled_ramps_learn_the_final_head_not_the_labels():
+  # The backbone and final head learn shifted labels (y + 1) % 10; the ramps
+  # then train on y. Ramps that agree with the final head learned the teacher.
+  data = ee_vgg.load_digits_images()
+  x, y = data.images[:128], data.labels[:128]
+  agreement = {}
+  for target in ("labels", "teacher"):
+    torch.manual_seed(0)
+    model = ee_vgg.build_model("vgg11", 3, width_div=8)
+    common = dict(training="separate", batch_size=32, augment_train=False, device="cpu")
+    ee_vgg.train(model, x, (y + 1) % 10, epochs=20, ramp_epochs=0, **common)
+    final = [p.detach().clone() for p in model.heads[-1].parameters()]
+    ee_vgg.train(model, x, y, epochs=0, ramp_epochs=8, ramp_target=target, **common)
+    torch.testing.assert_close(list(model.heads[-1].parameters()), final)  # frozen teacher
+    model.eval()
+    with torch.no_grad():
+      pred = torch.stack([z.argmax(-1) for z in model(x)], 1)
+    assert (pred[:, -1] == (y + 1) % 10).float().mean() > 0.8
+    agreement[target] = (pred[:, 1] == pred[:, -1]).float().mean().item()
+  assert agreement["labels"] < 0.1, agreement  # those ramps learned y
+  assert agreement["teacher"] > agreement["labels"] + 0.3, agreement
+  with pytest.raises(ValueError, match="ramp_target"):
+    ee_vgg.train(model, x, y, epochs=0, ramp_epochs=1, ramp_target="final")
+
+
 @pytest.mark.parametrize("arch", sorted(ee_vgg.ARCHS))
 @pytest.mark.parametrize("ramps", [3, 5])
 def test_segment_flops_add_up_to_the_network(arch, ramps):
