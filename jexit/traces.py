@@ -2,6 +2,7 @@
 
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -21,6 +22,18 @@ def _describe(a):
   return f"shape {a.shape} dtype {a.dtype}"
 
 
+def _array(field, a):
+  """`np.asarray(a)`, or a ValueError naming the field (e.g. a ragged list)."""
+  try:
+    return np.asarray(a)
+  except ValueError:
+    _fail(field, "a rectangular array", f"a ragged {type(a).__name__}")
+
+
+def _real(a):
+  return np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating)
+
+
 def check_traces(traces: Traces) -> Traces:
   """Validates `traces` and returns it with canonical numpy dtypes.
 
@@ -29,10 +42,10 @@ def check_traces(traces: Traces) -> Traces:
   """
   if not isinstance(traces, Traces):
     raise ValueError(f"traces: expected jexit.Traces, got {type(traces).__name__}")
-  conf = np.asarray(traces.conf)
+  conf = _array("conf", traces.conf)
   if conf.ndim != 2 or conf.shape[0] < 1 or conf.shape[1] < 1:
     _fail("conf", "a [N, K] array with N, K >= 1", _describe(conf))
-  if not np.issubdtype(conf.dtype, np.number) or np.issubdtype(conf.dtype, np.complexfloating):
+  if not _real(conf):
     _fail("conf", "real numbers", _describe(conf))
   n, k = conf.shape
   conf = conf.astype(np.float64)
@@ -43,7 +56,7 @@ def check_traces(traces: Traces) -> Traces:
     bad = np.argwhere((conf < 0) | (conf > 1))[0]
     _fail("conf", "values in [0, 1]", f"{conf[tuple(bad)]} at row {bad[0]}, ramp {bad[1]}")
 
-  pred = np.asarray(traces.pred)
+  pred = _array("pred", traces.pred)
   if pred.shape != (n, k):
     _fail("pred", f"shape [N, K] = ({n}, {k}) like conf", _describe(pred))
   if not np.issubdtype(pred.dtype, np.integer):
@@ -54,7 +67,7 @@ def check_traces(traces: Traces) -> Traces:
 
   label = traces.label
   if label is not None:
-    label = np.asarray(label)
+    label = _array("label", label)
     if label.shape != (n,):
       _fail("label", f"shape [N] = ({n},)", _describe(label))
     if not np.issubdtype(label.dtype, np.integer):
@@ -63,10 +76,10 @@ def check_traces(traces: Traces) -> Traces:
       else:
         _fail("label", "integer class ids", _describe(label))
 
-  cost = np.asarray(traces.cost)
+  cost = _array("cost", traces.cost)
   if cost.shape != (k,):
     _fail("cost", f"shape [K] = ({k},)", _describe(cost))
-  if not np.issubdtype(cost.dtype, np.number):
+  if not _real(cost):
     _fail("cost", "real numbers", _describe(cost))
   cost = cost.astype(np.float64)
   if not np.all(np.isfinite(cost)) or np.any(cost < 0):
@@ -76,10 +89,10 @@ def check_traces(traces: Traces) -> Traces:
 
   signal = traces.signal
   if signal is not None:
-    signal = np.asarray(signal)
+    signal = _array("signal", signal)
     if signal.shape != (n, k):
       _fail("signal", f"shape [N, K] = ({n}, {k}) like conf", _describe(signal))
-    if not np.issubdtype(signal.dtype, np.number):
+    if not _real(signal):
       _fail("signal", "real numbers", _describe(signal))
     signal = signal.astype(np.float64)
     if not np.all(np.isfinite(signal)):
@@ -137,7 +150,7 @@ def load_traces(path) -> Traces:
                      f"archive (first bytes {magic!r})")
   try:
     data = np.load(path, allow_pickle=False)
-  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
     raise ValueError(f"trace file {path}: could not read it as a .npz ({e})") from e
   if not isinstance(data, np.lib.npyio.NpzFile):
     raise ValueError(f"trace file {path}: expected a .npz archive of named "
@@ -156,7 +169,7 @@ def load_traces(path) -> Traces:
     for key in keys:
       try:
         arrays[key] = data[key]
-      except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+      except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"trace file {path}: key '{key}' is corrupt or not a "
                          f"plain array ({e})") from e
   return check_traces(Traces(conf=arrays["conf"], pred=arrays["pred"],

@@ -1,5 +1,8 @@
 """Fitting the Markov model, the trace format, and bad input."""
 
+import struct
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -141,6 +144,10 @@ def _good(n=10, k=3):
     ("cost", np.array([1.0, np.inf, 1.0]), "cost"),
     ("signal", np.ones((10, 2)), "signal"),
     ("signal", np.full((10, 3), np.nan), "signal"),
+    # Complex values would be cast to real with only a warning.
+    ("cost", np.ones(3) + 1j, "cost"),
+    ("signal", np.ones((10, 3)) + 0j, "signal"),
+    ("conf", [[0.5, 0.5, 0.5], [0.5]], "conf"),
 ])
 def test_bad_traces_name_the_field(field, value, match):
   fields = _good()
@@ -226,6 +233,20 @@ def test_trace_file_errors(tmp_path):
     jexit.load_traces(bad_value)
   with pytest.raises(ValueError, match="could not read"):
     jexit.load_traces(tmp_path / "does_not_exist.npz")
+
+
+def test_trace_file_with_corrupt_compressed_data(tmp_path):
+  path = tmp_path / "t.npz"
+  np.savez_compressed(path, **_good())
+  data = bytearray(path.read_bytes())
+  with zipfile.ZipFile(path) as z:
+    at = z.getinfo("conf.npy").header_offset
+  name_len, extra_len = struct.unpack("<HH", data[at + 26:at + 30])
+  start = at + 30 + name_len + extra_len
+  data[start:start + 20] = bytes(20)  # conf.npy's deflate stream: a zlib error
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="trace file .*corrupt"):
+    jexit.load_traces(path)
 
 
 def test_marginal_prior_shrinks_rows_towards_next_bin_law():
