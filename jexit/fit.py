@@ -12,6 +12,8 @@ from jexit.types import Binning, ExitModel, Traces
 
 PAPER_STEP = 0.08
 PARAMETRIC_STEPS = 1000  # Adam steps of the parametric transition fit
+# More bins than this is a typo, not a model: trans alone is [K-1, S, S].
+MAX_BINS = 10_000
 
 
 def uniform_edges(num_ramps: int, step: float = PAPER_STEP,
@@ -19,6 +21,9 @@ def uniform_edges(num_ramps: int, step: float = PAPER_STEP,
   """`[K, S+1]` edges `lo, lo+step, ..., hi` (the paper's 0.08 grid on [0, 1])."""
   if not step > 0:
     raise ValueError(f"step: expected a positive bin width, got {step}")
+  if (hi - lo) / step > MAX_BINS:
+    raise ValueError(f"step: expected a bin width giving at most {MAX_BINS} bins on "
+                     f"[{lo:g}, {hi:g}], got {step:g} ({(hi - lo) / step:.3g} bins)")
   inner = np.arange(lo + step, hi - 1e-9, step)
   edges = np.concatenate([[lo], inner, [hi]])
   return np.tile(edges, (num_ramps, 1))
@@ -37,10 +42,13 @@ def quantile_edges(values: np.ndarray, num_bins: int,
   Repeated quantiles (many equal values) are nudged apart so every ramp keeps
   exactly `num_bins` bins; such bins are empty and smoothing fills them.
   """
-  if num_bins < 1:
-    raise ValueError(f"num_bins: expected >= 1, got {num_bins}")
+  if (isinstance(num_bins, (bool, np.bool_)) or not isinstance(num_bins, (int, np.integer))
+      or not 1 <= num_bins <= MAX_BINS):
+    raise ValueError(f"num_bins: expected an integer in [1, {MAX_BINS}], got {_show(num_bins)}")
   _check_power(power)
   values = np.asarray(values, np.float64)
+  if values.ndim != 2 or values.shape[0] < 1:
+    raise ValueError(f"values: expected an [N, K] array with N >= 1, got shape {values.shape}")
   k = values.shape[1]
   levels = np.linspace(0, 1, num_bins + 1)[1:-1]
   if power != 1:
@@ -60,6 +68,18 @@ def quantile_edges(values: np.ndarray, num_bins: int,
         e[i] = e[i - 1] + tiny
     edges[r] = e
   return edges
+
+
+def _show(value) -> str:
+  """A number as printed (`-1.0`, not `np.float64(-1.0)`), anything else as its repr."""
+  return str(value) if isinstance(value, (int, float, np.number)) else repr(value)
+
+
+def _check_nonnegative(name, value, what) -> None:
+  if (isinstance(value, (bool, np.bool_))
+      or not isinstance(value, (int, float, np.integer, np.floating))
+      or not np.isfinite(value) or value < 0):
+    raise ValueError(f"{name}: expected a finite {what} >= 0, got {_show(value)}")
 
 
 def _check_power(power) -> None:
@@ -250,18 +270,18 @@ def fit(traces: Traces,
     if np.issubdtype(rows.dtype, np.bool_):
       if rows.shape != (n,):
         raise ValueError(f"rows: a boolean mask must have shape ({n},), got {rows.shape}")
+      if not rows.any():
+        raise ValueError(f"rows: expected a boolean mask selecting at least one of the "
+                         f"{n} inputs, got none selected")
     elif not np.issubdtype(rows.dtype, np.integer) or rows.min() < -n or rows.max() >= n:
       raise ValueError(f"rows: expected integer indices in [0, {n}), got {rows.dtype} "
                        f"in [{rows.min()}, {rows.max()}]")
     traces = traces.take(rows)
-  if smoothing < 0 or not np.isfinite(smoothing):
-    raise ValueError(f"smoothing: expected a finite value >= 0, got {smoothing}")
-  if kernel < 0 or not np.isfinite(kernel):
-    raise ValueError(f"kernel: expected a finite width >= 0, got {kernel}")
+  _check_nonnegative("smoothing", smoothing, "value")
+  _check_nonnegative("kernel", kernel, "width")
   if prior not in ("uniform", "marginal"):
     raise ValueError(f"prior: expected 'uniform' or 'marginal', got {prior!r}")
-  if loss_smoothing < 0 or not np.isfinite(loss_smoothing):
-    raise ValueError(f"loss_smoothing: expected a finite value >= 0, got {loss_smoothing}")
+  _check_nonnegative("loss_smoothing", loss_smoothing, "value")
   if history is not None and (isinstance(history, (bool, np.bool_))
                               or not isinstance(history, (int, float, np.integer, np.floating))
                               or not np.isfinite(history) or history < 0):
@@ -297,7 +317,10 @@ def fit(traces: Traces,
     else:
       raise ValueError(f"bins: expected 'uniform', 'quantile' or an array of edges, got {bins!r}")
   else:
-    edges = np.asarray(bins, np.float64)
+    edges = np.asarray(bins)
+    if edges.dtype.kind not in "iuf":
+      raise ValueError(f"bins: expected real-valued edges, got dtype {edges.dtype}")
+    edges = edges.astype(np.float64)
     if edges.ndim == 1:
       edges = np.tile(edges, (k, 1))
     if edges.ndim != 2 or edges.shape[0] != k or edges.shape[1] < 2:

@@ -190,9 +190,18 @@ def test_fit_argument_errors():
   for kwargs, match in [(dict(bins="nope"), "bins"), (dict(loss="nope"), "loss"),
                         (dict(bins=np.array([0.0, 0.5, 0.4, 1.0])), "bins"),
                         (dict(rows=np.array([0, 99])), "rows"),
-                        (dict(smoothing=-1.0), "smoothing")]:
+                        (dict(smoothing=-1.0), "smoothing"),
+                        # Wrong types and sizes: a named error, not a TypeError or
+                        # an allocation of 1e12 bins.
+                        (dict(smoothing="1"), "smoothing"), (dict(kernel=None), "kernel"),
+                        (dict(num_bins=2.5), "num_bins"), (dict(num_bins=10**9), "num_bins"),
+                        (dict(bins="uniform", step=1e-12), "step"),
+                        (dict(bins=np.array([0.0, 0.5, 1.0]) + 0j), "bins"),
+                        (dict(rows=np.zeros(10, bool)), "rows")]:
     with pytest.raises(ValueError, match=match):
       jexit.fit(traces, **kwargs)
+  with pytest.raises(ValueError, match="values"):
+    jexit.quantile_edges(np.ones(5), 4)
   no_label = traces._replace(label=None)
   with pytest.raises(ValueError, match="label"):
     jexit.fit(no_label, loss="calibrated", target="label")
