@@ -48,6 +48,21 @@ class _Prepared(NamedTuple):
   conditioned: bool
 
 
+def _real_array(name, a) -> np.ndarray:
+  """`a` as float64, or a ValueError naming `name` (complex, text, ragged)."""
+  try:
+    arr = np.asarray(a)
+  except ValueError:
+    raise ValueError(f"{name}: expected a rectangular array of real numbers, got a "
+                     f"ragged {type(a).__name__}") from None
+  try:
+    if arr.dtype.kind in "cSU":  # complex would lose its imaginary part, text is a mistake
+      raise TypeError
+    return arr.astype(np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}: expected real numbers, got dtype {arr.dtype}") from None
+
+
 def _check_finite(name, a):
   if not np.all(np.isfinite(a)):
     raise ValueError(f"model.{name}: expected finite values, got NaN or inf")
@@ -61,10 +76,14 @@ def check_model(model: ExitModel, *, atol: float = 1e-5) -> ExitModel:
   """
   if not isinstance(model, ExitModel):
     raise ValueError(f"model: expected jexit.ExitModel, got {type(model).__name__}")
-  init, trans, loss, cost = (np.asarray(a, np.float64) for a in model)
+  init, trans, loss, cost = (_real_array(f"model.{f}", a)
+                              for f, a in zip(ExitModel._fields, model))
   if init.ndim not in (1, 2):
     raise ValueError(f"model.init: expected shape [S] or [M, S], got {init.shape}")
   batched = init.ndim == 2
+  if batched and init.shape[0] == 0:
+    raise ValueError(f"model.init: expected a batch of at least one model, got shape "
+                     f"{init.shape}")
   lead = init.shape[:1] if batched else ()
   s = init.shape[-1]
   if loss.ndim != init.ndim + 1 or loss.shape[:len(lead)] != lead or loss.shape[-1] != s:
@@ -422,13 +441,17 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
     ((2, 2, 3), (2,))
   """
   dtype = working_dtype()
-  lam = np.asarray(lambdas, np.float64)
+  lam = _real_array("lambdas", lambdas)
   if lam.ndim > 1 or lam.size == 0:
     raise ValueError(f"lambdas: expected a non-empty [L] array, got shape {lam.shape}")
   lam = np.atleast_1d(lam)
   if not np.all(np.isfinite(lam)) or np.any(lam < 0):
     bad = lam[~(np.isfinite(lam) & (lam >= 0))]
     raise ValueError(f"lambdas: expected finite values >= 0, got {bad[:5].tolist()}")
+  if rtol is not None and (isinstance(rtol, (bool, np.bool_))
+                           or not isinstance(rtol, (int, float, np.integer, np.floating))
+                           or not np.isfinite(rtol) or rtol < 0):
+    raise ValueError(f"rtol: expected None or a finite tie tolerance >= 0, got {rtol!r}")
   if max_bytes is not None and not max_bytes > 0:
     raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes}")
   prep = _prepare(model, dtype)

@@ -172,6 +172,13 @@ def _model(**over):
     (dict(loss=np.full((3, 3), np.nan)), "model.loss"),
     (dict(cost=np.array([1.0, -2.0, 1.0])), "model.cost"),
     (dict(cost=np.ones(4)), "model.cost"),
+    # Text, complex and ragged fields: named, not a numpy cast error or a
+    # silently dropped imaginary part.
+    (dict(init=np.array(["a", "b", "c"])), "model.init"),
+    (dict(cost=np.ones(3) + 1j), "model.cost"),
+    (dict(loss=[[0.0, 0.0, 0.0], [0.0], [0.0]]), "model.loss"),
+    (dict(init=np.full((0, 3), 1 / 3), trans=np.zeros((0, 2, 3, 3)), loss=np.zeros((0, 3, 3)),
+          cost=np.ones((0, 3))), "model.init"),
 ])
 def test_bad_models_name_the_field(over, match):
   with pytest.raises(ValueError, match=match):
@@ -179,10 +186,17 @@ def test_bad_models_name_the_field(over, match):
 
 
 @pytest.mark.parametrize("lam", [np.array([-0.1]), np.array([np.nan]), np.ones((2, 2)),
-                                 np.array([])])
+                                 np.array([]), np.array(["0.1"]), np.array([0.1 + 1j])])
 def test_bad_lambdas(lam):
   with pytest.raises(ValueError, match="lambdas"):
     jexit.solve(_model(), lam)
+
+
+@pytest.mark.parametrize("rtol", [np.nan, -1.0, "1e-5"])
+def test_bad_rtol(rtol):
+  # A NaN tolerance would make every tie (and every stop) compare False.
+  with pytest.raises(ValueError, match="rtol"):
+    jexit.solve(_model(), np.array([0.1]), rtol=rtol)
 
 
 def test_fit_argument_errors():
