@@ -297,6 +297,9 @@ def _policy_arrays(policy: Policy):
                      f"(from policy.threshold {threshold.shape}), got {loss.shape}")
   if lam.shape != threshold.shape[:-2]:
     raise ValueError(f"policy.lam: expected shape {threshold.shape[:-2]}, got {lam.shape}")
+  for name, a in (("threshold", threshold), ("loss", loss), ("lam", lam)):
+    if a.dtype.kind not in "iuf":
+      raise ValueError(f"policy.{name}: expected real numbers, got dtype {a.dtype}")
   if np.any(np.isnan(threshold)) or not np.all(np.isfinite(loss)):
     raise ValueError("policy.threshold, policy.loss: expected no NaN (thresholds may "
                      "be +-inf; losses finite)")
@@ -306,16 +309,22 @@ def _policy_arrays(policy: Policy):
 def _model_edges(binning, m: int, k: int, s: int):
   """`[M, K, S+1]` edges: one binning for all models, or one per model."""
   if isinstance(binning, Binning):
-    edges = np.asarray(binning.edges, np.float64)
+    edges = np.asarray(binning.edges)
     signal = binning.signal
   elif isinstance(binning, (list, tuple)) and all(isinstance(b, Binning) for b in binning):
     if len({b.signal for b in binning}) > 1:
       raise ValueError("binning: every model's binning must bin the same signal")
-    edges = np.stack([np.asarray(b.edges, np.float64) for b in binning])
+    edges = np.stack([np.asarray(b.edges) for b in binning])
     signal = binning[0].signal
   else:
     raise ValueError(f"binning: expected jexit.Binning or a list of them, got "
                      f"{type(binning).__name__}")
+  if edges.dtype.kind not in "iuf":
+    raise ValueError(f"binning.edges: expected real numbers, got dtype {edges.dtype}")
+  edges = edges.astype(np.float64)
+  # NaN or unsorted edges would bin every input somewhere, silently.
+  if not np.all(np.isfinite(edges)) or np.any(np.diff(edges, axis=-1) <= 0):
+    raise ValueError("binning.edges: expected finite, strictly increasing edges per ramp")
   if edges.ndim == 2:
     edges = np.broadcast_to(edges, (m,) + edges.shape)
   if edges.shape != (m, k, s + 1):

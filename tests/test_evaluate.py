@@ -227,6 +227,16 @@ def test_errors_name_the_field():
     expected_objective(policy, model._replace(loss=model.loss + 0.5))
   with pytest.raises(ValueError, match="policy: expected jexit.Policy"):
     evaluate("nope", traces, binning)
+  # NaN or unsorted edges would bin inputs somewhere, silently.
+  for edges in (binning.edges * np.nan, binning.edges[:, ::-1]):
+    with pytest.raises(ValueError, match="binning.edges: expected finite, strictly increasing"):
+      evaluate(policy, traces, binning._replace(edges=edges))
+  with pytest.raises(ValueError, match="binning.edges: expected real numbers"):
+    evaluate(policy, traces, binning._replace(edges=binning.edges.astype(str)))
+  for field in ("threshold", "loss", "lam"):
+    text = np.asarray(getattr(policy, field)).astype(str)
+    with pytest.raises(ValueError, match=f"policy.{field}: expected real numbers"):
+      evaluate(policy._replace(**{field: text}), traces, binning)
 
 
 def test_new_lam_grid_and_other_mode_reuse_the_compile():
