@@ -80,7 +80,16 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
   value = np.asarray(policy.value)
   loss = np.asarray(policy.loss)
   cost = np.asarray(policy.cost)
-  edges = np.asarray(binning.edges, np.float64)
+  edges = np.asarray(binning.edges)
+  for name, a in (("policy.threshold", threshold), ("policy.lam", lam),
+                  ("policy.value", value), ("policy.loss", loss), ("policy.cost", cost),
+                  ("binning.edges", edges)):
+    if a.dtype.kind not in "iuf":
+      raise ValueError(f"{name}: expected real numbers, got dtype {a.dtype}")
+  if not (isinstance(policy.recall, (bool, np.bool_))
+          or (isinstance(policy.recall, (int, np.integer)) and policy.recall in (0, 1))):
+    raise ValueError(f"policy.recall: expected a bool, got {policy.recall!r}")
+  edges = edges.astype(np.float64)
   if threshold.ndim == 4:
     if model_index is None:
       raise ValueError(f"model_index: the policy holds a batch of {threshold.shape[0]} "
@@ -121,6 +130,9 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
     if not isinstance(model, ExitModel):
       raise ValueError(f"model: expected jexit.ExitModel, got {type(model).__name__}")
     m_loss = np.asarray(model.loss)
+    for name, a in (("model.loss", m_loss), ("model.cost", np.asarray(model.cost))):
+      if a.dtype.kind not in "iuf":
+        raise ValueError(f"{name}: expected real numbers, got dtype {a.dtype}")
     if m_loss.shape != (k, s):
       raise ValueError(f"model.loss: expected shape [K, S] = ({k}, {s}) like the "
                        f"policy, got {m_loss.shape}")

@@ -448,6 +448,10 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
   if not np.all(np.isfinite(lam)) or np.any(lam < 0):
     bad = lam[~(np.isfinite(lam) & (lam >= 0))]
     raise ValueError(f"lambdas: expected finite values >= 0, got {bad[:5].tolist()}")
+  if not (isinstance(recall, (bool, np.bool_))
+          or (isinstance(recall, (int, np.integer)) and recall in (0, 1))):
+    raise ValueError(f"recall: expected a bool, got {recall!r}")
+  recall = bool(recall)
   if rtol is not None and (isinstance(rtol, (bool, np.bool_))
                            or not isinstance(rtol, (int, float, np.integer, np.floating))
                            or not np.isfinite(rtol) or rtol < 0):

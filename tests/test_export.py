@@ -111,6 +111,18 @@ def test_export_refuses_mismatches(tmp_path, solved):
   bad = policy._replace(threshold=np.asarray(policy.threshold) + 1e-3)
   with pytest.raises(ValueError, match="threshold"):
     export.export_policy(path, bad, binning, model, 1)
+  # Text arrays and a non-bool recall: named, not a cast error or bool("no").
+  for field in ("threshold", "lam", "value", "loss", "cost"):
+    text = policy._replace(**{field: np.asarray(getattr(policy, field)).astype(str)})
+    with pytest.raises(ValueError, match=f"policy.{field}: expected real numbers"):
+      export.export_policy(path, text, binning, None, 1)
+  with pytest.raises(ValueError, match="binning.edges: expected real numbers"):
+    export.export_policy(path, policy, binning._replace(edges=binning.edges.astype(str)),
+                         model, 1)
+  with pytest.raises(ValueError, match="model.cost: expected real numbers"):
+    export.export_policy(path, policy, binning, model._replace(cost=model.cost.astype(str)), 1)
+  with pytest.raises(ValueError, match="policy.recall: expected a bool"):
+    export.export_policy(path, policy._replace(recall="no"), binning, model, 1)
   assert not path.exists()  # nothing half-written
 
 

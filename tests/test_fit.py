@@ -192,6 +192,12 @@ def test_bad_lambdas(lam):
     jexit.solve(_model(), lam)
 
 
+def test_recall_must_be_a_bool():
+  with pytest.raises(ValueError, match="recall: expected a bool"):
+    jexit.solve(_model(), np.array([0.1]), recall="no")  # bool("no") is True
+  assert jexit.solve(_model(), np.array([0.1]), recall=np.bool_(False)).recall is False
+
+
 @pytest.mark.parametrize("rtol", [np.nan, -1.0, "1e-5"])
 def test_bad_rtol(rtol):
   # A NaN tolerance would make every tie (and every stop) compare False.
