@@ -87,6 +87,14 @@ def _describe(a):
   return f"shape {tuple(np.shape(a))} dtype {np.asarray(a).dtype}"
 
 
+def _real(name, a) -> np.ndarray:
+  """`a` as a float64 array, or a ValueError naming `name` (text, complex, ...)."""
+  a = np.asarray(a)
+  if a.dtype.kind not in "biuf":
+    raise ValueError(f"{name}: expected real numbers, got {_describe(a)}")
+  return a.astype(np.float64, copy=False)
+
+
 def check_header(header, path="<memory>") -> dict:
   """Validates a policy header (a dict parsed from JSON); returns it.
 
@@ -120,7 +128,10 @@ def check_header(header, path="<memory>") -> dict:
                  f"({meaning}), got {value!r}")
   if header["signal"] not in SIGNALS:
     _bad(path, f"header.signal: expected one of {list(SIGNALS)}, got {header['signal']!r}")
-  lam = float(header["lam"])
+  try:
+    lam = float(header["lam"])
+  except OverflowError:  # a JSON integer beyond float range
+    lam = float("inf")
   if not np.isfinite(lam) or lam < 0:
     _bad(path, f"header.lam: expected a finite value >= 0, got {header['lam']!r}")
   for name in ("num_ramps", "num_bins"):
@@ -242,9 +253,11 @@ class ExitTable:
     if out_of_range not in _RANGE_MODES:
       raise ValueError(f"out_of_range: expected one of {list(_RANGE_MODES)}, "
                        f"got {out_of_range!r}")
-    if not (range_tol >= 0 and np.isfinite(range_tol)):
-      raise ValueError(f"range_tol: expected a finite value >= 0, got {range_tol}")
-    header = check_header(dict(header), path)
+    if (isinstance(range_tol, (bool, np.bool_))
+        or not isinstance(range_tol, (int, float, np.integer, np.floating))
+        or not (range_tol >= 0 and np.isfinite(range_tol))):
+      raise ValueError(f"range_tol: expected a finite value >= 0, got {range_tol!r}")
+    header = check_header(dict(header) if isinstance(header, dict) else header, path)
     self.edges, self.loss, self.threshold, self.cost = check_arrays(
         header, edges, loss, threshold, cost, path)
     self.header = header
@@ -309,7 +322,7 @@ class ExitTable:
         (`out_of_range="error"`), naming the ramp, the input and the value.
     """
     k = self._check_ramp(k)
-    b, isnan = self._bins(k, np.asarray(signal_k, np.float64))
+    b, isnan = self._bins(k, _real("signal_k", signal_k))
     return b, np.zeros(b.shape, bool) if isnan is None else isnan
 
   def _bins(self, k: int, v: np.ndarray):
@@ -365,7 +378,7 @@ class ExitTable:
         another ramp, or a bad signal (see `bins`).
     """
     k = self._check_ramp(k)
-    v = np.asarray(signal_k)
+    v = _real("signal_k", signal_k)
     if state is None:
       if k != 0:
         raise ValueError(f"state: expected the state returned by step({k - 1}, ...), "
@@ -381,8 +394,7 @@ class ExitTable:
       raise ValueError(f"state: expected every input to be due at ramp {k}, found "
                        f"inputs due at ramps {found} (a stopped input kept running, or "
                        f"a ramp was skipped)")
-    stop, best_loss, best_ramp = self._decide(
-        k, v.astype(np.float64, copy=False), state.best_loss, state.best_ramp)
+    stop, best_loss, best_ramp = self._decide(k, v, state.best_loss, state.best_ramp)
     return stop, ExitState(best_loss=best_loss, best_ramp=best_ramp,
                            ramp=np.full(v.shape, k + 1, np.int64))
 
@@ -479,17 +491,17 @@ class ExitTable:
       if conf is None:
         raise ValueError(f"conf: expected [N, K] confidences for a {self.signal!r} table, "
                          f"got None")
-      conf = np.asarray(conf)
+      conf = _real("conf", conf)
       if conf.shape != (n, k_count):
         raise ValueError(f"conf: expected shape [N, K] = ({n}, {k_count}) (like pred, "
                          f"K from the table), got {_describe(conf)}")
-      values = (1.0 - conf.astype(np.float64) if self.signal == "1-conf"
+      values = (1.0 - conf if self.signal == "1-conf"
                 else stability_signal(conf, pred))
     else:
       if signal is None:
         raise ValueError("signal: this table bins a custom signal (header.signal = "
                          "'signal'); pass signal=[N, K]")
-      values = np.asarray(signal, np.float64)
+      values = _real("signal", signal)
       if values.shape != (n, k_count):
         raise ValueError(f"signal: expected shape [N, K] = ({n}, {k_count}) (like pred, "
                          f"K from the table), got {_describe(values)}")
@@ -561,8 +573,8 @@ def read_policy_arrays(path):
       _bad(path, f"header: expected a 0-d unicode array holding JSON, got {_describe(raw)}")
     try:
       header = json.loads(str(raw))
-    except json.JSONDecodeError as e:
-      _bad(path, f"header: not valid JSON ({e})")
+    except (json.JSONDecodeError, RecursionError) as e:
+      _bad(path, f"header: not valid JSON ({type(e).__name__}: {e})")
     # Version first: a newer layout may legitimately have other keys.
     header = check_header(header, path)
     unknown = sorted(keys - set(ARRAY_KEYS))

@@ -156,11 +156,20 @@ def _mutate(tmp_path, solved, change):
     (lambda a, h: a["cost"].__setitem__(0, 9.0), "differs from header.cost"),
     (lambda a, h: a.pop("threshold"), r"missing key\(s\) \['threshold'\]"),
     (lambda a, h: a.update(more=np.zeros(2)), r"unknown key\(s\) \['more'\]"),
+    (lambda a, h: h.update(lam=10 ** 400), "header.lam: expected a finite"),  # no OverflowError
 ])
 def test_load_refuses_bad_files(tmp_path, solved, change, match):
   path = _mutate(tmp_path, solved, change)
   with pytest.raises(ValueError, match=match):
     load_policy_file(path)
+
+
+def test_deeply_nested_header_is_invalid_json(tmp_path, solved):
+  path = _mutate(tmp_path, solved, lambda a, h: None)
+  arrays = _arrays(path)[0]
+  arrays["header"] = np.array("[" * 100_000 + "]" * 100_000)  # RecursionError in json
+  with pytest.raises(ValueError, match="header: not valid JSON"):
+    load_policy_file(_write(tmp_path, arrays, "deep.npz"))
 
 
 def test_unknown_version_is_reported_before_contents(tmp_path, solved):

@@ -167,6 +167,28 @@ def test_shape_mismatch_errors():
     make_table(edges[:, :-1], loss, threshold, np.ones(3))
 
 
+def test_text_and_complex_inputs_name_the_field():
+  # A complex signal would lose its imaginary part with only a warning.
+  rng = np.random.default_rng(5)
+  edges, loss, threshold, conf, pred = random_case(rng, 20, 3, 4)
+  table = make_table(edges, loss, threshold, np.ones(3))
+  with pytest.raises(ValueError, match="conf: expected real numbers"):
+    table.run(conf + 0j, pred)
+  with pytest.raises(ValueError, match="conf: expected real numbers"):
+    table.run(conf.astype(str), pred)
+  with pytest.raises(ValueError, match="signal: expected real numbers"):
+    make_table(edges, loss, threshold, np.ones(3), signal="signal").run(
+        None, pred, signal=(1 - conf).astype(str))
+  with pytest.raises(ValueError, match="signal_k: expected real numbers"):
+    table.step(0, 0.5 + 1j)
+  with pytest.raises(ValueError, match="signal_k: expected real numbers"):
+    table.bins(0, "0.5")
+  with pytest.raises(ValueError, match="range_tol"):
+    make_table(edges, loss, threshold, np.ones(3), range_tol="1e-6")
+  with pytest.raises(ValueError, match="header: expected a JSON object"):
+    ExitTable(None, edges, loss, threshold, np.ones(3))
+
+
 def test_nan_is_an_error_or_runs_on():
   rng = np.random.default_rng(6)
   k = 3
