@@ -120,6 +120,9 @@ def _sweep(fr, trace_name, args) -> None:
 def run_sweep(args) -> int:
   from jexit.frontiers import frontier  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
+  if not 0 <= args.max_loss <= 1:  # NaN fails too
+    raise ValueError(f"--max-loss: expected an agreement-loss budget in [0, 1], "
+                     f"got {args.max_loss}")
   traces = load_traces(args.trace)
   fr = frontier(traces, **_frontier_kwargs(args))
   _sweep(fr, args.trace, args)
@@ -151,6 +154,8 @@ def run_demo(args) -> int:
   traces = load_traces(path)
   fr = frontier(traces, num_lambdas=1000, seed=0, block=DEMO_BLOCK)
   out = args.out or tempfile.mkdtemp(prefix="jexit-demo-")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out: expected a folder for the demo's outputs, got the file {out}")
   os.makedirs(out, exist_ok=True)
   name = f"{os.path.basename(path)} (embedded: {traces.num_inputs} inputs, "\
          f"{traces.num_ramps} ramps)"

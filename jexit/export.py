@@ -205,6 +205,11 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
             "jexit_version": str(getattr(jexit, "__version__", "unknown")),
             "trace_sha256": digest, **fields}
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise ValueError(f"path: expected a policy file to write, got the folder {path}")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise ValueError(f"path: the folder {folder} of {path} does not exist")
   check_header(header, path)
   edges, loss, threshold, cost = check_arrays(header, edges, loss, threshold, cost, path)
   tmp = f"{path}.tmp-{os.getpid()}"

@@ -51,6 +51,11 @@ def _blocks(num_inputs: int, block: int):
   return [np.arange(i, min(i + block, num_inputs)) for i in range(0, num_inputs, block)]
 
 
+def _check_seed(seed) -> None:
+  if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+
+
 def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
                block: int = 1):
   """Seeded disjoint `(fit_rows, test_rows)`, sorted index arrays.
@@ -61,6 +66,7 @@ def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
   """
   if not 0 < test_fraction < 1:
     raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction}")
+  _check_seed(seed)
   blocks = _blocks(num_inputs, block)
   if len(blocks) < 2:
     raise ValueError(f"traces: expected at least 2 blocks of {block} inputs to split, "
@@ -77,6 +83,7 @@ def fold_rows(num_inputs: int, folds: int, *, seed: int = 0, block: int = 1):
   if not isinstance(folds, (int, np.integer)) or folds < 2 or folds > len(blocks):
     raise ValueError(f"folds: expected an integer in [2, {len(blocks)}] (blocks of "
                      f"{block} of N={num_inputs} inputs), got {folds}")
+  _check_seed(seed)
   perm = np.random.default_rng(seed).permutation(len(blocks))
   parts = [np.concatenate([blocks[i] for i in part]) for part in np.array_split(perm, folds)]
   return [(np.sort(np.concatenate(parts[:i] + parts[i + 1:])), np.sort(parts[i]))

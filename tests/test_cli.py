@@ -114,6 +114,24 @@ def test_bad_input_is_one_line_and_exit_2(trace_file, tmp_path, capsys):
   assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv, match", [
+    # sweep's --max-loss only picks the plot's policy: it was not checked at all.
+    (("sweep", "{trace}", "--max-loss", "2"), "--max-loss: expected an agreement-loss"),
+    (("sweep", "{trace}", "--max-loss", "nan"), "--max-loss: expected an agreement-loss"),
+    (("sweep", "{trace}", "--seed", "-1", "--num-lambdas", "5"), "seed: expected an integer"),
+    (("budget", "{trace}", "--seed", "-1", "--folds", "2"), "seed: expected an integer"),
+    (("sweep", "{trace}", "--bins", "uniform", "--step", "1e-12"), "step: expected a bin width"),
+    (("export", "{trace}", "--lam", "0.1", "--out", "{tmp}"), "path: expected a policy file"),
+    (("export", "{trace}", "--lam", "0.1", "--out", "{tmp}/no/p.npz"), "path: the folder"),
+    (("demo", "--out", "{trace}"), "--out: expected a folder"),
+])
+def test_out_of_range_flags_and_paths_name_the_flag(trace_file, tmp_path, capsys, argv, match):
+  argv = [a.format(trace=trace_file, tmp=tmp_path) for a in argv]
+  rc, _, err = run(capsys, *argv)
+  assert rc == 2 and err.startswith("jexit: error:") and err.count("\n") == 1, err
+  assert match in err, err
+
+
 def test_console_entry_point_prints_no_traceback(tmp_path):
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cli.__file__)))
   res = subprocess.run([sys.executable, "-m", "jexit.cli", "budget", str(tmp_path / "x.npz")],
