@@ -9,6 +9,7 @@ speedup on the fit rows that meets an agreement-loss budget there, and reports
 its fit and test metrics.
 """
 
+import inspect
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -35,6 +36,10 @@ APPARATE_BUDGETS = (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)
 TARGETS = (0.005, 0.01, 0.02, 0.05)
 METRICS = ("agreement", "accuracy")  # what a loss budget limits
 NUM_LAMBDAS = 1000
+
+
+# What `fit_options` may hold: jexit.fit's keyword arguments (frontier picks the rows).
+_FIT_KEYWORDS = frozenset(inspect.signature(fit).parameters) - {"traces", "rows"}
 
 
 def merged_fit_options(overrides: Optional[dict] = None) -> dict:
@@ -64,8 +69,9 @@ def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
   the same side: a trace whose rows come in groups of related inputs (e.g. the
   digits traces' 4 augmented copies of one image) is split by group.
   """
-  if not 0 < test_fraction < 1:
-    raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction}")
+  if not (isinstance(test_fraction, (int, float, np.integer, np.floating))
+          and 0 < test_fraction < 1):
+    raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction!r}")
   _check_seed(seed)
   blocks = _blocks(num_inputs, block)
   if len(blocks) < 2:
@@ -123,8 +129,8 @@ def default_lambdas(model: ExitModel, num: int = NUM_LAMBDAS) -> np.ndarray:
   """
   loss = np.asarray(model.loss, np.float64)
   cost = np.asarray(model.cost, np.float64)
-  if num < 1:
-    raise ValueError(f"num_lambdas: expected >= 1, got {num}")
+  if isinstance(num, (bool, np.bool_)) or not isinstance(num, (int, np.integer)) or num < 1:
+    raise ValueError(f"num_lambdas: expected an integer >= 1, got {num!r}")
   spread = float(loss.max() - loss.min()) or 1.0
   pos = cost[cost > 0]
   if pos.size == 0:
@@ -341,6 +347,10 @@ def frontier(traces: Traces, *,
   if fit_options is not None and not isinstance(fit_options, dict):
     raise ValueError(f"fit_options: expected a dict of jexit.fit arguments, got "
                      f"{type(fit_options).__name__}")
+  unknown = sorted(set(fit_options or {}) - _FIT_KEYWORDS)
+  if unknown:
+    raise ValueError(f"fit_options: unknown key(s) {unknown}; expected jexit.fit arguments "
+                     f"{sorted(_FIT_KEYWORDS)}")
   opts = merged_fit_options(fit_options)
   if folds is None:
     rows = [split_rows(n, test_fraction=test_fraction, seed=seed, block=block)]
@@ -400,7 +410,9 @@ def _check_metric(metric: str, max_loss: float):
   if metric not in METRICS:
     raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
   low = 0 if metric == "agreement" else -1
-  if not (np.isfinite(max_loss) and low <= max_loss <= 1):
+  if (isinstance(max_loss, (bool, np.bool_))
+      or not isinstance(max_loss, (int, float, np.integer, np.floating))
+      or not (np.isfinite(max_loss) and low <= max_loss <= 1)):
     raise ValueError(f"max_loss: expected an {metric}-loss budget in [{low}, 1], got {max_loss}")
 
 

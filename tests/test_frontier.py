@@ -47,6 +47,21 @@ def test_splits_are_seeded_and_disjoint():
     jf.split_rows(10, test_fraction=1.0)
   with pytest.raises(ValueError, match="folds"):
     jf.fold_rows(10, 1)
+  with pytest.raises(ValueError, match="test_fraction"):
+    jf.split_rows(10, test_fraction="0.5")
+  with pytest.raises(ValueError, match="seed"):
+    jf.split_rows(10, seed=-1)
+
+
+def test_wrong_types_of_arguments_are_named():
+  # Each was a TypeError from deep inside fit, numpy or a comparison.
+  traces = jexit.Traces(np.full((20, 2), 0.5), np.zeros((20, 2), int), None, np.ones(2))
+  with pytest.raises(ValueError, match=r"fit_options: unknown key\(s\) \['nbins'\]"):
+    jf.frontier(traces, fit_options={"nbins": 8}, num_lambdas=5)
+  with pytest.raises(ValueError, match="num_lambdas"):
+    jf.frontier(traces, num_lambdas=5.5)
+  with pytest.raises(ValueError, match="max_loss"):
+    jf.budget(traces, "0.01", num_lambdas=5)
 
 
 def test_default_lambdas_and_pareto():
