@@ -76,6 +76,13 @@ def _column(values, name: str, ramp: int, n: Optional[int]):
   return list(values)
 
 
+def _flag(v) -> bool:
+  # bool("no") is True: only booleans and 0/1 say whether a ramp agreed.
+  if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, float, np.number)) and v in (0, 1)):
+    return bool(v)
+  raise ValueError(f"expected a boolean or 0/1 agreement, got {v!r}")
+
+
 def apparate_to_traces(profile, cost: Optional[Sequence[float]] = None) -> Traces:
   """Converts an unpickled Apparate profile `{"conf": [...], "acc": [...]}` to `Traces`.
 
@@ -114,13 +121,19 @@ def apparate_to_traces(profile, cost: Optional[Sequence[float]] = None) -> Trace
     last = r == k - 1
     try:
       conf[:, r] = [1.0 if (v is None and last) else float(v) for v in c]
-      agree[:, r] = [True if (v is None and last) else bool(v) for v in a]
+      agree[:, r] = [True if (v is None and last) else _flag(v) for v in a]
     except (TypeError, ValueError) as e:
       raise ValueError(f"apparate['conf'/'acc'][{r}]: expected numbers and booleans "
                        f"({e})") from e
   agree[:, -1] = True  # the backbone agrees with itself
   pred = np.where(agree, 0, 1).astype(np.int64)
-  cost = np.ones(k) if cost is None else np.asarray(cost, np.float64)
+  if cost is None:
+    cost = np.ones(k)
+  else:
+    try:
+      cost = np.asarray(cost, np.float64)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"cost: expected [K={k}] numbers, got {cost!r}") from e
   return check_traces(Traces(conf=conf, pred=pred, label=None, cost=cost))
 
 

@@ -151,6 +151,8 @@ class EarlyExitRunner:
         the wrong shape, or NaN/out-of-range signals (per the table's modes).
     """
     self._check_eval()
+    if x.ndim < 1:
+      raise ValueError(f"x: expected a batch [B, ...], got a tensor of shape {tuple(x.shape)}")
     if int(x.shape[0]) == 1:
       return self._run_one(x)
     if int(x.shape[0]) == 0:

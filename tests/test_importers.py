@@ -68,6 +68,10 @@ def test_malformed_profiles_and_files(tmp_path):
     apparate_to_traces({"conf": [[0.5, 0.5], [1, 1]], "acc": [[True, True], [True]]})
   with pytest.raises(ValueError, match="traces.conf"):
     apparate_to_traces({"conf": [[1.5], [1.0]], "acc": [[True], [True]]})
+  with pytest.raises(ValueError, match=r"apparate\['conf'/'acc'\]\[0\].*'no'"):
+    apparate_to_traces({"conf": [[0.5], [1.0]], "acc": [["no"], [True]]})  # bool("no") is True
+  with pytest.raises(ValueError, match="cost: expected"):
+    apparate_to_traces({"conf": [[0.5], [1.0]], "acc": [[True], [True]]}, cost=["a", "b"])
   with pytest.raises(ValueError, match="traces.cost"):
     apparate_to_traces(PROFILE, cost=[1.0, 2.0])
   bad = tmp_path / "bad.pickle"

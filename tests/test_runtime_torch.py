@@ -138,6 +138,8 @@ def test_runner_refuses_mismatches(tmp_path):
     EarlyExitRunner(segments, heads[:3], table)
   with pytest.raises(ValueError, match="table: expected"):
     EarlyExitRunner(segments, heads, {"threshold": 1})
+  with pytest.raises(ValueError, match=r"x: expected a batch \[B, ...\]"):
+    EarlyExitRunner(segments, heads, table)(torch.tensor(1.0))
   heads[1].train()  # a Linear head in training mode computes the same: accepted
   EarlyExitRunner(segments, heads, table)(x)
   heads[1].eval()
