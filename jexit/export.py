@@ -38,7 +38,10 @@ def trace_sha256(traces: Traces) -> str:
     a = getattr(traces, name)
     if a is None:
       continue
-    a = np.ascontiguousarray(np.asarray(a).astype(dtypes[name]))
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+      raise ValueError(f"traces.{name}: expected real numbers, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a.astype(dtypes[name]))
     h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
     h.update(a.tobytes())
   return h.hexdigest()

@@ -464,7 +464,12 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
                      "recall=True (without recall the state is the bin alone)")
   m, num_k, num_s = prep.loss.shape
   num_x, num_l = prep.grid.shape[1], lam.size
-  lam_m = np.broadcast_to(lam.astype(dtype), (m, num_l))
+  with np.errstate(over="ignore"):
+    lam_w = lam.astype(dtype)
+  if not np.all(np.isfinite(lam_w)):
+    raise ValueError(f"lambdas: expected values <= {float(np.finfo(dtype).max):.4g} (the "
+                     f"range of {np.dtype(dtype).name}), got {lam[~np.isfinite(lam_w)][:5].tolist()}")
+  lam_m = np.broadcast_to(lam_w, (m, num_l))
   tol = default_rtol(dtype) if rtol is None else float(rtol)
 
   mesh = None if devices is None else _make_mesh(devices, m, num_l)

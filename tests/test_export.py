@@ -92,6 +92,8 @@ def test_trace_hash_is_stable_under_save_and_load(tmp_path):
   other = traces._replace(pred=traces.pred.copy())
   other.pred[0, 0] += 1
   assert export.trace_sha256(other) != export.trace_sha256(traces)
+  with pytest.raises(ValueError, match="traces.conf: expected real numbers"):
+    export.trace_sha256(traces._replace(conf=traces.conf.astype(str)))
 
 
 def test_export_refuses_mismatches(tmp_path, solved):

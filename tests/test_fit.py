@@ -186,7 +186,8 @@ def test_bad_models_name_the_field(over, match):
 
 
 @pytest.mark.parametrize("lam", [np.array([-0.1]), np.array([np.nan]), np.ones((2, 2)),
-                                 np.array([]), np.array(["0.1"]), np.array([0.1 + 1j])])
+                                 np.array([]), np.array(["0.1"]), np.array([0.1 + 1j]),
+                                 np.array([0.1, 1e300])])  # 1e300: inf in float32
 def test_bad_lambdas(lam):
   with pytest.raises(ValueError, match="lambdas"):
     jexit.solve(_model(), lam)
