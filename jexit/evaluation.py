@@ -303,6 +303,9 @@ def _policy_arrays(policy: Policy):
   if np.any(np.isnan(threshold)) or not np.all(np.isfinite(loss)):
     raise ValueError("policy.threshold, policy.loss: expected no NaN (thresholds may "
                      "be +-inf; losses finite)")
+  if not (np.all(np.isfinite(lam)) and np.all(lam >= 0)):
+    raise ValueError(f"policy.lam: expected finite values >= 0, got "
+                     f"{lam[~(np.isfinite(lam) & (lam >= 0))][:5].tolist()}")
   return threshold, loss, lam
 
 

@@ -237,6 +237,9 @@ def test_errors_name_the_field():
     text = np.asarray(getattr(policy, field)).astype(str)
     with pytest.raises(ValueError, match=f"policy.{field}: expected real numbers"):
       evaluate(policy._replace(**{field: text}), traces, binning)
+  for lam in (np.nan, -1.0):  # a NaN lam made every objective NaN, silently
+    with pytest.raises(ValueError, match="policy.lam: expected finite values >= 0"):
+      evaluate(policy._replace(lam=np.full_like(np.asarray(policy.lam), lam)), traces, binning)
 
 
 def test_new_lam_grid_and_other_mode_reuse_the_compile():
