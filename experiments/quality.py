@@ -69,19 +69,27 @@ def per_fold(fr, method, target):
   return np.array(speed), agree / n
 
 
-def recall_usage(traces, fr, folds, block, target):
-  """On held-out rows at the fit-chosen lam: share of inputs whose output came
-  from an earlier ramp than the one they stopped at, and the agreement of
-  those outputs (how often, and how well, recall is used)."""
-  recalled = agree = total = 0
-  for split, (_, test_rows) in enumerate(jf.fold_rows(traces.num_inputs, folds, block=block)):
-    i = jf.choose_index(fr.splits[split]["recall"][0], target)
+def chosen_outputs(traces, fr, rows, choose):
+  """Per fold of `rows` where `choose(split)` gives a lam index of the recall
+  policy: (held-out traces, stop ramp [N], output ramp [N]) of that policy."""
+  for split, (_, test_rows) in enumerate(rows):
+    i = choose(split)
     if i is None:
       continue
     policy, lam_index, _, binning = jf.candidate_policy(fr, "recall", i, split)
     test = traces.take(test_rows)
     ev = jexit.evaluate(policy, test, binning, return_per_input=True)
-    stop, out = np.asarray(ev.stop_ramp[lam_index]), np.asarray(ev.output_ramp[lam_index])
+    yield test, np.asarray(ev.stop_ramp[lam_index]), np.asarray(ev.output_ramp[lam_index])
+
+
+def recall_usage(traces, fr, folds, block, target):
+  """On held-out rows at the fit-chosen lam: share of inputs whose output came
+  from an earlier ramp than the one they stopped at, and the agreement of
+  those outputs (how often, and how well, recall is used)."""
+  recalled = agree = total = 0
+  rows = jf.fold_rows(traces.num_inputs, folds, block=block)
+  choose = lambda split: jf.choose_index(fr.splits[split]["recall"][0], target)
+  for test, stop, out in chosen_outputs(traces, fr, rows, choose):
     early = out < stop
     recalled += early.sum()
     agree += (test.pred[np.arange(len(out)), out] == test.pred[:, -1])[early].sum()

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
 from jexit import frontiers as jf  # pylint: disable=wrong-import-position
-from experiments import workloads  # pylint: disable=wrong-import-position
+from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 TARGETS = (-0.1, -0.05, 0.0, 0.005, 0.01, 0.02)  # accuracy loss; < 0: a gain
 MAX_ACC = "max acc."  # the column of each method's most accurate parameter
@@ -83,14 +83,9 @@ def recall_usage(traces, fr, rows, target):
   inputs answered by an earlier ramp than the one they stopped at, the accuracy
   of those answers, and the accuracy the stopping ramp would have had."""
   early_n = right = right_stop = total = 0
-  for split, (_, test_rows) in enumerate(rows):
-    i = choose_by_accuracy(fr.splits[split]["recall"][0], fr.backbone_fit_accuracy[split], target)
-    if i is None:
-      continue
-    policy, lam_index, _, binning = jf.candidate_policy(fr, "recall", i, split)
-    test = traces.take(test_rows)
-    ev = jexit.evaluate(policy, test, binning, return_per_input=True)
-    stop, out = np.asarray(ev.stop_ramp[lam_index]), np.asarray(ev.output_ramp[lam_index])
+  choose = lambda split: choose_by_accuracy(fr.splits[split]["recall"][0],
+                                            fr.backbone_fit_accuracy[split], target)
+  for test, stop, out in quality.chosen_outputs(traces, fr, rows, choose):
     idx = np.arange(len(out))
     early = out < stop
     early_n += early.sum()
@@ -115,14 +110,7 @@ def label_overthink(n=4000, k=5, classes=10, seed=3):
   rng = np.random.default_rng(seed)
   base = np.array([0.8, 1.4, 2.0, 2.0, 1.8])[:k]
   rho, noise = 0.5, 1.2
-  difficulty = rng.normal(size=n)
-  state = rng.normal(size=n)
-  z = np.empty((n, k))
-  for r in range(k):
-    state = rho * state + np.sqrt(1 - rho ** 2) * rng.normal(size=n)
-    z[:, r] = base[r] - 1.5 * difficulty + noise * state
-  floor = 1.0 / classes
-  conf = floor + (1 - floor) / (1 + np.exp(-z))
+  conf = workloads.latent_confidence(rng, base, rho, noise, 1.5, n, classes)
   label = rng.integers(0, classes, n)
   right = rng.uniform(size=(n, k)) < conf
   pred = np.where(right, label[:, None], (label[:, None] + rng.integers(1, classes, (n, k))) % classes)

@@ -20,6 +20,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRACE_DIR = os.path.join(HERE, "traces")
 
 
+def latent_confidence(rng, base, rho, noise, weight, n, classes):
+  """`[n, len(base)]` confidences: a logistic view, floored at chance
+  (1 / classes), of `base[r] - weight * difficulty + noise * state`, where the
+  per-input difficulty is fixed and the state is an AR(1) chain over the ramps."""
+  difficulty = rng.normal(size=n)
+  state = rng.normal(size=n)
+  z = np.empty((n, len(base)))
+  for r in range(len(base)):
+    state = rho * state + np.sqrt(1 - rho ** 2) * rng.normal(size=n)
+    z[:, r] = base[r] - weight * difficulty + noise * state
+  floor = 1.0 / classes
+  return floor + (1 - floor) / (1 + np.exp(-z))
+
+
 def synthetic(kind: str, n: int = 4000, k: int = 5, classes: int = 10,
               seed: int = 0) -> jexit.Traces:
   """A synthetic trace of `n` inputs and `k` ramps (see module docstring)."""
@@ -33,14 +47,7 @@ def synthetic(kind: str, n: int = 4000, k: int = 5, classes: int = 10,
     rho, noise = 0.6, 1.0
   else:
     raise ValueError(f"kind: expected 'smooth' or 'overthink', got {kind!r}")
-  difficulty = rng.normal(size=n)
-  z = np.empty((n, k))
-  state = rng.normal(size=n)
-  for r in range(k):
-    state = rho * state + np.sqrt(1 - rho ** 2) * rng.normal(size=n)
-    z[:, r] = base[r] - 2.0 * difficulty + noise * state
-  floor = 1.0 / classes
-  conf = floor + (1 - floor) / (1 + np.exp(-z))
+  conf = latent_confidence(rng, base, rho, noise, 2.0, n, classes)
   label = rng.integers(0, classes, n)
   # The final ramp is right with probability conf; other ramps agree with the
   # final one with probability conf (calibrated against agreement).
