@@ -102,14 +102,20 @@ def budget_default_splits(fr, fr_stability, choices, target):
   return out
 
 
-def budget_vs_external(traces, folds, inner_folds, block, num_lambdas, seed):
-  """target -> (held-out speedup per fold of `budget default`, {external
-  baseline: held-out speedup per fold}) on the outer split of `seed`."""
+def _frontiers(traces, folds, inner_folds, block, num_lambdas, seed=0):
+  """The outer split's frontiers (recall, no recall and the external baselines
+  on `1 - conf`; recall and no recall on stability) and the inner choices."""
   kw = dict(folds=folds, block=block, num_lambdas=num_lambdas, seed=seed)
   fr = jf.frontier(traces, methods=("recall", "norecall") + quality.EXTERNAL, **kw)
   fr_stability = jf.frontier(traces, methods=("recall", "norecall"),
                              fit_options={**jf.DEFAULT_FIT, "signal": "stability"}, **kw)
-  choices = inner_choices(traces, folds, inner_folds, block, num_lambdas, seed=seed)
+  return fr, fr_stability, inner_choices(traces, folds, inner_folds, block, num_lambdas, seed)
+
+
+def budget_vs_external(traces, folds, inner_folds, block, num_lambdas, seed):
+  """target -> (held-out speedup per fold of `budget default`, {external
+  baseline: held-out speedup per fold}) on the outer split of `seed`."""
+  fr, fr_stability, choices = _frontiers(traces, folds, inner_folds, block, num_lambdas, seed)
   return {t: (_scored(budget_default_splits(fr, fr_stability, choices, t), jf.DEPLOYABLE, t)[0],
               {m: quality.per_fold(fr, m, t)[0] for m in quality.EXTERNAL})
           for t in quality.TARGETS}
@@ -183,12 +189,8 @@ def main(argv=None):
   for name, traces in workloads.suite().items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
-    fr = jf.frontier(traces, folds=args.folds, block=block, num_lambdas=args.num_lambdas,
-                     methods=("recall", "norecall") + quality.EXTERNAL)
-    fr_stability = jf.frontier(traces, folds=args.folds, block=block,
-                               num_lambdas=args.num_lambdas, methods=("recall", "norecall"),
-                               fit_options={**jf.DEFAULT_FIT, "signal": "stability"})
-    choices = inner_choices(traces, args.folds, args.inner_folds, block, args.num_lambdas)
+    fr, fr_stability, choices = _frontiers(traces, args.folds, args.inner_folds, block,
+                                           args.num_lambdas)
     cells = []
     for t in quality.TARGETS:
       speed = {"default": quality.per_fold(fr, "recall", t)[0]}
