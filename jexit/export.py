@@ -15,7 +15,7 @@ import numpy as np
 
 from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, ExitTable, check_arrays,
                            check_header, load_policy_file)
-from jexit.types import Binning, ExitModel, Policy, Traces
+from jexit.types import Binning, ExitModel, Policy, Traces, is_bool_like
 
 __all__ = ["add_export_parser", "export_policy", "load_policy_file", "run_export",
            "trace_sha256"]
@@ -89,8 +89,7 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
                   ("binning.edges", edges)):
     if a.dtype.kind not in "iuf":
       raise ValueError(f"{name}: expected real numbers, got dtype {a.dtype}")
-  if not (isinstance(policy.recall, (bool, np.bool_))
-          or (isinstance(policy.recall, (int, np.integer)) and policy.recall in (0, 1))):
+  if not is_bool_like(policy.recall):
     raise ValueError(f"policy.recall: expected a bool, got {policy.recall!r}")
   edges = edges.astype(np.float64)
   if threshold.ndim == 4:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from jexit.traces import check_traces, signal_values
-from jexit.types import Binning, ExitModel, Traces
+from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
 
 PAPER_STEP = 0.08
 PARAMETRIC_STEPS = 1000  # Adam steps of the parametric transition fit
@@ -42,8 +42,7 @@ def quantile_edges(values: np.ndarray, num_bins: int,
   Repeated quantiles (many equal values) are nudged apart so every ramp keeps
   exactly `num_bins` bins; such bins are empty and smoothing fills them.
   """
-  if (isinstance(num_bins, (bool, np.bool_)) or not isinstance(num_bins, (int, np.integer))
-      or not 1 <= num_bins <= MAX_BINS):
+  if not is_int_scalar(num_bins) or not 1 <= num_bins <= MAX_BINS:
     raise ValueError(f"num_bins: expected an integer in [1, {MAX_BINS}], got {_show(num_bins)}")
   _check_power(power)
   values = np.asarray(values, np.float64)
@@ -76,16 +75,12 @@ def _show(value) -> str:
 
 
 def _check_nonnegative(name, value, what) -> None:
-  if (isinstance(value, (bool, np.bool_))
-      or not isinstance(value, (int, float, np.integer, np.floating))
-      or not np.isfinite(value) or value < 0):
+  if not is_real_scalar(value) or not np.isfinite(value) or value < 0:
     raise ValueError(f"{name}: expected a finite {what} >= 0, got {_show(value)}")
 
 
 def _check_power(power) -> None:
-  if (isinstance(power, (bool, np.bool_))
-      or not isinstance(power, (int, float, np.integer, np.floating))
-      or not np.isfinite(power) or power <= 0):
+  if not is_real_scalar(power) or not np.isfinite(power) or power <= 0:
     raise ValueError(f"quantile_power: expected a finite number > 0 (1: equal-count bins), "
                      f"got {power!r}")
 
@@ -282,9 +277,8 @@ def fit(traces: Traces,
   if prior not in ("uniform", "marginal"):
     raise ValueError(f"prior: expected 'uniform' or 'marginal', got {prior!r}")
   _check_nonnegative("loss_smoothing", loss_smoothing, "value")
-  if history is not None and (isinstance(history, (bool, np.bool_))
-                              or not isinstance(history, (int, float, np.integer, np.floating))
-                              or not np.isfinite(history) or history < 0):
+  if history is not None and (not is_real_scalar(history) or not np.isfinite(history)
+                              or history < 0):
     raise ValueError(f"history: expected None or a finite shrinkage strength alpha >= 0 "
                      f"(pseudo-rows), got {history!r}")
   if trans_model not in ("counts", "parametric"):
@@ -293,9 +287,7 @@ def fit(traces: Traces,
     if trans_model != "parametric":
       raise ValueError(f"trans_strength: expected None with trans_model={trans_model!r} "
                        f"(it weighs the parametric rows), got {trans_strength!r}")
-    if (isinstance(trans_strength, (bool, np.bool_))
-        or not isinstance(trans_strength, (int, float, np.integer, np.floating))
-        or np.isnan(trans_strength) or trans_strength < 0):
+    if not is_real_scalar(trans_strength) or np.isnan(trans_strength) or trans_strength < 0:
       raise ValueError(f"trans_strength: expected None or a number of pseudo-rows >= 0 "
                        f"(inf allowed), got {trans_strength!r}")
   _check_power(quantile_power)

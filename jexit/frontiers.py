@@ -20,7 +20,7 @@ from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_q
 from jexit.fit import fit
 from jexit.solver import solve
 from jexit.traces import check_traces
-from jexit.types import Binning, ExitModel, Policy, Traces
+from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
 
 # The model settings every command uses unless told otherwise, chosen by the
 # measurements of experiments/QUALITY.md: per-ramp quantile bins, a logistic
@@ -57,7 +57,7 @@ def _blocks(num_inputs: int, block: int):
 
 
 def _check_seed(seed) -> None:
-  if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+  if not is_int_scalar(seed) or seed < 0:
     raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
 
 
@@ -129,7 +129,7 @@ def default_lambdas(model: ExitModel, num: int = NUM_LAMBDAS) -> np.ndarray:
   """
   loss = np.asarray(model.loss, np.float64)
   cost = np.asarray(model.cost, np.float64)
-  if isinstance(num, (bool, np.bool_)) or not isinstance(num, (int, np.integer)) or num < 1:
+  if not is_int_scalar(num) or num < 1:
     raise ValueError(f"num_lambdas: expected an integer >= 1, got {num!r}")
   spread = float(loss.max() - loss.min()) or 1.0
   pos = cost[cost > 0]
@@ -410,9 +410,7 @@ def _check_metric(metric: str, max_loss: float):
   if metric not in METRICS:
     raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
   low = 0 if metric == "agreement" else -1
-  if (isinstance(max_loss, (bool, np.bool_))
-      or not isinstance(max_loss, (int, float, np.integer, np.floating))
-      or not (np.isfinite(max_loss) and low <= max_loss <= 1)):
+  if not is_real_scalar(max_loss) or not (np.isfinite(max_loss) and low <= max_loss <= 1):
     raise ValueError(f"max_loss: expected an {metric}-loss budget in [{low}, 1], got {max_loss}")
 
 

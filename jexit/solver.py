@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jexit.types import ExitModel, Policy
+from jexit.types import ExitModel, Policy, is_bool_like, is_real_scalar
 
 
 # Full float32 products on every backend: an accelerator's default (TF32 on
@@ -448,13 +448,10 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
   if not np.all(np.isfinite(lam)) or np.any(lam < 0):
     bad = lam[~(np.isfinite(lam) & (lam >= 0))]
     raise ValueError(f"lambdas: expected finite values >= 0, got {bad[:5].tolist()}")
-  if not (isinstance(recall, (bool, np.bool_))
-          or (isinstance(recall, (int, np.integer)) and recall in (0, 1))):
+  if not is_bool_like(recall):
     raise ValueError(f"recall: expected a bool, got {recall!r}")
   recall = bool(recall)
-  if rtol is not None and (isinstance(rtol, (bool, np.bool_))
-                           or not isinstance(rtol, (int, float, np.integer, np.floating))
-                           or not np.isfinite(rtol) or rtol < 0):
+  if rtol is not None and (not is_real_scalar(rtol) or not np.isfinite(rtol) or rtol < 0):
     raise ValueError(f"rtol: expected None or a finite tie tolerance >= 0, got {rtol!r}")
   if max_bytes is not None and not max_bytes > 0:
     raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes}")

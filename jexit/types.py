@@ -9,6 +9,22 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 
+def is_real_scalar(v) -> bool:
+  """A Python or numpy int or float (not a bool: `True + 1` should not pass)."""
+  return (isinstance(v, (int, float, np.integer, np.floating))
+          and not isinstance(v, (bool, np.bool_)))
+
+
+def is_int_scalar(v) -> bool:
+  """A Python or numpy integer (not a bool)."""
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def is_bool_like(v) -> bool:
+  """A bool, or the integer 0 or 1."""
+  return isinstance(v, (bool, np.bool_)) or (is_int_scalar(v) and v in (0, 1))
+
+
 class Traces(NamedTuple):
   """What every ramp of an early-exit network said on N inputs (PROBLEM.md).
 
