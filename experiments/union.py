@@ -18,7 +18,7 @@ fit speedup (`best_method`, ties in `DEPLOYABLE` order).
 
 Usage:
   python experiments/union.py [--folds 5] [--num-lambdas 300] [--inner-folds 4]
-      [--pool apparate_greedy,global_threshold]
+      [--pool apparate_greedy,global_threshold] [--trace-dir experiments/traces]
   python experiments/union.py --seeds 0,1,2,3,4   # repeated outer splits
 """
 
@@ -121,12 +121,12 @@ def budget_vs_external(traces, folds, inner_folds, block, num_lambdas, seed):
           for t in quality.TARGETS}
 
 
-def repeated(seeds, folds, inner_folds, num_lambdas):
+def repeated(seeds, folds, inner_folds, num_lambdas, trace_dir=None):
   """`budget default` against the best external baseline on the outer splits
   of several seeds (repeated cross-fitting): cells won per seed, and per cell
   the mean over seeds x folds."""
   runs = {}  # (workload, target) -> [(mine, {baseline: speeds}) per seed]
-  for name, traces in workloads.suite().items():
+  for name, traces in workloads.suite(trace_dir).items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
     for seed in seeds:
@@ -175,10 +175,12 @@ def main(argv=None):
   parser.add_argument("--seeds", default=None,
                       help="comma-separated outer split seeds: run only budget default "
                            "against the external baselines, repeated over these splits")
+  parser.add_argument("--trace-dir", default=None,
+                      help="folder of the digits traces (default experiments/traces)")
   args = parser.parse_args(argv)
   if args.seeds:
     repeated([int(s) for s in args.seeds.split(",")], args.folds, args.inner_folds,
-             args.num_lambdas)
+             args.num_lambdas, args.trace_dir)
     return
   pools = [tuple(p.split(",")) for p in args.pool.split(";")]
   names = ["default"] + ["recall+" + "+".join(p) for p in pools] + ["budget default", "inner member"]
@@ -186,7 +188,7 @@ def main(argv=None):
   on_stability = 0
   detail = []  # budget default vs the best external baseline, cell by cell
   board = quality.Scoreboard(names)
-  for name, traces in workloads.suite().items():
+  for name, traces in workloads.suite(args.trace_dir).items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
     fr, fr_stability, choices = _frontiers(traces, args.folds, args.inner_folds, block,

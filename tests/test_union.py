@@ -30,3 +30,12 @@ def test_scored_keeps_the_fit_fastest_member_and_falls_back_to_the_backbone(load
   speed, picked, _ = union._scored(splits, ("b",), 0.01)
   np.testing.assert_allclose(speed, [1.9, 1.0])
   assert picked == {"b": 1}
+
+
+def test_trace_dir_reaches_the_suite(load_script, monkeypatch, capsys):
+  union = load_script("experiments/union.py")
+  seen = []
+  monkeypatch.setattr(union.workloads, "suite", lambda trace_dir=None: seen.append(trace_dir) or {})
+  union.main(["--seeds", "0", "--trace-dir", "some/folder"])
+  assert seen == ["some/folder"]
+  assert "seed 0: 0" in capsys.readouterr().out
