@@ -1,6 +1,7 @@
 """Early-exit VGG traces (experiments/ee_vgg.py): tiny models on the CPU."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -207,3 +208,16 @@ def test_image_folder_makes_a_trace(tmp_path):
   with pytest.raises(ValueError, match="no images"):
     (tmp_path / "empty").mkdir()
     ee_vgg.load_image_folder(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name", [f"digits_{a}_{r}ramps" for a in ("vgg11", "vgg13", "vgg16")
+                                  for r in (3, 5)])
+def test_joint_suite_has_the_same_costs_and_earlier_agreement(name):
+  # experiments/JOINT.md: same networks and rows, ramps trained with the backbone.
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  separate = jexit.load_traces(os.path.join(here, "traces", name + ".npz"))
+  joint = jexit.load_traces(os.path.join(here, "traces_joint", name + ".npz"))
+  np.testing.assert_array_equal(joint.cost, separate.cost)
+  np.testing.assert_array_equal(joint.label, separate.label)
+  agree = lambda t: (t.pred[:, :-1] == t.pred[:, -1:]).mean(0)
+  assert agree(joint)[0] > agree(separate)[0]
