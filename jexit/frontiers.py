@@ -18,7 +18,7 @@ from jexit import baselines
 from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
                             evaluate, select)
 from jexit.fit import fit
-from jexit.solver import solve
+from jexit.solver import available_host_bytes, solve, working_dtype
 from jexit.traces import check_traces
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
 
@@ -235,6 +235,38 @@ def candidate_policy(fr: "Frontier", method: str, index: int, split: int = 0):
   return policy, index % num_lam, model, binning
 
 
+def frontier_bytes(candidates, num_lam: int, methods: Sequence[str], num_splits: int) -> int:
+  """Estimated peak host memory, in bytes, of `frontier`'s solver policies.
+
+  Per lam value: the recall policy kept for the first split and the one being
+  evaluated (`[K, S]` thresholds each), and, per solver method, candidate model,
+  fit/test side and split (plus the pooled copy), one evaluation's per-policy
+  fields (`[K]` histograms and nine scalars, float64). On the demo trace (3
+  candidates, K = 3) peak resident memory grew by 4.3 KiB per lam value with one
+  split and 10.3 KiB with 5 folds; this estimates 3.75 and 9.4 KiB.
+  """
+  itemsize = np.dtype(working_dtype()).itemsize
+  k = max(m.loss.shape[-2] for m, _ in candidates)
+  sizes = [m.loss.shape[-1] for m, _ in candidates]
+  solved = sum(m in ("recall", "norecall") for m in methods)
+  if not solved:
+    return 0
+  tables = itemsize * k * (max(sizes) + sizes[0])
+  evals = solved * len(candidates) * 2 * (num_splits + 1) * 8 * (9 + 2 * k)
+  return int(num_lam) * (tables + evals)
+
+
+def _check_memory(name, num_lam, candidates, methods, num_splits):
+  need = frontier_bytes(candidates, num_lam, methods, num_splits)
+  free = available_host_bytes()
+  if need > free:
+    raise ValueError(
+        f"{name}: {num_lam} lam values need about {need / 2**30:.1f} GiB for the solved "
+        f"policies and their evaluations ({len(candidates)} candidate models, "
+        f"{num_splits} split(s)); about {free / 2**30:.1f} GiB is free. Use fewer lam "
+        f"values, or call jexit.solve and jexit.evaluate on blocks of them.")
+
+
 def _run_split(traces, fit_rows, test_rows, *, candidates, markov_candidates, lambdas,
                methods, apparate_budgets, threshold_grid, oracle_lambdas, max_bytes,
                oracle_target):
@@ -298,7 +330,9 @@ def frontier(traces: Traces, *,
     traces: the traces.
     lambdas: `[L]` lam grid (default: `default_lambdas` of the first split's
       model, `num_lambdas` values); shared by all folds.
-    num_lambdas: L for the default grid.
+    num_lambdas: L for the default grid. A grid whose solved policies and
+      evaluations would not fit in the host's free memory (`frontier_bytes`)
+      is refused with a ValueError before anything is solved.
     test_fraction: share of rows held out (single split).
     seed: seed of the split.
     folds: k for k-fold cross-fitting instead of one split.
@@ -370,8 +404,12 @@ def frontier(traces: Traces, *,
     # solved on the Markov models the state-conditioned ones shrink towards.
     markov = [fit_candidates(traces, f, {**opts, "history": None}) for f, _ in rows]
   if lambdas is None:
+    if is_int_scalar(num_lambdas) and num_lambdas >= 1:
+      _check_memory("num_lambdas", int(num_lambdas), fitted[0], methods, len(rows))
     lambdas = default_lambdas(fitted[0][0][0], num_lambdas)
   lambdas = np.asarray(lambdas, np.float64)
+  if lambdas.ndim == 1:
+    _check_memory("lambdas", lambdas.size, fitted[0], methods, len(rows))
   if threshold_grid is None:
     threshold_grid = baselines.default_threshold_grid(traces.take(rows[0][0]))
   if oracle_lambdas is None:

@@ -302,6 +302,11 @@ def _available_bytes(device) -> int:
     stats = None
   if stats and "bytes_limit" in stats:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  return available_host_bytes()
+
+
+def available_host_bytes() -> int:
+  """The host's free memory in bytes (MemAvailable; 8 GiB where unknown)."""
   try:
     with open("/proc/meminfo") as f:
       for line in f:
@@ -422,7 +427,9 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
     max_bytes: working-memory budget per device, in bytes, of one block of
       the batch (`solve_bytes` estimates it). Default `default_max_bytes`:
       a cache-sized block on a CPU, half of the free memory on an
-      accelerator. The returned arrays are not counted.
+      accelerator. The returned arrays are not counted here; a batch whose
+      returned arrays would not fit in the host's free memory is refused
+      with a ValueError before anything is solved.
     devices: None (the default device), "all" (every local device) or a list
       of devices to spread the batch over.
 
@@ -476,6 +483,14 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
                                       return_stop=return_stop,
                                       conditioned=prep.conditioned,
                                       itemsize=np.dtype(dtype).itemsize)
+  out_bytes = m * num_l * (1 + num_k * num_s) * np.dtype(dtype).itemsize
+  if return_stop:
+    out_bytes += m * num_l * num_k * (num_x if recall else 1) * num_s
+  if out_bytes > available_host_bytes():
+    raise ValueError(
+        f"lambdas: {num_l} lam values x {m} model(s) need about {out_bytes / 2**30:.1f} GiB "
+        f"for the solved tables; about {available_host_bytes() / 2**30:.1f} GiB is free. "
+        f"Solve fewer lam values per call.")
   if max_bytes is None:  # at least one policy per block
     budget = max(default_max_bytes(used), per_model + per_policy)
   else:

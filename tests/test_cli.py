@@ -124,6 +124,9 @@ def test_bad_input_is_one_line_and_exit_2(trace_file, tmp_path, capsys):
     (("export", "{trace}", "--lam", "0.1", "--out", "{tmp}"), "path: expected a policy file"),
     (("export", "{trace}", "--lam", "0.1", "--out", "{tmp}/no/p.npz"), "path: the folder"),
     (("demo", "--out", "{trace}"), "--out: expected a folder"),
+    # 1e12 lam values died in numpy or XLA with an out-of-memory error.
+    (("sweep", "{trace}", "--num-lambdas", "1000000000000"), "num_lambdas: 1000000000000 lam"),
+    (("budget", "{trace}", "--num-lambdas", "1000000000000"), "GiB is free"),
 ])
 def test_out_of_range_flags_and_paths_name_the_flag(trace_file, tmp_path, capsys, argv, match):
   argv = [a.format(trace=trace_file, tmp=tmp_path) for a in argv]

@@ -64,6 +64,22 @@ def test_wrong_types_of_arguments_are_named():
     jf.budget(traces, "0.01", num_lambdas=5)
 
 
+def test_too_many_lam_values_are_refused_before_solving(traces, monkeypatch):
+  # 1e7 lam values on the demo trace needed ~36 GiB and died in XLA.
+  with pytest.raises(ValueError, match=r"num_lambdas: 10000000000 lam values need about .* GiB"):
+    jf.frontier(traces, num_lambdas=10**10)
+  fitted = jf.fit_candidates(traces, np.arange(traces.num_inputs), jf.merged_fit_options(None))
+  per_lam = jf.frontier_bytes(fitted, 1, jf.METHODS, 1)
+  assert per_lam > 0 and jf.frontier_bytes(fitted, 1000, jf.METHODS, 1) == 1000 * per_lam
+  assert jf.frontier_bytes(fitted, 1000, jf.METHODS, 5) > 1000 * per_lam
+  assert jf.frontier_bytes(fitted, 1000, ("apparate_greedy",), 1) == 0
+  # An explicit grid is checked against the free memory too.
+  monkeypatch.setattr(jf, "available_host_bytes", lambda: 100 * per_lam)
+  with pytest.raises(ValueError, match="lambdas: 101 lam values"):
+    jf.frontier(traces, lambdas=np.linspace(0.01, 1.0, 101))
+  assert jf.frontier(traces, lambdas=np.linspace(0.01, 1.0, 99), methods=("recall",))
+
+
 def test_default_lambdas_and_pareto():
   model = jexit.ExitModel(np.full(2, 0.5), np.full((1, 2, 2), 0.5),
                           np.array([[0.2, 0.8], [0.1, 0.4]]), np.array([1.0, 3.0]))

@@ -329,3 +329,12 @@ def test_every_product_is_full_float32():
   dots = [line for text in texts for line in text.splitlines() if "dot_general" in line]
   assert len(dots) >= 8
   assert all("precision = [HIGHEST, HIGHEST]" in line for line in dots), dots
+
+
+def test_solved_tables_larger_than_free_memory_are_refused(monkeypatch):
+  model = _model(np.full(2, 0.5), np.full((1, 2, 2), 0.5), np.array([[0.2, 0.8], [0.1, 0.4]]),
+                 np.array([1.0, 3.0]))
+  monkeypatch.setattr(solver_lib, "available_host_bytes", lambda: 1000)
+  with pytest.raises(ValueError, match=r"lambdas: 100 lam values x 1 model\(s\) need about"):
+    jexit.solve(model, np.linspace(0.0, 1.0, 100))
+  assert jexit.solve(model, np.linspace(0.0, 1.0, 10)).threshold.shape == (10, 2, 2)
