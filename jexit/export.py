@@ -15,7 +15,7 @@ import numpy as np
 
 from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, ExitTable, check_arrays,
                            check_header, load_policy_file)
-from jexit.types import Binning, ExitModel, Policy, Traces, is_bool_like
+from jexit.types import Binning, ExitModel, Policy, Traces, is_bool_like, is_int_scalar
 
 __all__ = ["add_export_parser", "export_policy", "load_policy_file", "run_export",
            "trace_sha256"]
@@ -50,7 +50,7 @@ def trace_sha256(traces: Traces) -> str:
 def _pick(name, a, index, axis_name):
   """`a[index]` with a ValueError naming the field when out of range."""
   size = a.shape[0]
-  if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+  if not is_int_scalar(index):
     raise ValueError(f"{axis_name}: expected an int index, got {index!r}")
   if not -size <= index < size:
     raise ValueError(f"{axis_name}: expected an index in [0, {size}) into {name} "

@@ -69,8 +69,7 @@ def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
   the same side: a trace whose rows come in groups of related inputs (e.g. the
   digits traces' 4 augmented copies of one image) is split by group.
   """
-  if not (isinstance(test_fraction, (int, float, np.integer, np.floating))
-          and 0 < test_fraction < 1):
+  if not (is_real_scalar(test_fraction) and 0 < test_fraction < 1):
     raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction!r}")
   _check_seed(seed)
   blocks = _blocks(num_inputs, block)
@@ -404,12 +403,13 @@ def frontier(traces: Traces, *,
     # solved on the Markov models the state-conditioned ones shrink towards.
     markov = [fit_candidates(traces, f, {**opts, "history": None}) for f, _ in rows]
   if lambdas is None:
-    if is_int_scalar(num_lambdas) and num_lambdas >= 1:
+    if is_int_scalar(num_lambdas) and num_lambdas >= 1:  # before default_lambdas allocates
       _check_memory("num_lambdas", int(num_lambdas), fitted[0], methods, len(rows))
     lambdas = default_lambdas(fitted[0][0][0], num_lambdas)
-  lambdas = np.asarray(lambdas, np.float64)
-  if lambdas.ndim == 1:
-    _check_memory("lambdas", lambdas.size, fitted[0], methods, len(rows))
+  else:
+    lambdas = np.asarray(lambdas, np.float64)
+    if lambdas.ndim == 1:
+      _check_memory("lambdas", lambdas.size, fitted[0], methods, len(rows))
   if threshold_grid is None:
     threshold_grid = baselines.default_threshold_grid(traces.take(rows[0][0]))
   if oracle_lambdas is None:

@@ -486,10 +486,11 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
   out_bytes = m * num_l * (1 + num_k * num_s) * np.dtype(dtype).itemsize
   if return_stop:
     out_bytes += m * num_l * num_k * (num_x if recall else 1) * num_s
-  if out_bytes > available_host_bytes():
+  free = available_host_bytes()
+  if out_bytes > free:
     raise ValueError(
         f"lambdas: {num_l} lam values x {m} model(s) need about {out_bytes / 2**30:.1f} GiB "
-        f"for the solved tables; about {available_host_bytes() / 2**30:.1f} GiB is free. "
+        f"for the solved tables; about {free / 2**30:.1f} GiB is free. "
         f"Solve fewer lam values per call.")
   if max_bytes is None:  # at least one policy per block
     budget = max(default_max_bytes(used), per_model + per_policy)
