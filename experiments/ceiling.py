@@ -232,9 +232,7 @@ def main(argv=None):
     findings = FINDINGS
     if args.trace_dir is not None:  # the intro's claim and FINDINGS are about experiments/traces
       intro = intro.split("\n\n", 1)[1]
-      findings = (f"## Findings\n\nTraces: `{args.trace_dir}`. The written findings of "
-                  "experiments/CEILING.md are about experiments/traces and are not repeated "
-                  "here; the report that cites this command discusses these traces.\n")
+      findings = workloads.findings_elsewhere(args.trace_dir, "CEILING.md")
     with open(args.out, "w") as f:
       f.write(f"# In-sample ceilings of each policy family (issue 7)\n\nCommand: `{cmd.strip()}` "
               f"({(time.perf_counter() - start) / 60:.1f} min on {platform.machine()} "

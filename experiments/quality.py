@@ -446,10 +446,8 @@ def main(argv=None):
       "settings (the levers); `paper` is the paper's setting (uniform 0.08 bins, loss = "
       "1 - conf).",
       "",
-      FINDINGS if args.trace_dir is None else (
-          f"## Findings\n\nTraces: `{args.trace_dir}`. The written findings of "
-          "experiments/QUALITY.md are about experiments/traces and are not repeated here; "
-          "the report that cites this command discusses these traces."),
+      FINDINGS if args.trace_dir is None else
+      workloads.findings_elsewhere(args.trace_dir, "QUALITY.md").rstrip("\n"),
       "",
       f"## Scoreboard: default recall vs the best baseline, no-recall optimum included "
       f"({wins} of {total} cells at least as fast)",

@@ -20,6 +20,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRACE_DIR = os.path.join(HERE, "traces")
 
 
+def findings_elsewhere(trace_dir: str, report: str) -> str:
+  """The Findings section of a report run on another folder of digits traces:
+  `report`'s written findings are about `TRACE_DIR` and do not apply."""
+  return (f"## Findings\n\nTraces: `{trace_dir}`. The written findings of "
+          f"experiments/{report} are about experiments/traces and are not repeated here; "
+          "the report that cites this command discusses these traces.\n")
+
+
 def latent_confidence(rng, base, rho, noise, weight, n, classes):
   """`[n, len(base)]` confidences: a logistic view, floored at chance
   (1 / classes), of `base[r] - weight * difficulty + noise * state`, where the
