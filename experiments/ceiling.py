@@ -171,7 +171,10 @@ def in_sample(traces, num_lambdas, max_combos, block):
   """method -> target -> in-sample speedup (most speedup within the target)."""
   rows = np.arange(traces.num_inputs)
   evals = {}
-  for signal, names in (("1-conf", ("recall", "norecall")), ("stability", ("recall",))):
+  signals = (("1-conf", ("recall", "norecall")), ("stability", ("recall",)))
+  if traces.signal is not None:  # the trace's own signal (margin, entropy, ...)
+    signals += (("signal", ("recall",)),)
+  for signal, names in signals:
     opts = jf.merged_fit_options({"signal": signal, "num_bins": BINS})
     candidates = jf.fit_candidates(traces, rows, opts)
     lambdas = jf.default_lambdas(candidates[0][0], num_lambdas)
@@ -184,7 +187,7 @@ def in_sample(traces, num_lambdas, max_combos, block):
         oracle_lambdas=baselines.default_oracle_lambdas(traces), max_bytes=jf.DEFAULT_MAX_BYTES,
         oracle_target="agreement")
     for m, (fit_ev, _) in res.items():
-      evals[m if signal == "1-conf" else f"{m} [stability]"] = fit_ev
+      evals[m if signal == "1-conf" else f"{m} [{signal}]"] = fit_ev
   out = {}
   for m, ev in evals.items():
     out[m] = {}
@@ -196,7 +199,17 @@ def in_sample(traces, num_lambdas, max_combos, block):
   out["per-ramp thresholds (exhaustive)"] = ramp_threshold_ceiling(traces, TARGETS, grid)
   out["learned scores (exhaustive)"] = ramp_threshold_ceiling(learned_scores(traces, block),
                                                               TARGETS, grid)
+  if traces.signal is not None:  # thresholds on the trace's signal instead of 1 - conf
+    out["per-ramp thresholds [signal] (exhaustive)"] = ramp_threshold_ceiling(
+        traces._replace(conf=1.0 - np.clip(traces.signal, 0.0, 1.0)), TARGETS, grid)
   return out
+
+
+def methods_of(traces):
+  """The report's rows for `traces`: METHODS, plus the trace signal's families."""
+  if traces.signal is None:
+    return METHODS
+  return METHODS[:-2] + ("recall [signal]", "per-ramp thresholds [signal] (exhaustive)") + METHODS[-2:]
 
 
 def main(argv=None):
@@ -217,8 +230,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     block = 4 if name.startswith("digits") else 1
     res = in_sample(traces, args.num_lambdas, args.max_combos, block)
-    policies = [m for m in METHODS if m != "oracle"]
-    for m in METHODS:
+    methods = methods_of(traces)
+    policies = [m for m in methods if m != "oracle"]
+    for m in methods:
       lines.append(f"| {name} | {m} | " + " | ".join(f"{res[m][t]:.2f}x" for t in TARGETS) + " |")
     top = max(policies, key=lambda m: res[m][0.01])
     summary.append(f"{name}: best policy in-sample at <= 1% loss {res[top][0.01]:.2f}x ({top}); "

@@ -389,17 +389,37 @@ def train(model: EarlyExitVGG, images: torch.Tensor, labels: torch.Tensor, *,
 
 # ------------------------------------------------------ extraction and costs
 
+SIGNALS = ("margin", "entropy")
+
+
+def ramp_signal(probs: torch.Tensor, name: str) -> torch.Tensor:
+  """An exit signal of softmax outputs `probs [..., C]`, small when sure:
+  `"margin"`, 1 - (top probability - second); `"entropy"`, the entropy over
+  log C (both in [0, 1])."""
+  if name == "margin":
+    top2 = probs.topk(2, dim=-1).values
+    return 1.0 - (top2[..., 0] - top2[..., 1])
+  if name == "entropy":
+    ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    return ent / np.log(probs.shape[-1])
+  raise ValueError(f"signal: expected one of {SIGNALS}, got {name!r}")
+
+
 @torch.no_grad()
 def extract(model: EarlyExitVGG, images: torch.Tensor, batch_size: int = 256,
-            device=None, progress: bool = False):
+            device=None, progress: bool = False, signal: Optional[str] = None):
   """Every ramp's max softmax and argmax on `images [N, C, H, W]`.
 
   Returns:
-    conf `[N, K]` float32 in [0, 1], pred `[N, K]` int64 (numpy).
+    conf `[N, K]` float32 in [0, 1], pred `[N, K]` int64 (numpy), and with
+    `signal` ("margin" or "entropy", see `ramp_signal`) that signal `[N, K]`
+    float32 as a third value.
   """
+  if signal is not None and signal not in SIGNALS:
+    raise ValueError(f"signal: expected one of {SIGNALS}, got {signal!r}")
   device = torch.device(device) if device is not None else default_device()
   model.to(device).eval()
-  conf, pred = [], []
+  conf, pred, sig = [], [], []
   for i in tqdm(range(0, len(images), batch_size), desc="extract",
                 disable=not progress, leave=False):
     probs = torch.stack([z.float().softmax(-1) for z in
@@ -407,8 +427,12 @@ def extract(model: EarlyExitVGG, images: torch.Tensor, batch_size: int = 256,
     c, p = probs.max(-1)
     conf.append(c.cpu())
     pred.append(p.cpu())
+    if signal is not None:
+      sig.append(ramp_signal(probs, signal).cpu())
   conf = torch.cat(conf).numpy().clip(0, 1).astype(np.float32)
-  return conf, torch.cat(pred).numpy()
+  if signal is None:
+    return conf, torch.cat(pred).numpy()
+  return conf, torch.cat(pred).numpy(), torch.cat(sig).numpy().clip(0, 1).astype(np.float32)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -500,6 +524,7 @@ class TraceConfig:
   seed: int = 0
   cost: str = "flops"            # "flops" or "latency"
   size: int = 32
+  signal: Optional[str] = None   # also record traces.signal: "margin" or "entropy"
 
 
 class TraceRun(NamedTuple):
@@ -533,6 +558,8 @@ def make_traces(config: TraceConfig = TraceConfig(), data: Optional[Dataset] = N
   """
   if config.cost not in ("flops", "latency"):
     raise ValueError(f"cost: expected 'flops' or 'latency', got {config.cost!r}")
+  if config.signal is not None and config.signal not in SIGNALS:
+    raise ValueError(f"signal: expected one of {SIGNALS}, got {config.signal!r}")
   device = torch.device(device) if device is not None else default_device()
   torch.manual_seed(config.seed)
   data = data if data is not None else load_digits_images(config.size)
@@ -561,7 +588,8 @@ def make_traces(config: TraceConfig = TraceConfig(), data: Optional[Dataset] = N
                  ramp_target=config.ramp_target)
   train_seconds = time.perf_counter() - start
 
-  conf, pred = extract(model, x, device=device, progress=progress)
+  out = extract(model, x, device=device, progress=progress, signal=config.signal)
+  conf, pred = out[:2]
   label = y.numpy()
   input_shape = tuple(data.images.shape[1:])
   flops = segment_flops(model, input_shape)
@@ -569,7 +597,8 @@ def make_traces(config: TraceConfig = TraceConfig(), data: Optional[Dataset] = N
              if config.cost == "latency" else None)
   cost = latency if latency is not None else flops.astype(np.float64)
   traces = jexit.check_traces(jexit.Traces(
-      conf=conf, pred=pred.astype(np.int16), label=label.astype(np.int16), cost=cost))
+      conf=conf, pred=pred.astype(np.int16), label=label.astype(np.int16), cost=cost,
+      signal=out[2] if config.signal is not None else None))
   return TraceRun(traces=traces, model=model, train_rows=train_rows,
                   trace_source=source, accuracy=(pred == label[:, None]).mean(0),
                   agreement=(pred == pred[:, -1:]).mean(0), flops=flops,

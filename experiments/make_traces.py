@@ -58,6 +58,9 @@ def parse_args(argv=None):
                  help="share of the images held out for the trace rows")
   p.add_argument("--copies", type=int, default=d.copies,
                  help="augmented trace rows per held-out image (correlated)")
+  p.add_argument("--signal", default=None, choices=ee_vgg.SIGNALS,
+                 help="also record each ramp's margin (1 - top1 + top2) or normalised "
+                      "entropy as the traces' signal; conf and pred are unchanged")
   p.add_argument("--latency", action="store_true",
                  help="cost = measured median ms per segment instead of FLOPs")
   p.add_argument("--image-folder", default=None,
@@ -96,7 +99,7 @@ def main(argv=None):
       width_div=args.width_div, epochs=args.epochs, ramp_epochs=args.ramp_epochs,
       training=args.training, ramp_target=args.ramp_target, batch_size=args.batch_size, lr=args.lr,
       augment_train=not args.no_augment_train, trace_frac=args.trace_frac,
-      copies=args.copies, seed=args.seed,
+      copies=args.copies, seed=args.seed, signal=args.signal,
       cost="latency" if args.latency else "flops")
   data = (ee_vgg.load_image_folder(args.image_folder) if args.image_folder
           else ee_vgg.load_digits_images(config.size))

@@ -10,8 +10,8 @@ of `jexit budget`'s "best" line (`jexit.frontiers.best_method`), with the
 signal fixed to `1 - conf`.
 
 The last column, `budget default`, is the whole rule of `jexit budget` with
-its defaults: per fold, the exit signal of the solver's model (`1 - conf` or
-`stability`) is chosen on the fit rows by an inner cross-fitting
+its defaults: per fold, the exit signal of the solver's model (`1 - conf`, or
+the traces' signal where they record one, or `stability`) is chosen on the fit rows by an inner cross-fitting
 (`--inner-folds`, as `jexit.frontiers.choose_family`), then recall and no
 recall on that signal, Apparate greedy and the global threshold compete by
 fit speedup (`best_method`, ties in `DEPLOYABLE` order).
@@ -19,6 +19,7 @@ fit speedup (`best_method`, ties in `DEPLOYABLE` order).
 Usage:
   python experiments/union.py [--folds 5] [--num-lambdas 300] [--inner-folds 4]
       [--pool apparate_greedy,global_threshold] [--trace-dir experiments/traces]
+      [--signal-as-conf]
   python experiments/union.py --seeds 0,1,2,3,4   # repeated outer splits
 """
 
@@ -34,7 +35,10 @@ from jexit import frontiers as jf  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 
-SIGNALS = ("1-conf", "stability")
+def signals_of(traces):
+  """The candidate exit signals of `jexit budget`'s default: the traces' own
+  (`traces.signal`, else `1 - conf`) and stability."""
+  return ("signal" if traces.signal is not None else "1-conf", "stability")
 
 
 def union_per_fold(fr, members, target):
@@ -71,22 +75,23 @@ def _scored(splits, members, target):
 def inner_choices(traces, folds, inner_folds, block, num_lambdas, seed=0):
   """Per outer fold, target -> (signal, (signal, member)) chosen on the fold's
   fit rows by an inner cross-fitting: the signal as `choose_family` picks it
-  (mean inner held-out speedup of recall; ties: `1 - conf`), and the
+  (mean inner held-out speedup of recall; ties: the traces' own), and the
   (signal, deployable member) pair with the most mean inner held-out speedup
-  (ties: `1 - conf`, then `DEPLOYABLE` order)."""
-  pairs = [(sig, m) for sig in SIGNALS for m in jf.DEPLOYABLE
-           if sig == "1-conf" or m in ("recall", "norecall")]
+  (ties: the traces' own, then `DEPLOYABLE` order)."""
+  signals = signals_of(traces)
+  pairs = [(sig, m) for sig in signals for m in jf.DEPLOYABLE
+           if sig == signals[0] or m in ("recall", "norecall")]
   out = []
   for fit_rows, _ in jf.fold_rows(traces.num_inputs, folds, seed=seed, block=block):
     inner = {sig: jf.frontier(traces.take(fit_rows), folds=inner_folds, block=block,
                               methods=tuple(m for s, m in pairs if s == sig),
                               num_lambdas=num_lambdas,
                               fit_options={**jf.DEFAULT_FIT, "signal": sig})
-             for sig in SIGNALS}
+             for sig in signals}
     choice = {}
     for t in quality.TARGETS:
       score = {(sig, m): quality.per_fold(inner[sig], m, t)[0].mean() for sig, m in pairs}
-      signal = max(SIGNALS, key=lambda sig: (score[sig, "recall"], -SIGNALS.index(sig)))
+      signal = max(signals, key=lambda sig: (score[sig, "recall"], -signals.index(sig)))
       choice[t] = signal, max(pairs, key=lambda p: (score[p], -pairs.index(p)))
     out.append(choice)
   return out
@@ -94,7 +99,7 @@ def inner_choices(traces, folds, inner_folds, block, num_lambdas, seed=0):
 
 def budget_default_splits(fr, fr_stability, choices, target):
   """Per fold `{member: (fit, test)}`: recall and no recall from the frontier
-  of the fold's chosen signal, the threshold rules from the `1 - conf` one."""
+  of the fold's chosen signal, the threshold rules (on conf) from the other."""
   out = []
   for i, (split, stab) in enumerate(zip(fr.splits, fr_stability.splits)):
     own = stab if choices[i][target][0] == "stability" else split
@@ -103,8 +108,9 @@ def budget_default_splits(fr, fr_stability, choices, target):
 
 
 def _frontiers(traces, folds, inner_folds, block, num_lambdas, seed=0):
-  """The outer split's frontiers (recall, no recall and the external baselines
-  on `1 - conf`; recall and no recall on stability) and the inner choices."""
+  """The outer split's frontiers (recall and no recall on the traces' own
+  signal, and the external baselines on conf; recall and no recall on
+  stability) and the inner choices."""
   kw = dict(folds=folds, block=block, num_lambdas=num_lambdas, seed=seed)
   fr = jf.frontier(traces, methods=("recall", "norecall") + quality.EXTERNAL, **kw)
   fr_stability = jf.frontier(traces, methods=("recall", "norecall"),
@@ -121,12 +127,12 @@ def budget_vs_external(traces, folds, inner_folds, block, num_lambdas, seed):
           for t in quality.TARGETS}
 
 
-def repeated(seeds, folds, inner_folds, num_lambdas, trace_dir=None):
+def repeated(seeds, folds, inner_folds, num_lambdas, trace_dir=None, signal_as_conf=False):
   """`budget default` against the best external baseline on the outer splits
   of several seeds (repeated cross-fitting): cells won per seed, and per cell
   the mean over seeds x folds."""
   runs = {}  # (workload, target) -> [(mine, {baseline: speeds}) per seed]
-  for name, traces in workloads.suite(trace_dir).items():
+  for name, traces in workloads.suite(trace_dir, signal_as_conf).items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
     for seed in seeds:
@@ -177,10 +183,13 @@ def main(argv=None):
                            "against the external baselines, repeated over these splits")
   parser.add_argument("--trace-dir", default=None,
                       help="folder of the digits traces (default experiments/traces)")
+  parser.add_argument("--signal-as-conf", action="store_true",
+                      help="digits traces' conf := 1 - their signal (e.g. the margin), so "
+                           "the threshold baselines read it too")
   args = parser.parse_args(argv)
   if args.seeds:
     repeated([int(s) for s in args.seeds.split(",")], args.folds, args.inner_folds,
-             args.num_lambdas, args.trace_dir)
+             args.num_lambdas, args.trace_dir, args.signal_as_conf)
     return
   pools = [tuple(p.split(",")) for p in args.pool.split(";")]
   names = ["default"] + ["recall+" + "+".join(p) for p in pools] + ["budget default", "inner member"]
@@ -188,7 +197,7 @@ def main(argv=None):
   on_stability = 0
   detail = []  # budget default vs the best external baseline, cell by cell
   board = quality.Scoreboard(names)
-  for name, traces in workloads.suite(args.trace_dir).items():
+  for name, traces in workloads.suite(args.trace_dir, args.signal_as_conf).items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
     fr, fr_stability, choices = _frontiers(traces, args.folds, args.inner_folds, block,

@@ -70,10 +70,14 @@ def synthetic(kind: str, n: int = 4000, k: int = 5, classes: int = 10,
   return jexit.Traces(conf=conf, pred=pred, label=label, cost=cost)
 
 
-def suite(trace_dir: Optional[str] = None) -> Dict[str, jexit.Traces]:
+def suite(trace_dir: Optional[str] = None,
+          signal_as_conf: bool = False) -> Dict[str, jexit.Traces]:
   """Every workload of the benchmark suite that is available here.
 
   `trace_dir`: folder of the digits traces (default `TRACE_DIR`).
+  `signal_as_conf`: digits traces that record a signal in [0, 1] (the
+  margin: `make_traces.py --signal margin`) get `conf = 1 - signal` and no
+  signal, so that every method, the threshold baselines included, reads it.
   """
   trace_dir = TRACE_DIR if trace_dir is None else trace_dir
   out = {}
@@ -81,7 +85,12 @@ def suite(trace_dir: Optional[str] = None) -> Dict[str, jexit.Traces]:
     for ramps in (3, 5):
       path = os.path.join(trace_dir, f"digits_{arch}_{ramps}ramps.npz")
       if os.path.exists(path):
-        out[f"digits-{arch}-{ramps}r"] = jexit.load_traces(path)
+        traces = jexit.load_traces(path)
+        if signal_as_conf:
+          if traces.signal is None:
+            raise ValueError(f"{path}: signal_as_conf needs traces with a signal")
+          traces = jexit.check_traces(traces._replace(conf=1.0 - traces.signal, signal=None))
+        out[f"digits-{arch}-{ramps}r"] = traces
   out["synth-smooth"] = synthetic("smooth", seed=1)
   out["synth-overthink"] = synthetic("overthink", seed=2)
   return out

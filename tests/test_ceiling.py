@@ -47,3 +47,15 @@ def test_a_coarse_grid_is_a_lower_bound(load_script):
   coarse = ceiling.ramp_threshold_ceiling(traces, targets, grid=3)
   assert all(coarse[t] <= fine[t] + 1e-12 for t in targets)
   assert fine == pytest.approx(_brute_force(traces, targets))
+
+
+def test_a_trace_signal_adds_its_families(load_script):
+  ceiling = load_script("experiments/ceiling.py")
+  rng = np.random.default_rng(0)
+  conf = rng.uniform(0.3, 1.0, (20, 3))
+  plain = jexit.Traces(conf, rng.integers(0, 2, (20, 3)), None, np.ones(3))
+  assert ceiling.methods_of(plain) == ceiling.METHODS
+  rows = ceiling.methods_of(plain._replace(signal=1 - conf))
+  assert set(rows) - set(ceiling.METHODS) == {"recall [signal]",
+                                              "per-ramp thresholds [signal] (exhaustive)"}
+  assert rows[-2:] == ("patience", "oracle")

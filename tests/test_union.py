@@ -1,6 +1,7 @@
 """experiments/union.py keeps, per fold, the member with the most fit speedup
 within the target and scores it on the held-out fold."""
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,7 +36,27 @@ def test_scored_keeps_the_fit_fastest_member_and_falls_back_to_the_backbone(load
 def test_trace_dir_reaches_the_suite(load_script, monkeypatch, capsys):
   union = load_script("experiments/union.py")
   seen = []
-  monkeypatch.setattr(union.workloads, "suite", lambda trace_dir=None: seen.append(trace_dir) or {})
+  monkeypatch.setattr(union.workloads, "suite",
+                      lambda trace_dir=None, as_conf=False: seen.append((trace_dir, as_conf)) or {})
   union.main(["--seeds", "0", "--trace-dir", "some/folder"])
-  assert seen == ["some/folder"]
+  union.main(["--seeds", "0", "--trace-dir", "some/folder", "--signal-as-conf"])
+  assert seen == [("some/folder", False), ("some/folder", True)]
   assert "seed 0: 0" in capsys.readouterr().out
+
+
+def test_the_traces_own_signal_replaces_one_minus_conf(load_script):
+  # experiments/MARGIN.md: the margin suite records a signal; the suite does not.
+  union = load_script("experiments/union.py")
+  workloads = union.workloads
+  folder = os.path.join(os.path.dirname(workloads.TRACE_DIR), "traces_margin")
+  margin = workloads.suite(folder)
+  as_conf = workloads.suite(folder, signal_as_conf=True)
+  plain = workloads.suite()
+  name = "digits-vgg13-5r"
+  assert union.signals_of(margin[name]) == ("signal", "stability")
+  assert union.signals_of(plain[name]) == ("1-conf", "stability")
+  assert as_conf[name].signal is None
+  np.testing.assert_allclose(as_conf[name].conf, 1 - margin[name].signal)
+  np.testing.assert_array_equal(as_conf[name].pred, plain[name].pred)
+  with pytest.raises(ValueError, match="signal_as_conf needs traces with a signal"):
+    workloads.suite(signal_as_conf=True)

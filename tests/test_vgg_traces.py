@@ -170,6 +170,30 @@ def test_latency_is_positive_per_segment():
   assert ms.shape == (3,) and np.all(ms > 0)
 
 
+def test_ramp_signals_by_hand():
+  probs = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25]])
+  np.testing.assert_allclose(ee_vgg.ramp_signal(probs, "margin"), [0.5, 1.0], atol=1e-6)
+  h = -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1)) / np.log(4)
+  np.testing.assert_allclose(ee_vgg.ramp_signal(probs, "entropy"), [h, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("signal", ee_vgg.SIGNALS)
+def test_a_recorded_signal_leaves_conf_and_pred_alone(tmp_path, signal):
+  cfg = dataclasses.replace(TINY, epochs=1, ramp_epochs=0)
+  plain = ee_vgg.make_traces(cfg, device="cpu").traces
+  run = ee_vgg.make_traces(dataclasses.replace(cfg, signal=signal), device="cpu")
+  jexit.save_traces(tmp_path / "s.npz", run.traces)
+  traces = jexit.load_traces(tmp_path / "s.npz")
+  assert plain.signal is None
+  np.testing.assert_array_equal(traces.conf, plain.conf)
+  np.testing.assert_array_equal(traces.pred, plain.pred)
+  assert traces.signal.shape == traces.conf.shape
+  assert traces.signal.min() >= 0 and traces.signal.max() <= 1
+  if signal == "margin":  # 1 - (p1 - p2) >= 1 - p1
+    assert np.all(traces.signal >= 1 - traces.conf - 1e-6)
+  assert jexit.fit(traces, num_bins=4)[1].signal == "signal"  # fit's default reads it
+
+
 def test_bad_configurations_raise():
   with pytest.raises(ValueError, match="ramp_stages"):
     ee_vgg.EarlyExitVGG("vgg11", (2, 3))
@@ -178,6 +202,8 @@ def test_bad_configurations_raise():
   with pytest.raises(ValueError, match="training"):
     ee_vgg.train(ee_vgg.build_model(width_div=16), torch.rand(4, 1, 32, 32),
                  torch.zeros(4, dtype=torch.int64), training="both", device="cpu")
+  with pytest.raises(ValueError, match="signal"):
+    ee_vgg.make_traces(dataclasses.replace(TINY, signal="variance"), device="cpu")
 
 
 def test_cli_writes_a_trace(tmp_path, capsys):
@@ -221,3 +247,16 @@ def test_joint_suite_has_the_same_costs_and_earlier_agreement(name):
   np.testing.assert_array_equal(joint.label, separate.label)
   agree = lambda t: (t.pred[:, :-1] == t.pred[:, -1:]).mean(0)
   assert agree(joint)[0] > agree(separate)[0]
+
+
+@pytest.mark.parametrize("name", [f"digits_{a}_{r}ramps" for a in ("vgg11", "vgg13", "vgg16")
+                                  for r in (3, 5)])
+def test_margin_suite_is_the_suite_plus_a_signal(name):
+  # experiments/MARGIN.md: the same command with --signal margin; nothing else changes.
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  plain = jexit.load_traces(os.path.join(here, "traces", name + ".npz"))
+  margin = jexit.load_traces(os.path.join(here, "traces_margin", name + ".npz"))
+  for field in ("conf", "pred", "label", "cost"):
+    np.testing.assert_array_equal(getattr(margin, field), getattr(plain, field))
+  assert plain.signal is None
+  assert np.all(margin.signal >= 1 - margin.conf - 1e-6) and margin.signal.max() <= 1
