@@ -19,7 +19,7 @@ import time
 
 # What the fit options on the command line map to (None = DEFAULT_FIT's value).
 _FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "prior", "kernel",
-             "loss_smoothing")
+             "loss_smoothing", "signal_range")
 # Rows of the embedded demo trace come in blocks of 4 augmented copies of one
 # image (experiments/TRACES.md): splits keep a block on one side.
 DEMO_BLOCK = 4
@@ -32,6 +32,14 @@ def _num_bins(text: str):
     raise argparse.ArgumentTypeError(f"expected an int or a comma list like 16,32,64, "
                                      f"got {text!r}") from None
   return values[0] if len(values) == 1 else values
+
+
+def signal_range_arg(text):
+  try:
+    lo, hi = (float(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected LO,HI like 0,1, got {text!r}") from None
+  return lo, hi
 
 
 def _add_fit_args(p, auto_signal=False):
@@ -47,6 +55,10 @@ def _add_fit_args(p, auto_signal=False):
                    help="exit signal: 1 - conf (default; the trace's signal if it has "
                         "one), stability (1 - conf, plus 1 where the prediction changed "
                         "since the previous ramp) or the trace's signal")
+  g.add_argument("--signal-range", type=signal_range_arg, dest="signal_range",
+                 help="LO,HI: the whole range of the trace's own signal, the outer bin "
+                      "edges (default: the fit rows' range; give e.g. 0,1 for a margin so "
+                      "the runtime serves held-out values beyond it)")
   g.add_argument("--bins", choices=("uniform", "quantile"),
                  help="bins of the exit signal: uniform width --step or per-ramp quantiles")
   g.add_argument("--step", type=float, help="bin width for --bins uniform (paper: 0.08)")

@@ -278,6 +278,11 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                       "signal, or auto (chosen on the fit rows by inner cross-fitting, as "
                       "`jexit budget`; --max-loss only). Default: auto with --max-loss, "
                       "else 1-conf (the trace's signal if it has one)")
+  from jexit.cli import signal_range_arg  # pylint: disable=import-outside-toplevel
+  p.add_argument("--signal-range", type=signal_range_arg, dest="signal_range", default=None,
+                 help="LO,HI: the whole range of the trace's own signal, the outer bin edges "
+                      "(default: the fit rows' range; e.g. 0,1 for a margin, so the runtime "
+                      "serves held-out values beyond it)")
   p.set_defaults(func=run_export)
   return p
 
@@ -299,6 +304,8 @@ def run_export(args) -> int:
     raise ValueError("--signal auto chooses on a fit split; it needs --max-loss")
   if signal not in (None, "auto"):
     options["signal"] = signal
+  if args.signal_range is not None:
+    options["signal_range"] = args.signal_range
   if args.metric == "accuracy":
     if args.lam is not None:
       raise ValueError("--metric accuracy chooses on a fit split; it needs --max-loss")

@@ -131,6 +131,28 @@ def _smooth_counts(counts: np.ndarray, width: float) -> np.ndarray:
   return kernel @ counts @ kernel.T
 
 
+SIGNAL_RANGES = {"1-conf": (0.0, 1.0), "stability": (0.0, 2.0)}
+
+
+def _signal_range(signal_range, signal_name, values):
+  """The outer edges `(lo, hi)` of the bins, or None for the fit rows' range."""
+  if signal_name in SIGNAL_RANGES:  # known ranges; signal_range is the traces' signal's
+    return SIGNAL_RANGES[signal_name]
+  if signal_range is None:
+    return None
+  ok = (isinstance(signal_range, (tuple, list, np.ndarray)) and len(signal_range) == 2
+        and all(is_real_scalar(v) and np.isfinite(v) for v in signal_range)
+        and signal_range[0] < signal_range[1])
+  if not ok:
+    raise ValueError(f"signal_range: expected (lo, hi) with finite lo < hi, got {signal_range!r}")
+  lo, hi = float(signal_range[0]), float(signal_range[1])
+  if values.min() < lo or values.max() > hi:
+    raise ValueError(f"signal_range: expected (lo, hi) containing every fit row's "
+                     f"{signal_name!r} signal, got ({lo:g}, {hi:g}) with values in "
+                     f"[{values.min():g}, {values.max():g}]")
+  return lo, hi
+
+
 def fit(traces: Traces,
         *,
         rows: Optional[Sequence[int]] = None,
@@ -145,6 +167,7 @@ def fit(traces: Traces,
         kernel: float = 0.0,
         loss_smoothing: float = 1.0,
         signal: Optional[str] = None,
+        signal_range: Optional[Tuple[float, float]] = None,
         history: Optional[float] = None,
         trans_model: str = "counts",
         trans_strength: Optional[float] = None) -> Tuple[ExitModel, Binning]:
@@ -162,6 +185,12 @@ def fit(traces: Traces,
       patience/PABEE uses, folded into one signal; the runtime computes it
       from conf and pred) or `"signal"` (`traces.signal`). Default:
       `"signal"` if the traces have one, else `"1-conf"`.
+    signal_range: `(lo, hi)`, the whole range of the traces' own signal
+      (`signal="signal"`): the outer bin edges, outside which the runtimes
+      refuse a value by default. Default: the fit rows' min and max; pass the
+      signal's range (e.g. `(0, 1)` for a margin) so that held-out values
+      beyond the fit rows' are served. The ranges of `"1-conf"`, [0, 1], and
+      `"stability"`, [0, 2], are fixed; `signal_range` does not apply to them.
     bins: `"quantile"` (per-ramp quantiles of the fit rows' signal, `num_bins`
       bins), `"uniform"` (width `step` on [0, 1], the paper's 0.08) or an
       array of edges `[S+1]` (all ramps) or `[K, S+1]`.
@@ -296,15 +325,16 @@ def fit(traces: Traces,
                      f"quantile edges), got {quantile_power!r}")
   signal_name = signal or ("signal" if traces.signal is not None else "1-conf")
   values = signal_values(traces, signal_name)
+  span = _signal_range(signal_range, signal_name, values)
 
   if isinstance(bins, str):
     if bins == "uniform":
-      if signal_name == "1-conf":
-        edges = uniform_edges(k, step)
-      else:
+      if span is None:
         edges = uniform_edges(k, step, values.min(), values.max() + step * 1e-6)
+      else:
+        edges = uniform_edges(k, step, *span)
     elif bins == "quantile":
-      lo, hi = (0.0, 1.0) if signal_name == "1-conf" else (None, None)
+      lo, hi = span if span is not None else (None, None)
       edges = quantile_edges(values, num_bins, lo, hi, power=quantile_power)
     else:
       raise ValueError(f"bins: expected 'uniform', 'quantile' or an array of edges, got {bins!r}")

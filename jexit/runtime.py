@@ -532,6 +532,19 @@ def stability_signal(conf, pred) -> np.ndarray:
   changed[..., 1:] = pred[..., 1:] != pred[..., :-1]
   return (1.0 - conf) + changed
 
+def margin_signal(probs) -> np.ndarray:
+  """`[...]` float64 margin signal of softmax outputs `probs [..., C]`:
+  `1 - (top probability - second)`, in [0, 1], small when sure. A custom
+  `signal` (record it in the traces' `signal`, fit with `signal_range=(0, 1)`,
+  serve with `signal=`); experiments/MARGIN.md measured it."""
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim < 1 or probs.shape[-1] < 2:
+    raise ValueError(f"probs: expected softmax outputs [..., C] with C >= 2 classes, "
+                     f"got shape {probs.shape}")
+  top2 = -np.partition(-probs, 1, axis=-1)[..., :2]
+  return np.clip(1.0 - (top2[..., 0] - top2[..., 1]), 0.0, 1.0)
+
+
 def read_policy_arrays(path):
   """Reads a policy file without pickle; returns validated
   `(header, edges, loss, threshold, cost)`.

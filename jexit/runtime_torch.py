@@ -50,6 +50,15 @@ def max_softmax(logits: torch.Tensor):
   return z.softmax(-1).max(-1)
 
 
+def margin_signal(logits: torch.Tensor) -> torch.Tensor:
+  """`[B]` margin signal of `[B, C]` logits, `1 - (top probability -
+  second)` (as `jexit.runtime.margin_signal` of their softmax): the
+  `signal_fn` of a table fitted on a recorded margin."""
+  z = logits if logits.dtype == torch.float64 else logits.float()
+  top2 = z.softmax(-1).topk(2, dim=-1).values
+  return (1.0 - (top2[..., 0] - top2[..., 1])).clamp(0.0, 1.0)
+
+
 class EarlyExitRunner:
   """Runs batches through segments and heads, dropping inputs as they exit.
 

@@ -215,7 +215,7 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path, solved):
 
 def _args(**kw):
   base = dict(lam=None, max_loss=None, no_recall=False, paper=False, seed=0, block=1,
-              grid=40, signal=None, metric="agreement", method="solver")
+              grid=40, signal=None, metric="agreement", method="solver", signal_range=None)
   base.update(kw)
   return types.SimpleNamespace(**base)
 

@@ -173,6 +173,8 @@ def test_latency_is_positive_per_segment():
 def test_ramp_signals_by_hand():
   probs = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25]])
   np.testing.assert_allclose(ee_vgg.ramp_signal(probs, "margin"), [0.5, 1.0], atol=1e-6)
+  np.testing.assert_allclose(ee_vgg.ramp_signal(probs, "margin"),  # the runtime's definition
+                             jexit.runtime.margin_signal(probs.numpy()), atol=1e-6)
   h = -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1)) / np.log(4)
   np.testing.assert_allclose(ee_vgg.ramp_signal(probs, "entropy"), [h, 1.0], atol=1e-6)
 
