@@ -28,6 +28,8 @@ Families (each fitted and chosen on all rows of a workload, then scored there):
   by a classifier that saw it), then per-ramp thresholds on those scores by the
   same exhaustive search, in-sample. A richer signal than any single ramp's
   confidence; still no oracle knowledge;
+- with traces that record their own `signal` (experiments/traces_margin: the
+  margin), the recall policy and the exhaustive per-ramp thresholds on it;
 - patience, and the hindsight oracle.
 
 Usage:
@@ -133,6 +135,11 @@ FINDINGS = """## Findings
   images the final head of VGG-11/3 ramps is right on all 1,078 training images (un-augmented;
   mean top probability 0.94 at T = 2), so its soft output teaches little that the labels do
   not.
+- **The margin moves it a little.** The same traces with each ramp's margin recorded
+  (`make_traces.py --signal margin`; conf and predictions unchanged) reach an in-sample best
+  at 1% of 1.92x, 1.92x, 1.76x, 1.66x, 2.00x and 1.85x (experiments/CEILING_MARGIN.md), and
+  `jexit budget`'s default rule 1.66x-1.99x held-out (experiments/MARGIN.md). Entropy instead
+  of the margin loses 0.1-0.2x.
 - **Jointly trained ramps do move it.** The same six networks with the backbone and every
   head trained together (`make_traces.py --training joint`; same costs and trace rows) reach
   an in-sample best at 1% of 2.60x, 2.44x, 2.08x, 2.09x, 2.69x and 2.57x
