@@ -32,13 +32,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit.traces import own_signal  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 
 def signals_of(traces):
   """The candidate exit signals of `jexit budget`'s default: the traces' own
   (`traces.signal`, else `1 - conf`) and stability."""
-  return ("signal" if traces.signal is not None else "1-conf", "stability")
+  return (own_signal(traces), "stability")
 
 
 def union_per_fold(fr, members, target):

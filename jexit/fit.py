@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from jexit.traces import check_traces, signal_values
+from jexit.traces import check_traces, own_signal, signal_values
 from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
 
 PAPER_STEP = 0.08
@@ -323,7 +323,7 @@ def fit(traces: Traces,
   if quantile_power != 1 and not (isinstance(bins, str) and bins == "quantile"):
     raise ValueError(f"quantile_power: expected 1 with bins other than 'quantile' (it places "
                      f"quantile edges), got {quantile_power!r}")
-  signal_name = signal or ("signal" if traces.signal is not None else "1-conf")
+  signal_name = signal or own_signal(traces)
   values = signal_values(traces, signal_name)
   span = _signal_range(signal_range, signal_name, values)
 

@@ -19,7 +19,7 @@ from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_q
                             evaluate, select)
 from jexit.fit import fit
 from jexit.solver import available_host_bytes, solve, working_dtype
-from jexit.traces import check_traces
+from jexit.traces import check_traces, own_signal
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
 
 # The model settings every command uses unless told otherwise, chosen by the
@@ -620,7 +620,7 @@ def choose_signal(traces: Traces, max_loss: float, *, test_fraction: float = 0.5
   own. `(None, None)` when the fit rows hold fewer than `2 * inner_folds`
   blocks (too few to compare).
   """
-  own = "signal" if traces.signal is not None else "1-conf"
+  own = own_signal(traces)
   families = {sig: {"signal": sig} for sig in (own, "stability")}
   name, scores = choose_family(traces, max_loss, families, test_fraction=test_fraction,
                                seed=seed, block=block, fit_options=fit_options,
@@ -667,7 +667,7 @@ def model_families(traces: Traces, fit_options: dict, *, signal: Optional[str] =
   with `metric="accuracy"` and no `fit_options["target"]`); one family when
   nothing is left to choose.
   """
-  own = "signal" if traces.signal is not None else "1-conf"
+  own = own_signal(traces)
   signals = ([own, "stability"] if signal == "auto" and "signal" not in fit_options
              else [fit_options.get("signal")])
   targets = (["agreement", "label"] if metric == "accuracy" and fit_options.get("target") is None

@@ -101,6 +101,11 @@ def check_traces(traces: Traces) -> Traces:
   return Traces(conf=conf, pred=pred, label=label, cost=cost, signal=signal)
 
 
+def own_signal(traces: Traces) -> str:
+  """The traces' own exit signal: `"signal"` if they record one, else `"1-conf"`."""
+  return "signal" if traces.signal is not None else "1-conf"
+
+
 def signal_values(traces: Traces, name: str, field: str = "signal") -> np.ndarray:
   """`[N, K]` float64 values of the exit signal `name` of checked traces:
   `"1-conf"`, `"stability"` or `"signal"` (`traces.signal`); `field` names the

@@ -238,26 +238,29 @@ def test_image_folder_makes_a_trace(tmp_path):
     ee_vgg.load_image_folder(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("name", [f"digits_{a}_{r}ramps" for a in ("vgg11", "vgg13", "vgg16")
-                                  for r in (3, 5)])
+SUITE = [f"digits_{a}_{r}ramps" for a in ("vgg11", "vgg13", "vgg16") for r in (3, 5)]
+
+
+def _suite_pair(name, folder):
+  """The suite's traces `name` and the same name in `experiments/<folder>`."""
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  return tuple(jexit.load_traces(os.path.join(here, f, name + ".npz")) for f in ("traces", folder))
+
+
+@pytest.mark.parametrize("name", SUITE)
 def test_joint_suite_has_the_same_costs_and_earlier_agreement(name):
   # experiments/JOINT.md: same networks and rows, ramps trained with the backbone.
-  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-  separate = jexit.load_traces(os.path.join(here, "traces", name + ".npz"))
-  joint = jexit.load_traces(os.path.join(here, "traces_joint", name + ".npz"))
+  separate, joint = _suite_pair(name, "traces_joint")
   np.testing.assert_array_equal(joint.cost, separate.cost)
   np.testing.assert_array_equal(joint.label, separate.label)
   agree = lambda t: (t.pred[:, :-1] == t.pred[:, -1:]).mean(0)
   assert agree(joint)[0] > agree(separate)[0]
 
 
-@pytest.mark.parametrize("name", [f"digits_{a}_{r}ramps" for a in ("vgg11", "vgg13", "vgg16")
-                                  for r in (3, 5)])
+@pytest.mark.parametrize("name", SUITE)
 def test_margin_suite_is_the_suite_plus_a_signal(name):
   # experiments/MARGIN.md: the same command with --signal margin; nothing else changes.
-  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-  plain = jexit.load_traces(os.path.join(here, "traces", name + ".npz"))
-  margin = jexit.load_traces(os.path.join(here, "traces_margin", name + ".npz"))
+  plain, margin = _suite_pair(name, "traces_margin")
   for field in ("conf", "pred", "label", "cost"):
     np.testing.assert_array_equal(getattr(margin, field), getattr(plain, field))
   assert plain.signal is None
