@@ -134,17 +134,23 @@ def _smooth_counts(counts: np.ndarray, width: float) -> np.ndarray:
 SIGNAL_RANGES = {"1-conf": (0.0, 1.0), "stability": (0.0, 2.0)}
 
 
-def _signal_range(signal_range, signal_name, values):
+def _signal_range(signal_range, signal_name, values, has_own_signal):
   """The outer edges `(lo, hi)` of the bins, or None for the fit rows' range."""
+  if signal_range is not None:
+    ok = (isinstance(signal_range, (tuple, list, np.ndarray)) and len(signal_range) == 2
+          and all(is_real_scalar(v) and np.isfinite(v) for v in signal_range)
+          and signal_range[0] < signal_range[1])
+    if not ok:
+      raise ValueError(f"signal_range: expected (lo, hi) with finite lo < hi, "
+                       f"got {signal_range!r}")
+    if not has_own_signal:
+      raise ValueError(f"signal_range: sets the range of the traces' own 'signal', but the "
+                       f"traces have none (the ranges of {sorted(SIGNAL_RANGES)} are "
+                       f"fixed); got {signal_range!r}")
   if signal_name in SIGNAL_RANGES:  # known ranges; signal_range is the traces' signal's
     return SIGNAL_RANGES[signal_name]
   if signal_range is None:
     return None
-  ok = (isinstance(signal_range, (tuple, list, np.ndarray)) and len(signal_range) == 2
-        and all(is_real_scalar(v) and np.isfinite(v) for v in signal_range)
-        and signal_range[0] < signal_range[1])
-  if not ok:
-    raise ValueError(f"signal_range: expected (lo, hi) with finite lo < hi, got {signal_range!r}")
   lo, hi = float(signal_range[0]), float(signal_range[1])
   if values.min() < lo or values.max() > hi:
     raise ValueError(f"signal_range: expected (lo, hi) containing every fit row's "
@@ -190,7 +196,8 @@ def fit(traces: Traces,
       refuse a value by default. Default: the fit rows' min and max; pass the
       signal's range (e.g. `(0, 1)` for a margin) so that held-out values
       beyond the fit rows' are served. The ranges of `"1-conf"`, [0, 1], and
-      `"stability"`, [0, 2], are fixed; `signal_range` does not apply to them.
+      `"stability"`, [0, 2], are fixed; `signal_range` does not apply to them,
+      and is an error on traces without a signal of their own.
     bins: `"quantile"` (per-ramp quantiles of the fit rows' signal, `num_bins`
       bins), `"uniform"` (width `step` on [0, 1], the paper's 0.08) or an
       array of edges `[S+1]` (all ramps) or `[K, S+1]`.
@@ -325,7 +332,7 @@ def fit(traces: Traces,
                      f"quantile edges), got {quantile_power!r}")
   signal_name = signal or own_signal(traces)
   values = signal_values(traces, signal_name)
-  span = _signal_range(signal_range, signal_name, values)
+  span = _signal_range(signal_range, signal_name, values, traces.signal is not None)
 
   if isinstance(bins, str):
     if bins == "uniform":

@@ -68,6 +68,18 @@ def test_signal_range_is_checked_and_applies_to_the_traces_signal_only():
     assert edges[0, 0] == 0.0 and edges[0, -1] == hi
   uniform = jexit.fit(traces, bins="uniform", step=0.25, signal_range=(0, 1))[1].edges
   np.testing.assert_allclose(uniform[0], [0, 0.25, 0.5, 0.75, 1.0])
+  # A bad range is an error with a fixed-range signal too, not ignored.
+  with pytest.raises(ValueError, match="signal_range: expected"):
+    jexit.fit(traces, signal="1-conf", signal_range=(1, 0))
+
+
+def test_signal_range_on_traces_without_a_signal_is_an_error(capsys):
+  traces = jexit.load_demo_traces()
+  assert traces.signal is None
+  with pytest.raises(ValueError, match="signal_range: .* the traces have none"):
+    jexit.fit(traces, signal_range=(0, 1))
+  assert cli.main(["budget", jexit.demo_trace_path(), "--signal-range", "0,1"]) == 2
+  assert "the traces have none" in capsys.readouterr().err
 
 
 def test_export_cli_takes_a_signal_range(tmp_path, capsys):
