@@ -475,7 +475,8 @@ class ExitTable:
       `pred[n, output_ramp[n]]`.
 
     Raises:
-      ValueError: for shapes that do not match the table's K ramps, a
+      ValueError: for shapes that do not match the table's K ramps, non-integer
+        predictions, conf outside [0, 1] (unless out_of_range="clip"), a
         missing/refused signal, or NaN/out-of-range values (see `bins`).
     """
     k_count = self.num_ramps
@@ -483,6 +484,10 @@ class ExitTable:
     if pred.ndim != 2 or pred.shape[1] != k_count:
       raise ValueError(f"pred: expected shape [N, K={k_count}] (the table has "
                        f"{k_count} ramps), got {_describe(pred)}")
+    if pred.dtype.kind not in "biu" and not (
+        pred.dtype.kind == "f" and np.all(np.isfinite(pred)) and np.all(pred == np.round(pred))):
+      raise ValueError(f"pred: expected integer class ids, got {_describe(pred)}"
+                       + (" with non-integer values" if pred.dtype.kind == "f" else ""))
     n = pred.shape[0]
     if self.signal in ("1-conf", "stability"):
       if signal is not None:
@@ -495,6 +500,14 @@ class ExitTable:
       if conf.shape != (n, k_count):
         raise ValueError(f"conf: expected shape [N, K] = ({n}, {k_count}) (like pred, "
                          f"K from the table), got {_describe(conf)}")
+      if self.out_of_range == "error":
+        tol = self.range_tol  # as for the signal: float32 softmax rounding
+        outside = (conf < -tol) | (conf > 1 + tol)  # NaN is the nan option's case
+        if np.any(outside):
+          at = tuple(int(i) for i in np.argwhere(outside)[0])
+          raise ValueError(f"conf: expected max-softmax values in [0, 1], got "
+                           f"{conf[at]!r} at input {at[0]}, ramp {at[1]} (pass "
+                           f"out_of_range='clip' to use the end bins)")
       values = (1.0 - conf if self.signal == "1-conf"
                 else stability_signal(conf, pred))
     else:

@@ -167,6 +167,23 @@ def test_shape_mismatch_errors():
     make_table(edges[:, :-1], loss, threshold, np.ones(3))
 
 
+def test_conf_outside_unit_interval_and_fractional_pred_name_the_field():
+  rng = np.random.default_rng(5)
+  edges, loss, threshold, conf, pred = random_case(rng, 20, 3, 4)
+  table = make_table(edges, loss, threshold, np.ones(3))
+  bad = conf.copy()
+  bad[4, 2] = 1.5  # a logit or a percentage, not a softmax
+  with pytest.raises(ValueError, match=r"conf: expected max-softmax values in \[0, 1\], "
+                                       r"got .*1\.5.* at input 4, ramp 2"):
+    table.run(bad, pred)
+  clip = make_table(edges, loss, threshold, np.ones(3), out_of_range="clip")
+  np.testing.assert_array_equal(clip.run(bad, pred)[0], clip.run(np.minimum(bad, 1), pred)[0])
+  table.run(np.minimum(conf + 1e-9, 1 + 1e-9), pred)  # float32 rounding is tolerated
+  with pytest.raises(ValueError, match="pred: expected integer class ids.*non-integer"):
+    table.run(conf, pred + 0.5)
+  np.testing.assert_array_equal(table.run(conf, pred.astype(float))[2], table.run(conf, pred)[2])
+
+
 def test_text_and_complex_inputs_name_the_field():
   # A complex signal would lose its imaginary part with only a warning.
   rng = np.random.default_rng(5)
