@@ -1,16 +1,18 @@
 """What the ramps' signals allow at all: in-sample ceilings (issue 7, "2x at <= 1% loss").
 
-Held-out, no method reaches 2x at <= 1% agreement loss on the digits traces,
-while the hindsight oracle (each input stops at the first ramp that agrees
-with the final one) allows 2.1x-4.8x. The oracle reads the answer; a policy
-reads only the ramps' confidence and prediction. This script asks how much of
-the gap a policy family could close even if it were fitted, and its parameter
-chosen, on the very rows it is scored on (in-sample, all rows): an upper bound
-on what that family can do held-out on these traces, up to luck.
+On the digits traces the hindsight oracle (each input stops at the first ramp
+that agrees with the final one) allows 2.1x-4.8x at <= 1% agreement loss. The
+oracle reads the answer; a policy reads only the ramps' confidence and
+prediction. This script asks how much of the gap a policy family could close
+even if it were fitted, and its parameter chosen, on the very rows it is
+scored on (in-sample, all rows): an upper bound on what that family can do
+held-out on these traces, up to luck.
 
 Families (each fitted and chosen on all rows of a workload, then scored there):
 - recall / no recall: jexit's default model with 16, 32, 64 or 128 quantile
-  bins (the candidates pooled), on `1 - conf` and on the stability signal;
+  bins (the candidates pooled), on `1 - conf`, on the stability signal and
+  (recall) on the class signal (`jexit.fit(..., signal="class")`, scored on
+  its cross-fitted class scores as `jexit.frontiers.frontier` scores fit rows);
 - Apparate greedy and the global threshold, as jexit runs them;
 - per-ramp thresholds by exhaustive search: every combination of thresholds
   on the first K-2 ramps from a grid of per-ramp quantiles of `1 - conf`
@@ -27,7 +29,8 @@ Families (each fitted and chosen on all rows of a workload, then scored there):
   probabilities cross-fitted (5 folds, blocked as quality.py: no row is scored
   by a classifier that saw it), then per-ramp thresholds on those scores by the
   same exhaustive search, in-sample. A richer signal than any single ramp's
-  confidence; still no oracle knowledge;
+  confidence; still no oracle knowledge. "+ class" adds the one-hot predicted
+  class of ramps 1..k to the features;
 - with traces that record their own `signal` (experiments/traces_margin: the
   margin), the recall policy and the exhaustive per-ramp thresholds on it;
 - patience, and the hindsight oracle.
@@ -50,12 +53,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
 from jexit import baselines  # pylint: disable=wrong-import-position
 from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit.fit import cross_fitted_class_signal  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 TARGETS = quality.TARGETS
 BINS = (16, 32, 64, 128)
-METHODS = ("recall", "norecall", "recall [stability]", "global_threshold", "apparate_greedy",
-           "per-ramp thresholds (exhaustive)", "learned scores (exhaustive)", "patience", "oracle")
+METHODS = ("recall", "norecall", "recall [stability]", "recall [class]", "global_threshold",
+           "apparate_greedy", "per-ramp thresholds (exhaustive)", "learned scores (exhaustive)",
+           "learned scores + class (exhaustive)", "patience", "oracle")
 FOLDS = 5
 
 
@@ -148,22 +153,27 @@ FINDINGS = """## Findings
 """
 
 
-def history_features(traces, k):
+def history_features(traces, k, classes=False):
   """`[N, F]`: what a policy has seen at ramp k (0-based): conf and log(1 - conf)
-  of ramps 0..k, which earlier predictions equal ramp k's, and how many do."""
+  of ramps 0..k, which earlier predictions equal ramp k's, and how many do;
+  with `classes`, also the one-hot predicted class of ramps 0..k."""
   conf = np.asarray(traces.conf[:, :k + 1], np.float64)
   same = (traces.pred[:, :k + 1] == traces.pred[:, k:k + 1]).astype(np.float64)
-  return np.concatenate([conf, np.log(np.maximum(1.0 - conf, 1e-9)), same,
-                         same.sum(axis=1, keepdims=True)], axis=1)
+  parts = [conf, np.log(np.maximum(1.0 - conf, 1e-9)), same, same.sum(axis=1, keepdims=True)]
+  if classes:
+    num = int(traces.pred.max()) + 1
+    parts += [(traces.pred[:, j:j + 1] == np.arange(num)).astype(np.float64)
+              for j in range(k + 1)]
+  return np.concatenate(parts, axis=1)
 
 
-def learned_scores(traces, block, seed=0):
+def learned_scores(traces, block, seed=0, classes=False):
   """Traces whose conf at ramps < K is a cross-fitted P(ramp k agrees with the final one)."""
   from sklearn.ensemble import HistGradientBoostingClassifier  # pylint: disable=import-outside-toplevel
   score = np.array(traces.conf, np.float64)
   for fit_rows, test_rows in jf.fold_rows(traces.num_inputs, FOLDS, seed=seed, block=block):
     for k in range(traces.num_ramps - 1):
-      x = history_features(traces, k)
+      x = history_features(traces, k, classes)
       y = (traces.pred[:, k] == traces.pred[:, -1]).astype(int)
       if y[fit_rows].min() == y[fit_rows].max():  # one class: nothing to learn
         score[test_rows, k] = y[fit_rows][0]
@@ -178,11 +188,16 @@ def in_sample(traces, num_lambdas, max_combos, block):
   """method -> target -> in-sample speedup (most speedup within the target)."""
   rows = np.arange(traces.num_inputs)
   evals = {}
-  signals = (("1-conf", ("recall", "norecall")), ("stability", ("recall",)))
+  signals = (("1-conf", ("recall", "norecall")), ("stability", ("recall",)),
+             ("class", ("recall",)))
   if traces.signal is not None:  # the trace's own signal (margin, entropy, ...)
     signals += (("signal", ("recall",)),)
   for signal, names in signals:
     opts = jf.merged_fit_options({"signal": signal, "num_bins": BINS})
+    fit_signal = None
+    if signal == "class":  # scored, as frontier does, on cross-fitted class scores
+      opts["class_block"] = block
+      fit_signal = cross_fitted_class_signal(traces, block=block)
     candidates = jf.fit_candidates(traces, rows, opts)
     lambdas = jf.default_lambdas(candidates[0][0], num_lambdas)
     methods = names + (("global_threshold", "apparate_greedy", "patience", "oracle")
@@ -192,7 +207,7 @@ def in_sample(traces, num_lambdas, max_combos, block):
         lambdas=lambdas, methods=methods, apparate_budgets=jf.APPARATE_BUDGETS,
         threshold_grid=baselines.default_threshold_grid(traces),
         oracle_lambdas=baselines.default_oracle_lambdas(traces), max_bytes=jf.DEFAULT_MAX_BYTES,
-        oracle_target="agreement")
+        oracle_target="agreement", fit_signal=fit_signal)
     for m, (fit_ev, _) in res.items():
       evals[m if signal == "1-conf" else f"{m} [{signal}]"] = fit_ev
   out = {}
@@ -206,6 +221,8 @@ def in_sample(traces, num_lambdas, max_combos, block):
   out["per-ramp thresholds (exhaustive)"] = ramp_threshold_ceiling(traces, TARGETS, grid)
   out["learned scores (exhaustive)"] = ramp_threshold_ceiling(learned_scores(traces, block),
                                                               TARGETS, grid)
+  out["learned scores + class (exhaustive)"] = ramp_threshold_ceiling(
+      learned_scores(traces, block, classes=True), TARGETS, grid)
   if traces.signal is not None:  # thresholds on the trace's signal instead of 1 - conf
     out["per-ramp thresholds [signal] (exhaustive)"] = ramp_threshold_ceiling(
         traces._replace(conf=1.0 - np.clip(traces.signal, 0.0, 1.0)), TARGETS, grid)

@@ -32,14 +32,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jexit import frontiers as jf  # pylint: disable=wrong-import-position
-from jexit.traces import own_signal  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 
 def signals_of(traces):
-  """The candidate exit signals of `jexit budget`'s default: the traces' own
-  (`traces.signal`, else `1 - conf`) and stability."""
-  return (own_signal(traces), "stability")
+  """The candidate exit signals of `jexit budget`'s default
+  (`jexit.frontiers.auto_signals`): the traces' own (`traces.signal`, else
+  `1 - conf`), stability and class."""
+  return jf.auto_signals(traces)
 
 
 def union_per_fold(fr, members, target):
@@ -98,32 +98,39 @@ def inner_choices(traces, folds, inner_folds, block, num_lambdas, seed=0):
   return out
 
 
-def budget_default_splits(fr, fr_stability, choices, target):
+def _signal_split(fr, others, signal, i):
+  """Fold i's `{member: (fit, test)}` of recall/no recall on `signal`: from
+  `fr` (the traces' own signal) or from `others[signal]`."""
+  return others[signal].splits[i] if signal in others else fr.splits[i]
+
+
+def budget_default_splits(fr, others, choices, target):
   """Per fold `{member: (fit, test)}`: recall and no recall from the frontier
-  of the fold's chosen signal, the threshold rules (on conf) from the other."""
+  of the fold's chosen signal, the threshold rules (on conf) from `fr`."""
   out = []
-  for i, (split, stab) in enumerate(zip(fr.splits, fr_stability.splits)):
-    own = stab if choices[i][target][0] == "stability" else split
+  for i, split in enumerate(fr.splits):
+    own = _signal_split(fr, others, choices[i][target][0], i)
     out.append({m: own[m] if m in ("recall", "norecall") else split[m] for m in jf.DEPLOYABLE})
   return out
 
 
 def _frontiers(traces, folds, inner_folds, block, num_lambdas, seed=0):
-  """The outer split's frontiers (recall and no recall on the traces' own
-  signal, and the external baselines on conf; recall and no recall on
-  stability) and the inner choices."""
+  """The outer split's frontiers: recall and no recall on the traces' own
+  signal and the external baselines on conf (`fr`); recall and no recall on
+  each other candidate signal (`{signal: frontier}`); the inner choices."""
   kw = dict(folds=folds, block=block, num_lambdas=num_lambdas, seed=seed)
   fr = jf.frontier(traces, methods=("recall", "norecall") + quality.EXTERNAL, **kw)
-  fr_stability = jf.frontier(traces, methods=("recall", "norecall"),
-                             fit_options={**jf.DEFAULT_FIT, "signal": "stability"}, **kw)
-  return fr, fr_stability, inner_choices(traces, folds, inner_folds, block, num_lambdas, seed)
+  others = {sig: jf.frontier(traces, methods=("recall", "norecall"),
+                             fit_options={**jf.DEFAULT_FIT, "signal": sig}, **kw)
+            for sig in signals_of(traces)[1:]}
+  return fr, others, inner_choices(traces, folds, inner_folds, block, num_lambdas, seed)
 
 
 def budget_vs_external(traces, folds, inner_folds, block, num_lambdas, seed):
   """target -> (held-out speedup per fold of `budget default`, {external
   baseline: held-out speedup per fold}) on the outer split of `seed`."""
-  fr, fr_stability, choices = _frontiers(traces, folds, inner_folds, block, num_lambdas, seed)
-  return {t: (_scored(budget_default_splits(fr, fr_stability, choices, t), jf.DEPLOYABLE, t)[0],
+  fr, others, choices = _frontiers(traces, folds, inner_folds, block, num_lambdas, seed)
+  return {t: (_scored(budget_default_splits(fr, others, choices, t), jf.DEPLOYABLE, t)[0],
               {m: quality.per_fold(fr, m, t)[0] for m in quality.EXTERNAL})
           for t in quality.TARGETS}
 
@@ -195,25 +202,26 @@ def main(argv=None):
   pools = [tuple(p.split(",")) for p in args.pool.split(";")]
   names = ["default"] + ["recall+" + "+".join(p) for p in pools] + ["budget default", "inner member"]
   picks = {n: {} for n in names[1:]}
-  on_stability = 0
+  chosen = {}  # signal -> folds x targets where budget default picked it
   detail = []  # budget default vs the best external baseline, cell by cell
   board = quality.Scoreboard(names)
   for name, traces in workloads.suite(args.trace_dir, args.signal_as_conf).items():
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
-    fr, fr_stability, choices = _frontiers(traces, args.folds, args.inner_folds, block,
-                                           args.num_lambdas)
+    fr, others, choices = _frontiers(traces, args.folds, args.inner_folds, block,
+                                     args.num_lambdas)
     cells = []
     for t in quality.TARGETS:
       speed = {"default": quality.per_fold(fr, "recall", t)[0]}
       runs = [(fr, ("recall",) + pool) for pool in pools]
-      runs.append((budget_default_splits(fr, fr_stability, choices, t), jf.DEPLOYABLE))
+      runs.append((budget_default_splits(fr, others, choices, t), jf.DEPLOYABLE))
       inner = []
-      for i, (split, stab) in enumerate(zip(fr.splits, fr_stability.splits)):
+      for i in range(len(fr.splits)):
         sig, m = choices[i][t][1]
-        inner.append({f"{sig} {m}": (stab if sig == "stability" else split)[m]})
+        inner.append({f"{sig} {m}": _signal_split(fr, others, sig, i)[m]})
       runs.append((inner, None))
-      on_stability += sum(c[t][0] == "stability" for c in choices)
+      for c in choices:
+        chosen[c[t][0]] = chosen.get(c[t][0], 0) + 1
       for n, (source, members) in zip(names[1:], runs):
         speed[n], picked = union_per_fold(source, members, t)
         for m, c in picked.items():
@@ -227,8 +235,7 @@ def main(argv=None):
     board.row(name, cells, start)
   board.summary(noise=False,
                 notes={n: f"; picked (folds x targets): {picks[n]}" for n in names[1:]})
-  print(f"budget default: signal chosen on the fit rows = stability in {on_stability} of "
-        f"{board.total * args.folds} folds x targets")
+  print(f"budget default: signal chosen on the fit rows, folds x targets: {chosen}")
   print("\nbudget default vs the best external baseline: held-out speedup, mean over folds "
         "± std across folds (pooled held-out agreement)\n")
   print("| workload | " + " | ".join(f"loss <= {t * 100:g}%" for t in quality.TARGETS) + " |")

@@ -45,16 +45,19 @@ def signal_range_arg(text):
 def _add_fit_args(p, auto_signal=False):
   g = p.add_argument_group("model (defaults: jexit.frontiers.DEFAULT_FIT)")
   if auto_signal:
-    g.add_argument("--signal", choices=("auto", "1-conf", "stability", "signal"),
+    g.add_argument("--signal", choices=("auto", "1-conf", "stability", "class", "signal"),
                    default="auto",
                    help="exit signal of the solver's model; auto (default) picks 1-conf "
-                        "(or the trace's signal) or stability by inner cross-fitting on "
-                        "the fit rows (one split; with --folds it keeps 1-conf)")
+                        "(or the trace's signal), stability or class by inner "
+                        "cross-fitting on the fit rows (one split; with --folds it keeps "
+                        "1-conf)")
   else:
-    g.add_argument("--signal", choices=("1-conf", "stability", "signal"),
+    g.add_argument("--signal", choices=("1-conf", "stability", "class", "signal"),
                    help="exit signal: 1 - conf (default; the trace's signal if it has "
                         "one), stability (1 - conf, plus 1 where the prediction changed "
-                        "since the previous ramp) or the trace's signal")
+                        "since the previous ramp), class (1 - a per-class logistic "
+                        "estimate, fitted on the fit rows, that the ramp agrees with the "
+                        "final one) or the trace's signal")
   g.add_argument("--signal-range", type=signal_range_arg, dest="signal_range",
                  help="LO,HI: the whole range of the trace's own signal, the outer bin "
                       "edges (default: the fit rows' range; give e.g. 0,1 for a margin so "

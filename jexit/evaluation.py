@@ -313,12 +313,16 @@ def _model_edges(binning, m: int, k: int, s: int):
   """`[M, K, S+1]` edges: one binning for all models, or one per model."""
   if isinstance(binning, Binning):
     edges = np.asarray(binning.edges)
-    signal = binning.signal
+    signal, calibration = binning.signal, binning.calibration
   elif isinstance(binning, (list, tuple)) and all(isinstance(b, Binning) for b in binning):
-    if len({b.signal for b in binning}) > 1:
-      raise ValueError("binning: every model's binning must bin the same signal")
+    same = lambda a, b: (a is None and b is None) or (
+        a is not None and b is not None and np.array_equal(a, b))
+    if len({b.signal for b in binning}) > 1 or not all(
+        same(b.calibration, binning[0].calibration) for b in binning):
+      raise ValueError("binning: every model's binning must bin the same signal "
+                       "(and, for 'class', with the same calibration)")
     edges = np.stack([np.asarray(b.edges) for b in binning])
-    signal = binning[0].signal
+    signal, calibration = binning[0].signal, binning[0].calibration
   else:
     raise ValueError(f"binning: expected jexit.Binning or a list of them, got "
                      f"{type(binning).__name__}")
@@ -333,7 +337,7 @@ def _model_edges(binning, m: int, k: int, s: int):
   if edges.shape != (m, k, s + 1):
     raise ValueError(f"binning.edges: expected shape [K={k}, S+1={s + 1}] (or one per "
                      f"model, [M={m}, K, S+1]), got {edges.shape}")
-  return edges, signal
+  return edges, signal, calibration
 
 
 def evaluate(policy: Policy, traces: Traces,
@@ -397,10 +401,10 @@ def evaluate(policy: Policy, traces: Traces,
     raise ValueError(f"max_bytes: expected a positive budget, got {max_bytes}")
   if method not in ("auto", "replay", "sweep"):
     raise ValueError(f"method: expected 'auto', 'replay' or 'sweep', got {method!r}")
-  edges, signal_name = _model_edges(binning, m, k, s)
-  values = signal_values(traces, signal_name, "binning.signal")
+  edges, signal_name, calibration = _model_edges(binning, m, k, s)
+  values = signal_values(traces, signal_name, "binning.signal", calibration)
 
-  bins_n = np.stack([Binning(edges[i], signal_name).assign(values) for i in range(m)])
+  bins_n = np.stack([Binning(edges[i]).assign(values) for i in range(m)])
   # Inputs whose bins agree at every ramp (under every model) take the same
   # decisions: replay each distinct path once, weighted by how many inputs
   # follow it. Exact, and for large N it bounds the work by the paths seen.

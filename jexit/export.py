@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, ExitTable, check_arrays,
+from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, ExitTable, check_arrays, check_calibration,
                            check_header, load_policy_file)
 from jexit.types import Binning, ExitModel, Policy, Traces, is_bool_like, is_int_scalar
 
@@ -125,9 +125,17 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
   if edges.shape != (k, s + 1):
     raise ValueError(f"binning.edges: expected shape [K, S+1] = ({k}, {s + 1}) to match "
                      f"the policy's K={k} ramps and S={s} bins, got {edges.shape}")
-  if binning.signal not in ("1-conf", "stability", "signal"):
-    raise ValueError(f"binning.signal: expected '1-conf', 'stability' or 'signal', got "
-                     f"{binning.signal!r}")
+  if binning.signal not in ("1-conf", "stability", "class", "signal"):
+    raise ValueError(f"binning.signal: expected '1-conf', 'stability', 'class' or 'signal', "
+                     f"got {binning.signal!r}")
+  if binning.signal == "class":
+    calibration = np.asarray(binning.calibration if binning.calibration is not None
+                             else np.zeros((0, 0)))
+    if (calibration.ndim != 2 or calibration.shape[0] != k - 1 or calibration.shape[1] < 3
+        or calibration.shape[1] % 2 != 1 or calibration.dtype.kind not in "iuf"
+        or not np.all(np.isfinite(calibration))):
+      raise ValueError(f"binning.calibration: expected finite weights [K-1={k - 1}, 2C+3] "
+                       f"for a 'class' binning, got shape {calibration.shape}")
   if model is not None:
     if not isinstance(model, ExitModel):
       raise ValueError(f"model: expected jexit.ExitModel, got {type(model).__name__}")
@@ -172,7 +180,8 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
   """Writes one policy of a solve to a self-describing `.npz` (format version 1).
 
   The file holds `edges [K, S+1]`, `loss [K, S]`, `threshold [K, S]`,
-  `cost [K]` and a JSON `header` (format name and version, jexit version,
+  `cost [K]` (and, for a "class" signal, its weights `calibration
+  [K-1, 2C+3]`) and a JSON `header` (format name and version, jexit version,
   binned signal, lam, recall, K, S, costs, dtype, sha256 of the fit trace).
   Everything is validated with the same checks the loader applies before the
   file is written (atomically, via a temporary file and a rename).
@@ -214,11 +223,15 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
     raise ValueError(f"path: the folder {folder} of {path} does not exist")
   check_header(header, path)
   edges, loss, threshold, cost = check_arrays(header, edges, loss, threshold, cost, path)
+  calibration = check_calibration(
+      header, np.asarray(binning.calibration, np.float64) if binning.signal == "class" else None,
+      path)
+  extra = {} if calibration is None else {"calibration": calibration}
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
       np.savez_compressed(f, header=np.array(json.dumps(header, sort_keys=True)),
-                          edges=edges, loss=loss, threshold=threshold, cost=cost)
+                          edges=edges, loss=loss, threshold=threshold, cost=cost, **extra)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -271,11 +284,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                  help="split rows in blocks of this many related rows (--max-loss)")
   p.add_argument("--grid", type=int, default=1000,
                  help="lam values per candidate model tried by --max-loss (default 1000)")
-  p.add_argument("--signal", choices=("auto", "1-conf", "stability", "signal"),
+  p.add_argument("--signal", choices=("auto", "1-conf", "stability", "class", "signal"),
                  default=None,
                  help="exit signal of the model: 1-conf, stability (1 - conf, plus 1 where "
-                      "the prediction changed since the previous ramp), the trace's "
-                      "signal, or auto (chosen on the fit rows by inner cross-fitting, as "
+                      "the prediction changed since the previous ramp), class (a "
+                      "per-class calibration of 1 - conf, shipped in the table), the "
+                      "trace's signal, or auto (chosen on the fit rows by inner cross-fitting, as "
                       "`jexit budget`; --max-loss only). Default: auto with --max-loss, "
                       "else 1-conf (the trace's signal if it has one)")
   from jexit.cli import signal_range_arg  # pylint: disable=import-outside-toplevel
@@ -317,6 +331,8 @@ def run_export(args) -> int:
   if args.lam is not None:
     if not (np.isfinite(args.lam) and args.lam >= 0):
       raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
+    if options.get("signal") == "class":  # its inner folds keep related rows together
+      options["class_block"] = args.block
     model, binning = fit(traces, **options)
     policy = solve(model, np.array([args.lam]), recall=recall)
     lam_index, note = 0, " (fitted on all of TRACE)"

@@ -7,7 +7,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from jexit.traces import check_traces, own_signal, signal_values
+from jexit.runtime import class_features, class_signal
+from jexit.traces import check_traces, fold_rows, own_signal, signal_values
 from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
 
 PAPER_STEP = 0.08
@@ -131,7 +132,90 @@ def _smooth_counts(counts: np.ndarray, width: float) -> np.ndarray:
   return kernel @ counts @ kernel.T
 
 
-SIGNAL_RANGES = {"1-conf": (0.0, 1.0), "stability": (0.0, 2.0)}
+SIGNAL_RANGES = {"1-conf": (0.0, 1.0), "stability": (0.0, 2.0), "class": (0.0, 1.0)}
+# The "class" signal's logistic fits: ridge penalty on every weight but the
+# intercept (in units of one row's log-loss), and the inner folds whose
+# held-out scores the model is fitted on. Set before measuring, not tuned
+# (experiments/CLASS.md).
+CLASS_RIDGE = 0.1
+CLASS_FOLDS = 5
+
+
+def _logistic_irls(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+  """Weights of a ridge-penalised logistic regression (last column: intercept,
+  barely penalised so that a constant target stays finite), by damped Newton."""
+  f = x.shape[1]
+  pen = np.full(f, float(ridge))
+  pen[-1] = 1e-6
+  w = np.zeros(f)
+  objective = lambda w: np.sum(np.logaddexp(0.0, x @ w) - y * (x @ w)) + 0.5 * pen @ (w * w)
+  current = objective(w)
+  for _ in range(100):
+    p = np.exp(-np.logaddexp(0.0, -(x @ w)))  # sigmoid, stable
+    grad = x.T @ (p - y) + pen * w
+    hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(pen)
+    step = np.linalg.solve(hess, grad)
+    t = 1.0
+    while t > 1e-8:
+      trial = objective(w - t * step)
+      if trial <= current:
+        break
+      t *= 0.5
+    w, done = w - t * step, current - trial < 1e-10 * (1 + abs(current))
+    current = trial
+    if done:
+      break
+  return w
+
+
+def fit_class_calibration(traces: Traces, rows: Optional[Sequence[int]] = None, *,
+                          ridge: float = CLASS_RIDGE) -> np.ndarray:
+  """`[K-1, 2C+3]` weights of the "class" signal (`jexit.runtime.class_signal`).
+
+  Per ramp k < K-1, a logistic regression of "ramp k's prediction equals the
+  final ramp's" on `jexit.runtime.class_features` (predicted class, its
+  interaction with `log(1 - conf)`, `log(1 - conf)`, agreement with the
+  previous ramp), fitted on `rows` (default: all) with a ridge penalty.
+  C = the largest class id predicted in those rows, plus 1.
+  """
+  traces = check_traces(traces)
+  if rows is not None:
+    traces = traces.take(np.asarray(rows))
+  if not (is_real_scalar(ridge) and np.isfinite(ridge) and ridge > 0):
+    raise ValueError(f"ridge: expected a finite penalty > 0, got {ridge!r}")
+  pred = np.asarray(traces.pred)
+  if pred.min() < 0:
+    raise ValueError(f"traces.pred: expected class ids >= 0 for the 'class' signal, got "
+                     f"{int(pred.min())}")
+  num_classes = int(pred.max()) + 1
+  k_count = traces.num_ramps
+  out = np.zeros((k_count - 1, 2 * num_classes + 3))
+  for k in range(k_count - 1):
+    x = class_features(traces.conf[:, k], pred[:, k], None if k == 0 else pred[:, k - 1],
+                       num_classes)
+    out[k] = _logistic_irls(x, (pred[:, k] == pred[:, -1]).astype(np.float64), ridge)
+  return out
+
+
+def cross_fitted_class_signal(traces: Traces, *, folds: int = CLASS_FOLDS, block: int = 1,
+                              ridge: float = CLASS_RIDGE) -> np.ndarray:
+  """`[N, K]` "class" signal of every row, each scored by weights fitted
+  without its block of rows (`folds`-fold, blocks of `block` rows kept whole).
+
+  A model fitted on in-sample scores believes them too much: held out, its
+  policies then miss their agreement target (experiments/CLASS.md).
+  """
+  traces = check_traces(traces)
+  n = traces.num_inputs
+  num_blocks = -(-n // block)
+  if num_blocks < 2:
+    raise ValueError(f"traces: the 'class' signal cross-fits its weights and needs at least 2 "
+                     f"blocks of {block} rows, got {n} rows")
+  values = np.empty(traces.conf.shape)
+  for fit_rows, held in fold_rows(n, min(folds, num_blocks), seed=0, block=block):
+    w = fit_class_calibration(traces, fit_rows, ridge=ridge)
+    values[held] = class_signal(traces.conf[held], traces.pred[held], w)
+  return values
 
 
 def _signal_range(signal_range, signal_name, values, has_own_signal):
@@ -174,6 +258,7 @@ def fit(traces: Traces,
         loss_smoothing: float = 1.0,
         signal: Optional[str] = None,
         signal_range: Optional[Tuple[float, float]] = None,
+        class_block: int = 1,
         history: Optional[float] = None,
         trans_model: str = "counts",
         trans_strength: Optional[float] = None) -> Tuple[ExitModel, Binning]:
@@ -189,15 +274,25 @@ def fit(traces: Traces,
     signal: the exit signal to bin: `"1-conf"`, `"stability"` (`1 - conf`
       plus 1 where the prediction changed since the previous ramp: what
       patience/PABEE uses, folded into one signal; the runtime computes it
-      from conf and pred) or `"signal"` (`traces.signal`). Default:
-      `"signal"` if the traces have one, else `"1-conf"`.
+      from conf and pred), `"class"` (1 minus a logistic estimate, fitted on
+      these rows, that the ramp agrees with the final one given its
+      confidence, its predicted class and whether it agrees with the previous
+      ramp; `fit_class_calibration`, `jexit.runtime.class_signal`; the model
+      is fitted on cross-fitted scores, `cross_fitted_class_signal`, and the
+      weights travel in `binning.calibration`) or `"signal"`
+      (`traces.signal`). Default: `"signal"` if the traces have one, else
+      `"1-conf"`.
     signal_range: `(lo, hi)`, the whole range of the traces' own signal
       (`signal="signal"`): the outer bin edges, outside which the runtimes
       refuse a value by default. Default: the fit rows' min and max; pass the
       signal's range (e.g. `(0, 1)` for a margin) so that held-out values
       beyond the fit rows' are served. The ranges of `"1-conf"`, [0, 1], and
-      `"stability"`, [0, 2], are fixed; `signal_range` does not apply to them,
-      and is an error on traces without a signal of their own.
+      `"stability"`, [0, 2], and `"class"`, [0, 1], are fixed; `signal_range`
+      does not apply to them, and is an error on traces without a signal of
+      their own.
+    class_block: with `"class"`, the inner folds keep blocks of this many
+      consecutive rows whole (related rows, e.g. augmented copies of one
+      image, must not score each other).
     bins: `"quantile"` (per-ramp quantiles of the fit rows' signal, `num_bins`
       bins), `"uniform"` (width `step` on [0, 1], the paper's 0.08) or an
       array of edges `[S+1]` (all ramps) or `[K, S+1]`.
@@ -331,7 +426,14 @@ def fit(traces: Traces,
     raise ValueError(f"quantile_power: expected 1 with bins other than 'quantile' (it places "
                      f"quantile edges), got {quantile_power!r}")
   signal_name = signal or own_signal(traces)
-  values = signal_values(traces, signal_name)
+  calibration = None
+  if signal_name == "class":
+    if not (is_int_scalar(class_block) and class_block >= 1):
+      raise ValueError(f"class_block: expected an integer >= 1, got {class_block!r}")
+    calibration = fit_class_calibration(traces)
+    values = cross_fitted_class_signal(traces, block=int(class_block))
+  else:
+    values = signal_values(traces, signal_name)
   span = _signal_range(signal_range, signal_name, values, traces.signal is not None)
 
   if isinstance(bins, str):
@@ -356,7 +458,7 @@ def fit(traces: Traces,
       raise ValueError(f"bins: expected edges of shape [S+1] or [K={k}, S+1], got {edges.shape}")
     if not np.all(np.isfinite(edges)) or np.any(np.diff(edges, axis=1) <= 0):
       raise ValueError("bins: expected finite, strictly increasing edges per ramp")
-  binning = Binning(edges=edges, signal=signal_name)
+  binning = Binning(edges=edges, signal=signal_name, calibration=calibration)
   s_count = binning.num_bins
   b = binning.assign(values)  # [N, K]
 

@@ -17,9 +17,9 @@ import numpy as np
 from jexit import baselines
 from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
                             evaluate, select)
-from jexit.fit import fit
+from jexit.fit import cross_fitted_class_signal, fit
 from jexit.solver import available_host_bytes, solve, working_dtype
-from jexit.traces import check_traces, own_signal
+from jexit.traces import check_traces, fold_rows, own_signal, row_blocks, split_rows
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
 
 # The model settings every command uses unless told otherwise, chosen by the
@@ -47,52 +47,6 @@ def merged_fit_options(overrides: Optional[dict] = None) -> dict:
   opts = dict(DEFAULT_FIT)
   opts.update({k: v for k, v in (overrides or {}).items() if v is not None})
   return opts
-
-
-def _blocks(num_inputs: int, block: int):
-  """Row blocks `[0, block), [block, 2 block), ...` that a split keeps together."""
-  if not isinstance(block, (int, np.integer)) or block < 1:
-    raise ValueError(f"block: expected an integer >= 1, got {block}")
-  return [np.arange(i, min(i + block, num_inputs)) for i in range(0, num_inputs, block)]
-
-
-def _check_seed(seed) -> None:
-  if not is_int_scalar(seed) or seed < 0:
-    raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-
-
-def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
-               block: int = 1):
-  """Seeded disjoint `(fit_rows, test_rows)`, sorted index arrays.
-
-  Rows are shuffled in blocks of `block` consecutive rows, which always land on
-  the same side: a trace whose rows come in groups of related inputs (e.g. the
-  digits traces' 4 augmented copies of one image) is split by group.
-  """
-  if not (is_real_scalar(test_fraction) and 0 < test_fraction < 1):
-    raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction!r}")
-  _check_seed(seed)
-  blocks = _blocks(num_inputs, block)
-  if len(blocks) < 2:
-    raise ValueError(f"traces: expected at least 2 blocks of {block} inputs to split, "
-                     f"got {num_inputs} inputs")
-  perm = np.random.default_rng(seed).permutation(len(blocks))
-  n_test = min(max(int(round(test_fraction * len(blocks))), 1), len(blocks) - 1)
-  rows = lambda idx: np.sort(np.concatenate([blocks[i] for i in idx]))
-  return rows(perm[n_test:]), rows(perm[:n_test])
-
-
-def fold_rows(num_inputs: int, folds: int, *, seed: int = 0, block: int = 1):
-  """Seeded k-fold cross-fitting: a list of `(fit_rows, test_rows)` (blocks kept whole)."""
-  blocks = _blocks(num_inputs, block)
-  if not isinstance(folds, (int, np.integer)) or folds < 2 or folds > len(blocks):
-    raise ValueError(f"folds: expected an integer in [2, {len(blocks)}] (blocks of "
-                     f"{block} of N={num_inputs} inputs), got {folds}")
-  _check_seed(seed)
-  perm = np.random.default_rng(seed).permutation(len(blocks))
-  parts = [np.concatenate([blocks[i] for i in part]) for part in np.array_split(perm, folds)]
-  return [(np.sort(np.concatenate(parts[:i] + parts[i + 1:])), np.sort(parts[i]))
-          for i in range(folds)]
 
 
 def fit_candidates(traces: Traces, rows, options: dict):
@@ -268,8 +222,13 @@ def _check_memory(name, num_lam, candidates, methods, num_splits):
 
 def _run_split(traces, fit_rows, test_rows, *, candidates, markov_candidates, lambdas,
                methods, apparate_budgets, threshold_grid, oracle_lambdas, max_bytes,
-               oracle_target):
-  """Every method on one split: method -> (fit Evaluation, test Evaluation)."""
+               oracle_target, fit_signal=None):
+  """Every method on one split: method -> (fit Evaluation, test Evaluation).
+
+  `fit_signal [len(fit_rows), K]`: the fit rows' cross-fitted "class" signal,
+  on which the models were fitted and their fit rows are scored (the
+  calibration, fitted on all fit rows, scores the held-out rows).
+  """
   fit_t, test_t = traces.take(fit_rows), traces.take(test_rows)
   out, policy, thresholds = {}, None, None
   both = lambda f, *a: (f(fit_t, *a), f(test_t, *a))
@@ -280,7 +239,12 @@ def _run_split(traces, fit_rows, test_rows, *, candidates, markov_candidates, la
         pol = solve(model, lambdas, recall=name == "recall")
         if name == "recall" and policy is None:
           policy = pol
-        fits.append(evaluate(pol, fit_t, binning, max_bytes=max_bytes))
+        if fit_signal is None:
+          fits.append(evaluate(pol, fit_t, binning, max_bytes=max_bytes))
+        else:
+          fits.append(evaluate(pol, fit_t._replace(signal=fit_signal),
+                               binning._replace(signal="signal", calibration=None),
+                               max_bytes=max_bytes))
         tests.append(evaluate(pol, test_t, binning, max_bytes=max_bytes))
       out[name] = (_concat(fits), _concat(tests))
     elif name == "global_threshold":
@@ -396,6 +360,9 @@ def frontier(traces: Traces, *,
   split["block"] = int(block)
   split.update(pareto="chosen on fit rows", metrics="test rows")
 
+  by_class = opts.get("signal") == "class"
+  if by_class:  # the class signal's inner folds keep the split's blocks whole
+    opts = {**opts, "class_block": int(block)}
   fitted = [fit_candidates(traces, f, opts) for f, _ in rows]
   markov = fitted
   if opts.get("history") is not None and "norecall" in methods:
@@ -420,6 +387,8 @@ def frontier(traces: Traces, *,
     res, pol, thr = _run_split(
         traces, fit_r, test_r, candidates=candidates, markov_candidates=markov_c,
         lambdas=lambdas,
+        fit_signal=(cross_fitted_class_signal(traces.take(fit_r), block=int(block))
+                    if by_class else None),
         methods=methods, apparate_budgets=apparate_budgets,
         threshold_grid=threshold_grid, oracle_lambdas=oracle_lambdas,
         max_bytes=max_bytes, oracle_target="label" if metric == "accuracy" else "agreement")
@@ -533,7 +502,13 @@ def best_method(choices: Dict[str, BudgetChoice]) -> Optional[str]:
   return best
 
 
-SIGNAL_CHOICES = ("auto", "1-conf", "stability", "signal")
+SIGNAL_CHOICES = ("auto", "1-conf", "stability", "class", "signal")
+
+
+def auto_signals(traces: Traces) -> tuple:
+  """The exit signals `signal="auto"` chooses among, ties to the first: the
+  traces' own (`1 - conf`, or `traces.signal`), `"stability"` and `"class"`."""
+  return (own_signal(traces), "stability", "class")
 INNER_FOLDS = 4
 
 
@@ -613,15 +588,14 @@ def choose_signal(traces: Traces, max_loss: float, *, test_fraction: float = 0.5
                   max_bytes: int = DEFAULT_MAX_BYTES, metric: str = "agreement"):
   """The exit signal for the solver's model, chosen on the fit rows of a split.
 
-  Scores the traces' own signal (`1 - conf`, or `traces.signal`) and
-  `"stability"` with `signal_score` on the fit rows of
+  Scores each of `auto_signals` (the traces' own signal, `1 - conf` or
+  `traces.signal`, `"stability"` and `"class"`) with `signal_score` on the fit rows of
   `split_rows(..., test_fraction, seed, block)` (the test rows are not read)
   and returns `(the better one, {signal: score})`; ties go to the traces'
   own. `(None, None)` when the fit rows hold fewer than `2 * inner_folds`
   blocks (too few to compare).
   """
-  own = own_signal(traces)
-  families = {sig: {"signal": sig} for sig in (own, "stability")}
+  families = {sig: {"signal": sig} for sig in auto_signals(traces)}
   name, scores = choose_family(traces, max_loss, families, test_fraction=test_fraction,
                                seed=seed, block=block, fit_options=fit_options,
                                num_lambdas=num_lambdas, inner_folds=inner_folds,
@@ -647,7 +621,7 @@ def choose_family(traces: Traces, max_loss: float, families: Dict[str, dict], *,
   traces = check_traces(traces)
   fit_rows, _ = split_rows(traces.num_inputs, test_fraction=test_fraction, seed=seed,
                            block=block)
-  if len(_blocks(len(fit_rows), block)) < 2 * inner_folds:
+  if len(row_blocks(len(fit_rows), block)) < 2 * inner_folds:
     return None, None
   inner = traces.take(fit_rows)
   scores = {name: _inner_score(inner, {**(fit_options or {}), **opts}, max_loss,
@@ -662,13 +636,13 @@ def model_families(traces: Traces, fit_options: dict, *, signal: Optional[str] =
                    metric: str = "agreement") -> Dict[str, dict]:
   """The candidate model families `budget` chooses among: `{name: fit options}`.
 
-  Exit signals (the traces' own and `"stability"`, with `signal="auto"` and
-  no `fit_options["signal"]`) x loss targets (`"agreement"` and `"label"`,
+  Exit signals (`auto_signals`: the traces' own, `"stability"` and `"class"`,
+  with `signal="auto"` and no `fit_options["signal"]`) x loss targets (`"agreement"` and `"label"`,
   with `metric="accuracy"` and no `fit_options["target"]`); one family when
   nothing is left to choose.
   """
   own = own_signal(traces)
-  signals = ([own, "stability"] if signal == "auto" and "signal" not in fit_options
+  signals = (list(auto_signals(traces)) if signal == "auto" and "signal" not in fit_options
              else [fit_options.get("signal")])
   targets = (["agreement", "label"] if metric == "accuracy" and fit_options.get("target") is None
              else [fit_options.get("target")])
@@ -704,10 +678,12 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
   The exit signal of the solver's model is chosen on the fit rows too: with
   `signal="auto"` (default, single split), an `inner_folds`-fold
   cross-fitting of the fit rows scores the traces' own signal (`1 - conf`,
-  or `traces.signal`) and `"stability"` (`1 - conf`, plus 1 where the
-  prediction changed since the previous ramp) by their mean held-out
-  speedup at `max_loss`, and the better one (ties: the traces' own) is
-  fitted on all fit rows (experiments/SELECT_FAMILY.md measured it).
+  or `traces.signal`), `"stability"` (`1 - conf`, plus 1 where the
+  prediction changed since the previous ramp) and `"class"` (a per-class
+  logistic calibration of the ramp's agreement with the final ramp; see
+  `jexit.fit`) by their mean held-out speedup at `max_loss`, and the best
+  one (ties: in that order) is fitted on all fit rows
+  (experiments/SELECT_FAMILY.md and experiments/CLASS.md measured it).
   `signal_scores` holds each candidate's score (with `metric="accuracy"`,
   candidates are named `"<signal>, <target> loss"`).
 
@@ -716,8 +692,8 @@ def budget(traces: Traces, max_loss: float = 0.01, *,
     max_loss: agreement-loss budget, e.g. 0.01 for 99% agreement.
     folds, test_fraction, seed, block, lambdas, num_lambdas, fit_options,
       methods, max_bytes: as for `frontier`.
-    signal: `"auto"`, one of `"1-conf"`, `"stability"`, `"signal"` (no
-      selection), or None (the traces' own, or `fit_options["signal"]`).
+    signal: `"auto"`, one of `"1-conf"`, `"stability"`, `"class"`,
+      `"signal"` (no selection), or None (the traces' own, or `fit_options["signal"]`).
       `"auto"` selects only with a single split; with `folds` (and with fit
       rows too few to compare) it keeps the traces' own signal, and
       `signal_scores` is None.

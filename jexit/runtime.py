@@ -14,11 +14,14 @@ arrays, read with `allow_pickle=False`:
 | `loss`      | `[K, S]`   | float32 / float64 | `l_k(s)`, the loss of outputting ramp k from bin s |
 | `threshold` | `[K, S]`   | same as `loss`    | stop thresholds: values of `loss` or +-inf |
 | `cost`      | `[K]`      | float64           | `c_k`, cost of segment k plus its head |
+| `calibration` | `[K-1, 2C+3]` | float64        | only for `"class"`: the weights of `class_signal` |
 
 Signals (`header.signal`): `"1-conf"`, `v = 1 - max softmax`; `"stability"`,
 `v = (1 - max softmax) + 1` if the ramp's prediction differs from the previous
-ramp's (`+ 0` at the first ramp; see `stability_signal`); `"signal"`, a custom
-signal the caller computes.
+ramp's (`+ 0` at the first ramp; see `stability_signal`); `"class"`, one minus
+a per-class logistic estimate that the ramp agrees with the final one (`1 - max
+softmax` at the last ramp; see `class_signal`, weights in `calibration`);
+`"signal"`, a custom signal the caller computes.
 
 Decision rule at ramp k (0-based) once its signal `v` is known:
 
@@ -57,13 +60,15 @@ import numpy as np
 FORMAT_NAME = "jexit-policy"
 FORMAT_VERSION = 1
 ARRAY_KEYS = ("header", "edges", "loss", "threshold", "cost")
-SIGNALS = ("1-conf", "stability", "signal")
+SIGNALS = ("1-conf", "stability", "class", "signal")
+CLASS_LOG_FLOOR = 1e-9  # log(1 - conf) is floored at log(1e-9) for conf = 1
 # name -> (required, accepted Python types, meaning)
 HEADER_FIELDS = {
     "format": (True, (str,), f"always {FORMAT_NAME!r}"),
     "format_version": (True, (int,), "integer version of this layout"),
     "jexit_version": (True, (str,), "version of jexit that wrote the file"),
-    "signal": (True, (str,), "the signal the edges bin: '1-conf', 'stability' or 'signal'"),
+    "signal": (True, (str,), "the signal the edges bin: '1-conf', 'stability', 'class' or "
+                             "'signal'"),
     "lam": (True, (int, float), "the cost weight lam the policy was solved for"),
     "recall": (True, (bool,), "whether the output is the best ramp so far"),
     "num_ramps": (True, (int,), "K"),
@@ -205,6 +210,27 @@ def check_arrays(header: dict, edges, loss, threshold, cost, path="<memory>"):
   return edges, loss.astype(dtype), threshold.astype(dtype), cost
 
 
+def check_calibration(header: dict, calibration, path="<memory>"):
+  """The `calibration` array of a `"class"` table as float64 (None for the
+  other signals), or a ValueError naming the problem."""
+  k = header["num_ramps"]
+  if header["signal"] != "class":
+    if calibration is not None:
+      _bad(path, f"calibration: only a 'class' table has one, got one with "
+                 f"header.signal {header['signal']!r}")
+    return None
+  if calibration is None:
+    _bad(path, "calibration: a 'class' table needs its weights [K-1, 2C+3], got none")
+  a = np.asarray(calibration)
+  if (a.ndim != 2 or a.shape[0] != k - 1 or a.shape[1] < 3 or a.shape[1] % 2 != 1
+      or not np.issubdtype(a.dtype, np.floating)):
+    _bad(path, f"calibration: expected float weights of shape [K-1={k - 1}, 2C+3], got "
+               f"{_describe(a)}")
+  if not np.all(np.isfinite(a)):
+    _bad(path, "calibration: expected finite values, got NaN or inf")
+  return a.astype(np.float64)
+
+
 class ExitState(NamedTuple):
   """Per-input state between ramps (any leading shape `[...]`, usually `[B]`).
 
@@ -246,7 +272,7 @@ class ExitTable:
   """
 
   def __init__(self, header: dict, edges, loss, threshold, cost, *,
-               nan: str = "error", out_of_range: str = "error",
+               calibration=None, nan: str = "error", out_of_range: str = "error",
                range_tol: float = 1e-6, path: str = "<memory>"):
     if nan not in _NAN_MODES:
       raise ValueError(f"nan: expected one of {list(_NAN_MODES)}, got {nan!r}")
@@ -260,6 +286,7 @@ class ExitTable:
     header = check_header(dict(header) if isinstance(header, dict) else header, path)
     self.edges, self.loss, self.threshold, self.cost = check_arrays(
         header, edges, loss, threshold, cost, path)
+    self.calibration = check_calibration(header, calibration, path)
     self.header = header
     self.path = path
     self.lam = float(header["lam"])
@@ -279,8 +306,9 @@ class ExitTable:
   @classmethod
   def load(cls, path, **options) -> "ExitTable":
     """Reads and validates a policy file; `options` as in the constructor."""
-    header, edges, loss, threshold, cost = read_policy_arrays(path)
-    return cls(header, edges, loss, threshold, cost, path=os.fspath(path), **options)
+    header, edges, loss, threshold, cost, calibration = read_policy_arrays(path)
+    return cls(header, edges, loss, threshold, cost, calibration=calibration,
+               path=os.fspath(path), **options)
 
   @property
   def num_ramps(self) -> int:
@@ -356,6 +384,26 @@ class ExitTable:
     return ExitState(best_loss=np.full(shape, np.inf, self.dtype),
                      best_ramp=np.full(shape, -1, np.int64),
                      ramp=np.zeros(shape, np.int64))
+
+  def signal_of(self, k: int, conf_k, pred_k=None, prev_pred_k=None) -> np.ndarray:
+    """`[...]` the signal `step(k, ...)` expects, from ramp k's max-softmax
+    `conf_k [...]`, its predictions `pred_k` and ramp k-1's `prev_pred_k`
+    (None at k = 0; "stability" and "class" tables need the predictions). A
+    "signal" table's signal is the caller's own."""
+    k = self._check_ramp(k)
+    conf_k = _real("conf_k", conf_k)
+    if self.signal == "1-conf":
+      return 1.0 - conf_k
+    if self.signal == "signal":
+      raise ValueError("signal_of: this table bins a custom signal (header.signal = "
+                       "'signal'); compute it as the traces recorded it")
+    if pred_k is None or (k > 0 and prev_pred_k is None):
+      raise ValueError(f"pred_k, prev_pred_k: a {self.signal!r} table's signal needs ramp "
+                       f"k's predictions and, for k > 0, ramp k-1's")
+    prev = None if k == 0 else np.asarray(prev_pred_k)
+    if self.signal == "stability":
+      return (1.0 - conf_k) + (0.0 if prev is None else (np.asarray(pred_k) != prev))
+    return class_signal_k(k, conf_k, pred_k, prev, self.calibration)
 
   def step(self, k: int, signal_k, state: Optional[ExitState] = None
            ) -> Tuple[np.ndarray, ExitState]:
@@ -464,8 +512,8 @@ class ExitTable:
     out-of-range values at ramps an input never reaches are not consulted.
 
     Args:
-      conf: `[N, K]` max-softmax confidences (used for "1-conf" and
-        "stability" tables; may be None when `signal` is given).
+      conf: `[N, K]` max-softmax confidences (used for "1-conf",
+        "stability" and "class" tables; may be None when `signal` is given).
       pred: `[N, K]` int predictions of every ramp.
       signal: `[N, K]` the custom signal, required for a "signal" table and
         refused for the others.
@@ -489,7 +537,7 @@ class ExitTable:
       raise ValueError(f"pred: expected integer class ids, got {_describe(pred)}"
                        + (" with non-integer values" if pred.dtype.kind == "f" else ""))
     n = pred.shape[0]
-    if self.signal in ("1-conf", "stability"):
+    if self.signal in ("1-conf", "stability", "class"):
       if signal is not None:
         raise ValueError(f"signal: this table bins {self.signal!r}, computed from conf "
                          f"and pred; pass conf, not signal")
@@ -509,7 +557,8 @@ class ExitTable:
                            f"{conf[at]!r} at input {at[0]}, ramp {at[1]} (pass "
                            f"out_of_range='clip' to use the end bins)")
       values = (1.0 - conf if self.signal == "1-conf"
-                else stability_signal(conf, pred))
+                else stability_signal(conf, pred) if self.signal == "stability"
+                else class_signal(conf, pred, self.calibration))
     else:
       if signal is None:
         raise ValueError("signal: this table bins a custom signal (header.signal = "
@@ -545,6 +594,50 @@ def stability_signal(conf, pred) -> np.ndarray:
   changed[..., 1:] = pred[..., 1:] != pred[..., :-1]
   return (1.0 - conf) + changed
 
+def class_features(conf_k, pred_k, prev_pred_k, num_classes: int) -> np.ndarray:
+  """`[..., 2C+3]` features of ramp k for the "class" signal: one-hot of the
+  predicted class (all zero for a class id outside [0, C)), the same one-hot
+  times `log(1 - conf)`, `log(1 - conf)`, 1 where the prediction equals the
+  previous ramp's (0 at the first ramp: pass None), and 1 (intercept)."""
+  conf_k = np.asarray(conf_k, np.float64)
+  pred_k = np.asarray(pred_k).astype(np.int64)
+  log_err = np.log(np.maximum(1.0 - conf_k, CLASS_LOG_FLOOR))
+  onehot = (pred_k[..., None] == np.arange(num_classes)).astype(np.float64)
+  same = (np.zeros(conf_k.shape) if prev_pred_k is None
+          else (pred_k == np.asarray(prev_pred_k)).astype(np.float64))
+  return np.concatenate([onehot, onehot * log_err[..., None], log_err[..., None],
+                         same[..., None], np.ones(conf_k.shape + (1,))], axis=-1)
+
+
+def class_signal_k(k: int, conf_k, pred_k, prev_pred_k, calibration) -> np.ndarray:
+  """`[...]` "class" signal of ramp k (0-based): `1 - sigmoid(features . w_k)`
+  for k < K-1 (`calibration [K-1, 2C+3]` holds the w_k), `1 - conf` at the last
+  ramp. See `class_signal`."""
+  calibration = np.asarray(calibration, np.float64)
+  if k == calibration.shape[0]:
+    return 1.0 - np.asarray(conf_k, np.float64)
+  num_classes = (calibration.shape[1] - 3) // 2
+  z = class_features(conf_k, pred_k, prev_pred_k, num_classes) @ calibration[k]
+  return np.exp(-np.logaddexp(0.0, z))  # 1 - sigmoid(z), stable for large |z|
+
+
+def class_signal(conf, pred, calibration) -> np.ndarray:
+  """`[N, K]` float64 "class" signal of confidences and predictions `[N, K]`.
+
+  At ramp k < K-1: one minus the probability, from a logistic fit
+  (`jexit.fit.fit_class_calibration`), that ramp k's prediction agrees with
+  the final ramp's, given its confidence, its predicted class and whether it
+  agrees with the previous ramp (`class_features`). A ramp's confidence means
+  different things for different predicted classes; experiments/CLASS.md
+  measured what that is worth. At the last ramp: `1 - conf`. Values in [0, 1].
+  """
+  conf = np.asarray(conf, np.float64)
+  pred = np.asarray(pred)
+  return np.stack([class_signal_k(k, conf[..., k], pred[..., k],
+                                  None if k == 0 else pred[..., k - 1], calibration)
+                   for k in range(conf.shape[-1])], axis=-1)
+
+
 def margin_signal(probs) -> np.ndarray:
   """`[...]` float64 margin signal of softmax outputs `probs [..., C]`:
   `1 - (top probability - second)`, in [0, 1], small when sure. A custom
@@ -560,7 +653,8 @@ def margin_signal(probs) -> np.ndarray:
 
 def read_policy_arrays(path):
   """Reads a policy file without pickle; returns validated
-  `(header, edges, loss, threshold, cost)`.
+  `(header, edges, loss, threshold, cost, calibration)` (calibration: None
+  unless header.signal is "class").
 
   Raises:
     ValueError: for an unreadable or corrupt file, missing or unknown keys, an
@@ -603,16 +697,18 @@ def read_policy_arrays(path):
       _bad(path, f"header: not valid JSON ({type(e).__name__}: {e})")
     # Version first: a newer layout may legitimately have other keys.
     header = check_header(header, path)
-    unknown = sorted(keys - set(ARRAY_KEYS))
-    missing = [key for key in ARRAY_KEYS if key not in keys]
+    expected = ARRAY_KEYS + (("calibration",) if header["signal"] == "class" else ())
+    unknown = sorted(keys - set(expected))
+    missing = [key for key in expected if key not in keys]
     if unknown:
-      _bad(path, f"unknown key(s) {unknown}; expected {list(ARRAY_KEYS)}")
+      _bad(path, f"unknown key(s) {unknown}; expected {list(expected)}")
     if missing:
-      _bad(path, f"missing key(s) {missing}; expected {list(ARRAY_KEYS)}")
-    arrays = {key: read(key) for key in ARRAY_KEYS[1:]}
+      _bad(path, f"missing key(s) {missing}; expected {list(expected)}")
+    arrays = {key: read(key) for key in expected[1:]}
   edges, loss, threshold, cost = check_arrays(
       header, arrays["edges"], arrays["loss"], arrays["threshold"], arrays["cost"], path)
-  return header, edges, loss, threshold, cost
+  calibration = check_calibration(header, arrays.get("calibration"), path)
+  return header, edges, loss, threshold, cost, calibration
 
 
 def load_policy_file(path, **options) -> ExitTable:

@@ -68,8 +68,8 @@ class EarlyExitRunner:
     table: an `ExitTable` or the path of a policy file.
     signal_fn: optional `logits [B, C] -> signal [B]`; required when the table
       bins a custom signal (`table.signal == "signal"`), refused for a
-      "stability" table (the runner computes `1 - max softmax`, plus 1 where
-      the ramp's prediction differs from the previous ramp's). Default:
+      "stability" or "class" table (the runner computes their signal from each
+      ramp's max softmax and prediction, `ExitTable.signal_of`). Default:
       `1 - max softmax`.
     keep_logits: also return the output ramp's logits.
 
@@ -104,9 +104,9 @@ class EarlyExitRunner:
       raise ValueError(f"signal_fn: the table bins a custom signal "
                        f"(signal={table.signal!r}), not 1 - max softmax; pass "
                        f"signal_fn(logits) -> [B] computing that signal")
-    if table.signal == "stability" and signal_fn is not None:
-      raise ValueError("signal_fn: a 'stability' table's signal comes from the ramps' "
-                       "confidences and predictions; expected signal_fn=None")
+    if table.signal in ("stability", "class") and signal_fn is not None:
+      raise ValueError(f"signal_fn: a {table.signal!r} table's signal comes from the ramps' "
+                       f"confidences and predictions; expected signal_fn=None")
     self.segments, self.heads, self.table = segments, heads, table
     self.signal_fn, self.keep_logits = signal_fn, keep_logits
     self._mode_sensitive = None
@@ -138,13 +138,12 @@ class EarlyExitRunner:
                        f"got {tuple(logits.shape)}")
     return logits
 
-  def _signal(self, k, logits, conf, changed=None) -> np.ndarray:
-    """`[B]` float64 signal on the host: 1 - conf (plus `changed` [B] bool for a
-    "stability" table) unless `signal_fn`."""
+  def _signal(self, k, logits, conf) -> np.ndarray:
+    """`[B]` float64 signal on the host of a "1-conf" table (1 - conf) or of a
+    "signal" table (`signal_fn`)."""
     if self.signal_fn is None:
       # In float64 from the float32 confidence, as jexit.evaluation computes it.
-      v = 1.0 - conf.cpu().numpy().astype(np.float64)
-      return v if changed is None else v + changed
+      return 1.0 - conf.cpu().numpy().astype(np.float64)
     signal = self.signal_fn(logits)
     if tuple(signal.shape) != (logits.shape[0],):
       raise ValueError(f"signal_fn: expected a [B={logits.shape[0]}] signal at ramp {k}, "
@@ -175,7 +174,7 @@ class EarlyExitRunner:
     rows = np.arange(b)                          # input index of each row, on the host
     best_loss = np.full(b, np.inf, table.dtype)  # the ExitState of `table.step`
     best_ramp = np.full(b, -1, np.int64)
-    stability, prev_pred = table.signal == "stability", None
+    tracked, prev_pred = table.signal in ("stability", "class"), None
     # Per ramp run: the rows it ran on and its predictions/logits for them.
     # Outputs are gathered once at the end instead of scattered per ramp.
     ran, preds, all_logits = [], [], []
@@ -189,13 +188,13 @@ class EarlyExitRunner:
         raise ValueError(f"heads[{k}]: expected {all_logits[0].shape[1]} classes like "
                          f"heads[0], got logits of shape {tuple(logits.shape)}")
       conf, pred = max_softmax(logits)
-      changed = None
-      if stability:
+      if tracked:  # the signal reads this ramp's and the previous ramp's predictions
         pred_host = pred.cpu().numpy()
-        changed = np.zeros(rows.size, bool) if k == 0 else pred_host != prev_pred
+        v = table.signal_of(k, conf.cpu().numpy().astype(np.float64), pred_host, prev_pred)
+      else:
+        v = self._signal(k, logits, conf)
       # The rows and k are right by construction: the rule without step's checks.
-      stop, best_loss, best_ramp = table._decide(k, self._signal(k, logits, conf, changed),
-                                                 best_loss, best_ramp)
+      stop, best_loss, best_ramp = table._decide(k, v, best_loss, best_ramp)
       ran.append(rows)
       preds.append(pred)
       if self.keep_logits:
@@ -208,7 +207,7 @@ class EarlyExitRunner:
           # Compact: later segments only run on the inputs still going.
           h = h.index_select(0, torch.from_numpy(np.flatnonzero(keep)).to(device))
         rows, best_loss, best_ramp = rows[keep], best_loss[keep], best_ramp[keep]
-      if stability:
+      if tracked:
         prev_pred = pred_host[~stop]
     # Row of each input's output ramp in the concatenation of what each ramp
     # ran on (`ran[j]` is sorted: compaction keeps the input order).
@@ -239,12 +238,12 @@ class EarlyExitRunner:
       h = self.segments[k](h)
       logits = self._logits(k, h, 1)
       conf, pred = max_softmax(logits)
-      if self.signal_fn is None:
+      if self.table.signal in ("stability", "class"):
+        p = int(pred.item())
+        v = float(table.signal_of(k, np.float64(conf.item()), p, prev_pred))
+        prev_pred = p
+      elif self.signal_fn is None:
         v = 1.0 - float(conf.item())
-        if self.table.signal == "stability":
-          p = int(pred.item())
-          v += float(k > 0 and p != prev_pred)
-          prev_pred = p
       else:
         v = float(self._signal(k, logits, conf)[0])
       stop, best_loss, best_ramp = table.decide_one(k, v, best_loss, best_ramp)

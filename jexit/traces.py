@@ -6,8 +6,8 @@ import zlib
 
 import numpy as np
 
-from jexit.runtime import stability_signal
-from jexit.types import Traces
+from jexit.runtime import class_signal, stability_signal
+from jexit.types import Traces, is_int_scalar, is_real_scalar
 
 REQUIRED_KEYS = ("conf", "pred", "cost")
 OPTIONAL_KEYS = ("label", "signal")
@@ -106,19 +106,77 @@ def own_signal(traces: Traces) -> str:
   return "signal" if traces.signal is not None else "1-conf"
 
 
-def signal_values(traces: Traces, name: str, field: str = "signal") -> np.ndarray:
+def signal_values(traces: Traces, name: str, field: str = "signal",
+                  calibration=None) -> np.ndarray:
   """`[N, K]` float64 values of the exit signal `name` of checked traces:
-  `"1-conf"`, `"stability"` or `"signal"` (`traces.signal`); `field` names the
-  argument in errors."""
+  `"1-conf"`, `"stability"`, `"class"` (with its `calibration [K-1, 2C+3]`)
+  or `"signal"` (`traces.signal`); `field` names the argument in errors."""
   if name == "1-conf":
     return 1.0 - np.asarray(traces.conf, np.float64)
   if name == "stability":
     return stability_signal(traces.conf, traces.pred)
+  if name == "class":
+    k = traces.conf.shape[1]
+    cal = None if calibration is None else np.asarray(calibration)
+    if (cal is None or cal.ndim != 2 or cal.shape[0] != k - 1 or cal.shape[1] < 3
+        or cal.shape[1] % 2 != 1 or cal.dtype.kind not in "iuf"
+        or not np.all(np.isfinite(cal))):
+      raise ValueError(f"{field}: 'class' needs finite weights calibration [K-1={k - 1}, "
+                       f"2C+3] (from jexit.fit), got "
+                       f"{None if cal is None else (cal.shape, str(cal.dtype))}")
+    return class_signal(traces.conf, traces.pred, cal)
   if name == "signal":
     if traces.signal is None:
       raise ValueError(f"{field}: 'signal' bins traces.signal, but the traces have none")
     return np.asarray(traces.signal, np.float64)
-  raise ValueError(f"{field}: expected '1-conf', 'stability' or 'signal', got {name!r}")
+  raise ValueError(f"{field}: expected '1-conf', 'stability', 'class' or 'signal', got "
+                   f"{name!r}")
+
+
+def row_blocks(num_inputs: int, block: int):
+  """Row blocks `[0, block), [block, 2 block), ...` that a split keeps together."""
+  if not isinstance(block, (int, np.integer)) or block < 1:
+    raise ValueError(f"block: expected an integer >= 1, got {block}")
+  return [np.arange(i, min(i + block, num_inputs)) for i in range(0, num_inputs, block)]
+
+
+def _check_seed(seed) -> None:
+  if not is_int_scalar(seed) or seed < 0:
+    raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+
+
+def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
+               block: int = 1):
+  """Seeded disjoint `(fit_rows, test_rows)`, sorted index arrays.
+
+  Rows are shuffled in blocks of `block` consecutive rows, which always land on
+  the same side: a trace whose rows come in groups of related inputs (e.g. the
+  digits traces' 4 augmented copies of one image) is split by group.
+  """
+  if not (is_real_scalar(test_fraction) and 0 < test_fraction < 1):
+    raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction!r}")
+  _check_seed(seed)
+  blocks = row_blocks(num_inputs, block)
+  if len(blocks) < 2:
+    raise ValueError(f"traces: expected at least 2 blocks of {block} inputs to split, "
+                     f"got {num_inputs} inputs")
+  perm = np.random.default_rng(seed).permutation(len(blocks))
+  n_test = min(max(int(round(test_fraction * len(blocks))), 1), len(blocks) - 1)
+  rows = lambda idx: np.sort(np.concatenate([blocks[i] for i in idx]))
+  return rows(perm[n_test:]), rows(perm[:n_test])
+
+
+def fold_rows(num_inputs: int, folds: int, *, seed: int = 0, block: int = 1):
+  """Seeded k-fold cross-fitting: a list of `(fit_rows, test_rows)` (blocks kept whole)."""
+  blocks = row_blocks(num_inputs, block)
+  if not isinstance(folds, (int, np.integer)) or folds < 2 or folds > len(blocks):
+    raise ValueError(f"folds: expected an integer in [2, {len(blocks)}] (blocks of "
+                     f"{block} of N={num_inputs} inputs), got {folds}")
+  _check_seed(seed)
+  perm = np.random.default_rng(seed).permutation(len(blocks))
+  parts = [np.concatenate([blocks[i] for i in part]) for part in np.array_split(perm, folds)]
+  return [(np.sort(np.concatenate(parts[:i] + parts[i + 1:])), np.sort(parts[i]))
+          for i in range(folds)]
 
 
 def save_traces(path, traces: Traces) -> None:

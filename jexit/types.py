@@ -95,10 +95,15 @@ class Binning(NamedTuple):
     edges: `[K, S+1]` increasing edges per ramp.
     signal: which signal is binned: `"1-conf"`, `"stability"` (`1 - conf`
       plus 1 where the prediction changed since the previous ramp,
-      `jexit.runtime.stability_signal`) or `"signal"` (`Traces.signal`).
+      `jexit.runtime.stability_signal`), `"class"`
+      (`jexit.runtime.class_signal` with `calibration`) or `"signal"`
+      (`Traces.signal`).
+    calibration: `[K-1, 2C+3]` weights of the `"class"` signal (None for
+      the others).
   """
   edges: np.ndarray  # [K, S+1]
   signal: str = "1-conf"
+  calibration: Optional[np.ndarray] = None  # [K-1, 2C+3]
 
   @property
   def num_bins(self) -> int:

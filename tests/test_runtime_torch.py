@@ -232,14 +232,16 @@ def test_runner_on_digits_vgg(tmp_path):
   assert near.sum() <= 5 and not np.any(differ & ~near), np.flatnonzero(differ)
 
 
+@pytest.mark.parametrize("signal", ["stability", "class"])
 @pytest.mark.parametrize("recall", [True, False])
-def test_runner_stability_table_equals_numpy_runtime(tmp_path, recall):
-  """A 'stability' table: the runner tracks each input's previous prediction."""
+def test_runner_tracked_signal_table_equals_numpy_runtime(tmp_path, recall, signal):
+  """'stability' and 'class' tables: the runner tracks each input's previous
+  prediction and computes the table's signal from it."""
   segments, heads = tiny_model(seed=3)
   x = torch.randn(300, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
   conf, pred = full_trace(segments, heads, x)
   traces = jexit.Traces(conf, pred, None, np.array([1.0, 1.0, 2.0, 2.0]))
-  model, binning = jexit.fit(traces, bins="quantile", num_bins=6, signal="stability")
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=6, signal=signal)
   policy = jexit.solve(model, np.array([0.01]), recall=recall)
   # This random network rarely agrees with its last ramp, so the solved policy
   # runs everything; a hand-made table stops in the lower half of the bins

@@ -53,8 +53,8 @@ def test_the_traces_own_signal_replaces_one_minus_conf(load_script):
   as_conf = workloads.suite(folder, signal_as_conf=True)
   plain = workloads.suite()
   name = "digits-vgg13-5r"
-  assert union.signals_of(margin[name]) == ("signal", "stability")
-  assert union.signals_of(plain[name]) == ("1-conf", "stability")
+  assert union.signals_of(margin[name]) == ("signal", "stability", "class")
+  assert union.signals_of(plain[name]) == ("1-conf", "stability", "class")
   assert as_conf[name].signal is None
   np.testing.assert_allclose(as_conf[name].conf, 1 - margin[name].signal)
   np.testing.assert_array_equal(as_conf[name].pred, plain[name].pred)
