@@ -107,29 +107,36 @@ def ramp_threshold_ceiling(traces, targets, grid):
 
 FINDINGS = """## Findings
 
-- **On the digits traces no policy family tried reaches 2x at <= 1% agreement loss, even
-  in-sample.** The best, each fitted and chosen on the rows it is scored on, reach 1.61x-1.92x
-  (VGG-11/5 ramps: 1.92x with learned scores; VGG-16/3 ramps: 1.90x with per-ramp thresholds).
-  The hindsight oracle allows 2.10x-4.78x, but it knows which inputs the early ramps get right;
-  the ramps' confidence and predictions do not carry that, as far as any family here can read.
+- **The predicted class is what reaches 2x at <= 1% on four of the six digits workloads.**
+  The in-sample best at 1% is 2.21x, 2.15x, 1.75x, 1.74x, 2.02x and 2.04x (VGG-11/3, VGG-11/5,
+  VGG-13/3, VGG-13/5, VGG-16/3 and VGG-16/5 ramps). It comes from the recall policy on the
+  class signal (`jexit.fit(..., signal="class")`, experiments/CLASS.md) or from gradient-boosted
+  exit scores that also read the predicted classes. Without the class, the best family reached
+  1.86x, 1.92x, 1.71x, 1.61x, 1.90x and 1.80x, so no family reached 2x.
+- **VGG-13 stays below 2x even in-sample** (1.75x and 1.74x), although the hindsight oracle
+  allows 2.10x and 2.89x. The oracle knows which inputs the early ramps get right; on VGG-13,
+  no family here can read that from the ramps' confidences, predictions and classes.
 - **jexit's default rule is at that ceiling held-out.** At 1% loss, `jexit budget`'s default
-  rule (experiments/UNION.md, 5-fold held-out) reaches 1.85x, 1.82x, 1.70x, 1.61x, 1.90x and
-  1.81x on the six digits workloads. The in-sample best of every family is 1.86x, 1.92x,
-  1.71x, 1.61x, 1.90x and 1.80x. That is within 0.02x everywhere but VGG-11/5 ramps, where the
-  learned scores' in-sample 1.92x is 0.10x above.
+  rule (experiments/UNION.md, 5-fold held-out) reaches 2.14x, 2.16x, 1.74x, 1.72x, 2.04x and
+  2.03x. That is within 0.07x of the in-sample best on every digits workload.
+- **The simple calibration gets nearly all of what boosting gets.** The recall policy on the
+  class signal (a logistic fit per ramp: class, class x log(1 - conf), log(1 - conf), agreement
+  with the previous ramp) is within 0.06x of the boosted scores with classes at 1%, and ahead
+  of them on VGG-13/5 and VGG-16/5 ramps (1.74x vs 1.69x, 2.04x vs 1.98x). Nothing in the
+  boosted rows is held-out for the thresholds; jexit ships the class signal, not boosting.
 - **Exhaustive per-ramp thresholds gain little over Apparate's greedy search** (in-sample, at
   most +0.02x at 1% on the 3-ramp traces, where the search is exact). The in-sample recall
   policy is within 0.03x of them at 1% on every digits trace but VGG-11/3 ramps (1.80x vs
   1.85x).
-- **A richer signal gains a little on some traces and loses on others.** Learned exit scores
-  (gradient boosting on every conf and prediction seen so far) beat the best confidence
-  family in-sample on VGG-11/5 ramps (+0.10x at 1%) and VGG-16/5 ramps (+0.02x), and lose on
-  VGG-13/3 ramps (-0.05x) and VGG-16/3 ramps (-0.04x). Nothing in this table is held-out for
-  the thresholds, so a deployed learned rule would do worse than these cells; jexit does not
-  ship one.
-- **Where the signal carries it, 2x at 1% is met held-out.** On both synthetic workloads the
-  stability signal reaches 2.08x and 2.15x in-sample at 1%, and `jexit budget`'s default rule
-  2.07x and 2.19x held-out (experiments/UNION.md).
+- **A richer signal without the class gains a little on some traces and loses on others.**
+  Learned exit scores (gradient boosting on every conf and prediction seen so far, but not the
+  class ids) beat the best confidence family in-sample on VGG-11/5 ramps (+0.10x at 1%) and
+  VGG-16/5 ramps (+0.02x), and lose on VGG-13/3 ramps (-0.05x) and VGG-16/3 ramps (-0.04x).
+- **On the synthetic workloads, 2x at 1% is met held-out with the stability signal.** It
+  reaches 2.08x and 2.15x in-sample at 1% (2.19x with boosted scores on synth-overthink), and
+  `jexit budget`'s default rule 2.07x and 2.18x held-out (experiments/UNION.md).
+- The last three findings were measured before the class families existed: their ceilings
+  and held-out numbers are for the families without the predicted class.
 - **Self-distilled ramps do not move the ceiling either.** Ramps trained to match the final
   head's softened output (`make_traces.py --ramp-target teacher`, T = 2; the backbone and the
   final head are the same as with labels) agree with the final ramp slightly less often on
@@ -149,7 +156,8 @@ FINDINGS = """## Findings
   head trained together (`make_traces.py --training joint`; same costs and trace rows) reach
   an in-sample best at 1% of 2.60x, 2.44x, 2.08x, 2.09x, 2.69x and 2.57x
   (experiments/CEILING_JOINT.md), and `jexit budget`'s default rule 2.08x-2.67x held-out
-  (experiments/JOINT.md). What limits the suite above is its ramps, not the policy.
+  (experiments/JOINT.md). Without the class, what limited the suite above was its ramps,
+  not the policy.
 """
 
 

@@ -1,6 +1,8 @@
 """Fits the discrete Markov exit model (PROBLEM.md) from traces."""
 
+import collections
 import functools
+import hashlib
 import math
 from statistics import NormalDist
 from typing import Optional, Sequence, Tuple, Union
@@ -218,6 +220,28 @@ def cross_fitted_class_signal(traces: Traces, *, folds: int = CLASS_FOLDS, block
   return values
 
 
+_CLASS_CACHE = collections.OrderedDict()  # key -> (calibration, cross-fitted values)
+
+
+def class_scores(traces: Traces, block: int):
+  """`(fit_class_calibration(traces), cross_fitted_class_signal(traces, block))`,
+  memoised on the rows' contents: `frontier` fits one model per bin count on
+  the same rows, and scores those rows again, so each split computes them once."""
+  digest = hashlib.sha1()
+  for a in (traces.conf, traces.pred):
+    a = np.ascontiguousarray(a)
+    digest.update(f"{a.dtype}{a.shape}".encode())
+    digest.update(a.tobytes())
+  key = (digest.hexdigest(), int(block), CLASS_FOLDS, float(CLASS_RIDGE))
+  if key not in _CLASS_CACHE:
+    _CLASS_CACHE[key] = (fit_class_calibration(traces),
+                         cross_fitted_class_signal(traces, block=block))
+    while len(_CLASS_CACHE) > 16:
+      _CLASS_CACHE.popitem(last=False)
+  calibration, values = _CLASS_CACHE[key]
+  return calibration.copy(), values.copy()
+
+
 def _signal_range(signal_range, signal_name, values, has_own_signal):
   """The outer edges `(lo, hi)` of the bins, or None for the fit rows' range."""
   if signal_range is not None:
@@ -430,8 +454,7 @@ def fit(traces: Traces,
   if signal_name == "class":
     if not (is_int_scalar(class_block) and class_block >= 1):
       raise ValueError(f"class_block: expected an integer >= 1, got {class_block!r}")
-    calibration = fit_class_calibration(traces)
-    values = cross_fitted_class_signal(traces, block=int(class_block))
+    calibration, values = class_scores(traces, int(class_block))
   else:
     values = signal_values(traces, signal_name)
   span = _signal_range(signal_range, signal_name, values, traces.signal is not None)

@@ -17,7 +17,7 @@ import numpy as np
 from jexit import baselines
 from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
                             evaluate, select)
-from jexit.fit import cross_fitted_class_signal, fit
+from jexit.fit import class_scores, fit
 from jexit.solver import available_host_bytes, solve, working_dtype
 from jexit.traces import check_traces, fold_rows, own_signal, row_blocks, split_rows
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
@@ -387,8 +387,7 @@ def frontier(traces: Traces, *,
     res, pol, thr = _run_split(
         traces, fit_r, test_r, candidates=candidates, markov_candidates=markov_c,
         lambdas=lambdas,
-        fit_signal=(cross_fitted_class_signal(traces.take(fit_r), block=int(block))
-                    if by_class else None),
+        fit_signal=(class_scores(traces.take(fit_r), int(block))[1] if by_class else None),
         methods=methods, apparate_budgets=apparate_budgets,
         threshold_grid=threshold_grid, oracle_lambdas=oracle_lambdas,
         max_bytes=max_bytes, oracle_target="label" if metric == "accuracy" else "agreement")

@@ -128,6 +128,11 @@ def _prepare(model: ExitModel, dtype) -> _Prepared:
   loss = loss.astype(dtype)
   grids = [np.unique(loss[i]) for i in range(m)]
   x = max(len(g) for g in grids)
+  if not conditioned:
+    # X is at most K*S; padding to it gives every model of a (K, S) one
+    # shape, so refits (folds, signals) reuse one compiled program. The
+    # padded rows repeat the largest loss and decide as its row does.
+    x = k * s
   grid = np.stack([np.pad(g, (0, x - len(g)), mode="edge") for g in grids])
   idx = np.stack([np.searchsorted(grids[i], loss[i]) for i in range(m)]).astype(np.int32)
   if conditioned:
