@@ -193,3 +193,12 @@ def test_policy_file_calibration_is_checked(tmp_path):
   with pytest.raises(ValueError, match="binning.calibration"):
     jexit.export_policy(tmp_path / "bad.npz", policy, binning._replace(calibration=None),
                         model, 0)
+
+
+def test_experiment_script_scores_every_method_held_out(load_script):
+  script = load_script("experiments/class_signal.py")
+  out = script.run(toy_traces(n=400), seed=0, folds=2, block=2, num_lambdas=20)
+  assert set(out) == set(script.METHODS) | set(script.quality.EXTERNAL)
+  for method, cells in out.items():
+    for target, (speed, agreement) in cells.items():
+      assert speed.shape == (2,) and np.all(speed >= 1.0) and 0.0 <= agreement <= 1.0
