@@ -23,6 +23,7 @@ _FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "prior",
 # Rows of the embedded demo trace come in blocks of 4 augmented copies of one
 # image (experiments/TRACES.md): splits keep a block on one side.
 DEMO_BLOCK = 4
+DEMO_MAX_LOSS = 0.01  # the budget the demo's exit signal is chosen for
 
 
 def _num_bins(text: str):
@@ -160,14 +161,17 @@ def run_budget(args) -> int:
 
 def run_demo(args) -> int:
   from jexit import datasets  # pylint: disable=import-outside-toplevel
-  from jexit.frontiers import frontier  # pylint: disable=import-outside-toplevel
+  from jexit.frontiers import choose_signal, frontier  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   path = datasets.demo_trace_path()
   if not os.path.exists(path):
     raise ValueError(f"the embedded demo trace is missing ({path}); reinstall jexit")
   start = time.perf_counter()
   traces = load_traces(path)
-  fr = frontier(traces, num_lambdas=1000, seed=0, block=DEMO_BLOCK)
+  # As `jexit budget`: the exit signal is chosen on the fit rows (at 1% loss) first.
+  signal, scores = choose_signal(traces, DEMO_MAX_LOSS, seed=0, block=DEMO_BLOCK)
+  fr = frontier(traces, num_lambdas=1000, seed=0, block=DEMO_BLOCK,
+                fit_options=None if signal is None else {"signal": signal})
   out = args.out or tempfile.mkdtemp(prefix="jexit-demo-")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out: expected a folder for the demo's outputs, got the file {out}")
@@ -176,11 +180,15 @@ def run_demo(args) -> int:
          f"{traces.num_ramps} ramps)"
   print(f"jexit demo: fit on half the rows, solve 1,000 lam values, evaluate every "
         f"method on the held-out half")
+  if scores:
+    print(f"exit signal of recall/norecall: {signal} (chosen on the fit rows by inner "
+          f"cross-fitting at {DEMO_MAX_LOSS:.0%} loss, as `jexit budget`; mean held-out speedup: "
+          + ", ".join(f"{sig} {v:.2f}x" for sig, v in scores.items()) + ")")
   args.json = os.path.join(out, "frontier.json")
   args.all_points = False
   has_plots = importlib.util.find_spec("matplotlib") is not None  # the optional extra
   args.plot = os.path.join(out, "frontier.png") if has_plots else None
-  args.max_loss = 0.01
+  args.max_loss = DEMO_MAX_LOSS
   _sweep(fr, name, args)
   if args.plot is None:
     print("(no plot: matplotlib is not installed; pip install 'jexit[plot]')")

@@ -167,6 +167,8 @@ def test_demo_reads_the_embedded_trace(tmp_path, capsys):
   rc, out, err = run(capsys, "demo", "--out", str(out_dir))
   assert rc == 0, err
   assert "digits_vgg11.npz" in out and "loss <= 1%" in out
+  # The exit signal is chosen on the fit rows first, as `jexit budget` does.
+  assert "exit signal of recall/norecall: class (chosen on the fit rows" in out
   assert (out_dir / "frontier.png").exists() and (out_dir / "frontier.json").exists()
   assert str(out_dir / "frontier.png") in out
   data = json.loads((out_dir / "frontier.json").read_text())
