@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from jexit.runtime import class_features, class_signal
+from jexit.runtime import CLASS_LOG_FLOOR, class_signal
 from jexit.traces import check_traces, fold_rows, own_signal, signal_values
 from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
 
@@ -143,20 +143,49 @@ CLASS_RIDGE = 0.1
 CLASS_FOLDS = 5
 
 
-def _logistic_irls(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
-  """Weights of a ridge-penalised logistic regression (last column: intercept,
-  barely penalised so that a constant target stays finite), by damped Newton."""
-  f = x.shape[1]
-  pen = np.full(f, float(ridge))
-  pen[-1] = 1e-6
-  w = np.zeros(f)
-  objective = lambda w: np.sum(np.logaddexp(0.0, x @ w) - y * (x @ w)) + 0.5 * pen @ (w * w)
+def _class_logistic(cls, log_err, same, y, num_classes: int, ridge: float) -> np.ndarray:
+  """Weights `[2C+3]` of the "class" logistic regression, by damped Newton.
+
+  The logit is `a[c] + b[c] * log_err + u * log_err + v * same + w0` for a row
+  of class c (`jexit.runtime.class_features`, in the same order). Penalty
+  `ridge / 2 * |weights|^2` on all but w0 (barely penalised, so that a
+  constant target stays finite). The Hessian is a 2x2 block per class plus 3
+  shared weights: each step solves it through the shared weights' Schur
+  complement, O(N + C), so models with many classes fit as fast as with few.
+  """
+  c, n_c = cls, num_classes
+  shared = np.stack([log_err, same, np.ones_like(log_err)], axis=1)  # [N, 3]
+  pen = np.concatenate([np.full(2 * n_c + 2, float(ridge)), [1e-6]])
+  w = np.zeros(2 * n_c + 3)
+  per = lambda v: np.bincount(c, weights=v, minlength=n_c)  # sums over each class's rows
+
+  def logits(w):
+    return w[c] + w[n_c + c] * log_err + shared @ w[2 * n_c:]
+
+  def objective(w):
+    z = logits(w)
+    return np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * pen @ (w * w)
+
   current = objective(w)
   for _ in range(100):
-    p = np.exp(-np.logaddexp(0.0, -(x @ w)))  # sigmoid, stable
-    grad = x.T @ (p - y) + pen * w
-    hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(pen)
-    step = np.linalg.solve(hess, grad)
+    p = np.exp(-np.logaddexp(0.0, -logits(w)))  # sigmoid, stable
+    r, d = p - y, p * (1 - p)
+    grad = np.concatenate([per(r), per(r * log_err), shared.T @ r]) + pen * w
+    # Per class: B_c [2, 2] (a_c, b_c) and E_c [2, 3] against the shared weights.
+    b00, b01, b11 = per(d) + pen[0], per(d * log_err), per(d * log_err ** 2) + pen[0]
+    e0 = np.stack([per(d * shared[:, j]) for j in range(3)], axis=1)              # [C, 3]
+    e1 = np.stack([per(d * log_err * shared[:, j]) for j in range(3)], axis=1)    # [C, 3]
+    det = b00 * b11 - b01 * b01
+    inv = np.stack([np.stack([b11, -b01], -1), np.stack([-b01, b00], -1)], -2) / det[:, None, None]
+    e = np.stack([e0, e1], axis=1)                                                # [C, 2, 3]
+    g_c = np.stack([grad[:n_c], grad[n_c:2 * n_c]], axis=1)                       # [C, 2]
+    inv_e = inv @ e                                                               # [C, 2, 3]
+    schur = shared.T @ (shared * d[:, None]) + np.diag(pen[2 * n_c:]) - np.einsum(
+        "cij,cik->jk", e, inv_e)
+    rhs = grad[2 * n_c:] - np.einsum("cij,ci->j", inv_e, g_c)
+    step_s = np.linalg.solve(schur, rhs)
+    step_c = np.einsum("cij,cj->ci", inv, g_c - e @ step_s)                       # [C, 2]
+    step = np.concatenate([step_c[:, 0], step_c[:, 1], step_s])
     t = 1.0
     while t > 1e-8:
       trial = objective(w - t * step)
@@ -193,9 +222,12 @@ def fit_class_calibration(traces: Traces, rows: Optional[Sequence[int]] = None, 
   k_count = traces.num_ramps
   out = np.zeros((k_count - 1, 2 * num_classes + 3))
   for k in range(k_count - 1):
-    x = class_features(traces.conf[:, k], pred[:, k], None if k == 0 else pred[:, k - 1],
-                       num_classes)
-    out[k] = _logistic_irls(x, (pred[:, k] == pred[:, -1]).astype(np.float64), ridge)
+    log_err = np.log(np.maximum(1.0 - np.asarray(traces.conf[:, k], np.float64),
+                                CLASS_LOG_FLOOR))
+    same = (np.zeros(traces.num_inputs) if k == 0
+            else (pred[:, k] == pred[:, k - 1]).astype(np.float64))
+    out[k] = _class_logistic(pred[:, k].astype(np.int64), log_err, same,
+                             (pred[:, k] == pred[:, -1]).astype(np.float64), num_classes, ridge)
   return out
 
 

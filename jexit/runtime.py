@@ -614,10 +614,18 @@ def class_signal_k(k: int, conf_k, pred_k, prev_pred_k, calibration) -> np.ndarr
   for k < K-1 (`calibration [K-1, 2C+3]` holds the w_k), `1 - conf` at the last
   ramp. See `class_signal`."""
   calibration = np.asarray(calibration, np.float64)
+  conf_k = np.asarray(conf_k, np.float64)
   if k == calibration.shape[0]:
-    return 1.0 - np.asarray(conf_k, np.float64)
-  num_classes = (calibration.shape[1] - 3) // 2
-  z = class_features(conf_k, pred_k, prev_pred_k, num_classes) @ calibration[k]
+    return 1.0 - conf_k
+  w, num_classes = calibration[k], (calibration.shape[1] - 3) // 2
+  pred_k = np.asarray(pred_k).astype(np.int64)
+  log_err = np.log(np.maximum(1.0 - conf_k, CLASS_LOG_FLOOR))
+  same = 0.0 if prev_pred_k is None else (pred_k == np.asarray(prev_pred_k))
+  # class_features(...) @ w without the one-hot matrix: O(N) for any C.
+  seen = (pred_k >= 0) & (pred_k < num_classes)
+  c = np.where(seen, pred_k, 0)
+  z = (np.where(seen, w[c] + w[num_classes + c] * log_err, 0.0)
+       + w[2 * num_classes] * log_err + w[2 * num_classes + 1] * same + w[2 * num_classes + 2])
   return np.exp(-np.logaddexp(0.0, z))  # 1 - sigmoid(z), stable for large |z|
 
 

@@ -69,6 +69,25 @@ def test_calibration_equals_scikit_learn_logistic_regression():
   assert class_signal(same.conf, same.pred, w_same)[:, :-1].max() < 1e-3
 
 
+def test_calibration_with_many_and_missing_classes_equals_scikit_learn():
+  # 60 classes, some never predicted at ramp 0 and some with one row: the
+  # per-class Newton blocks and their Schur complement against a dense solver.
+  sklearn = pytest.importorskip("sklearn.linear_model")
+  rng = np.random.default_rng(3)
+  n, c = 500, 60
+  final = rng.integers(0, c, n)
+  conf = rng.uniform(0.05, 1.0, (n, 2))
+  early = np.where(rng.uniform(size=n) < conf[:, 0], final, rng.integers(0, c // 2, n))
+  traces = jexit.Traces(conf, np.stack([early, final], axis=1), None, np.ones(2))
+  w = fit_class_calibration(traces)
+  assert w.shape == (1, 2 * c + 3)
+  x = class_features(conf[:, 0], early, None, c)
+  ref = sklearn.LogisticRegression(C=1 / CLASS_RIDGE, tol=1e-12, max_iter=10_000)
+  ref.fit(x[:, :-1], early == final)
+  np.testing.assert_allclose(1 / (1 + np.exp(-x @ w[0])), ref.predict_proba(x[:, :-1])[:, 1],
+                             atol=1e-5)
+
+
 def test_cross_fitted_scores_never_see_their_own_block():
   traces = toy_traces()
   block = 4
