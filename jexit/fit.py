@@ -141,6 +141,7 @@ SIGNAL_RANGES = {"1-conf": (0.0, 1.0), "stability": (0.0, 2.0), "class": (0.0, 1
 # (experiments/CLASS.md).
 CLASS_RIDGE = 0.1
 CLASS_FOLDS = 5
+MAX_CLASSES = 100_000  # class ids index the weights: larger ids are a mistake, not classes
 
 
 def _class_logistic(cls, log_err, same, y, num_classes: int, ridge: float) -> np.ndarray:
@@ -219,6 +220,9 @@ def fit_class_calibration(traces: Traces, rows: Optional[Sequence[int]] = None, 
     raise ValueError(f"traces.pred: expected class ids >= 0 for the 'class' signal, got "
                      f"{int(pred.min())}")
   num_classes = int(pred.max()) + 1
+  if num_classes > MAX_CLASSES:
+    raise ValueError(f"traces.pred: the 'class' signal keeps two weights per class id in "
+                     f"[0, max id]; expected ids below {MAX_CLASSES}, got {int(pred.max())}")
   k_count = traces.num_ramps
   out = np.zeros((k_count - 1, 2 * num_classes + 3))
   for k in range(k_count - 1):

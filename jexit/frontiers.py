@@ -17,7 +17,7 @@ import numpy as np
 from jexit import baselines
 from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
                             evaluate, select)
-from jexit.fit import class_scores, fit
+from jexit.fit import MAX_CLASSES, class_scores, fit
 from jexit.solver import available_host_bytes, solve, working_dtype
 from jexit.traces import check_traces, fold_rows, own_signal, row_blocks, split_rows
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
@@ -506,8 +506,11 @@ SIGNAL_CHOICES = ("auto", "1-conf", "stability", "class", "signal")
 
 def auto_signals(traces: Traces) -> tuple:
   """The exit signals `signal="auto"` chooses among, ties to the first: the
-  traces' own (`1 - conf`, or `traces.signal`), `"stability"` and `"class"`."""
-  return (own_signal(traces), "stability", "class")
+  traces' own (`1 - conf`, or `traces.signal`), `"stability"` and `"class"`
+  (unless the predictions are not class ids in [0, MAX_CLASSES))."""
+  pred = np.asarray(traces.pred)
+  ids = pred.size and pred.min() >= 0 and pred.max() < MAX_CLASSES
+  return (own_signal(traces), "stability") + (("class",) if ids else ())
 INNER_FOLDS = 4
 
 

@@ -119,6 +119,10 @@ def test_fit_bins_the_cross_fitted_scores_and_ships_the_calibration():
   assert not np.allclose(in_sample, values)
   with pytest.raises(ValueError, match="class_block"):
     jexit.fit(traces, signal="class", class_block=0)
+  huge = traces.pred.copy()
+  huge[0, 0] = 10 ** 9  # an id, not a class index
+  with pytest.raises(ValueError, match="traces.pred: the 'class' signal .* got 1000000000"):
+    jexit.fit(traces._replace(pred=huge), signal="class")
   with pytest.raises(ValueError, match="'class' needs finite weights"):
     jexit.evaluate(jexit.solve(model, np.array([0.1])), traces,
                    binning._replace(calibration=None))
@@ -150,6 +154,9 @@ def test_budget_auto_scores_the_class_signal():
   b = jf.budget(traces, 0.01, block=4, num_lambdas=100, methods=("recall", "backbone"))
   assert set(b.signal_scores) == {"1-conf", "stability", "class"}
   assert all(v >= 1.0 for v in b.signal_scores.values())
+  # Predictions that are not class indices leave the class signal out of the choice.
+  ids = traces._replace(pred=traces.pred.astype(np.int64) + 10 ** 6)
+  assert jf.auto_signals(ids) == ("1-conf", "stability")
 
 
 @pytest.mark.parametrize("recall", [True, False])
