@@ -38,6 +38,7 @@ VARIANTS = {
     "q32-logistic": {"bins": "quantile", "num_bins": 32, "loss": "logistic"},
     "default+kernel": {**jf.DEFAULT_FIT, "kernel": 1.0, "prior": "marginal"},
     "stability signal": dict(jf.DEFAULT_FIT),
+    "class signal": {**jf.DEFAULT_FIT, "signal": "class"},
     "dense S grid": {**jf.DEFAULT_FIT, "num_bins": (8, 12, 16, 24, 32, 48, 64, 96)},
 }
 RECALL_TARGET = 0.01
@@ -352,9 +353,14 @@ FINDINGS = """## Findings
   Keeping full bin resolution for both values of the flag (2S bins: quantile edges of
   `1 - conf`, and the same edges shifted by 1) gave the same verdict in a prototype run
   (5 folds; e.g. VGG-11/3 ramps at 1%: 1.58x vs the default's 1.81x; synth-smooth: 2.05x vs 1.48x).
+- **The predicted class is information the confidence bins lack too.** The class signal
+  (`class signal`; experiments/CLASS.md: one minus a per-class logistic estimate, fitted on the
+  fit rows, that the ramp agrees with the final one) is at least as fast as every other recall
+  and no-recall variant on every digits cell; on the synthetic workloads stability is faster.
 - **Choosing the signal per workload (now `jexit budget`'s default).** Since prediction
-  stability wins on some workloads and loses on others, `jexit budget --signal auto` chooses
-  between `1 - conf` and the stability signal by a 4-fold cross-fitting inside the fit rows.
+  stability wins on some workloads and loses on others, `jexit budget --signal auto` first
+  chose between `1 - conf` and the stability signal by a 4-fold cross-fitting inside the fit
+  rows (it now scores the class signal too).
   experiments/SELECT_FAMILY.md (`python experiments/select_family.py`) measures that rule
   with this file's protocol: 25 of 32 cells at least as fast as the best external baseline
   (19 of 32 with `1 - conf` alone); it wins back every synthetic cell and changes nothing on
