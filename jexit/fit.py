@@ -187,12 +187,12 @@ def _class_logistic(cls, log_err, same, y, num_classes: int, ridge: float) -> np
     step_s = np.linalg.solve(schur, rhs)
     step_c = np.einsum("cij,cj->ci", inv, g_c - e @ step_s)                       # [C, 2]
     step = np.concatenate([step_c[:, 0], step_c[:, 1], step_s])
-    t = 1.0
-    while t > 1e-8:
-      trial = objective(w - t * step)
-      if trial <= current:
-        break
+    t, trial = 1.0, objective(w - step)
+    while trial > current and t > 1e-8:  # halve until the objective does not rise
       t *= 0.5
+      trial = objective(w - t * step)
+    if trial > current:  # no descent left at float precision: w is the optimum
+      break
     w, done = w - t * step, current - trial < 1e-10 * (1 + abs(current))
     current = trial
     if done:

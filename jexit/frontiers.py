@@ -511,6 +511,8 @@ def auto_signals(traces: Traces) -> tuple:
   pred = np.asarray(traces.pred)
   ids = pred.size and pred.min() >= 0 and pred.max() < MAX_CLASSES
   return (own_signal(traces), "stability") + (("class",) if ids else ())
+
+
 INNER_FOLDS = 4
 
 
