@@ -129,10 +129,12 @@ def _prepare(model: ExitModel, dtype) -> _Prepared:
   grids = [np.unique(loss[i]) for i in range(m)]
   x = max(len(g) for g in grids)
   if not conditioned:
-    # X is at most K*S; padding to it gives every model of a (K, S) one
-    # shape, so refits (folds, signals) reuse one compiled program. The
-    # padded rows repeat the largest loss and decide as its row does.
-    x = k * s
+    # X is at most K*S; padding it up to a multiple of S leaves at most K
+    # shapes per (K, S), so refits (folds, signals) reuse compiled programs,
+    # while models whose ramps share loss values (the paper's bins) keep
+    # their small X. The padded rows repeat the largest loss and decide as
+    # its row does.
+    x = min(-(-x // s) * s, k * s)
   grid = np.stack([np.pad(g, (0, x - len(g)), mode="edge") for g in grids])
   idx = np.stack([np.searchsorted(grids[i], loss[i]) for i in range(m)]).astype(np.int32)
   if conditioned:

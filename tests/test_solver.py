@@ -292,6 +292,31 @@ def test_no_recompilation_for_a_new_lambda_grid():
   assert solver_lib._solve_batched._cache_size() == before
 
 
+def test_refits_with_fewer_distinct_losses_reuse_the_program_and_agree():
+  # X (distinct loss values) is padded up to a multiple of S: models of one
+  # (K, S) whose X differs within a bucket share one compiled program, and the
+  # padded rows change nothing.
+  rng = np.random.default_rng(14)
+  init, trans, loss, cost = reference.random_model(rng, 4, 5)
+  lam = np.geomspace(1e-3, 1, 16)
+  jexit.solve(_model(init, trans, loss, cost), lam)
+  before = solver_lib._solve_batched._cache_size()
+  tied = loss.copy()
+  tied[1, 2] = tied[0, 3]  # one shared value: X = 19 instead of 20, same bucket
+  tied_model = _model(init, trans, tied, cost)
+  policy = jexit.solve(tied_model, lam)
+  assert solver_lib._solve_batched._cache_size() == before
+  assert np.asarray(policy.grid).shape == (20,)  # 19 distinct values, padded to 4 * 5
+  ref_loss = np.asarray(tied, np.float32).astype(np.float64)  # the solver's dtype
+  for i, l in enumerate(lam):
+    value, _, grid = reference.solve_recall(init, trans, ref_loss, cost, l)
+    assert len(grid) == 19
+    np.testing.assert_allclose(policy.value[i], value, rtol=1e-5, atol=1e-7)
+    # Thresholds are loss values (or +-inf) whatever the padding.
+    finite = np.isfinite(policy.threshold[i])
+    assert np.isin(policy.threshold[i][finite], np.asarray(tied, np.float32)).all()
+
+
 def test_float32_and_float64_agree(x64):
   rng = np.random.default_rng(14)
   model = _model(*reference.random_model(rng, 5, 8))
