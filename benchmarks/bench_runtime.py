@@ -13,7 +13,7 @@ At batch sizes 1, 32 and 256 it prints the median wall-clock latency per input
 of each, the measured speedup, and the FLOPs speedup that `jexit.evaluation`
 predicts for the same policy on the same rows.
 
-    python benchmarks/bench_runtime.py [--weights W.pt] [--device cuda]
+    python benchmarks/bench_runtime.py [--weights W.pt] [--device cuda] [--signal class]
 """
 
 import argparse
@@ -33,6 +33,7 @@ import jexit  # noqa: E402
 from experiments import ee_vgg  # noqa: E402
 from jexit.evaluation import evaluate  # noqa: E402
 from jexit.export import export_policy  # noqa: E402
+from jexit.fit import cross_fitted_class_signal  # noqa: E402
 from jexit.runtime import ExitTable  # noqa: E402
 from jexit.runtime_torch import EarlyExitRunner  # noqa: E402
 
@@ -56,6 +57,9 @@ def parse_args(argv=None):
   p.add_argument("--latency-repeats", type=int, default=20,
                  help="repeats of the per-segment latency measurement")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--signal", choices=("1-conf", "class"), default="1-conf",
+                 help="exit signal of the policy (class: the per-class calibration of "
+                      "experiments/CLASS.md, computed by the runner from each ramp's output)")
   return p.parse_args(argv)
 
 
@@ -91,14 +95,24 @@ def build(args, device):
   return run, images, config
 
 
-def choose_policy(traces, fit_rows, max_loss, num_lams):
-  """Most-speedup lam whose agreement loss on the fit rows is <= max_loss."""
-  model, binning = jexit.fit(traces, rows=fit_rows)
+def choose_policy(traces, fit_rows, max_loss, num_lams, signal="1-conf", block=1):
+  """Most-speedup lam whose agreement loss on the fit rows is <= max_loss.
+
+  With `signal="class"` the fit rows are scored, as `jexit.frontiers` does, on
+  their cross-fitted class scores (blocks of `block` related rows kept whole).
+  """
+  options = {"class_block": block} if signal == "class" else {}
+  model, binning = jexit.fit(traces, rows=fit_rows, signal=signal, **options)
   fit_traces = traces.take(fit_rows)
+  if signal == "class":
+    fit_traces = fit_traces._replace(signal=cross_fitted_class_signal(fit_traces, block=block))
+    binning_fit = binning._replace(signal="signal", calibration=None)
+  else:
+    binning_fit = binning
   scale = 1.0 / traces.cost.sum()
   lams = np.concatenate([[0.0], scale * np.logspace(-4, 1, num_lams - 1)])
   policy = jexit.solve(model, lams)
-  ev = evaluate(policy, fit_traces, binning)
+  ev = evaluate(policy, fit_traces, binning_fit)
   ok = 1.0 - ev.agreement <= max_loss
   if not ok.any():
     raise RuntimeError(f"no lam meets agreement loss <= {max_loss} on the fit rows")
@@ -151,7 +165,7 @@ def main(argv=None):
   half = (n // 2) // config.copies * config.copies
   fit_rows, test_rows = np.arange(half), np.arange(half, n)
   model, binning, policy, index, fit_ev = choose_policy(traces, fit_rows, args.max_loss,
-                                                        args.lams)
+                                                        args.lams, args.signal, config.copies)
   test = traces.take(test_rows)
   test_ev = evaluate(policy, test, binning, return_per_input=True)
   path = os.path.join(tempfile.mkdtemp(), "policy.npz")
@@ -211,7 +225,7 @@ def main(argv=None):
   print(f"- trace: {n} rows (held-out digits x {config.copies} augmentations); policy fit "
         f"on rows [0, {half}), everything below measured on the other {len(test_rows)}; "
         f"identical to the embedded jexit/data/digits_vgg11.npz: {'yes' if same else 'no'}")
-  print(f"- policy: recall, lam = {lam:.4g} (index {index} of {args.lams}), chosen on the "
+  print(f"- policy: recall on {args.signal}, lam = {lam:.4g} (index {index} of {args.lams}), chosen on the "
         f"fit rows for the most speedup at agreement loss <= {args.max_loss:g} "
         f"(fit: {1 - fit_ev.agreement[index]:.4f})")
   print(f"- test rows: agreement with the backbone {test_ev.agreement[index]:.4f} "

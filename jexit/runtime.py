@@ -302,6 +302,7 @@ class ExitTable:
     self._lo_list, self._hi_list = self._lo.tolist(), self._hi.tolist()
     self._loss_list = self.loss.astype(np.float64).tolist()
     self._threshold_list = self.threshold.astype(np.float64).tolist()
+    self._calibration_list = None if self.calibration is None else self.calibration.tolist()
 
   @classmethod
   def load(cls, path, **options) -> "ExitTable":
@@ -404,6 +405,31 @@ class ExitTable:
     if self.signal == "stability":
       return (1.0 - conf_k) + (0.0 if prev is None else (np.asarray(pred_k) != prev))
     return class_signal_k(k, conf_k, pred_k, prev, self.calibration)
+
+  def signal_one(self, k: int, conf: float, pred: int, prev_pred: Optional[int] = None) -> float:
+    """`signal_of` for one input, in Python floats (the batch-size-1 path).
+
+    The same operations in the same order as the array path, with the same
+    numpy functions for log and exp, so the value is bit-for-bit
+    `signal_of`'s; a few microseconds instead of a dozen numpy array calls.
+    `conf` is ramp k's max softmax, `pred` its class, `prev_pred` ramp k-1's
+    (None at k = 0).
+    """
+    if self.signal == "1-conf":
+      return 1.0 - conf
+    same = prev_pred is not None and pred == prev_pred
+    if self.signal == "stability":
+      return (1.0 - conf) + (0.0 if k == 0 else float(not same))
+    if self.signal != "class":
+      raise ValueError("signal_one: this table bins a custom signal (header.signal = "
+                       "'signal'); compute it as the traces recorded it")
+    if k == self.num_ramps - 1:
+      return 1.0 - conf
+    w, c = self._calibration_list[k], (len(self._calibration_list[k]) - 3) // 2
+    log_err = float(np.log(max(1.0 - conf, CLASS_LOG_FLOOR)))
+    z = (w[pred] + w[c + pred] * log_err) if 0 <= pred < c else 0.0
+    z = z + w[2 * c] * log_err + w[2 * c + 1] * float(same) + w[2 * c + 2]
+    return float(np.exp(-np.logaddexp(0.0, z)))
 
   def step(self, k: int, signal_k, state: Optional[ExitState] = None
            ) -> Tuple[np.ndarray, ExitState]:

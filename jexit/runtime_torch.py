@@ -240,7 +240,7 @@ class EarlyExitRunner:
       conf, pred = max_softmax(logits)
       if self.table.signal in ("stability", "class"):
         p = int(pred.item())
-        v = float(table.signal_of(k, np.float64(conf.item()), p, prev_pred))
+        v = table.signal_one(k, float(conf.item()), p, prev_pred)
         prev_pred = p
       elif self.signal_fn is None:
         v = 1.0 - float(conf.item())

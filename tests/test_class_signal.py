@@ -189,6 +189,17 @@ def test_exported_class_table_runs_as_evaluate(tmp_path, recall):
     done |= s
     prev = held.pred[:, k]
   np.testing.assert_array_equal(got, stop)
+  # The batch-size-1 path gives the same values bit for bit, unseen classes included.
+  pred = held.pred.copy()
+  pred[::7, 0] = 12  # a class the fit rows never predicted
+  for i in range(0, held.num_inputs, 11):
+    prev = None
+    for k in range(traces.num_ramps):
+      one = table.signal_one(k, float(held.conf[i, k]), int(pred[i, k]), prev)
+      arr = table.signal_of(k, held.conf[i:i + 1, k], pred[i:i + 1, k],
+                            None if prev is None else pred[i:i + 1, k - 1])
+      assert one == float(arr[0]), (i, k)
+      prev = int(pred[i, k])
 
 
 def test_policy_file_calibration_is_checked(tmp_path):
