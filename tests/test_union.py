@@ -60,3 +60,19 @@ def test_the_traces_own_signal_replaces_one_minus_conf(load_script):
   np.testing.assert_array_equal(as_conf[name].pred, plain[name].pred)
   with pytest.raises(ValueError, match="signal_as_conf needs traces with a signal"):
     workloads.suite(signal_as_conf=True)
+
+
+def test_recall_pays_scores_every_family_budget_can_pick(load_script, monkeypatch):
+  # Whatever `jexit budget --metric accuracy` picks per fold, the script has its
+  # outer frontier (it raised KeyError when the class families were added).
+  rp = load_script("experiments/recall_pays.py")
+  traces = rp.label_overthink()
+  families = list(rp.jf.model_families(traces, {}, signal="auto", metric="accuracy"))
+  assert len(families) == 6 and "class, label loss" in families
+  monkeypatch.setattr(rp, "select_family", lambda traces, rows, *a: {
+      t: [families[(i + j) % len(families)] for j in range(len(rows))]
+      for i, t in enumerate(rp.TARGETS)})
+  res = rp.run(2, 20, names=["synth-label-overthink"])["synth-label-overthink"]
+  for t in rp.TARGETS:
+    speed, _, _ = res["cells"][(rp.SELECTED, t)][:3]
+    assert len(speed) == 2 and np.all(np.asarray(speed) >= 1.0)
