@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+from jexit.runtime import SIGNALS
+
 # What the fit options on the command line map to (None = DEFAULT_FIT's value).
 _FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "prior", "kernel",
              "loss_smoothing", "signal_range")
@@ -46,14 +48,14 @@ def signal_range_arg(text):
 def _add_fit_args(p, auto_signal=False):
   g = p.add_argument_group("model (defaults: jexit.frontiers.DEFAULT_FIT)")
   if auto_signal:
-    g.add_argument("--signal", choices=("auto", "1-conf", "stability", "class", "signal"),
+    g.add_argument("--signal", choices=("auto",) + SIGNALS,
                    default="auto",
                    help="exit signal of the solver's model; auto (default) picks 1-conf "
                         "(or the trace's signal), stability or class by inner "
                         "cross-fitting on the fit rows (one split; with --folds it keeps "
                         "1-conf)")
   else:
-    g.add_argument("--signal", choices=("1-conf", "stability", "class", "signal"),
+    g.add_argument("--signal", choices=SIGNALS,
                    help="exit signal: 1 - conf (default; the trace's signal if it has "
                         "one), stability (1 - conf, plus 1 where the prediction changed "
                         "since the previous ramp), class (1 - a per-class logistic "

@@ -13,8 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, ExitTable, check_arrays, check_calibration,
-                           check_header, load_policy_file)
+from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, SIGNALS, ExitTable, check_arrays,
+                           check_calibration, check_header, class_weights_ok,
+                           load_policy_file)
 from jexit.types import Binning, ExitModel, Policy, Traces, is_bool_like, is_int_scalar
 
 __all__ = ["add_export_parser", "export_policy", "load_policy_file", "run_export",
@@ -125,17 +126,12 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
   if edges.shape != (k, s + 1):
     raise ValueError(f"binning.edges: expected shape [K, S+1] = ({k}, {s + 1}) to match "
                      f"the policy's K={k} ramps and S={s} bins, got {edges.shape}")
-  if binning.signal not in ("1-conf", "stability", "class", "signal"):
-    raise ValueError(f"binning.signal: expected '1-conf', 'stability', 'class' or 'signal', "
-                     f"got {binning.signal!r}")
-  if binning.signal == "class":
-    calibration = np.asarray(binning.calibration if binning.calibration is not None
-                             else np.zeros((0, 0)))
-    if (calibration.ndim != 2 or calibration.shape[0] != k - 1 or calibration.shape[1] < 3
-        or calibration.shape[1] % 2 != 1 or calibration.dtype.kind not in "iuf"
-        or not np.all(np.isfinite(calibration))):
-      raise ValueError(f"binning.calibration: expected finite weights [K-1={k - 1}, 2C+3] "
-                       f"for a 'class' binning, got shape {calibration.shape}")
+  if binning.signal not in SIGNALS:
+    raise ValueError(f"binning.signal: expected one of {list(SIGNALS)}, got {binning.signal!r}")
+  if binning.signal == "class" and (binning.calibration is None
+                                    or not class_weights_ok(binning.calibration, k)):
+    raise ValueError(f"binning.calibration: expected finite weights [K-1={k - 1}, 2C+3] "
+                     f"for a 'class' binning, got shape {np.shape(binning.calibration)}")
   if model is not None:
     if not isinstance(model, ExitModel):
       raise ValueError(f"model: expected jexit.ExitModel, got {type(model).__name__}")
@@ -284,7 +280,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                  help="split rows in blocks of this many related rows (--max-loss)")
   p.add_argument("--grid", type=int, default=1000,
                  help="lam values per candidate model tried by --max-loss (default 1000)")
-  p.add_argument("--signal", choices=("auto", "1-conf", "stability", "class", "signal"),
+  p.add_argument("--signal", choices=("auto",) + SIGNALS,
                  default=None,
                  help="exit signal of the model: 1-conf, stability (1 - conf, plus 1 where "
                       "the prediction changed since the previous ramp), class (a "

@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from jexit.runtime import CLASS_LOG_FLOOR, class_signal
+from jexit.runtime import class_log_err, class_logit, class_signal
 from jexit.traces import check_traces, fold_rows, own_signal, signal_values
 from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
 
@@ -148,7 +148,7 @@ def _class_logistic(cls, log_err, same, y, num_classes: int, ridge: float) -> np
   """Weights `[2C+3]` of the "class" logistic regression, by damped Newton.
 
   The logit is `a[c] + b[c] * log_err + u * log_err + v * same + w0` for a row
-  of class c (`jexit.runtime.class_features`, in the same order). Penalty
+  of class c (`jexit.runtime.class_logit`; `class_features`, in the same order). Penalty
   `ridge / 2 * |weights|^2` on all but w0 (barely penalised, so that a
   constant target stays finite). The Hessian is a 2x2 block per class plus 3
   shared weights: each step solves it through the shared weights' Schur
@@ -160,8 +160,7 @@ def _class_logistic(cls, log_err, same, y, num_classes: int, ridge: float) -> np
   w = np.zeros(2 * n_c + 3)
   per = lambda v: np.bincount(c, weights=v, minlength=n_c)  # sums over each class's rows
 
-  def logits(w):
-    return w[c] + w[n_c + c] * log_err + shared @ w[2 * n_c:]
+  logits = lambda w: class_logit(w, c, log_err, same)
 
   def objective(w):
     z = logits(w)
@@ -226,8 +225,7 @@ def fit_class_calibration(traces: Traces, rows: Optional[Sequence[int]] = None, 
   k_count = traces.num_ramps
   out = np.zeros((k_count - 1, 2 * num_classes + 3))
   for k in range(k_count - 1):
-    log_err = np.log(np.maximum(1.0 - np.asarray(traces.conf[:, k], np.float64),
-                                CLASS_LOG_FLOOR))
+    log_err = class_log_err(traces.conf[:, k])
     same = (np.zeros(traces.num_inputs) if k == 0
             else (pred[:, k] == pred[:, k - 1]).astype(np.float64))
     out[k] = _class_logistic(pred[:, k].astype(np.int64), log_err, same,

@@ -18,6 +18,7 @@ from jexit import baselines
 from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
                             evaluate, select)
 from jexit.fit import MAX_CLASSES, class_scores, fit
+from jexit.runtime import SIGNALS
 from jexit.solver import available_host_bytes, solve, working_dtype
 from jexit.traces import check_traces, fold_rows, own_signal, row_blocks, split_rows
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
@@ -501,7 +502,7 @@ def best_method(choices: Dict[str, BudgetChoice]) -> Optional[str]:
   return best
 
 
-SIGNAL_CHOICES = ("auto", "1-conf", "stability", "class", "signal")
+SIGNAL_CHOICES = ("auto",) + SIGNALS
 
 
 def auto_signals(traces: Traces) -> tuple:

@@ -409,8 +409,8 @@ class ExitTable:
   def signal_one(self, k: int, conf: float, pred: int, prev_pred: Optional[int] = None) -> float:
     """`signal_of` for one input, in Python floats (the batch-size-1 path).
 
-    The same operations in the same order as the array path, with the same
-    numpy functions for log and exp, so the value is bit-for-bit
+    The same operations in the same order as the array path (`class_logit`),
+    with the same numpy functions for log and exp, so the value is bit-for-bit
     `signal_of`'s; a few microseconds instead of a dozen numpy array calls.
     `conf` is ramp k's max softmax, `pred` its class, `prev_pred` ramp k-1's
     (None at k = 0).
@@ -620,6 +620,33 @@ def stability_signal(conf, pred) -> np.ndarray:
   changed[..., 1:] = pred[..., 1:] != pred[..., :-1]
   return (1.0 - conf) + changed
 
+def class_weights_ok(calibration, num_ramps: int) -> bool:
+  """Whether `calibration` is finite real weights `[K-1, 2C+3]` of the "class"
+  signal for a table or traces of `num_ramps` = K ramps."""
+  a = np.asarray(calibration)
+  return (a.ndim == 2 and a.shape[0] == num_ramps - 1 and a.shape[1] >= 3
+          and a.shape[1] % 2 == 1 and a.dtype.kind in "iuf" and bool(np.all(np.isfinite(a))))
+
+
+def class_log_err(conf_k) -> np.ndarray:
+  """`log(1 - conf)`, floored at `log(CLASS_LOG_FLOOR)`: the "class" signal's
+  confidence feature."""
+  return np.log(np.maximum(1.0 - np.asarray(conf_k, np.float64), CLASS_LOG_FLOOR))
+
+
+def class_logit(w, pred_k, log_err, same) -> np.ndarray:
+  """`class_features(...) @ w` without the one-hot matrix, O(N) for any C:
+  `w[c] + w[C + c] * log_err` (for a class c in [0, C); 0 otherwise)
+  `+ w[2C] * log_err + w[2C + 1] * same + w[2C + 2]`."""
+  num_classes = (len(w) - 3) // 2
+  pred_k = np.asarray(pred_k).astype(np.int64)
+  seen = (pred_k >= 0) & (pred_k < num_classes)
+  c = np.where(seen, pred_k, 0)
+  return (np.where(seen, w[c] + w[num_classes + c] * log_err, 0.0)
+          + w[2 * num_classes] * log_err + w[2 * num_classes + 1] * same
+          + w[2 * num_classes + 2])
+
+
 def class_features(conf_k, pred_k, prev_pred_k, num_classes: int) -> np.ndarray:
   """`[..., 2C+3]` features of ramp k for the "class" signal: one-hot of the
   predicted class (all zero for a class id outside [0, C)), the same one-hot
@@ -627,7 +654,7 @@ def class_features(conf_k, pred_k, prev_pred_k, num_classes: int) -> np.ndarray:
   previous ramp's (0 at the first ramp: pass None), and 1 (intercept)."""
   conf_k = np.asarray(conf_k, np.float64)
   pred_k = np.asarray(pred_k).astype(np.int64)
-  log_err = np.log(np.maximum(1.0 - conf_k, CLASS_LOG_FLOOR))
+  log_err = class_log_err(conf_k)
   onehot = (pred_k[..., None] == np.arange(num_classes)).astype(np.float64)
   same = (np.zeros(conf_k.shape) if prev_pred_k is None
           else (pred_k == np.asarray(prev_pred_k)).astype(np.float64))
@@ -643,15 +670,8 @@ def class_signal_k(k: int, conf_k, pred_k, prev_pred_k, calibration) -> np.ndarr
   conf_k = np.asarray(conf_k, np.float64)
   if k == calibration.shape[0]:
     return 1.0 - conf_k
-  w, num_classes = calibration[k], (calibration.shape[1] - 3) // 2
-  pred_k = np.asarray(pred_k).astype(np.int64)
-  log_err = np.log(np.maximum(1.0 - conf_k, CLASS_LOG_FLOOR))
-  same = 0.0 if prev_pred_k is None else (pred_k == np.asarray(prev_pred_k))
-  # class_features(...) @ w without the one-hot matrix: O(N) for any C.
-  seen = (pred_k >= 0) & (pred_k < num_classes)
-  c = np.where(seen, pred_k, 0)
-  z = (np.where(seen, w[c] + w[num_classes + c] * log_err, 0.0)
-       + w[2 * num_classes] * log_err + w[2 * num_classes + 1] * same + w[2 * num_classes + 2])
+  same = 0.0 if prev_pred_k is None else (np.asarray(pred_k) == np.asarray(prev_pred_k))
+  z = class_logit(calibration[k], pred_k, class_log_err(conf_k), same)
   return np.exp(-np.logaddexp(0.0, z))  # 1 - sigmoid(z), stable for large |z|
 
 

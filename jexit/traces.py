@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 
-from jexit.runtime import class_signal, stability_signal
+from jexit.runtime import SIGNALS, class_signal, class_weights_ok, stability_signal
 from jexit.types import Traces, is_int_scalar, is_real_scalar
 
 REQUIRED_KEYS = ("conf", "pred", "cost")
@@ -117,20 +117,17 @@ def signal_values(traces: Traces, name: str, field: str = "signal",
     return stability_signal(traces.conf, traces.pred)
   if name == "class":
     k = traces.conf.shape[1]
-    cal = None if calibration is None else np.asarray(calibration)
-    if (cal is None or cal.ndim != 2 or cal.shape[0] != k - 1 or cal.shape[1] < 3
-        or cal.shape[1] % 2 != 1 or cal.dtype.kind not in "iuf"
-        or not np.all(np.isfinite(cal))):
+    if calibration is None or not class_weights_ok(calibration, k):
+      cal = None if calibration is None else np.asarray(calibration)
       raise ValueError(f"{field}: 'class' needs finite weights calibration [K-1={k - 1}, "
                        f"2C+3] (from jexit.fit), got "
                        f"{None if cal is None else (cal.shape, str(cal.dtype))}")
-    return class_signal(traces.conf, traces.pred, cal)
+    return class_signal(traces.conf, traces.pred, calibration)
   if name == "signal":
     if traces.signal is None:
       raise ValueError(f"{field}: 'signal' bins traces.signal, but the traces have none")
     return np.asarray(traces.signal, np.float64)
-  raise ValueError(f"{field}: expected '1-conf', 'stability', 'class' or 'signal', got "
-                   f"{name!r}")
+  raise ValueError(f"{field}: expected one of {list(SIGNALS)}, got {name!r}")
 
 
 def row_blocks(num_inputs: int, block: int):
