@@ -66,8 +66,10 @@ class EarlyExitRunner:
     segments: K backbone segments (`torch.nn.Module`s or callables).
     heads: K ramp heads; `heads[k]` maps segment k's output to `[B, C]` logits.
     table: an `ExitTable` or the path of a policy file.
-    signal_fn: optional `logits [B, C] -> signal [B]`; required when the table
-      bins a custom signal (`table.signal == "signal"`), refused for a
+    signal_fn: optional `logits [B, C] -> signal [B]`, or a sequence of K
+      such functions, `signal_fn[k]` for ramp k (e.g. learned exit gates);
+      required when the table bins a custom signal (`table.signal ==
+      "signal"`), refused for a
       "stability" or "class" table (the runner computes their signal from each
       ramp's max softmax and prediction, `ExitTable.signal_of`). Default:
       `1 - max softmax`.
@@ -86,7 +88,8 @@ class EarlyExitRunner:
 
   def __init__(self, segments: Sequence[Callable], heads: Sequence[Callable],
                table: Union[ExitTable, str, os.PathLike], *,
-               signal_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+               signal_fn: Union[None, Callable[[torch.Tensor], torch.Tensor],
+                                Sequence[Callable[[torch.Tensor], torch.Tensor]]] = None,
                keep_logits: bool = True):
     if isinstance(table, (str, os.PathLike)):
       table = ExitTable.load(table)
@@ -107,8 +110,19 @@ class EarlyExitRunner:
     if table.signal in ("stability", "class") and signal_fn is not None:
       raise ValueError(f"signal_fn: a {table.signal!r} table's signal comes from the ramps' "
                        f"confidences and predictions; expected signal_fn=None")
+    if signal_fn is None or callable(signal_fn):
+      signal_fns = [signal_fn] * len(segments)
+    elif isinstance(signal_fn, (list, tuple)) and all(callable(f) for f in signal_fn):
+      signal_fns = list(signal_fn)
+      if len(signal_fns) != len(segments):
+        raise ValueError(f"signal_fn: expected one function per ramp (K={len(segments)}), "
+                         f"got {len(signal_fns)}")
+    else:
+      raise ValueError(f"signal_fn: expected a function logits -> signal or a list of K "
+                       f"of them, got {type(signal_fn).__name__}")
     self.segments, self.heads, self.table = segments, heads, table
     self.signal_fn, self.keep_logits = signal_fn, keep_logits
+    self._signal_fns = signal_fns
     self._mode_sensitive = None
 
   @property
@@ -144,7 +158,7 @@ class EarlyExitRunner:
     if self.signal_fn is None:
       # In float64 from the float32 confidence, as jexit.evaluation computes it.
       return 1.0 - conf.cpu().numpy().astype(np.float64)
-    signal = self.signal_fn(logits)
+    signal = self._signal_fns[k](logits)
     if tuple(signal.shape) != (logits.shape[0],):
       raise ValueError(f"signal_fn: expected a [B={logits.shape[0]}] signal at ramp {k}, "
                        f"got shape {tuple(signal.shape)}")

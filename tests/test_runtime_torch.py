@@ -165,6 +165,42 @@ def test_runner_refuses_mismatches(tmp_path):
   np.testing.assert_array_equal(custom(x).stop_ramp.numpy(), custom_table_out[0])
 
 
+def test_runner_per_ramp_signal_functions(tmp_path):
+  # A list of K signal functions (e.g. learned exit gates): ramp k reads signal_fn[k].
+  segments, heads = tiny_model(k=3)
+  x = torch.randn(200, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+  conf, pred = full_trace(segments, heads, x)
+  margin = [lambda z: jexit.runtime_torch.margin_signal(z),
+            lambda z: 1.0 - max_softmax(z)[0] ** 2,
+            lambda z: 1.0 - max_softmax(z)[0]]
+  with torch.no_grad():
+    logits, h = [], x
+    for segment, head in zip(segments, heads):
+      h = segment(h)
+      logits.append(head(h))
+    signal = np.stack([f(z).numpy() for f, z in zip(margin, logits)], 1)
+  traces = jexit.Traces(conf, pred, None, np.ones(3), signal=signal)
+  model, binning = jexit.fit(traces, bins="quantile", num_bins=6, signal_range=(0, 1),
+                             loss="proxy")
+  policy = jexit.solve(model, np.array([0.1 / 3]))
+  export.export_policy(tmp_path / "g.npz", policy, binning, model, 0)
+  table = ExitTable.load(tmp_path / "g.npz")
+  want_stop, want_out, want_pred = table.run(None, pred, signal=signal)
+  assert len(np.unique(want_stop)) >= 2
+  runner = EarlyExitRunner(segments, heads, table, signal_fn=margin)
+  out = runner(x)
+  np.testing.assert_array_equal(out.stop_ramp.numpy(), want_stop)
+  np.testing.assert_array_equal(out.output_ramp.numpy(), want_out)
+  np.testing.assert_array_equal(out.pred.numpy(), want_pred)
+  for i in range(0, 200, 17):  # batch size 1
+    one = runner(x[i:i + 1])
+    assert (int(one.stop_ramp[0]), int(one.output_ramp[0])) == (want_stop[i], want_out[i])
+  with pytest.raises(ValueError, match=r"signal_fn: expected one function per ramp \(K=3\), got 2"):
+    EarlyExitRunner(segments, heads, table, signal_fn=margin[:2])
+  with pytest.raises(ValueError, match="signal_fn: expected a function"):
+    EarlyExitRunner(segments, heads, table, signal_fn=[margin[0], 3, margin[2]])
+
+
 def test_runner_nan_logits(tmp_path):
   segments, heads = tiny_model(k=3)
   x = torch.randn(40, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
