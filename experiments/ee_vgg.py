@@ -387,9 +387,84 @@ def train(model: EarlyExitVGG, images: torch.Tensor, labels: torch.Tensor, *,
   return losses
 
 
+# ------------------------------------------------------------ exit gates
+
+class ExitGate(nn.Module):
+  """Scores whether a ramp agrees with the final head, from the ramp's logits.
+
+  A learned exit gate: an MLP (two hidden ReLU layers) on the ramp's
+  log(1 - max softmax), its top-two log-probability gap and its log-softmax
+  vector, standardised by statistics of its training inputs. `forward`
+  returns the agreement logit `[B]`; `signal` the exit signal
+  `1 - sigmoid(logit)` in [0, 1] (small when the ramp is likely right).
+  """
+
+  def __init__(self, num_classes: int, hidden: int = 64):
+    super().__init__()
+    width = num_classes + 2
+    self.register_buffer("shift", torch.zeros(width))
+    self.register_buffer("scale", torch.ones(width))
+    self.net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(),
+                             nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+  @staticmethod
+  def inputs(logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits.float(), -1).clamp_min(-30.0)
+    top2 = logp.topk(2, dim=-1).values
+    log_err = torch.log((1.0 - top2[..., 0].exp()).clamp_min(1e-7))
+    return torch.cat([log_err[..., None], (top2[..., 0] - top2[..., 1])[..., None], logp], -1)
+
+  def forward(self, logits: torch.Tensor) -> torch.Tensor:
+    return self.net((self.inputs(logits) - self.shift) / self.scale).squeeze(-1)
+
+  def signal(self, logits: torch.Tensor) -> torch.Tensor:
+    return 1.0 - torch.sigmoid(self(logits))
+
+
+@torch.no_grad()
+def _all_logits(model: EarlyExitVGG, images: torch.Tensor, device, batch_size=256):
+  out = [model(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
+  return [torch.cat([o[k] for o in out]).float().cpu() for k in range(model.num_ramps)]
+
+
+def train_gates(model: EarlyExitVGG, images: torch.Tensor, *, copies: int = 8,
+                epochs: int = 30, batch_size: int = 256, lr: float = 1e-3,
+                weight_decay: float = 1e-2, hidden: int = 64, seed: int = 0,
+                device=None) -> nn.ModuleList:
+  """One `ExitGate` per ramp but the last, for a trained, frozen `model`.
+
+  The gates learn, on `copies` seeded augmentations of the training images
+  (never trace rows), whether ramp k's prediction equals the final head's:
+  binary cross-entropy, AdamW. Set once, not tuned on trace rows:
+  8 copies, 64 x 64 hidden units, 30 epochs, lr 1e-3, weight decay 1e-2.
+  """
+  device = torch.device(device) if device is not None else default_device()
+  generator = torch.Generator().manual_seed(seed + 3)
+  model.to(device).eval()
+  x = augment(images.repeat(copies, 1, 1, 1), generator)
+  logits = _all_logits(model, x, device)
+  final = logits[-1].argmax(-1)
+  gates = nn.ModuleList()
+  for z in logits[:-1]:
+    gate = ExitGate(z.shape[-1], hidden)
+    inputs = gate.inputs(z)
+    gate.shift.copy_(inputs.mean(0))
+    gate.scale.copy_(inputs.std(0).clamp_min(1e-6))
+    target = (z.argmax(-1) == final).float()
+    opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+      for rows in _batches(len(z), batch_size, generator):
+        loss = F.binary_cross_entropy_with_logits(gate(z[rows]), target[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    gates.append(gate.eval())
+  return gates
+
+
 # ------------------------------------------------------ extraction and costs
 
-SIGNALS = ("margin", "entropy")
+SIGNALS = ("margin", "entropy", "gate")
 
 
 def ramp_signal(probs: torch.Tensor, name: str) -> torch.Tensor:
@@ -402,32 +477,43 @@ def ramp_signal(probs: torch.Tensor, name: str) -> torch.Tensor:
   if name == "entropy":
     ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
     return ent / np.log(probs.shape[-1])
+  if name == "gate":
+    raise ValueError("signal: 'gate' needs the trained gates (extract(..., gates=))")
   raise ValueError(f"signal: expected one of {SIGNALS}, got {name!r}")
 
 
 @torch.no_grad()
 def extract(model: EarlyExitVGG, images: torch.Tensor, batch_size: int = 256,
-            device=None, progress: bool = False, signal: Optional[str] = None):
+            device=None, progress: bool = False, signal: Optional[str] = None,
+            gates: Optional[Sequence[ExitGate]] = None):
   """Every ramp's max softmax and argmax on `images [N, C, H, W]`.
 
   Returns:
     conf `[N, K]` float32 in [0, 1], pred `[N, K]` int64 (numpy), and with
-    `signal` ("margin" or "entropy", see `ramp_signal`) that signal `[N, K]`
-    float32 as a third value.
+    `signal` ("margin" or "entropy", see `ramp_signal`; "gate": `gates[k]`'s
+    signal at ramp k < K - 1 and 1 - max softmax at the last ramp) that
+    signal `[N, K]` float32 as a third value.
   """
   if signal is not None and signal not in SIGNALS:
     raise ValueError(f"signal: expected one of {SIGNALS}, got {signal!r}")
+  if signal == "gate" and (gates is None or len(gates) != model.num_ramps - 1):
+    raise ValueError(f"gates: signal 'gate' needs one gate per ramp but the last "
+                     f"({model.num_ramps - 1}), got "
+                     f"{None if gates is None else len(gates)}")
   device = torch.device(device) if device is not None else default_device()
   model.to(device).eval()
   conf, pred, sig = [], [], []
   for i in tqdm(range(0, len(images), batch_size), desc="extract",
                 disable=not progress, leave=False):
-    probs = torch.stack([z.float().softmax(-1) for z in
-                         model(images[i:i + batch_size].to(device))], 1)  # [B, K, C]
+    logits = model(images[i:i + batch_size].to(device))
+    probs = torch.stack([z.float().softmax(-1) for z in logits], 1)  # [B, K, C]
     c, p = probs.max(-1)
     conf.append(c.cpu())
     pred.append(p.cpu())
-    if signal is not None:
+    if signal == "gate":
+      sig.append(torch.stack([g.to(device).signal(z) for g, z in zip(gates, logits)]
+                             + [1.0 - c[:, -1]], 1).cpu())
+    elif signal is not None:
       sig.append(ramp_signal(probs, signal).cpu())
   conf = torch.cat(conf).numpy().clip(0, 1).astype(np.float32)
   if signal is None:
@@ -524,7 +610,7 @@ class TraceConfig:
   seed: int = 0
   cost: str = "flops"            # "flops" or "latency"
   size: int = 32
-  signal: Optional[str] = None   # also record traces.signal: "margin" or "entropy"
+  signal: Optional[str] = None   # also record traces.signal: "margin", "entropy" or "gate"
 
 
 class TraceRun(NamedTuple):
@@ -539,6 +625,7 @@ class TraceRun(NamedTuple):
   latency_ms: Optional[np.ndarray]  # [K] median ms, if measured
   losses: list              # training loss per epoch
   train_seconds: float
+  gates: Optional[nn.ModuleList] = None  # signal "gate": ramp k's ExitGate, k < K - 1
 
 
 def make_traces(config: TraceConfig = TraceConfig(), data: Optional[Dataset] = None,
@@ -586,9 +673,12 @@ def make_traces(config: TraceConfig = TraceConfig(), data: Optional[Dataset] = N
                  lr=config.lr, augment_train=config.augment_train,
                  seed=config.seed, device=device, progress=progress,
                  ramp_target=config.ramp_target)
+  gates = (train_gates(model, data.images[index], seed=config.seed, device=device)
+           if config.signal == "gate" else None)
   train_seconds = time.perf_counter() - start
 
-  out = extract(model, x, device=device, progress=progress, signal=config.signal)
+  out = extract(model, x, device=device, progress=progress, signal=config.signal,
+                gates=gates)
   conf, pred = out[:2]
   label = y.numpy()
   input_shape = tuple(data.images.shape[1:])
@@ -602,4 +692,5 @@ def make_traces(config: TraceConfig = TraceConfig(), data: Optional[Dataset] = N
   return TraceRun(traces=traces, model=model, train_rows=train_rows,
                   trace_source=source, accuracy=(pred == label[:, None]).mean(0),
                   agreement=(pred == pred[:, -1:]).mean(0), flops=flops,
-                  latency_ms=latency, losses=losses, train_seconds=train_seconds)
+                  latency_ms=latency, losses=losses, train_seconds=train_seconds,
+                  gates=gates)

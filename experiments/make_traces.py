@@ -59,8 +59,9 @@ def parse_args(argv=None):
   p.add_argument("--copies", type=int, default=d.copies,
                  help="augmented trace rows per held-out image (correlated)")
   p.add_argument("--signal", default=None, choices=ee_vgg.SIGNALS,
-                 help="also record each ramp's margin (1 - top1 + top2) or normalised "
-                      "entropy as the traces' signal; conf and pred are unchanged")
+                 help="also record each ramp's margin (1 - top1 + top2), normalised "
+                      "entropy, or learned exit gate's 1 - P(agree) (ee_vgg.train_gates) "
+                      "as the traces' signal; conf and pred are unchanged")
   p.add_argument("--latency", action="store_true",
                  help="cost = measured median ms per segment instead of FLOPs")
   p.add_argument("--image-folder", default=None,
@@ -69,6 +70,8 @@ def parse_args(argv=None):
                  help="local state dict to start from (ours or torchvision VGG)")
   p.add_argument("--save-weights", default=None,
                  help="write the trained state dict here (with --out)")
+  p.add_argument("--save-gates", default=None,
+                 help="write the exit gates' state dict here (with --out --signal gate)")
   p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
   p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -119,6 +122,8 @@ def main(argv=None):
     jexit.save_traces(path, run.traces)
     if args.save_weights and args.out:
       torch.save(run.model.state_dict(), args.save_weights)
+    if args.save_gates and args.out and run.gates is not None:
+      torch.save(run.gates.state_dict(), args.save_gates)
     print(summary(path, run), flush=True)
 
 

@@ -196,6 +196,66 @@ def test_a_recorded_signal_leaves_conf_and_pred_alone(tmp_path, signal):
   assert jexit.fit(traces, num_bins=4)[1].signal == "signal"  # fit's default reads it
 
 
+def test_gate_inputs_by_hand():
+  logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.5, 1e-20]], dtype=torch.float64))
+  got = ee_vgg.ExitGate.inputs(logits).numpy()
+  np.testing.assert_allclose(got[0], [np.log(0.3), np.log(0.7 / 0.2), np.log(0.7),
+                                      np.log(0.2), np.log(0.1)], rtol=1e-6)
+  np.testing.assert_allclose(got[1, :2], [np.log(0.5), 0.0], atol=1e-6)
+  assert got[1, 4] == pytest.approx(-30.0)  # log-probabilities are clamped at -30
+
+
+# Trained enough that the ramps agree with the final head on some rows only.
+GATED = dataclasses.replace(TINY, epochs=3, ramp_epochs=3, max_images=300, signal="gate")
+
+
+@pytest.fixture(scope="module")
+def gated_run():
+  torch.set_num_threads(1)
+  return ee_vgg.make_traces(GATED, device="cpu")
+
+
+def test_gates_learn_agreement(gated_run):
+  # On held-out trace rows the gate ranks "ramp 1 agrees with the final head"
+  # better than chance (AUC > 0.6).
+  from sklearn.metrics import roc_auc_score
+  traces = gated_run.traces
+  assert len(gated_run.gates) == traces.num_ramps - 1
+  agree = traces.pred[:, 0] == traces.pred[:, -1]
+  assert 0.1 < agree.mean() < 0.9
+  assert traces.signal.min() >= 0 and traces.signal.max() <= 1
+  assert roc_auc_score(agree, -traces.signal[:, 0]) > 0.6
+  np.testing.assert_allclose(traces.signal[:, -1], 1.0 - traces.conf[:, -1], atol=1e-6)
+
+
+def test_gate_signal_runs_in_the_torch_runner(tmp_path, gated_run):
+  # The recorded gate signal is what the gates compute on the trace rows, and a
+  # table fitted on it is served by EarlyExitRunner with the gates as signal_fn.
+  from jexit import export
+  from jexit.runtime import ExitTable
+  from jexit.runtime_torch import EarlyExitRunner, max_softmax
+  run, traces = gated_run, gated_run.traces
+  data = ee_vgg.load_digits_images(GATED.size)
+  keep = np.sort(np.random.default_rng(GATED.seed).permutation(len(data.images))[:300])
+  data = data._replace(images=data.images[keep], labels=data.labels[keep])
+  x, _, _ = ee_vgg.trace_inputs(data, np.unique(run.trace_source), GATED.copies, GATED.seed)
+  signal_fns = [g.signal for g in run.gates] + [lambda z: 1.0 - max_softmax(z)[0]]
+  with torch.no_grad():
+    logits = run.model(x)
+    signal = np.stack([f(z).numpy().astype(np.float64) for f, z in zip(signal_fns, logits)], 1)
+  np.testing.assert_allclose(signal, traces.signal, atol=1e-6)
+  model, binning = jexit.fit(traces, num_bins=6, signal_range=(0, 1))
+  lam = model.loss.max() / traces.cost.sum()  # some inputs stop at ramp 1, most go on
+  export.export_policy(tmp_path / "g.npz", jexit.solve(model, np.array([lam])),
+                       binning, model, 0)
+  table = ExitTable.load(tmp_path / "g.npz", out_of_range="clip")
+  want = table.run(None, traces.pred, signal=signal)  # the runner's own float64 signals
+  assert len(np.unique(want[0])) >= 2  # inputs exit at several ramps
+  out = EarlyExitRunner(run.model.segments, run.model.heads, table, signal_fn=signal_fns)(x)
+  np.testing.assert_array_equal(out.stop_ramp.numpy(), want[0])
+  np.testing.assert_array_equal(out.output_ramp.numpy(), want[1])
+
+
 def test_bad_configurations_raise():
   with pytest.raises(ValueError, match="ramp_stages"):
     ee_vgg.EarlyExitVGG("vgg11", (2, 3))
@@ -206,6 +266,9 @@ def test_bad_configurations_raise():
                  torch.zeros(4, dtype=torch.int64), training="both", device="cpu")
   with pytest.raises(ValueError, match="signal"):
     ee_vgg.make_traces(dataclasses.replace(TINY, signal="variance"), device="cpu")
+  with pytest.raises(ValueError, match="gates: signal 'gate' needs one gate per ramp"):
+    ee_vgg.extract(ee_vgg.build_model(width_div=16), torch.rand(2, 1, 32, 32),
+                   device="cpu", signal="gate")
 
 
 def test_cli_writes_a_trace(tmp_path, capsys):
@@ -265,3 +328,13 @@ def test_margin_suite_is_the_suite_plus_a_signal(name):
     np.testing.assert_array_equal(getattr(margin, field), getattr(plain, field))
   assert plain.signal is None
   assert np.all(margin.signal >= 1 - margin.conf - 1e-6) and margin.signal.max() <= 1
+
+
+@pytest.mark.parametrize("name", SUITE)
+def test_gate_suite_is_the_suite_plus_a_signal(name):
+  # experiments/GATE.md: the same command with --signal gate; nothing else changes.
+  plain, gate = _suite_pair(name, "traces_gate")
+  for field in ("conf", "pred", "label", "cost"):
+    np.testing.assert_array_equal(getattr(gate, field), getattr(plain, field))
+  np.testing.assert_allclose(gate.signal[:, -1], 1.0 - gate.conf[:, -1], atol=1e-6)
+  assert gate.signal.min() >= 0 and gate.signal.max() <= 1
