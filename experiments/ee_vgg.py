@@ -502,6 +502,8 @@ def extract(model: EarlyExitVGG, images: torch.Tensor, batch_size: int = 256,
                      f"{None if gates is None else len(gates)}")
   device = torch.device(device) if device is not None else default_device()
   model.to(device).eval()
+  if signal == "gate":
+    gates = [g.to(device) for g in gates]
   conf, pred, sig = [], [], []
   for i in tqdm(range(0, len(images), batch_size), desc="extract",
                 disable=not progress, leave=False):
@@ -511,7 +513,7 @@ def extract(model: EarlyExitVGG, images: torch.Tensor, batch_size: int = 256,
     conf.append(c.cpu())
     pred.append(p.cpu())
     if signal == "gate":
-      sig.append(torch.stack([g.to(device).signal(z) for g, z in zip(gates, logits)]
+      sig.append(torch.stack([g.signal(z) for g, z in zip(gates, logits)]
                              + [1.0 - c[:, -1]], 1).cpu())
     elif signal is not None:
       sig.append(ramp_signal(probs, signal).cpu())

@@ -65,6 +65,19 @@ def solved_table(tmp_path, conf, pred, *, recall, lam_frac, name="p.npz"):
   return ExitTable.load(tmp_path / name, out_of_range="clip")
 
 
+def assert_runner_matches(runner, x, want, every):
+  """The runner's stop/output ramps and predictions equal `want` (ExitTable.run's),
+  on the whole batch and, for every `every`-th input, at batch size 1."""
+  want_stop, want_out, want_pred = want
+  out = runner(x)
+  np.testing.assert_array_equal(out.stop_ramp.numpy(), want_stop)
+  np.testing.assert_array_equal(out.output_ramp.numpy(), want_out)
+  np.testing.assert_array_equal(out.pred.numpy(), want_pred)
+  for i in range(0, len(x), every):  # batch size 1
+    one = runner(x[i:i + 1])
+    assert (int(one.stop_ramp[0]), int(one.output_ramp[0])) == (want_stop[i], want_out[i])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recall", [True, False])
 @pytest.mark.parametrize("lam_frac", [0.02, 0.3])
@@ -187,14 +200,8 @@ def test_runner_per_ramp_signal_functions(tmp_path):
   table = ExitTable.load(tmp_path / "g.npz")
   want_stop, want_out, want_pred = table.run(None, pred, signal=signal)
   assert len(np.unique(want_stop)) >= 2
-  runner = EarlyExitRunner(segments, heads, table, signal_fn=margin)
-  out = runner(x)
-  np.testing.assert_array_equal(out.stop_ramp.numpy(), want_stop)
-  np.testing.assert_array_equal(out.output_ramp.numpy(), want_out)
-  np.testing.assert_array_equal(out.pred.numpy(), want_pred)
-  for i in range(0, 200, 17):  # batch size 1
-    one = runner(x[i:i + 1])
-    assert (int(one.stop_ramp[0]), int(one.output_ramp[0])) == (want_stop[i], want_out[i])
+  assert_runner_matches(EarlyExitRunner(segments, heads, table, signal_fn=margin), x,
+                        (want_stop, want_out, want_pred), every=17)
   with pytest.raises(ValueError, match=r"signal_fn: expected one function per ramp \(K=3\), got 2"):
     EarlyExitRunner(segments, heads, table, signal_fn=margin[:2])
   with pytest.raises(ValueError, match="signal_fn: expected a function"):
@@ -292,13 +299,7 @@ def test_runner_tracked_signal_table_equals_numpy_runtime(tmp_path, recall, sign
   assert len(np.unique(want_stop)) >= 2
   changed = pred[:, 1:] != pred[:, :-1]
   assert 0 < changed.mean() < 1  # the flag differs between inputs and ramps
-  runner = EarlyExitRunner(segments, heads, table)
-  out = runner(x)
-  np.testing.assert_array_equal(out.stop_ramp.numpy(), want_stop)
-  np.testing.assert_array_equal(out.output_ramp.numpy(), want_out)
-  np.testing.assert_array_equal(out.pred.numpy(), want_pred)
-  for i in range(0, 300, 23):  # batch size 1
-    one = runner(x[i:i + 1])
-    assert (int(one.stop_ramp[0]), int(one.output_ramp[0])) == (want_stop[i], want_out[i])
+  assert_runner_matches(EarlyExitRunner(segments, heads, table), x,
+                        (want_stop, want_out, want_pred), every=23)
   with pytest.raises(ValueError, match="signal_fn"):
     EarlyExitRunner(segments, heads, table, signal_fn=lambda z: 1.0 - max_softmax(z)[0])

@@ -211,8 +211,10 @@ GATED = dataclasses.replace(TINY, epochs=3, ramp_epochs=3, max_images=300, signa
 
 @pytest.fixture(scope="module")
 def gated_run():
+  threads = torch.get_num_threads()
   torch.set_num_threads(1)
-  return ee_vgg.make_traces(GATED, device="cpu")
+  yield ee_vgg.make_traces(GATED, device="cpu")
+  torch.set_num_threads(threads)
 
 
 def test_gates_learn_agreement(gated_run):
