@@ -450,16 +450,26 @@ def train_gates(model: EarlyExitVGG, images: torch.Tensor, *, copies: int = 8,
     inputs = gate.inputs(z)
     gate.shift.copy_(inputs.mean(0))
     gate.scale.copy_(inputs.std(0).clamp_min(1e-6))
-    target = (z.argmax(-1) == final).float()
-    opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
-      for rows in _batches(len(z), batch_size, generator):
-        loss = F.binary_cross_entropy_with_logits(gate(z[rows]), target[rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    gates.append(gate.eval())
+    gates.append(fit_gate(gate, (z,), (z.argmax(-1) == final).float(), generator,
+                          epochs=epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay))
   return gates
+
+
+def fit_gate(gate: nn.Module, inputs: Sequence[torch.Tensor], target: torch.Tensor,
+             generator: torch.Generator, *, epochs: int = 30, batch_size: int = 256,
+             lr: float = 1e-3, weight_decay: float = 1e-2) -> nn.Module:
+  """Trains `gate(*inputs)` (agreement logits `[B]`) on `target [B]` in {0, 1}:
+  binary cross-entropy, AdamW, shuffled by `generator`. Returns it in eval mode."""
+  opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
+  for _ in range(epochs):
+    for rows in _batches(len(target), batch_size, generator):
+      loss = F.binary_cross_entropy_with_logits(gate(*(x[rows] for x in inputs)),
+                                                target[rows])
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+  return gate.eval()
 
 
 # ------------------------------------------------------ extraction and costs
