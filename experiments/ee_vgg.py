@@ -105,6 +105,8 @@ class EarlyExitVGG(nn.Module):
                        f"ending with 5, got {ramp_stages}")
     if width_div < 1:
       raise ValueError(f"width_div: expected an int >= 1, got {width_div}")
+    if head_pool < 1:
+      raise ValueError(f"head_pool: expected an int >= 1, got {head_pool}")
     self.arch, self.ramp_stages, self.width_div = arch, ramp_stages, width_div
     cfg = [v if v == "M" else max(1, v // width_div) for v in tv_vgg.cfgs[ARCHS[arch]]]
     features = tv_vgg.make_layers(cfg, batch_norm=batch_norm)

@@ -44,6 +44,9 @@ def parse_args(argv=None):
                  help="training epochs (separate: of the backbone phase)")
   p.add_argument("--ramp-epochs", type=int, default=None,
                  help="separate training: epochs of the ramp phase (default --epochs)")
+  p.add_argument("--head-pool", type=int, default=d.head_pool,
+                 help="spatial size (n x n) the intermediate ramp heads average-pool to "
+                      "before their linear layer")
   p.add_argument("--width-div", type=int, default=d.width_div,
                  help="divide VGG channel counts by this (1 = torchvision widths)")
   p.add_argument("--training", default=d.training, choices=("separate", "joint"))
@@ -99,7 +102,7 @@ def main(argv=None):
             if args.ramp_stages else None)
   config = ee_vgg.TraceConfig(
       arch=args.arch, ramps=args.ramps, ramp_stages=stages,
-      width_div=args.width_div, epochs=args.epochs, ramp_epochs=args.ramp_epochs,
+      width_div=args.width_div, head_pool=args.head_pool, epochs=args.epochs, ramp_epochs=args.ramp_epochs,
       training=args.training, ramp_target=args.ramp_target, batch_size=args.batch_size, lr=args.lr,
       augment_train=not args.no_augment_train, trace_frac=args.trace_frac,
       copies=args.copies, seed=args.seed, signal=args.signal,

@@ -296,6 +296,8 @@ def test_bad_configurations_raise():
     ee_vgg.EarlyExitVGG("vgg11", (2, 3))
   with pytest.raises(ValueError, match="arch"):
     ee_vgg.EarlyExitVGG("vgg19")
+  with pytest.raises(ValueError, match="head_pool: expected an int >= 1, got 0"):
+    ee_vgg.EarlyExitVGG("vgg11", head_pool=0)
   with pytest.raises(ValueError, match="training"):
     ee_vgg.train(ee_vgg.build_model(width_div=16), torch.rand(4, 1, 32, 32),
                  torch.zeros(4, dtype=torch.int64), training="both", device="cpu")
@@ -313,6 +315,15 @@ def test_cli_writes_a_trace(tmp_path, capsys):
   traces = jexit.load_traces(out)
   assert traces.num_ramps == 5 and traces.num_inputs == round(0.4 * 1797)
   assert "accuracy" in capsys.readouterr().out
+
+
+def test_cli_head_pool_sets_the_ramp_heads(tmp_path):
+  # VGG-11/16, 5 ramps: conv 3->4 on 32x32 (3x3) + head pool 4x4 -> linear 64->10.
+  out = tmp_path / "pool4.npz"
+  cli.main(["--out", str(out), "--arch", "vgg11", "--ramps", "5", "--epochs", "0",
+            "--ramp-epochs", "0", "--width-div", "16", "--copies", "1", "--head-pool", "4",
+            "--quiet"])
+  assert jexit.load_traces(out).cost[0] == 2 * 3 * 4 * 9 * 32 * 32 + 2 * 4 * 16 * 10
 
 
 def test_image_folder_makes_a_trace(tmp_path):
@@ -353,6 +364,20 @@ def test_joint_suite_has_the_same_costs_and_earlier_agreement(name):
   np.testing.assert_array_equal(joint.label, separate.label)
   agree = lambda t: (t.pred[:, :-1] == t.pred[:, -1:]).mean(0)
   assert agree(joint)[0] > agree(separate)[0]
+
+
+@pytest.mark.parametrize("name", SUITE)
+def test_pool4_suite_has_bigger_heads_only_and_earlier_agreement(name):
+  # experiments/POOL4.md: the suite's command with --head-pool 4; the heads'
+  # linear layers read 16 pooled positions instead of 4 (10 classes).
+  pool2, pool4 = _suite_pair(name, "traces_pool4")
+  np.testing.assert_array_equal(pool4.label, pool2.label)
+  extra = pool4.cost - pool2.cost
+  assert extra[-1] == 0 and np.all(extra[:-1] > 0)
+  assert np.all(extra[:-1] % (2 * 12 * 10) == 0)  # 2 FLOPs x channels x 12 more inputs x 10
+  assert np.all(extra < 0.005 * pool2.cost)
+  agree = lambda t: (t.pred[:, :-1] == t.pred[:, -1:]).mean(0)
+  assert agree(pool4)[0] > agree(pool2)[0] + 0.05
 
 
 @pytest.mark.parametrize("name", SUITE)
