@@ -446,16 +446,26 @@ def train_gates(model: EarlyExitVGG, images: torch.Tensor, *, copies: int = 8,
   x = augment(images.repeat(copies, 1, 1, 1), generator)
   logits = _all_logits(model, x, device)
   final = logits[-1].argmax(-1)
-  gates = nn.ModuleList()
-  for z in logits[:-1]:
-    gate = ExitGate(z.shape[-1], hidden)
-    inputs = gate.inputs(z)
-    gate.shift.copy_(inputs.mean(0))
-    gate.scale.copy_(inputs.std(0).clamp_min(1e-6))
-    gates.append(fit_gate(gate, (z,), (z.argmax(-1) == final).float(), generator,
-                          epochs=epochs, batch_size=batch_size, lr=lr,
-                          weight_decay=weight_decay))
-  return gates
+  return nn.ModuleList(
+      train_gate(z, final, generator, hidden=hidden, epochs=epochs, batch_size=batch_size,
+                 lr=lr, weight_decay=weight_decay) for z in logits[:-1])
+
+
+def standardize(gate: nn.Module, logits: torch.Tensor) -> nn.Module:
+  """Sets `gate.shift`/`gate.scale` to the mean and std of `ExitGate.inputs(logits)`."""
+  inputs = ExitGate.inputs(logits)
+  gate.shift.copy_(inputs.mean(0))
+  gate.scale.copy_(inputs.std(0).clamp_min(1e-6))
+  return gate
+
+
+def train_gate(logits: torch.Tensor, final: torch.Tensor, generator: torch.Generator, *,
+               hidden: int = 64, **fit_options) -> ExitGate:
+  """An `ExitGate` trained (`fit_gate`) on ramp `logits [N, C]` to predict that
+  their argmax equals `final [N]`, the final head's prediction."""
+  gate = standardize(ExitGate(logits.shape[-1], hidden), logits)
+  return fit_gate(gate, (logits,), (logits.argmax(-1) == final).float(), generator,
+                  **fit_options)
 
 
 def fit_gate(gate: nn.Module, inputs: Sequence[torch.Tensor], target: torch.Tensor,

@@ -35,23 +35,16 @@ import time
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
+from jexit.traces import fold_rows  # pylint: disable=wrong-import-position
 from experiments import ee_vgg, quality, union  # pylint: disable=wrong-import-position
 
 SEEDS = (0, 1, 2, 3, 4)
 COPIES = 8  # augmented copies of the training images, as train_gates
-
-
-def auc(agree: np.ndarray, signal: np.ndarray) -> float:
-  """P(a disagreeing row's signal > an agreeing row's), ties counted half:
-  the AUC of `signal` (small when sure) for "the ramp agrees"."""
-  pos, neg = np.sort(signal[agree]), signal[~agree]
-  below = np.searchsorted(pos, neg, "left")
-  at = np.searchsorted(pos, neg, "right") - below
-  return float((below + 0.5 * at).sum() / (len(pos) * len(neg)))
 
 
 class FeatureGate(nn.Module):
@@ -71,13 +64,6 @@ class FeatureGate(nn.Module):
   def forward(self, feature_map, logits):
     u = (ee_vgg.ExitGate.inputs(logits) - self.shift) / self.scale
     return self.out(self.features(feature_map) + self.logits(u)).squeeze(-1)
-
-
-def standardized(gate, logits):
-  inputs = ee_vgg.ExitGate.inputs(logits)
-  gate.shift.copy_(inputs.mean(0))
-  gate.scale.copy_(inputs.std(0).clamp_min(1e-6))
-  return gate
 
 
 @torch.no_grad()
@@ -102,12 +88,6 @@ def trained(config, data, rows, seed):
                training=config.training, batch_size=config.batch_size, lr=config.lr,
                seed=seed, device="cpu")
   return model.eval()
-
-
-def logit_gate(logits, final, generator, epochs=30):
-  gate = standardized(ee_vgg.ExitGate(logits.shape[-1]), logits)
-  return ee_vgg.fit_gate(gate, (logits,), (logits.argmax(-1) == final).float(), generator,
-                         epochs=epochs)
 
 
 def signal_of(gate, *inputs):
@@ -144,26 +124,21 @@ def run(arch: str, ramps: int):
     other = trained(config, data, np.setdiff1d(train_rows, hold), config.seed + 100 + f)
     images = ee_vgg.augment(data.images[torch.as_tensor(np.sort(hold))].repeat(COPIES, 1, 1, 1),
                             generator)
-    for k, z in enumerate(ee_vgg._all_logits(other, images, "cpu")):  # pylint: disable=protected-access
+    for k, z in enumerate(features_and_logits(other, images)[1]):
       oof[k].append(z)
   oof = [torch.cat(z) for z in oof]
-  signals["out-of-fold gate"] = [signal_of(logit_gate(oof[k], oof[-1].argmax(-1), generator),
-                                           logits[k]) for k in range(ramps - 1)]
+  signals["out-of-fold gate"] = [
+      signal_of(ee_vgg.train_gate(oof[k], oof[-1].argmax(-1), generator), logits[k])
+      for k in range(ramps - 1)]
 
-  # Trace-fitted, cross-fitted over blocks of 4 rows (one image's copies).
-  blocks = np.arange(len(x)) // config.copies
-  fold_of = np.empty(blocks[-1] + 1, int)
-  for f, b in enumerate(np.array_split(np.random.default_rng(0).permutation(len(fold_of)), 5)):
-    fold_of[b] = f
-  fold_of = fold_of[blocks]
+  # Trace-fitted, cross-fitted over blocks of one image's copies.
   fitted = []
   for k in range(ramps - 1):
     s = np.zeros(len(x), np.float32)
-    for f in range(5):
-      fit, held = (torch.as_tensor(np.flatnonzero(fold_of != f)),
-                   torch.as_tensor(np.flatnonzero(fold_of == f)))
-      s[held.numpy()] = signal_of(logit_gate(logits[k][fit], final[fit], generator, epochs=100),
-                                  logits[k][held])
+    for fit, held in fold_rows(len(x), 5, seed=0, block=config.copies):
+      fit, held = torch.as_tensor(fit), torch.as_tensor(held)
+      gate = ee_vgg.train_gate(logits[k][fit], final[fit], generator, epochs=100)
+      s[held.numpy()] = signal_of(gate, logits[k][held])
     fitted.append(s)
   signals["trace-fitted gate"] = fitted
 
@@ -175,13 +150,14 @@ def run(arch: str, ramps: int):
   feature, flops = [], np.zeros(ramps)
   for k in range(ramps - 1):
     torch.manual_seed(config.seed)
-    gate = standardized(FeatureGate(maps[k].shape[1], maps[k].shape[2], logits[k].shape[-1]),
-                        train_logits[k])
+    gate = ee_vgg.standardize(
+        FeatureGate(maps[k].shape[1], maps[k].shape[2], logits[k].shape[-1]), train_logits[k])
     gate = ee_vgg.fit_gate(gate, (train_maps[k], train_logits[k]),
                            (train_logits[k].argmax(-1) == train_logits[-1].argmax(-1)).float(),
                            generator, weight_decay=0.1)
     feature.append(signal_of(gate, maps[k], logits[k]))
-    flops[k] = ee_vgg._count_flops(lambda g=gate, k=k: g(maps[k][:1], logits[k][:1]))  # pylint: disable=protected-access
+    one = (maps[k][:1], logits[k][:1])
+    flops[k] = ee_vgg._count_flops(lambda g=gate, x=one: g(*x))  # pylint: disable=protected-access
   signals["feature gate"] = feature
 
   print(f"\n### {arch}, {ramps} ramps ({time.perf_counter() - start:.0f} s to train and fit)\n")
@@ -189,7 +165,8 @@ def run(arch: str, ramps: int):
   print("| signal | " + " | ".join(f"ramp {k + 1}" for k in range(ramps - 1)) + " |")
   print("|---|" + "---:|" * (ramps - 1))
   for name, s in signals.items():
-    print(f"| {name} | " + " | ".join(f"{auc(agree[k], s[k]):.3f}" for k in range(ramps - 1))
+    print(f"| {name} | " + " | ".join(f"{roc_auc_score(agree[k], -s[k]):.3f}"
+                                    for k in range(ramps - 1))
           + " |")
   print("\nfeature gate FLOPs per ramp: " + ", ".join(f"{f:,.0f}" for f in flops[:-1])
         + " (segment + head: " + ", ".join(f"{c:,.0f}" for c in suite.cost) + ")")
