@@ -45,6 +45,9 @@ def parse_args(argv=None):
   p.add_argument("--weights", help="EarlyExitVGG state dict to load instead of training")
   p.add_argument("--save-weights", help="write the trained state dict here")
   p.add_argument("--epochs", type=int, default=ee_vgg.TraceConfig.epochs)
+  p.add_argument("--head-pool", type=int, default=2,
+                 help="ramp heads' pool size (RUNTIME.md's network: 2, the first suite's; "
+                      "make_traces.py now defaults to 4)")
   p.add_argument("--max-loss", type=float, default=0.01,
                  help="agreement loss budget used to choose lam on the fit rows")
   p.add_argument("--lams", type=int, default=400, help="lam grid size")
@@ -81,7 +84,8 @@ def flops_of(fn, x) -> int:
 
 def build(args, device):
   """The trained model, its trace, and the images of every trace row."""
-  config = ee_vgg.TraceConfig(epochs=0 if args.weights else args.epochs, seed=args.seed)
+  config = ee_vgg.TraceConfig(epochs=0 if args.weights else args.epochs, seed=args.seed,
+                              head_pool=args.head_pool)
   run = ee_vgg.make_traces(config, weights=args.weights, device=device)
   if args.save_weights:
     torch.save(run.model.state_dict(), args.save_weights)

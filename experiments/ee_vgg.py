@@ -85,15 +85,16 @@ class EarlyExitVGG(nn.Module):
     num_classes: classes of every head.
     width_div: divides every channel count (4: 16..128 channels).
     batch_norm: conv-BN-ReLU blocks (torchvision's `vgg*_bn`).
-    head_pool: spatial size the intermediate heads pool to; the final head
-      pools to 1x1 (a 32x32 input is 1x1 after five poolings anyway).
+    head_pool: spatial size the intermediate heads pool to (4: 4x4; the
+      first suite, experiments/traces, used 2); the final head pools to 1x1
+      (a 32x32 input is 1x1 after five poolings anyway).
 
   Input `[B, 1 or 3, 32, 32]` in [0, 1]; `forward` returns K logits `[B, C]`.
   """
 
   def __init__(self, arch: str = "vgg11", ramp_stages: Sequence[int] = None,
                num_classes: int = 10, width_div: int = 4,
-               batch_norm: bool = True, head_pool: int = 2):
+               batch_norm: bool = True, head_pool: int = 4):
     super().__init__()
     if arch not in ARCHS:
       raise ValueError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
@@ -180,6 +181,18 @@ def load_weights(model: EarlyExitVGG, path) -> list:
                          f"1 for torchvision weights)")
     result = model.load_state_dict(mapped, strict=False)
     return list(result.missing_keys)
+  own = model.state_dict()
+  unknown = sorted(set(state) - set(own))
+  missing = sorted(set(own) - set(state))
+  if unknown or missing:
+    raise ValueError(f"weights {path}: expected the keys of {model.arch} with "
+                     f"{model.num_ramps} ramps, got unknown {unknown[:3]} and missing "
+                     f"{missing[:3]} (a different --ramps or --arch?)")
+  for key, value in state.items():
+    if own[key].shape != value.shape:
+      raise ValueError(f"weights {path}: {key} has shape {tuple(value.shape)}, the model "
+                       f"{tuple(own[key].shape)} (saved with another --head-pool or "
+                       f"--width-div?)")
   model.load_state_dict(state, strict=True)
   return []
 
@@ -620,7 +633,7 @@ class TraceConfig:
   ramps: int = 3                 # 3 or 5 (default placements), unless ramp_stages
   ramp_stages: Optional[tuple] = None
   width_div: int = 4
-  head_pool: int = 2
+  head_pool: int = 4             # 2 for experiments/traces and its variants
   epochs: int = 10
   ramp_epochs: Optional[int] = None  # separate training's phase 2
   training: str = "separate"     # "separate" or "joint"

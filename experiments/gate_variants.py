@@ -97,7 +97,7 @@ def signal_of(gate, *inputs):
 
 def run(arch: str, ramps: int):
   start = time.perf_counter()
-  config = ee_vgg.TraceConfig(arch=arch, ramps=ramps)
+  config = ee_vgg.TraceConfig(arch=arch, ramps=ramps, head_pool=2)  # experiments/traces
   data = ee_vgg.load_digits_images(config.size)
   train_rows, held_rows = ee_vgg.split_rows(len(data.images), config.trace_frac, config.seed)
   x, _, _ = ee_vgg.trace_inputs(data, held_rows, config.copies, config.seed)

@@ -411,8 +411,12 @@ FINDINGS = """## Findings
   an additional suite, not this table's. So is experiments/POOL4.md: the same networks,
   trained the same separate way, with ramp heads that pool to 4x4 instead of 2x2 (at most 0.4%
   more FLOPs); there the rule reaches 2.17x-4.41x at 1% held-out on all six (mean over 5 split
-  seeds x 5 folds). The paper's headline (2x at about 8% loss) is reproduced in
-  experiments/REPORT.md.
+  seeds x 5 folds). Since then the benchmark suite of issue 7 is that recipe on new networks
+  (`--seed 1`, experiments/traces_pool4_s1), made after a plan fixed in experiments/CONFIRM.md:
+  there the rule reaches 2.13x-4.29x at 1% held-out on all six digits workloads and is at
+  least as fast as the best external baseline on 32 of 32 cells (mean over 5 split seeds x 5
+  folds). This table's traces stay the first suite. The paper's headline (2x at about 8% loss)
+  is reproduced in experiments/REPORT.md.
 """
 
 

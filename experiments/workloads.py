@@ -1,4 +1,9 @@
-"""Workloads of the benchmark suite: real digits VGG traces and synthetic ones.
+"""Workloads of the benchmark suites: real digits VGG traces and synthetic ones.
+
+The digits traces are read from `TRACE_DIR` (experiments/traces, the first
+suite, which the written findings of QUALITY.md, UNION.md and CEILING.md are
+about) unless a folder is given; issue 7's benchmark suite is
+experiments/traces_pool4_s1 (CONFIRM.md).
 
 Synthetic traces follow a hidden per-input difficulty that evolves as an AR(1)
 chain over the ramps; each ramp's confidence is a noisy view of it and its
@@ -72,7 +77,7 @@ def synthetic(kind: str, n: int = 4000, k: int = 5, classes: int = 10,
 
 def suite(trace_dir: Optional[str] = None,
           signal_as_conf: bool = False) -> Dict[str, jexit.Traces]:
-  """Every workload of the benchmark suite that is available here.
+  """Every workload of a benchmark suite that is available here.
 
   `trace_dir`: folder of the digits traces (default `TRACE_DIR`).
   `signal_as_conf`: digits traces that record a signal in [0, 1] (the

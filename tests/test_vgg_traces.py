@@ -94,9 +94,13 @@ def test_segment_flops_add_up_to_the_network(arch, ramps):
 
 
 def test_first_segment_flops_by_hand():
-  # VGG-11/4, 5 ramps: conv 3->16 on 32x32 (3x3) + head pool 2x2 -> linear 64->10.
+  # VGG-11/4, 5 ramps: conv 3->16 on 32x32 (3x3) + head pool 4x4 (the default)
+  # -> linear 256->10, or pool 2x2 (experiments/traces) -> linear 64->10.
+  conv = 2 * 3 * 16 * 9 * 32 * 32
   model = ee_vgg.build_model("vgg11", 5, width_div=4)
-  assert ee_vgg.segment_flops(model)[0] == 2 * 3 * 16 * 9 * 32 * 32 + 2 * 16 * 4 * 10
+  assert ee_vgg.segment_flops(model)[0] == conv + 2 * 16 * 16 * 10
+  model = ee_vgg.build_model("vgg11", 5, width_div=4, head_pool=2)
+  assert ee_vgg.segment_flops(model)[0] == conv + 2 * 16 * 4 * 10
 
 
 def test_five_ramps_structure_and_frozen_backbone():
@@ -309,13 +313,28 @@ def test_cli_writes_a_trace(tmp_path, capsys):
   assert "accuracy" in capsys.readouterr().out
 
 
-def test_cli_head_pool_sets_the_ramp_heads(tmp_path):
-  # VGG-11/16, 5 ramps: conv 3->4 on 32x32 (3x3) + head pool 4x4 -> linear 64->10.
-  out = tmp_path / "pool4.npz"
+@pytest.mark.parametrize("head_pool", [None, 2])
+def test_cli_head_pool_sets_the_ramp_heads(tmp_path, head_pool):
+  # VGG-11/16, 5 ramps: conv 3->4 on 32x32 (3x3) + head pool 4x4 (the default)
+  # -> linear 64->10, or 2x2 (--head-pool 2, experiments/traces) -> linear 16->10.
+  out = tmp_path / "pool.npz"
   cli.main(["--out", str(out), "--arch", "vgg11", "--ramps", "5", "--epochs", "0",
-            "--ramp-epochs", "0", "--width-div", "16", "--copies", "1", "--head-pool", "4",
-            "--quiet"])
-  assert jexit.load_traces(out).cost[0] == 2 * 3 * 4 * 9 * 32 * 32 + 2 * 4 * 16 * 10
+            "--ramp-epochs", "0", "--width-div", "16", "--copies", "1", "--quiet"]
+           + ([] if head_pool is None else ["--head-pool", str(head_pool)]))
+  pooled = 4 * (head_pool or 4) ** 2
+  assert jexit.load_traces(out).cost[0] == 2 * 3 * 4 * 9 * 32 * 32 + 2 * pooled * 10
+
+
+def test_weights_of_another_head_pool_are_refused_by_name(tmp_path):
+  path = tmp_path / "pool2.pt"
+  torch.save(ee_vgg.build_model("vgg11", 3, width_div=16, head_pool=2).state_dict(), path)
+  with pytest.raises(ValueError, match=r"heads\.0\.2\.weight has shape \(10, 32\), the model "
+                                       r"\(10, 128\) \(saved with another --head-pool"):
+    ee_vgg.load_weights(ee_vgg.build_model("vgg11", 3, width_div=16), path)
+  with pytest.raises(ValueError, match="a different --ramps or --arch"):
+    ee_vgg.load_weights(ee_vgg.build_model("vgg11", 5, width_div=16, head_pool=2), path)
+  assert ee_vgg.load_weights(ee_vgg.build_model("vgg11", 3, width_div=16, head_pool=2),
+                             path) == []
 
 
 def test_image_folder_makes_a_trace(tmp_path):
@@ -342,10 +361,10 @@ def test_image_folder_makes_a_trace(tmp_path):
 SUITE = [f"digits_{a}_{r}ramps" for a in ("vgg11", "vgg13", "vgg16") for r in (3, 5)]
 
 
-def _suite_pair(name, folder):
-  """The suite's traces `name` and the same name in `experiments/<folder>`."""
+def _suite_pair(name, folder, base="traces"):
+  """The traces `name` in `experiments/<base>` and in `experiments/<folder>`."""
   here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-  return tuple(jexit.load_traces(os.path.join(here, f, name + ".npz")) for f in ("traces", folder))
+  return tuple(jexit.load_traces(os.path.join(here, f, name + ".npz")) for f in (base, folder))
 
 
 @pytest.mark.parametrize("name", SUITE)
@@ -358,11 +377,13 @@ def test_joint_suite_has_the_same_costs_and_earlier_agreement(name):
   assert agree(joint)[0] > agree(separate)[0]
 
 
+@pytest.mark.parametrize("base,folder", [("traces", "traces_pool4"),
+                                         ("traces_s1", "traces_pool4_s1")])
 @pytest.mark.parametrize("name", SUITE)
-def test_pool4_suite_has_bigger_heads_only_and_earlier_agreement(name):
-  # experiments/POOL4.md: the suite's command with --head-pool 4; the heads'
-  # linear layers read 16 pooled positions instead of 4 (10 classes).
-  pool2, pool4 = _suite_pair(name, "traces_pool4")
+def test_pool4_suite_has_bigger_heads_only_and_earlier_agreement(name, base, folder):
+  # experiments/POOL4.md and CONFIRM.md: the same command with --head-pool 4 as
+  # with 2; the heads' linear layers read 16 pooled positions instead of 4 (10 classes).
+  pool2, pool4 = _suite_pair(name, folder, base)
   np.testing.assert_array_equal(pool4.label, pool2.label)
   extra = pool4.cost - pool2.cost
   assert extra[-1] == 0 and np.all(extra[:-1] > 0)
@@ -370,6 +391,16 @@ def test_pool4_suite_has_bigger_heads_only_and_earlier_agreement(name):
   assert np.all(extra < 0.005 * pool2.cost)
   agree = lambda t: (t.pred[:, :-1] == t.pred[:, -1:]).mean(0)
   assert agree(pool4)[0] > agree(pool2)[0] + 0.05
+
+
+@pytest.mark.parametrize("name", SUITE)
+def test_seed_1_suites_hold_out_other_images(name):
+  # experiments/CONFIRM.md: --seed 1 draws another split of the 1,797 images.
+  seed0, seed1 = _suite_pair(name, "traces_s1")
+  assert seed0.num_inputs == seed1.num_inputs == 2876
+  assert not np.array_equal(seed0.label, seed1.label)
+  blocks = seed1.label.reshape(-1, 4)  # rows 4i..4i+3: copies of one held-out image
+  assert np.all(blocks == blocks[:, :1])
 
 
 @pytest.mark.parametrize("name", SUITE)
