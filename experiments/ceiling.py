@@ -107,6 +107,10 @@ def ramp_threshold_ceiling(traces, targets, grid):
 
 FINDINGS = """## Findings
 
+These are about experiments/traces, the first suite. Issue 7's benchmark suite is now
+experiments/traces_pool4_s1 (4x4 ramp heads; experiments/CONFIRM.md), whose ceilings are in
+experiments/CEILING_POOL4_S1.md.
+
 - **The predicted class is what reaches 2x at <= 1% on four of the six digits workloads.**
   The in-sample best at 1% is 2.21x, 2.15x, 1.75x, 1.74x, 2.02x and 2.04x (VGG-11/3, VGG-11/5,
   VGG-13/3, VGG-13/5, VGG-16/3 and VGG-16/5 ramps). It comes from the recall policy on the
