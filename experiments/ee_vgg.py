@@ -162,6 +162,7 @@ def load_weights(model: EarlyExitVGG, path) -> list:
     The model's keys that the file did not set.
   """
   state = torch.load(path, map_location="cpu", weights_only=True)
+  own = model.state_dict()
   if any(key.startswith("features.") for key in state):
     mapped = {}
     for key, value in state.items():
@@ -173,7 +174,6 @@ def load_weights(model: EarlyExitVGG, path) -> list:
         raise ValueError(f"weights {path}: {key} has no layer in {model.arch} "
                          f"(a different configuration?)")
       mapped[".".join([model._feature_names[index]] + parts[2:])] = value
-    own = model.state_dict()
     for key, value in mapped.items():
       if own[key].shape != value.shape:
         raise ValueError(f"weights {path}: {key} has shape {tuple(value.shape)}, "
@@ -181,7 +181,6 @@ def load_weights(model: EarlyExitVGG, path) -> list:
                          f"1 for torchvision weights)")
     result = model.load_state_dict(mapped, strict=False)
     return list(result.missing_keys)
-  own = model.state_dict()
   unknown = sorted(set(state) - set(own))
   missing = sorted(set(own) - set(state))
   if unknown or missing:

@@ -105,7 +105,8 @@ def main(argv=None):
             if args.ramp_stages else None)
   config = ee_vgg.TraceConfig(
       arch=args.arch, ramps=args.ramps, ramp_stages=stages,
-      width_div=args.width_div, head_pool=args.head_pool, epochs=args.epochs, ramp_epochs=args.ramp_epochs,
+      width_div=args.width_div, head_pool=args.head_pool, epochs=args.epochs,
+      ramp_epochs=args.ramp_epochs,
       training=args.training, ramp_target=args.ramp_target, batch_size=args.batch_size, lr=args.lr,
       augment_train=not args.no_augment_train, trace_frac=args.trace_frac,
       copies=args.copies, seed=args.seed, signal=args.signal,
