@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from jexit.runtime import SIGNALS
+from jexit.signals import NAMES as SIGNALS
 
 # What the fit options on the command line map to (None = DEFAULT_FIT's value).
 _FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "prior", "kernel",

@@ -13,9 +13,10 @@ from typing import Optional
 
 import numpy as np
 
-from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, SIGNALS, ExitTable, check_arrays,
-                           check_calibration, check_header, class_weights_ok,
-                           load_policy_file)
+from jexit import signals
+from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, ExitTable, check_arrays,
+                           check_calibration, check_header, load_policy_file)
+from jexit.signals import class_weights_ok
 from jexit.types import Binning, ExitModel, Policy, Traces, is_bool_like, is_int_scalar
 
 __all__ = ["add_export_parser", "export_policy", "load_policy_file", "run_export",
@@ -25,15 +26,17 @@ __all__ = ["add_export_parser", "export_policy", "load_policy_file", "run_export
 def trace_sha256(traces: Traces) -> str:
   """sha256 hex digest of a trace's arrays, stable under save/load.
 
-  Hashes, for each present field in (conf, pred, label, cost, signal), its
-  name, shape and bytes in the dtype the trace file stores (float32 conf and
-  signal, int64 pred and label, float64 cost), so a trace and the same trace
-  written and re-read with `jexit.save_traces`/`load_traces` hash alike.
+  Hashes, for each present field of `Traces` (conf, pred, label, cost,
+  signal, head_cost, position), its name, shape and bytes in the dtype the
+  trace file stores (float32 conf and signal, int64 pred, label and position,
+  float64 cost and head_cost), so a trace and the same trace written and
+  re-read with `jexit.save_traces`/`load_traces` hash alike.
   """
   if not isinstance(traces, Traces):
     raise ValueError(f"traces: expected jexit.Traces, got {type(traces).__name__}")
   dtypes = {"conf": np.float32, "pred": np.int64, "label": np.int64,
-            "cost": np.float64, "signal": np.float32}
+            "cost": np.float64, "signal": np.float32, "head_cost": np.float64,
+            "position": np.int64}
   h = hashlib.sha256()
   for name in Traces._fields:
     a = getattr(traces, name)
@@ -126,10 +129,9 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
   if edges.shape != (k, s + 1):
     raise ValueError(f"binning.edges: expected shape [K, S+1] = ({k}, {s + 1}) to match "
                      f"the policy's K={k} ramps and S={s} bins, got {edges.shape}")
-  if binning.signal not in SIGNALS:
-    raise ValueError(f"binning.signal: expected one of {list(SIGNALS)}, got {binning.signal!r}")
-  if binning.signal == "class" and (binning.calibration is None
-                                    or not class_weights_ok(binning.calibration, k)):
+  entry = signals.get(binning.signal, "binning.signal")
+  if entry.needs_calibration and (binning.calibration is None
+                                  or not class_weights_ok(binning.calibration, k)):
     raise ValueError(f"binning.calibration: expected finite weights [K-1={k - 1}, 2C+3] "
                      f"for a 'class' binning, got shape {np.shape(binning.calibration)}")
   if model is not None:
@@ -220,7 +222,8 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
   check_header(header, path)
   edges, loss, threshold, cost = check_arrays(header, edges, loss, threshold, cost, path)
   calibration = check_calibration(
-      header, np.asarray(binning.calibration, np.float64) if binning.signal == "class" else None,
+      header, (np.asarray(binning.calibration, np.float64)
+               if signals.get(binning.signal).needs_calibration else None),
       path)
   extra = {} if calibration is None else {"calibration": calibration}
   tmp = f"{path}.tmp-{os.getpid()}"
@@ -280,7 +283,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                  help="split rows in blocks of this many related rows (--max-loss)")
   p.add_argument("--grid", type=int, default=1000,
                  help="lam values per candidate model tried by --max-loss (default 1000)")
-  p.add_argument("--signal", choices=("auto",) + SIGNALS,
+  p.add_argument("--signal", choices=("auto",) + signals.NAMES,
                  default=None,
                  help="exit signal of the model: 1-conf, stability (1 - conf, plus 1 where "
                       "the prediction changed since the previous ramp), class (a "
@@ -327,8 +330,8 @@ def run_export(args) -> int:
   if args.lam is not None:
     if not (np.isfinite(args.lam) and args.lam >= 0):
       raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
-    if options.get("signal") == "class":  # its inner folds keep related rows together
-      options["class_block"] = args.block
+    if signals.get(options.get("signal") or "1-conf").needs_calibration:
+      options["class_block"] = args.block  # its inner folds keep related rows together
     model, binning = fit(traces, **options)
     policy = solve(model, np.array([args.lam]), recall=recall)
     lam_index, note = 0, " (fitted on all of TRACE)"

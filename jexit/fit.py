@@ -9,7 +9,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from jexit.runtime import class_log_err, class_logit, class_signal
+from jexit import signals
+from jexit.signals import class_log_err, class_logit, class_signal
 from jexit.traces import check_traces, fold_rows, own_signal, signal_values
 from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
 
@@ -134,7 +135,7 @@ def _smooth_counts(counts: np.ndarray, width: float) -> np.ndarray:
   return kernel @ counts @ kernel.T
 
 
-SIGNAL_RANGES = {"1-conf": (0.0, 1.0), "stability": (0.0, 2.0), "class": (0.0, 1.0)}
+SIGNAL_RANGES = {s.name: s.range for s in signals.REGISTRY.values() if s.range is not None}
 # The "class" signal's logistic fits: ridge penalty on every weight but the
 # intercept (in units of one row's log-loss), and the inner folds whose
 # held-out scores the model is fitted on. Set before measuring, not tuned
@@ -485,7 +486,7 @@ def fit(traces: Traces,
                      f"quantile edges), got {quantile_power!r}")
   signal_name = signal or own_signal(traces)
   calibration = None
-  if signal_name == "class":
+  if signals.get(signal_name).needs_calibration:
     if not (is_int_scalar(class_block) and class_block >= 1):
       raise ValueError(f"class_block: expected an integer >= 1, got {class_block!r}")
     calibration, values = class_scores(traces, int(class_block))

@@ -18,7 +18,8 @@ from jexit import baselines
 from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
                             evaluate, select)
 from jexit.fit import MAX_CLASSES, class_scores, fit
-from jexit.runtime import SIGNALS
+from jexit import signals
+from jexit.signals import NAMES as SIGNALS
 from jexit.solver import available_host_bytes, solve, working_dtype
 from jexit.traces import check_traces, fold_rows, own_signal, row_blocks, split_rows
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
@@ -361,7 +362,7 @@ def frontier(traces: Traces, *,
   split["block"] = int(block)
   split.update(pareto="chosen on fit rows", metrics="test rows")
 
-  by_class = opts.get("signal") == "class"
+  by_class = signals.get(opts.get("signal") or "1-conf").needs_calibration
   if by_class:  # the class signal's inner folds keep the split's blocks whole
     opts = {**opts, "class_block": int(block)}
   fitted = [fit_candidates(traces, f, opts) for f, _ in rows]

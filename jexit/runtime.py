@@ -57,11 +57,14 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from jexit import signals
+from jexit.signals import (CLASS_LOG_FLOOR, class_features, class_signal,  # noqa: F401
+                           class_signal_k, class_weights_ok, margin_signal, stability_signal)
+
 FORMAT_NAME = "jexit-policy"
 FORMAT_VERSION = 1
 ARRAY_KEYS = ("header", "edges", "loss", "threshold", "cost")
-SIGNALS = ("1-conf", "stability", "class", "signal")
-CLASS_LOG_FLOOR = 1e-9  # log(1 - conf) is floored at log(1e-9) for conf = 1
+SIGNALS = signals.NAMES
 # name -> (required, accepted Python types, meaning)
 HEADER_FIELDS = {
     "format": (True, (str,), f"always {FORMAT_NAME!r}"),
@@ -214,7 +217,7 @@ def check_calibration(header: dict, calibration, path="<memory>"):
   """The `calibration` array of a `"class"` table as float64 (None for the
   other signals), or a ValueError naming the problem."""
   k = header["num_ramps"]
-  if header["signal"] != "class":
+  if not signals.REGISTRY[header["signal"]].needs_calibration:
     if calibration is not None:
       _bad(path, f"calibration: only a 'class' table has one, got one with "
                  f"header.signal {header['signal']!r}")
@@ -292,6 +295,7 @@ class ExitTable:
     self.lam = float(header["lam"])
     self.recall = bool(header["recall"])
     self.signal = header["signal"]
+    self._signal_entry = signals.REGISTRY[self.signal]
     self.nan, self.out_of_range, self.range_tol = nan, out_of_range, float(range_tol)
     self._inner = [np.ascontiguousarray(e[1:-1]) for e in self.edges]
     span = self.edges[:, -1] - self.edges[:, 0]
@@ -393,43 +397,31 @@ class ExitTable:
     "signal" table's signal is the caller's own."""
     k = self._check_ramp(k)
     conf_k = _real("conf_k", conf_k)
-    if self.signal == "1-conf":
-      return 1.0 - conf_k
-    if self.signal == "signal":
+    entry = self._signal_entry
+    if not entry.from_outputs:
       raise ValueError("signal_of: this table bins a custom signal (header.signal = "
                        "'signal'); compute it as the traces recorded it")
-    if pred_k is None or (k > 0 and prev_pred_k is None):
+    if entry.uses_previous and (pred_k is None or (k > 0 and prev_pred_k is None)):
       raise ValueError(f"pred_k, prev_pred_k: a {self.signal!r} table's signal needs ramp "
                        f"k's predictions and, for k > 0, ramp k-1's")
-    prev = None if k == 0 else np.asarray(prev_pred_k)
-    if self.signal == "stability":
-      return (1.0 - conf_k) + (0.0 if prev is None else (np.asarray(pred_k) != prev))
-    return class_signal_k(k, conf_k, pred_k, prev, self.calibration)
+    prev = None if k == 0 or prev_pred_k is None else np.asarray(prev_pred_k)
+    pred_k = None if pred_k is None else np.asarray(pred_k)
+    return np.asarray(entry.ramp(k, conf_k, pred_k, prev, self.calibration), np.float64)
 
   def signal_one(self, k: int, conf: float, pred: int, prev_pred: Optional[int] = None) -> float:
     """`signal_of` for one input, in Python floats (the batch-size-1 path).
 
-    The same operations in the same order as the array path (`class_logit`),
-    with the same numpy functions for log and exp, so the value is bit-for-bit
-    `signal_of`'s; a few microseconds instead of a dozen numpy array calls.
-    `conf` is ramp k's max softmax, `pred` its class, `prev_pred` ramp k-1's
-    (None at k = 0).
+    The same operations in the same order as the array path
+    (`jexit.signals`), with the same numpy functions for log and exp, so the
+    value is bit-for-bit `signal_of`'s; a few microseconds instead of a dozen
+    numpy array calls. `conf` is ramp k's max softmax, `pred` its class,
+    `prev_pred` ramp k-1's (None at k = 0).
     """
-    if self.signal == "1-conf":
-      return 1.0 - conf
-    same = prev_pred is not None and pred == prev_pred
-    if self.signal == "stability":
-      return (1.0 - conf) + (0.0 if k == 0 else float(not same))
-    if self.signal != "class":
+    one = self._signal_entry.one
+    if one is None:
       raise ValueError("signal_one: this table bins a custom signal (header.signal = "
                        "'signal'); compute it as the traces recorded it")
-    if k == self.num_ramps - 1:
-      return 1.0 - conf
-    w, c = self._calibration_list[k], (len(self._calibration_list[k]) - 3) // 2
-    log_err = float(np.log(max(1.0 - conf, CLASS_LOG_FLOOR)))
-    z = (w[pred] + w[c + pred] * log_err) if 0 <= pred < c else 0.0
-    z = z + w[2 * c] * log_err + w[2 * c + 1] * float(same) + w[2 * c + 2]
-    return float(np.exp(-np.logaddexp(0.0, z)))
+    return one(k, conf, pred, prev_pred, self._calibration_list)
 
   def step(self, k: int, signal_k, state: Optional[ExitState] = None
            ) -> Tuple[np.ndarray, ExitState]:
@@ -563,7 +555,7 @@ class ExitTable:
       raise ValueError(f"pred: expected integer class ids, got {_describe(pred)}"
                        + (" with non-integer values" if pred.dtype.kind == "f" else ""))
     n = pred.shape[0]
-    if self.signal in ("1-conf", "stability", "class"):
+    if self._signal_entry.from_outputs:
       if signal is not None:
         raise ValueError(f"signal: this table bins {self.signal!r}, computed from conf "
                          f"and pred; pass conf, not signal")
@@ -582,9 +574,7 @@ class ExitTable:
           raise ValueError(f"conf: expected max-softmax values in [0, 1], got "
                            f"{conf[at]!r} at input {at[0]}, ramp {at[1]} (pass "
                            f"out_of_range='clip' to use the end bins)")
-      values = (1.0 - conf if self.signal == "1-conf"
-                else stability_signal(conf, pred) if self.signal == "stability"
-                else class_signal(conf, pred, self.calibration))
+      values = signals.values(self.signal, conf, pred, calibration=self.calibration)
     else:
       if signal is None:
         raise ValueError("signal: this table bins a custom signal (header.signal = "
@@ -605,104 +595,6 @@ class ExitTable:
       if rows.size == 0:
         break
     return stop_ramp, output_ramp, pred[np.arange(n), output_ramp]
-
-
-def stability_signal(conf, pred) -> np.ndarray:
-  """`[..., K]` float64 "stability" signal from confidences and predictions.
-
-  `(1 - conf[..., k]) + 1` where `pred[..., k] != pred[..., k-1]`, else
-  `1 - conf[..., k]` (always at k = 0): a ramp that changed its mind is less
-  trusted than any ramp that agrees with its predecessor. Values in [0, 2].
-  """
-  conf = np.asarray(conf, np.float64)
-  pred = np.asarray(pred)
-  changed = np.zeros(conf.shape, np.float64)
-  changed[..., 1:] = pred[..., 1:] != pred[..., :-1]
-  return (1.0 - conf) + changed
-
-def class_weights_ok(calibration, num_ramps: int) -> bool:
-  """Whether `calibration` is finite real weights `[K-1, 2C+3]` of the "class"
-  signal for a table or traces of `num_ramps` = K ramps."""
-  a = np.asarray(calibration)
-  return (a.ndim == 2 and a.shape[0] == num_ramps - 1 and a.shape[1] >= 3
-          and a.shape[1] % 2 == 1 and a.dtype.kind in "iuf" and bool(np.all(np.isfinite(a))))
-
-
-def class_log_err(conf_k) -> np.ndarray:
-  """`log(1 - conf)`, floored at `log(CLASS_LOG_FLOOR)`: the "class" signal's
-  confidence feature."""
-  return np.log(np.maximum(1.0 - np.asarray(conf_k, np.float64), CLASS_LOG_FLOOR))
-
-
-def class_logit(w, pred_k, log_err, same) -> np.ndarray:
-  """`class_features(...) @ w` without the one-hot matrix, O(N) for any C:
-  `w[c] + w[C + c] * log_err` (for a class c in [0, C); 0 otherwise)
-  `+ w[2C] * log_err + w[2C + 1] * same + w[2C + 2]`."""
-  num_classes = (len(w) - 3) // 2
-  pred_k = np.asarray(pred_k).astype(np.int64)
-  seen = (pred_k >= 0) & (pred_k < num_classes)
-  c = np.where(seen, pred_k, 0)
-  return (np.where(seen, w[c] + w[num_classes + c] * log_err, 0.0)
-          + w[2 * num_classes] * log_err + w[2 * num_classes + 1] * same
-          + w[2 * num_classes + 2])
-
-
-def class_features(conf_k, pred_k, prev_pred_k, num_classes: int) -> np.ndarray:
-  """`[..., 2C+3]` features of ramp k for the "class" signal: one-hot of the
-  predicted class (all zero for a class id outside [0, C)), the same one-hot
-  times `log(1 - conf)`, `log(1 - conf)`, 1 where the prediction equals the
-  previous ramp's (0 at the first ramp: pass None), and 1 (intercept)."""
-  conf_k = np.asarray(conf_k, np.float64)
-  pred_k = np.asarray(pred_k).astype(np.int64)
-  log_err = class_log_err(conf_k)
-  onehot = (pred_k[..., None] == np.arange(num_classes)).astype(np.float64)
-  same = (np.zeros(conf_k.shape) if prev_pred_k is None
-          else (pred_k == np.asarray(prev_pred_k)).astype(np.float64))
-  return np.concatenate([onehot, onehot * log_err[..., None], log_err[..., None],
-                         same[..., None], np.ones(conf_k.shape + (1,))], axis=-1)
-
-
-def class_signal_k(k: int, conf_k, pred_k, prev_pred_k, calibration) -> np.ndarray:
-  """`[...]` "class" signal of ramp k (0-based): `1 - sigmoid(features . w_k)`
-  for k < K-1 (`calibration [K-1, 2C+3]` holds the w_k), `1 - conf` at the last
-  ramp. See `class_signal`."""
-  calibration = np.asarray(calibration, np.float64)
-  conf_k = np.asarray(conf_k, np.float64)
-  if k == calibration.shape[0]:
-    return 1.0 - conf_k
-  same = 0.0 if prev_pred_k is None else (np.asarray(pred_k) == np.asarray(prev_pred_k))
-  z = class_logit(calibration[k], pred_k, class_log_err(conf_k), same)
-  return np.exp(-np.logaddexp(0.0, z))  # 1 - sigmoid(z), stable for large |z|
-
-
-def class_signal(conf, pred, calibration) -> np.ndarray:
-  """`[N, K]` float64 "class" signal of confidences and predictions `[N, K]`.
-
-  At ramp k < K-1: one minus the probability, from a logistic fit
-  (`jexit.fit.fit_class_calibration`), that ramp k's prediction agrees with
-  the final ramp's, given its confidence, its predicted class and whether it
-  agrees with the previous ramp (`class_features`). A ramp's confidence means
-  different things for different predicted classes; experiments/CLASS.md
-  measured what that is worth. At the last ramp: `1 - conf`. Values in [0, 1].
-  """
-  conf = np.asarray(conf, np.float64)
-  pred = np.asarray(pred)
-  return np.stack([class_signal_k(k, conf[..., k], pred[..., k],
-                                  None if k == 0 else pred[..., k - 1], calibration)
-                   for k in range(conf.shape[-1])], axis=-1)
-
-
-def margin_signal(probs) -> np.ndarray:
-  """`[...]` float64 margin signal of softmax outputs `probs [..., C]`:
-  `1 - (top probability - second)`, in [0, 1], small when sure. A custom
-  `signal` (record it in the traces' `signal`, fit with `signal_range=(0, 1)`,
-  serve with `signal=`); experiments/MARGIN.md measured it."""
-  probs = np.asarray(probs, np.float64)
-  if probs.ndim < 1 or probs.shape[-1] < 2:
-    raise ValueError(f"probs: expected softmax outputs [..., C] with C >= 2 classes, "
-                     f"got shape {probs.shape}")
-  top2 = -np.partition(-probs, 1, axis=-1)[..., :2]
-  return np.clip(1.0 - (top2[..., 0] - top2[..., 1]), 0.0, 1.0)
 
 
 def read_policy_arrays(path):
@@ -751,7 +643,8 @@ def read_policy_arrays(path):
       _bad(path, f"header: not valid JSON ({type(e).__name__}: {e})")
     # Version first: a newer layout may legitimately have other keys.
     header = check_header(header, path)
-    expected = ARRAY_KEYS + (("calibration",) if header["signal"] == "class" else ())
+    needs = signals.REGISTRY[header["signal"]].needs_calibration
+    expected = ARRAY_KEYS + (("calibration",) if needs else ())
     unknown = sorted(keys - set(expected))
     missing = [key for key in expected if key not in keys]
     if unknown:

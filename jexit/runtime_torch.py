@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from jexit import signals
 from jexit.runtime import ExitTable
 
 __all__ = ["EarlyExitRunner", "RunnerOutput", "max_softmax"]
@@ -55,8 +56,7 @@ def margin_signal(logits: torch.Tensor) -> torch.Tensor:
   second)` (as `jexit.runtime.margin_signal` of their softmax): the
   `signal_fn` of a table fitted on a recorded margin."""
   z = logits if logits.dtype == torch.float64 else logits.float()
-  top2 = z.softmax(-1).topk(2, dim=-1).values
-  return (1.0 - (top2[..., 0] - top2[..., 1])).clamp(0.0, 1.0)
+  return signals.margin(z.softmax(-1), xp=torch)
 
 
 class EarlyExitRunner:
@@ -103,11 +103,12 @@ class EarlyExitRunner:
     if len(segments) != table.num_ramps:
       raise ValueError(f"segments: the table has K={table.num_ramps} ramps, the model "
                        f"{len(segments)} segments/heads (a table for another model?)")
-    if table.signal == "signal" and signal_fn is None:
+    entry = signals.REGISTRY[table.signal]
+    if not entry.from_outputs and signal_fn is None:
       raise ValueError(f"signal_fn: the table bins a custom signal "
                        f"(signal={table.signal!r}), not 1 - max softmax; pass "
                        f"signal_fn(logits) -> [B] computing that signal")
-    if table.signal in ("stability", "class") and signal_fn is not None:
+    if entry.uses_previous and signal_fn is not None:
       raise ValueError(f"signal_fn: a {table.signal!r} table's signal comes from the ramps' "
                        f"confidences and predictions; expected signal_fn=None")
     if signal_fn is None or callable(signal_fn):
@@ -188,7 +189,7 @@ class EarlyExitRunner:
     rows = np.arange(b)                          # input index of each row, on the host
     best_loss = np.full(b, np.inf, table.dtype)  # the ExitState of `table.step`
     best_ramp = np.full(b, -1, np.int64)
-    tracked, prev_pred = table.signal in ("stability", "class"), None
+    tracked, prev_pred = signals.REGISTRY[table.signal].uses_previous, None
     # Per ramp run: the rows it ran on and its predictions/logits for them.
     # Outputs are gathered once at the end instead of scattered per ramp.
     ran, preds, all_logits = [], [], []
@@ -252,7 +253,7 @@ class EarlyExitRunner:
       h = self.segments[k](h)
       logits = self._logits(k, h, 1)
       conf, pred = max_softmax(logits)
-      if self.table.signal in ("stability", "class"):
+      if signals.REGISTRY[table.signal].uses_previous:
         p = int(pred.item())
         v = table.signal_one(k, float(conf.item()), p, prev_pred)
         prev_pred = p

@@ -6,11 +6,11 @@ import zlib
 
 import numpy as np
 
-from jexit.runtime import SIGNALS, class_signal, class_weights_ok, stability_signal
+from jexit import signals
 from jexit.types import Traces, is_int_scalar, is_real_scalar
 
 REQUIRED_KEYS = ("conf", "pred", "cost")
-OPTIONAL_KEYS = ("label", "signal")
+OPTIONAL_KEYS = ("label", "signal", "head_cost", "position")
 
 
 def _fail(field, expected, found):
@@ -98,36 +98,51 @@ def check_traces(traces: Traces) -> Traces:
     if not np.all(np.isfinite(signal)):
       bad = np.argwhere(~np.isfinite(signal))[0]
       _fail("signal", "finite values", f"{signal[tuple(bad)]} at row {bad[0]}, ramp {bad[1]}")
-  return Traces(conf=conf, pred=pred, label=label, cost=cost, signal=signal)
+  head_cost = traces.head_cost
+  if head_cost is not None:
+    head_cost = _array("head_cost", head_cost)
+    if head_cost.shape != (k,):
+      _fail("head_cost", f"shape [K] = ({k},) like cost", _describe(head_cost))
+    if not _real(head_cost):
+      _fail("head_cost", "real numbers", _describe(head_cost))
+    head_cost = head_cost.astype(np.float64)
+    if not np.all(np.isfinite(head_cost)) or np.any(head_cost < 0) or np.any(head_cost > cost):
+      _fail("head_cost", "finite values in [0, cost[k]] (the head's part of each ramp's cost)",
+            f"{head_cost.tolist()} with cost {cost.tolist()}")
+  position = traces.position
+  if position is not None:
+    position = _array("position", position)
+    if position.shape != (k,):
+      _fail("position", f"shape [K] = ({k},) like cost", _describe(position))
+    if not np.issubdtype(position.dtype, np.integer):
+      _fail("position", "integer positions", _describe(position))
+    position = position.astype(np.int64)
+    if np.any(position < 0) or np.any(np.diff(position) < 0):
+      _fail("position", "nondecreasing integers >= 0", position.tolist())
+    if head_cost is None:
+      _fail("position", "head_cost as well (ramps that share a position share its segment)",
+            "no head_cost")
+    shared = np.flatnonzero(np.diff(position) == 0) + 1
+    extra = cost[shared] - head_cost[shared]
+    if np.any(np.abs(extra) > 1e-9 * cost.sum()):
+      _fail("position", "cost[k] == head_cost[k] where ramp k shares the previous ramp's "
+            "position (its segment is the previous ramp's)",
+            f"position {position.tolist()}, cost {cost.tolist()}, head_cost {head_cost.tolist()}")
+  return Traces(conf=conf, pred=pred, label=label, cost=cost, signal=signal,
+                head_cost=head_cost, position=position)
 
 
 def own_signal(traces: Traces) -> str:
   """The traces' own exit signal: `"signal"` if they record one, else `"1-conf"`."""
-  return "signal" if traces.signal is not None else "1-conf"
+  return signals.own(traces.signal is not None)
 
 
 def signal_values(traces: Traces, name: str, field: str = "signal",
                   calibration=None) -> np.ndarray:
-  """`[N, K]` float64 values of the exit signal `name` of checked traces:
-  `"1-conf"`, `"stability"`, `"class"` (with its `calibration [K-1, 2C+3]`)
-  or `"signal"` (`traces.signal`); `field` names the argument in errors."""
-  if name == "1-conf":
-    return 1.0 - np.asarray(traces.conf, np.float64)
-  if name == "stability":
-    return stability_signal(traces.conf, traces.pred)
-  if name == "class":
-    k = traces.conf.shape[1]
-    if calibration is None or not class_weights_ok(calibration, k):
-      cal = None if calibration is None else np.asarray(calibration)
-      raise ValueError(f"{field}: 'class' needs finite weights calibration [K-1={k - 1}, "
-                       f"2C+3] (from jexit.fit), got "
-                       f"{None if cal is None else (cal.shape, str(cal.dtype))}")
-    return class_signal(traces.conf, traces.pred, calibration)
-  if name == "signal":
-    if traces.signal is None:
-      raise ValueError(f"{field}: 'signal' bins traces.signal, but the traces have none")
-    return np.asarray(traces.signal, np.float64)
-  raise ValueError(f"{field}: expected one of {list(SIGNALS)}, got {name!r}")
+  """`[N, K]` float64 values of the exit signal `name` of checked traces
+  (`jexit.signals.values`); `field` names the argument in errors."""
+  return signals.values(name, traces.conf, traces.pred, signal=traces.signal,
+                        calibration=calibration, field=field)
 
 
 def row_blocks(num_inputs: int, block: int):
@@ -177,7 +192,8 @@ def fold_rows(num_inputs: int, folds: int, *, seed: int = 0, block: int = 1):
 
 
 def save_traces(path, traces: Traces) -> None:
-  """Writes `traces` to a `.npz` with keys conf, pred, cost[, label, signal]."""
+  """Writes `traces` to a `.npz` with keys conf, pred, cost[, label, signal,
+  head_cost, position]."""
   traces = check_traces(traces)
   arrays = {"conf": traces.conf.astype(np.float32), "pred": traces.pred,
             "cost": traces.cost}
@@ -185,6 +201,10 @@ def save_traces(path, traces: Traces) -> None:
     arrays["label"] = traces.label
   if traces.signal is not None:
     arrays["signal"] = traces.signal.astype(np.float32)
+  if traces.head_cost is not None:
+    arrays["head_cost"] = traces.head_cost
+  if traces.position is not None:
+    arrays["position"] = traces.position
   with open(os.fspath(path), "wb") as f:
     np.savez_compressed(f, **arrays)
 
@@ -234,4 +254,6 @@ def load_traces(path) -> Traces:
                          f"plain array ({e})") from e
   return check_traces(Traces(conf=arrays["conf"], pred=arrays["pred"],
                              label=arrays.get("label"), cost=arrays["cost"],
-                             signal=arrays.get("signal")))
+                             signal=arrays.get("signal"),
+                             head_cost=arrays.get("head_cost"),
+                             position=arrays.get("position")))

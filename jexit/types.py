@@ -35,12 +35,21 @@ class Traces(NamedTuple):
     cost: `[K]` cost `c_k >= 0` of backbone segment k plus its ramp head.
     signal: `[N, K]` another exit signal (lower = more confident), or None
       for the default `1 - conf`.
+    head_cost: `[K]` the part of `cost[k]` spent in ramp k's head (the rest
+      is backbone segment k), or None. Ramp placement needs it.
+    position: `[K]` int, nondecreasing: the backbone position of each ramp,
+      when several candidate heads sit at one position (they share its
+      segment: a ramp at the same position as the previous one has no
+      segment of its own, `cost[k] == head_cost[k]`), or None (one ramp per
+      position).
   """
   conf: np.ndarray    # [N, K]
   pred: np.ndarray    # [N, K]
   label: Optional[np.ndarray]  # [N]
   cost: np.ndarray    # [K]
   signal: Optional[np.ndarray] = None  # [N, K]
+  head_cost: Optional[np.ndarray] = None  # [K]
+  position: Optional[np.ndarray] = None  # [K]
 
   @property
   def num_inputs(self) -> int:
@@ -60,9 +69,9 @@ class Traces(NamedTuple):
     """The traces of a subset of inputs (a fit or test split)."""
     rows = np.asarray(rows)
     pick = lambda a: None if a is None else np.asarray(a)[rows]
-    return Traces(conf=pick(self.conf), pred=pick(self.pred),
-                  label=pick(self.label), cost=np.asarray(self.cost),
-                  signal=pick(self.signal))
+    return self._replace(conf=pick(self.conf), pred=pick(self.pred),
+                         label=pick(self.label), cost=np.asarray(self.cost),
+                         signal=pick(self.signal))
 
 
 class ExitModel(NamedTuple):

@@ -304,11 +304,11 @@ def _python(code):
                         text=True, timeout=120)
 
 
-def test_runtime_module_never_imports_jax():
-  # Loaded as a standalone file (how a server may vendor it): numpy only.
-  path = os.path.join(ROOT, "jexit", "runtime.py")
+def test_signal_registry_is_a_standalone_numpy_module():
+  # The one module both runtimes compute signals with: numpy only, no jexit.
+  path = os.path.join(ROOT, "jexit", "signals.py")
   code = (f"import importlib.util, sys\n"
-          f"spec = importlib.util.spec_from_file_location('rt', {path!r})\n"
+          f"spec = importlib.util.spec_from_file_location('sig', {path!r})\n"
           f"mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
           f"assert 'jax' not in sys.modules, 'jax imported'\n"
           f"assert not any(m.startswith('jexit') for m in sys.modules)\n")
