@@ -13,7 +13,7 @@ excluded, and reported separately):
 - `jexit.evaluate(policy, traces, binning)` of L recall / no-recall policies
   on the N test inputs: inputs x policies per second (nominal N * L; the
   evaluator replays each distinct bin path once);
-- `jexit.frontiers.frontier(traces, num_lambdas=L)`, what `jexit sweep` runs
+- `jexit.protocol.frontier(traces, num_lambdas=L)`, what `jexit sweep` runs
   (fit, solve, evaluate every candidate model on fit and test rows, every
   baseline), with the time per phase;
 - `jexit sweep TRACE` as a fresh process (imports and compiles included).
@@ -80,7 +80,7 @@ def main():
 
   import jax
   import jexit
-  from jexit import baselines, frontiers
+  from jexit import baselines, protocol as frontiers
   from jexit.evaluation import evaluate
   from experiments.workloads import synthetic
 

@@ -102,7 +102,7 @@ def build(args, device):
 def choose_policy(traces, fit_rows, max_loss, num_lams, signal="1-conf", block=1):
   """Most-speedup lam whose agreement loss on the fit rows is <= max_loss.
 
-  With `signal="class"` the fit rows are scored, as `jexit.frontiers` does, on
+  With `signal="class"` the fit rows are scored, as `jexit.protocol` does, on
   their cross-fitted class scores (blocks of `block` related rows kept whole).
   """
   options = {"class_block": block} if signal == "class" else {}

@@ -1,6 +1,6 @@
 """A lever of issue 7 measured: finer bins where the stopping decisions are made.
 
-`jexit.fit(..., quantile_power=p)` puts ramp k's inner edge i at the quantile
+`jexit.contrib.fit(..., quantile_power=p)` puts ramp k's inner edge i at the quantile
 level `(i / S) ** p` of its fit rows' `1 - conf`: p > 1 gives finer bins among
 the most confident inputs, where the stop thresholds of tight loss budgets sit
 at the first ramps (on the digits VGG-11 traces the chosen policies stop 5-11%
@@ -31,6 +31,7 @@ Usage:
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -38,15 +39,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import contrib, protocol, select  # pylint: disable=wrong-import-position
 from experiments.quality import (  # pylint: disable=wrong-import-position
-    TARGETS, candidates_from, compare_variants)
+    TARGETS, candidates_with, compare_variants)
 
 
 def pooled_powers(powers):
-  """Within the block, `frontier` fits its candidate models once per power."""
-  return candidates_from(lambda plain, traces, rows, options: [
-      c for p in powers for c in plain(traces, rows, {**options, "quantile_power": p})])
+  """Candidate models fitted once per power."""
+  return candidates_with(lambda plain, traces, rows, options: [
+      c for p in powers for c in plain(traces, rows, options,
+                                       fit_fn=functools.partial(contrib.fit, quantile_power=p))])
 
 
 def stop_levels(traces, rows, model, binning, num_lambdas):
@@ -54,11 +56,11 @@ def stop_levels(traces, rows, model, binning, num_lambdas):
   boundary of the policy chosen on the fit rows at each loss target."""
   fit_t = traces.take(rows)
   values = fit_t.exit_signal()
-  policy = jexit.solve(model, jf.default_lambdas(model, num_lambdas), recall=True)
+  policy = jexit.solve(model, protocol.default_lambdas(model, num_lambdas), recall=True)
   ev = jexit.evaluate(policy, fit_t, binning, return_per_input=True)
   levels = [[] for _ in range(values.shape[1] - 1)]
   for t in TARGETS:
-    i = jf.choose_index(ev, t)
+    i = select.choose_index(ev, t)
     if i is None:
       continue
     stop = np.asarray(ev.stop_ramp[i])
@@ -92,8 +94,8 @@ def refined_edges(values, levels, num_bins, share):
 
 
 def refined_candidates(share, num_lambdas):
-  """Within the block, `frontier` refits each candidate with finer bins at its
-  own stop boundaries (found on the same fit rows)."""
+  """Candidates refitted with finer bins at their own stop boundaries (found
+  on the same fit rows)."""
 
   def make(plain, traces, rows, options):
     values = traces.take(rows).exit_signal()
@@ -105,7 +107,7 @@ def refined_candidates(share, num_lambdas):
       out.append(jexit.fit(traces, rows=rows, **{**options, "bins": edges, "num_bins": s}))
     return out
 
-  return candidates_from(make)
+  return candidates_with(make)
 
 
 def main():
@@ -134,15 +136,16 @@ def main():
     kw = {**kw, "lambdas": default.lambdas}
     frs = {}
     for x, n in zip(powers, names[1:]):
-      frs[n] = jf.frontier(traces, methods=("recall",), fit_options={"quantile_power": x}, **kw)
+      frs[n] = protocol.frontier(traces, methods=("recall",),
+                                 candidates=contrib.candidates(quantile_power=x), **kw)
     for s, n in zip(pools, names[1 + len(powers):]):
-      with pooled_powers(s):
-        frs[n] = jf.frontier(traces, methods=("recall",), **kw)
+      frs[n] = protocol.frontier(traces, methods=("recall",), candidates=pooled_powers(s), **kw)
     for s, n in zip(controls, names[1 + len(powers) + len(pools):]):
-      frs[n] = jf.frontier(traces, methods=("recall",), fit_options={"num_bins": s}, **kw)
+      frs[n] = protocol.frontier(traces, methods=("recall",), fit_options={"num_bins": s}, **kw)
     if args.refine_share > 0:
-      with refined_candidates(args.refine_share, args.num_lambdas):
-        frs["refined"] = jf.frontier(traces, methods=("recall",), **kw)
+      frs["refined"] = protocol.frontier(
+          traces, methods=("recall",),
+          candidates=refined_candidates(args.refine_share, args.num_lambdas), **kw)
     return frs
 
   compare_variants(names, variants, args.folds, args.num_lambdas)

@@ -12,7 +12,7 @@ Families (each fitted and chosen on all rows of a workload, then scored there):
 - recall / no recall: jexit's default model with 16, 32, 64 or 128 quantile
   bins (the candidates pooled), on `1 - conf`, on the stability signal and
   (recall) on the class signal (`jexit.fit(..., signal="class")`, scored on
-  its cross-fitted class scores as `jexit.frontiers.frontier` scores fit rows);
+  its cross-fitted class scores as `jexit.protocol.frontier` scores fit rows);
 - Apparate greedy and the global threshold, as jexit runs them;
 - per-ramp thresholds by exhaustive search: every combination of thresholds
   on the first K-2 ramps from a grid of per-ramp quantiles of `1 - conf`
@@ -52,7 +52,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
 from jexit import baselines  # pylint: disable=wrong-import-position
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import protocol, select  # pylint: disable=wrong-import-position
+from jexit import traces as jt  # pylint: disable=wrong-import-position
 from jexit.fit import cross_fitted_class_signal  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
@@ -183,7 +184,7 @@ def learned_scores(traces, block, seed=0, classes=False):
   """Traces whose conf at ramps < K is a cross-fitted P(ramp k agrees with the final one)."""
   from sklearn.ensemble import HistGradientBoostingClassifier  # pylint: disable=import-outside-toplevel
   score = np.array(traces.conf, np.float64)
-  for fit_rows, test_rows in jf.fold_rows(traces.num_inputs, FOLDS, seed=seed, block=block):
+  for fit_rows, test_rows in jt.fold_rows(traces.num_inputs, FOLDS, seed=seed, block=block):
     for k in range(traces.num_ramps - 1):
       x = history_features(traces, k, classes)
       y = (traces.pred[:, k] == traces.pred[:, -1]).astype(int)
@@ -205,20 +206,20 @@ def in_sample(traces, num_lambdas, max_combos, block):
   if traces.signal is not None:  # the trace's own signal (margin, entropy, ...)
     signals += (("signal", ("recall",)),)
   for signal, names in signals:
-    opts = jf.merged_fit_options({"signal": signal, "num_bins": BINS})
+    opts = protocol.merged_fit_options({"signal": signal, "num_bins": BINS})
     fit_signal = None
     if signal == "class":  # scored, as frontier does, on cross-fitted class scores
       opts["class_block"] = block
       fit_signal = cross_fitted_class_signal(traces, block=block)
-    candidates = jf.fit_candidates(traces, rows, opts)
-    lambdas = jf.default_lambdas(candidates[0][0], num_lambdas)
+    candidates = protocol.fit_candidates(traces, rows, opts)
+    lambdas = protocol.default_lambdas(candidates[0][0], num_lambdas)
     methods = names + (("global_threshold", "apparate_greedy", "patience", "oracle")
                        if signal == "1-conf" else ())
-    res, _, _ = jf._run_split(  # pylint: disable=protected-access
+    res, _, _ = protocol._run_split(  # pylint: disable=protected-access
         traces, rows, rows, candidates=candidates, markov_candidates=candidates,
-        lambdas=lambdas, methods=methods, apparate_budgets=jf.APPARATE_BUDGETS,
+        lambdas=lambdas, methods=methods, apparate_budgets=protocol.APPARATE_BUDGETS,
         threshold_grid=baselines.default_threshold_grid(traces),
-        oracle_lambdas=baselines.default_oracle_lambdas(traces), max_bytes=jf.DEFAULT_MAX_BYTES,
+        oracle_lambdas=baselines.default_oracle_lambdas(traces), max_bytes=protocol.DEFAULT_MAX_BYTES,
         oracle_target="agreement", fit_signal=fit_signal)
     for m, (fit_ev, _) in res.items():
       evals[m if signal == "1-conf" else f"{m} [{signal}]"] = fit_ev
@@ -226,7 +227,7 @@ def in_sample(traces, num_lambdas, max_combos, block):
   for m, ev in evals.items():
     out[m] = {}
     for t in TARGETS:
-      i = jf.choose_index(ev, t)
+      i = select.choose_index(ev, t)
       out[m][t] = 1.0 if i is None else float(ev.speedup[i])
   k = traces.num_ramps
   grid = traces.num_inputs if k == 3 else int(max_combos ** (1.0 / max(k - 2, 1)))

@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import protocol, select  # pylint: disable=wrong-import-position
+from jexit import traces as jt  # pylint: disable=wrong-import-position
 from jexit.fit import fit_class_calibration  # pylint: disable=wrong-import-position
 from jexit.runtime import class_signal  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
@@ -45,19 +46,19 @@ def in_sample_fold(traces, fit_rows, test_rows, num_lambdas):
   scores whose weights were fitted on the fit rows and scored them too."""
   w = fit_class_calibration(traces, fit_rows)
   scored = traces._replace(signal=class_signal(traces.conf, traces.pred, w))
-  options = jf.merged_fit_options({"signal": "signal", "signal_range": (0.0, 1.0)})
-  candidates = jf.fit_candidates(scored, fit_rows, options)
-  lambdas = jf.default_lambdas(candidates[0][0], num_lambdas)
+  options = protocol.merged_fit_options({"signal": "signal", "signal_range": (0.0, 1.0)})
+  candidates = protocol.fit_candidates(scored, fit_rows, options)
+  lambdas = protocol.default_lambdas(candidates[0][0], num_lambdas)
   fit_t, test_t = scored.take(fit_rows), scored.take(test_rows)
   fits, tests = [], []
   for model, binning in candidates:
     policy = jexit.solve(model, lambdas)
     fits.append(jexit.evaluate(policy, fit_t, binning))
     tests.append(jexit.evaluate(policy, test_t, binning))
-  fit_ev, test_ev = jf.pool(fits, traces.cost), jf.pool(tests, traces.cost)
+  fit_ev, test_ev = protocol.pool(fits, traces.cost), protocol.pool(tests, traces.cost)
   out = {}
   for t in quality.TARGETS:
-    i = jf.choose_index(fit_ev, t)
+    i = select.choose_index(fit_ev, t)
     out[t] = (1.0, 1.0) if i is None else (float(test_ev.speedup[i]),
                                            float(test_ev.agreement[i]))
   return out
@@ -66,15 +67,15 @@ def in_sample_fold(traces, fit_rows, test_rows, num_lambdas):
 def run(traces, seed, folds, block, num_lambdas):
   """`{method: {target: (speedups per fold, pooled agreement)}}` on one outer split."""
   kw = dict(folds=folds, block=block, num_lambdas=num_lambdas, seed=seed)
-  plain = jf.frontier(traces, methods=("recall",) + quality.EXTERNAL, **kw)
-  by_class = jf.frontier(traces, methods=("recall",),
-                         fit_options={**jf.DEFAULT_FIT, "signal": "class"}, **kw)
+  plain = protocol.frontier(traces, methods=("recall",) + quality.EXTERNAL, **kw)
+  by_class = protocol.frontier(traces, methods=("recall",),
+                         fit_options={**protocol.DEFAULT_FIT, "signal": "class"}, **kw)
   out = {"recall [1-conf]": {t: quality.per_fold(plain, "recall", t) for t in quality.TARGETS},
          "recall [class]": {t: quality.per_fold(by_class, "recall", t)
                             for t in quality.TARGETS}}
   per = [in_sample_fold(traces, f, h, num_lambdas)
-         for f, h in jf.fold_rows(traces.num_inputs, folds, seed=seed, block=block)]
-  sizes = np.array([len(h) for _, h in jf.fold_rows(traces.num_inputs, folds, seed=seed,
+         for f, h in jt.fold_rows(traces.num_inputs, folds, seed=seed, block=block)]
+  sizes = np.array([len(h) for _, h in jt.fold_rows(traces.num_inputs, folds, seed=seed,
                                                      block=block)])
   out["recall [class, in-sample]"] = {
       t: (np.array([p[t][0] for p in per]),

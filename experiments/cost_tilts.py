@@ -16,28 +16,10 @@ import argparse
 import os
 import sys
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
-from experiments.quality import candidates_from, compare_variants  # pylint: disable=wrong-import-position
-
-
-def tilted_candidates(factors):
-  """Within the block, `frontier` fits each candidate model and adds its tilts."""
-
-  def make(plain, traces, rows, options):
-    out = []
-    for model, binning in plain(traces, rows, options):
-      out.append((model, binning))
-      for ramp in range(len(model.cost) - 1):
-        for f in factors:
-          cost = np.array(model.cost, np.float64)
-          cost[ramp] *= f
-          out.append((model._replace(cost=cost), binning))
-    return out
-
-  return candidates_from(make)
+from jexit import contrib, protocol  # pylint: disable=wrong-import-position
+from experiments.quality import compare_variants  # pylint: disable=wrong-import-position
 
 
 def main():
@@ -49,8 +31,8 @@ def main():
   factors = tuple(float(x) for x in args.factors.split(","))
 
   def variants(_name, traces, kw, _default):
-    with tilted_candidates(factors):
-      return {"tilted": jf.frontier(traces, methods=("recall",), **kw)}
+    return {"tilted": protocol.frontier(traces, methods=("recall",),
+                                        candidates=contrib.tilted(factors), **kw)}
 
   print(f"factors {factors}")
   compare_variants(["default", "tilted"], variants, args.folds, args.num_lambdas)

@@ -1,6 +1,6 @@
 """A lever of issue 7 measured: the state-conditioned model `trans[k, x, a, b]`.
 
-`jexit.fit(..., history=alpha)` conditions each transition on the recall
+`jexit.contrib.fit(..., history=alpha)` conditions each transition on the recall
 state x (the best loss so far) as well as the current bin, shrunk towards the
 Markov row with alpha pseudo-rows; the recall policy is solved on it. Protocol
 and scoreboard as experiments/quality.py (5-fold cross-fitting, digits blocks
@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import contrib, protocol  # pylint: disable=wrong-import-position
 from experiments.quality import compare_variants  # pylint: disable=wrong-import-position
 
 
@@ -31,7 +31,8 @@ def main():
   names = ["default"] + [f"history={a:g}" for a in alphas]
 
   def variants(_name, traces, kw, _default):
-    return {n: jf.frontier(traces, methods=("recall",), fit_options={"history": a}, **kw)
+    return {n: protocol.frontier(traces, methods=("recall",),
+                                 candidates=contrib.candidates(history=a), **kw)
             for a, n in zip(alphas, names[1:])}
 
   compare_variants(names, variants, args.folds, args.num_lambdas)

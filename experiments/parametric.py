@@ -1,6 +1,6 @@
 """A lever of issue 7 measured: parametric transitions fitted by maximum likelihood.
 
-`jexit.fit(..., trans_model="parametric", trans_strength=s)` replaces each
+`jexit.contrib.fit(..., trans_model="parametric", trans_strength=s)` replaces each
 transition row by a heteroscedastic ordered-probit row (2 + (S - 1)
 parameters per ramp transition, fitted with optax), alone (s = inf) or as s
 pseudo-rows mixed into the smoothed counts. Protocol and scoreboard as
@@ -23,8 +23,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jexit  # pylint: disable=wrong-import-position
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import contrib, protocol  # pylint: disable=wrong-import-position
+from jexit import traces as jt  # pylint: disable=wrong-import-position
 from experiments.quality import compare_variants  # pylint: disable=wrong-import-position
 
 
@@ -33,11 +33,11 @@ def heldout_loglik(traces, folds, block, strengths, num_bins):
   gain = {}
   for s_count in num_bins:
     ll = np.zeros((folds, 1 + len(strengths)))
-    for f, (fit_rows, test_rows) in enumerate(jf.fold_rows(traces.num_inputs, folds,
+    for f, (fit_rows, test_rows) in enumerate(jt.fold_rows(traces.num_inputs, folds,
                                                            block=block)):
       for j, s in enumerate((None,) + strengths):
         opts = {} if s is None else {"trans_model": "parametric", "trans_strength": s}
-        model, binning = jexit.fit(traces, rows=fit_rows, num_bins=s_count, **opts)
+        model, binning = contrib.fit(traces, rows=fit_rows, num_bins=s_count, **opts)
         b = binning.assign(traces.take(test_rows).exit_signal())
         ramp = np.arange(b.shape[1] - 1)[None, :]
         ll[f, j] = np.log(model.trans[ramp, b[:, :-1], b[:, 1:]]).sum(1).mean()
@@ -58,13 +58,13 @@ def main():
 
   def variants(name, traces, kw, _default):
     loglik[name] = heldout_loglik(traces, args.folds, kw["block"], strengths,
-                                  jf.DEFAULT_FIT["num_bins"])
-    return {n: jf.frontier(traces, methods=("recall",), fit_options={
-        "trans_model": "parametric", "trans_strength": s}, **kw)
+                                  protocol.DEFAULT_FIT["num_bins"])
+    return {n: protocol.frontier(traces, methods=("recall",), candidates=contrib.candidates(
+        trans_model="parametric", trans_strength=s), **kw)
             for s, n in zip(strengths, names[1:])}
 
   compare_variants(names, variants, args.folds, args.num_lambdas)
-  sizes = jf.DEFAULT_FIT["num_bins"]
+  sizes = protocol.DEFAULT_FIT["num_bins"]
   print("\nheld-out log-likelihood of the bin paths minus the counts model's (nats per row; "
         + " / ".join(names[1:]) + ")")
   print("| workload | " + " | ".join(f"S = {s}" for s in sizes) + " |")

@@ -15,7 +15,6 @@ Usage:
 """
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
@@ -25,22 +24,25 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import contrib, protocol, select  # pylint: disable=wrong-import-position
+from jexit import traces as jt  # pylint: disable=wrong-import-position
 from experiments import workloads  # pylint: disable=wrong-import-position
 
 TARGETS = (0.005, 0.01, 0.02, 0.05)
 BASELINES = ("global_threshold", "apparate_greedy", "patience", "oracle")
 # Model settings compared for the solver's methods (the levers of issue 7).
 VARIANTS = {
-    "default": dict(jf.DEFAULT_FIT),
-    "paper": dict(jf.PAPER_FIT),
+    "default": dict(protocol.DEFAULT_FIT),
+    "paper": dict(protocol.PAPER_FIT),
     "q16-calibrated": {"bins": "quantile", "num_bins": 16, "loss": "calibrated"},
     "q32-logistic": {"bins": "quantile", "num_bins": 32, "loss": "logistic"},
-    "default+kernel": {**jf.DEFAULT_FIT, "kernel": 1.0, "prior": "marginal"},
-    "stability signal": dict(jf.DEFAULT_FIT),
-    "class signal": {**jf.DEFAULT_FIT, "signal": "class"},
-    "dense S grid": {**jf.DEFAULT_FIT, "num_bins": (8, 12, 16, 24, 32, 48, 64, 96)},
+    "default+kernel": dict(protocol.DEFAULT_FIT),  # with CANDIDATES' research fit
+    "stability signal": dict(protocol.DEFAULT_FIT),
+    "class signal": {**protocol.DEFAULT_FIT, "signal": "class"},
+    "dense S grid": {**protocol.DEFAULT_FIT, "num_bins": (8, 12, 16, 24, 32, 48, 64, 96)},
 }
+# Variants whose models come from jexit.contrib (measured, not adopted).
+CANDIDATES = {"default+kernel": contrib.candidates(kernel=1.0, prior="marginal")}
 RECALL_TARGET = 0.01
 
 
@@ -59,7 +61,7 @@ def per_fold(fr, method, target):
   """Held-out speedup per fold and pooled held-out agreement at the fit-chosen parameter."""
   speed, agree, n = [], 0.0, 0
   for fit_ev, test_ev in (s[method] for s in fr.splits):
-    i = jf.choose_index(fit_ev, target)
+    i = select.choose_index(fit_ev, target)
     if i is None:  # nothing meets the target on fit rows: run the backbone
       speed.append(1.0)
       agree += test_ev.num_inputs
@@ -77,7 +79,7 @@ def chosen_outputs(traces, fr, rows, choose):
     i = choose(split)
     if i is None:
       continue
-    policy, lam_index, _, binning = jf.candidate_policy(fr, "recall", i, split)
+    policy, lam_index, _, binning = protocol.candidate_policy(fr, "recall", i, split)
     test = traces.take(test_rows)
     ev = jexit.evaluate(policy, test, binning, return_per_input=True)
     yield test, np.asarray(ev.stop_ramp[lam_index]), np.asarray(ev.output_ramp[lam_index])
@@ -88,8 +90,8 @@ def recall_usage(traces, fr, folds, block, target):
   from an earlier ramp than the one they stopped at, and the agreement of
   those outputs (how often, and how well, recall is used)."""
   recalled = agree = total = 0
-  rows = jf.fold_rows(traces.num_inputs, folds, block=block)
-  choose = lambda split: jf.choose_index(fr.splits[split]["recall"][0], target)
+  rows = jt.fold_rows(traces.num_inputs, folds, block=block)
+  choose = lambda split: select.choose_index(fr.splits[split]["recall"][0], target)
   for test, stop, out in chosen_outputs(traces, fr, rows, choose):
     early = out < stop
     recalled += early.sum()
@@ -108,15 +110,15 @@ def run(folds, num_lambdas, names=None, trace_dir=None, digits_block=4):
       continue
     block = digits_block if name.startswith("digits") else 1
     start = time.perf_counter()
-    base = jf.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
+    base = protocol.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
                        methods=("recall", "norecall") + BASELINES)
     results = {("recall", "default"): base, ("norecall", "default"): base}
     for variant, opts in VARIANTS.items():
       if variant != "default":
         source = stability_signal(traces) if variant == "stability signal" else traces
-        results[("recall", variant)] = jf.frontier(
+        results[("recall", variant)] = protocol.frontier(
             source, folds=folds, block=block, num_lambdas=num_lambdas,
-            methods=("recall",), fit_options=opts)
+            methods=("recall",), fit_options=opts, candidates=CANDIDATES.get(variant))
     usage[name] = recall_usage(traces, base, folds, block, RECALL_TARGET)
     for t in TARGETS:
       for (method, variant), fr in results.items():
@@ -158,16 +160,10 @@ EXTERNAL = ("global_threshold", "apparate_greedy", "patience")
 ALL_RIVALS = EXTERNAL + ("norecall",)
 
 
-@contextlib.contextmanager
-def candidates_from(make):
-  """Within the block, `frontier` fits its candidate models with
-  `make(plain, traces, rows, options)`, `plain` the usual `fit_candidates`."""
-  plain = jf.fit_candidates
-  jf.fit_candidates = lambda traces, rows, options: make(plain, traces, rows, options)
-  try:
-    yield
-  finally:
-    jf.fit_candidates = plain
+def candidates_with(make):
+  """A `frontier(..., candidates=)` function: `make(plain, traces, rows,
+  options)`, `plain` the usual `fit_candidates`."""
+  return lambda traces, rows, options: make(protocol.fit_candidates, traces, rows, options)
 
 
 class Scoreboard:
@@ -233,7 +229,7 @@ def compare_variants(names, variants, folds, num_lambdas):
     block = 4 if name.startswith("digits") else 1
     start = time.perf_counter()
     kw = dict(folds=folds, block=block, num_lambdas=num_lambdas)
-    frs = {"default": jf.frontier(traces, methods=("recall",) + EXTERNAL, **kw)}
+    frs = {"default": protocol.frontier(traces, methods=("recall",) + EXTERNAL, **kw)}
     frs.update(variants(name, traces, kw, frs["default"]))
     cells = []
     for t in TARGETS:
@@ -454,7 +450,7 @@ def main(argv=None):
       f"blocks of {args.block} rows so the augmented copies of one image never straddle fit "
       "and test.",
       "",
-      f"`recall` is jexit's default: `DEFAULT_FIT = {jf.DEFAULT_FIT}`, lam grid of "
+      f"`recall` is jexit's default: `DEFAULT_FIT = {protocol.DEFAULT_FIT}`, lam grid of "
       f"{args.num_lambdas} values per candidate. Bracketed variants change only the model "
       "settings (the levers); `paper` is the paper's setting (uniform 0.08 bins, loss = "
       "1 - conf).",

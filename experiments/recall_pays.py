@@ -27,14 +27,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import protocol, select  # pylint: disable=wrong-import-position
+from jexit import traces as jt  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 TARGETS = (-0.1, -0.05, 0.0, 0.005, 0.01, 0.02)  # accuracy loss; < 0: a gain
 MAX_ACC = "max acc."  # the column of each method's most accurate parameter
 SELECTED = "recall [selected]"  # jexit budget --metric accuracy's choice
 BASELINES = ("global_threshold", "apparate_greedy", "patience")
-LABEL_FIT = {**jf.DEFAULT_FIT, "target": "label"}
+LABEL_FIT = {**protocol.DEFAULT_FIT, "target": "label"}
 USAGE_TARGET = 0.0
 
 
@@ -54,7 +55,7 @@ def choose_by_accuracy(fit_ev, backbone_acc, target):
   if target == MAX_ACC:
     acc = np.asarray(fit_ev.accuracy, np.float64)
     return int(np.lexsort((np.arange(len(acc)), -np.asarray(fit_ev.speedup), -acc))[0])
-  return jf.choose_index(fit_ev, target, metric="accuracy", reference=backbone_acc)
+  return select.choose_index(fit_ev, target, metric="accuracy", reference=backbone_acc)
 
 
 def per_fold(traces, fr, rows, method, target, pick=None):
@@ -126,18 +127,18 @@ def oracle(traces):
 
 def select_family(traces, rows, block, num_lambdas, inner_folds):
   """Per target and outer fold, the family `jexit budget --metric accuracy`
-  picks on that fold's fit rows (frontiers.choose_family's rule: mean inner
+  picks on that fold's fit rows (select.choose_family's rule: mean inner
   held-out speedup of recall, ties to the first family)."""
-  families = jf.model_families(traces, {}, signal="auto", metric="accuracy")
+  families = select.model_families(traces, {}, signal="auto", metric="accuracy")
   picks = {t: [] for t in TARGETS}
   for fit_rows, _ in rows:
     inner = traces.take(fit_rows)
     scores = {t: {} for t in TARGETS}
-    inner_rows = jf.fold_rows(inner.num_inputs, inner_folds, block=block)
+    inner_rows = jt.fold_rows(inner.num_inputs, inner_folds, block=block)
     for name, opts in families.items():
       # One inner frontier per family scores every target (choose_family
       # would refit per target).
-      fr = jf.frontier(inner, folds=inner_folds, block=block, num_lambdas=num_lambdas,
+      fr = protocol.frontier(inner, folds=inner_folds, block=block, num_lambdas=num_lambdas,
                        fit_options=opts, methods=("recall",))
       for t in TARGETS:
         speed, _, _ = per_fold(inner, fr, inner_rows, "recall", t)
@@ -156,21 +157,21 @@ def run(folds, num_lambdas, names=None, inner_folds=4):
       continue
     start = time.perf_counter()
     block = 4 if name.startswith("digits") else 1
-    rows = jf.fold_rows(traces.num_inputs, folds, block=block)
-    label = jf.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
+    rows = jt.fold_rows(traces.num_inputs, folds, block=block)
+    label = protocol.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
                         fit_options=LABEL_FIT, methods=("recall", "norecall") + BASELINES)
-    agree = jf.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
+    agree = protocol.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
                         methods=("recall", "norecall"))
-    stable = jf.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
+    stable = protocol.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
                          fit_options={**LABEL_FIT, "signal": "stability"},
                          methods=("recall", "norecall"))
-    agree_stable = jf.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
+    agree_stable = protocol.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
                                fit_options={"signal": "stability"}, methods=("recall",))
     by_family = {"1-conf, agreement loss": agree, "stability, agreement loss": agree_stable,
                  "1-conf, label loss": label, "stability, label loss": stable}
-    for family, opts in jf.model_families(traces, {}, signal="auto", metric="accuracy").items():
+    for family, opts in select.model_families(traces, {}, signal="auto", metric="accuracy").items():
       if family not in by_family:  # e.g. the class signal's families
-        by_family[family] = jf.frontier(traces, folds=folds, block=block,
+        by_family[family] = protocol.frontier(traces, folds=folds, block=block,
                                         num_lambdas=num_lambdas, fit_options=opts,
                                         methods=("recall",))
     picks = select_family(traces, rows, block, num_lambdas, inner_folds)

@@ -19,7 +19,7 @@ looking at held-out rows, per workload x outer fold x agreement target:
 Two penalised rules, `feasible first`, prefer a family whose pooled inner
 held-out agreement loss is within the target (strictly, or up to 2 binomial
 standard errors above it), then the higher score (ties: default).
-The outer folds are `jf.fold_rows(n, folds, seed=0, block=...)`, the same
+The outer folds are `jt.fold_rows(n, folds, seed=0, block=...)`, the same
 rows `frontier(..., folds=folds)` uses, so the outer frontier of each family
 is computed once per workload and its per-fold results reused.
 
@@ -40,7 +40,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import protocol  # pylint: disable=wrong-import-position
+from jexit import traces as jt  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 TARGETS = quality.TARGETS
@@ -75,9 +76,9 @@ def inner_scores(sources, fit_rows, inner_folds, block, num_lambdas):
   """target -> family -> (mean inner held-out speed, pooled inner held-out agreement, rows)."""
   out = {t: {} for t in TARGETS}
   for fam, src in sources.items():
-    fr = jf.frontier(src.take(fit_rows), folds=inner_folds, block=block,
+    fr = protocol.frontier(src.take(fit_rows), folds=inner_folds, block=block,
                      methods=("recall",), num_lambdas=num_lambdas,
-                     fit_options=dict(jf.DEFAULT_FIT))
+                     fit_options=dict(protocol.DEFAULT_FIT))
     for t in TARGETS:
       speed, agree = quality.per_fold(fr, "recall", t)
       out[t][fam] = (float(speed.mean()), float(agree), len(fit_rows))
@@ -96,12 +97,12 @@ def run(folds, inner_folds, num_lambdas, names=None, trace_dir=None, digits_bloc
     start = time.perf_counter()
     block = digits_block if name.startswith("digits") else 1
     sources = family_traces(traces)
-    outer = {fam: jf.frontier(src, folds=folds, block=block, methods=("recall",),
-                              num_lambdas=num_lambdas, fit_options=dict(jf.DEFAULT_FIT))
+    outer = {fam: protocol.frontier(src, folds=folds, block=block, methods=("recall",),
+                              num_lambdas=num_lambdas, fit_options=dict(protocol.DEFAULT_FIT))
              for fam, src in sources.items()}
-    base = jf.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
+    base = protocol.frontier(traces, folds=folds, block=block, num_lambdas=num_lambdas,
                        methods=EXTERNAL)
-    rows = jf.fold_rows(traces.num_inputs, folds, seed=0, block=block)
+    rows = jt.fold_rows(traces.num_inputs, folds, seed=0, block=block)
     # frontier splits with fold_rows(n, folds, seed=0, block): the same rows (sizes checked).
     for fam in FAMILIES:
       assert all(ev.num_inputs == len(te) for (_, ev), (_, te) in
@@ -237,7 +238,7 @@ def main(argv=None):
       "",
       f"Protocol: {args.folds}-fold outer cross-fitting, as experiments/quality.py (digits "
       f"traces in blocks of {args.block} rows). Per workload, outer fold and agreement-loss "
-      f"target, the family (jexit's default, `DEFAULT_FIT = {jf.DEFAULT_FIT}`, or the same "
+      f"target, the family (jexit's default, `DEFAULT_FIT = {protocol.DEFAULT_FIT}`, or the same "
       "fit on the stability signal of quality.py) is chosen on the outer fit rows only: an inner "
       f"{args.inner_folds}-fold cross-fitting (same blocks) of both families, lam chosen on "
       "each inner fit split (most speedup within the target; backbone when none), and the "

@@ -6,13 +6,13 @@ speedup within the target); the union then keeps the member whose chosen
 parameter has the most fit speedup and is scored on the held-out fold.
 Same protocol, workloads and scoreboard as experiments/quality.py. The last
 default pool (recall, no recall, Apparate greedy, global threshold) is the rule
-of `jexit budget`'s "best" line (`jexit.frontiers.best_method`), with the
+of `jexit budget`'s "best" line (`jexit.select.best_method`), with the
 signal fixed to `1 - conf`.
 
 The last column, `budget default`, is the whole rule of `jexit budget` with
 its defaults: per fold, the exit signal of the solver's model (`1 - conf`, or
 the traces' signal where they record one, or `stability`) is chosen on the fit rows by an inner cross-fitting
-(`--inner-folds`, as `jexit.frontiers.choose_family`), then recall and no
+(`--inner-folds`, as `jexit.select.choose_family`), then recall and no
 recall on that signal, Apparate greedy and the global threshold compete by
 fit speedup (`best_method`, ties in `DEPLOYABLE` order).
 
@@ -31,15 +31,16 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import protocol, select  # pylint: disable=wrong-import-position
+from jexit import traces as jt  # pylint: disable=wrong-import-position
 from experiments import quality, workloads  # pylint: disable=wrong-import-position
 
 
 def signals_of(traces):
   """The candidate exit signals of `jexit budget`'s default
-  (`jexit.frontiers.auto_signals`): the traces' own (`traces.signal`, else
+  (`jexit.select.auto_signals`): the traces' own (`traces.signal`, else
   `1 - conf`), stability and class."""
-  return jf.auto_signals(traces)
+  return select.auto_signals(traces)
 
 
 def union_per_fold(fr, members, target):
@@ -61,7 +62,7 @@ def _scored(splits, members, target):
     best = (-np.inf, 1.0, 1.0, None)  # (fit speedup, held-out speedup, agreement, member)
     for m in members or split:
       fit_ev, test_ev = split[m]
-      i = jf.choose_index(fit_ev, target)
+      i = select.choose_index(fit_ev, target)
       if i is not None and float(fit_ev.speedup[i]) > best[0]:
         best = (float(fit_ev.speedup[i]), float(test_ev.speedup[i]),
                 float(test_ev.agreement[i]), m)
@@ -80,14 +81,14 @@ def inner_choices(traces, folds, inner_folds, block, num_lambdas, seed=0):
   (signal, deployable member) pair with the most mean inner held-out speedup
   (ties: the traces' own, then `DEPLOYABLE` order)."""
   signals = signals_of(traces)
-  pairs = [(sig, m) for sig in signals for m in jf.DEPLOYABLE
+  pairs = [(sig, m) for sig in signals for m in select.DEPLOYABLE
            if sig == signals[0] or m in ("recall", "norecall")]
   out = []
-  for fit_rows, _ in jf.fold_rows(traces.num_inputs, folds, seed=seed, block=block):
-    inner = {sig: jf.frontier(traces.take(fit_rows), folds=inner_folds, block=block,
+  for fit_rows, _ in jt.fold_rows(traces.num_inputs, folds, seed=seed, block=block):
+    inner = {sig: protocol.frontier(traces.take(fit_rows), folds=inner_folds, block=block,
                               methods=tuple(m for s, m in pairs if s == sig),
                               num_lambdas=num_lambdas,
-                              fit_options={**jf.DEFAULT_FIT, "signal": sig})
+                              fit_options={**protocol.DEFAULT_FIT, "signal": sig})
              for sig in signals}
     choice = {}
     for t in quality.TARGETS:
@@ -110,7 +111,7 @@ def budget_default_splits(fr, others, choices, target):
   out = []
   for i, split in enumerate(fr.splits):
     own = _signal_split(fr, others, choices[i][target][0], i)
-    out.append({m: own[m] if m in ("recall", "norecall") else split[m] for m in jf.DEPLOYABLE})
+    out.append({m: own[m] if m in ("recall", "norecall") else split[m] for m in select.DEPLOYABLE})
   return out
 
 
@@ -119,9 +120,9 @@ def _frontiers(traces, folds, inner_folds, block, num_lambdas, seed=0):
   signal and the external baselines on conf (`fr`); recall and no recall on
   each other candidate signal (`{signal: frontier}`); the inner choices."""
   kw = dict(folds=folds, block=block, num_lambdas=num_lambdas, seed=seed)
-  fr = jf.frontier(traces, methods=("recall", "norecall") + quality.EXTERNAL, **kw)
-  others = {sig: jf.frontier(traces, methods=("recall", "norecall"),
-                             fit_options={**jf.DEFAULT_FIT, "signal": sig}, **kw)
+  fr = protocol.frontier(traces, methods=("recall", "norecall") + quality.EXTERNAL, **kw)
+  others = {sig: protocol.frontier(traces, methods=("recall", "norecall"),
+                             fit_options={**protocol.DEFAULT_FIT, "signal": sig}, **kw)
             for sig in signals_of(traces)[1:]}
   return fr, others, inner_choices(traces, folds, inner_folds, block, num_lambdas, seed)
 
@@ -130,7 +131,7 @@ def budget_vs_external(traces, folds, inner_folds, block, num_lambdas, seed):
   """target -> (held-out speedup per fold of `budget default`, {external
   baseline: held-out speedup per fold}) on the outer split of `seed`."""
   fr, others, choices = _frontiers(traces, folds, inner_folds, block, num_lambdas, seed)
-  return {t: (_scored(budget_default_splits(fr, others, choices, t), jf.DEPLOYABLE, t)[0],
+  return {t: (_scored(budget_default_splits(fr, others, choices, t), select.DEPLOYABLE, t)[0],
               {m: quality.per_fold(fr, m, t)[0] for m in quality.EXTERNAL})
           for t in quality.TARGETS}
 
@@ -182,7 +183,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--folds", type=int, default=5)
   parser.add_argument("--num-lambdas", type=int, default=300)
-  parser.add_argument("--inner-folds", type=int, default=jf.INNER_FOLDS)
+  parser.add_argument("--inner-folds", type=int, default=select.INNER_FOLDS)
   parser.add_argument("--pool", default="apparate_greedy;apparate_greedy,global_threshold;"
                                         "norecall,apparate_greedy,global_threshold",
                       help="';'-separated pools of baselines to join with recall")
@@ -214,7 +215,7 @@ def main(argv=None):
     for t in quality.TARGETS:
       speed = {"default": quality.per_fold(fr, "recall", t)[0]}
       runs = [(fr, ("recall",) + pool) for pool in pools]
-      runs.append((budget_default_splits(fr, others, choices, t), jf.DEPLOYABLE))
+      runs.append((budget_default_splits(fr, others, choices, t), select.DEPLOYABLE))
       inner = []
       for i in range(len(fr.splits)):
         sig, m = choices[i][t][1]
@@ -228,7 +229,7 @@ def main(argv=None):
           picks[n][m] = picks[n].get(m, 0) + c
       rival = max(quality.per_fold(fr, m, t)[0].mean() for m in quality.EXTERNAL)
       cells.append(board.cell(speed, rival))
-      mine, _, agree = _scored(runs[len(pools)][0], jf.DEPLOYABLE, t)
+      mine, _, agree = _scored(runs[len(pools)][0], select.DEPLOYABLE, t)
       best = max(quality.EXTERNAL, key=lambda m: quality.per_fold(fr, m, t)[0].mean())
       theirs, their_agree = quality.per_fold(fr, best, t)
       detail.append((name, t, mine, agree, best, theirs, their_agree))

@@ -23,13 +23,12 @@ _LAZY = {
     "Evaluation": "jexit.evaluation",
     "evaluate": "jexit.evaluation",
     "expected_objective": "jexit.evaluation",
-    "Budget": "jexit.frontiers",
-    "BudgetChoice": "jexit.frontiers",
-    "DEFAULT_FIT": "jexit.frontiers",
-    "Frontier": "jexit.frontiers",
-    "PAPER_FIT": "jexit.frontiers",
-    "budget": "jexit.frontiers",
-    "frontier": "jexit.frontiers",
+    "Choice": "jexit.select",
+    "DEFAULT_FIT": "jexit.protocol",
+    "Frontier": "jexit.protocol",
+    "PAPER_FIT": "jexit.protocol",
+    "choose": "jexit.select",
+    "frontier": "jexit.protocol",
 }
 
 __all__ = [

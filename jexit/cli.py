@@ -3,8 +3,8 @@
   jexit sweep TRACE [--json OUT] [--plot OUT.png]   every method's frontier
   jexit budget TRACE --max-loss 0.01 [--metric M]   parameters for a budget
   jexit demo [--out DIR]                            the sweep on the embedded trace
+  jexit export TRACE (--lam X | --max-loss Y) --out POLICY.npz
   jexit import-apparate PICKLE --out TRACE.npz --allow-pickle
-  jexit export ...                                  (when jexit.export is present)
 
 Errors from bad input print one line, `jexit: error: ...`, and exit with 2.
 """
@@ -17,11 +17,13 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from jexit.signals import NAMES as SIGNALS
 
 # What the fit options on the command line map to (None = DEFAULT_FIT's value).
-_FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "prior", "kernel",
-             "loss_smoothing", "signal_range")
+_FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "loss_smoothing",
+             "signal_range")
 # Rows of the embedded demo trace come in blocks of 4 augmented copies of one
 # image (experiments/TRACES.md): splits keep a block on one side.
 DEMO_BLOCK = 4
@@ -46,7 +48,7 @@ def signal_range_arg(text):
 
 
 def _add_fit_args(p, auto_signal=False):
-  g = p.add_argument_group("model (defaults: jexit.frontiers.DEFAULT_FIT)")
+  g = p.add_argument_group("model (defaults: jexit.protocol.DEFAULT_FIT)")
   if auto_signal:
     g.add_argument("--signal", choices=("auto",) + SIGNALS,
                    default="auto",
@@ -78,9 +80,6 @@ def _add_fit_args(p, auto_signal=False):
   g.add_argument("--target", choices=("agreement", "label"),
                  help="what --loss calibrated calibrates against")
   g.add_argument("--smoothing", type=float, help="additive count on transitions")
-  g.add_argument("--prior", choices=("uniform", "marginal"),
-                 help="where the transition pseudo-counts go")
-  g.add_argument("--kernel", type=float, help="Gaussian blur of transition counts (bins)")
   g.add_argument("--loss-smoothing", type=float, dest="loss_smoothing",
                  help="pseudo-count of calibrated losses")
 
@@ -100,7 +99,7 @@ def _add_split_args(p):
 
 
 def _fit_overrides(args) -> dict:
-  from jexit.frontiers import PAPER_FIT  # pylint: disable=import-outside-toplevel
+  from jexit.protocol import PAPER_FIT  # pylint: disable=import-outside-toplevel
   base = dict(PAPER_FIT) if getattr(args, "paper", False) else {}
   base.update({k: getattr(args, k) for k in _FIT_ARGS if getattr(args, k, None) is not None})
   return base
@@ -126,17 +125,17 @@ def _plot(fr, path, trace, max_loss) -> str:
 
 
 def _sweep(fr, trace_name, args) -> None:
-  from jexit import frontiers as jf  # pylint: disable=import-outside-toplevel
-  print(jf.format_frontier(fr, trace=trace_name))
+  from jexit import report  # pylint: disable=import-outside-toplevel
+  print(report.format_frontier(fr, trace=trace_name))
   if args.json:
-    _write_json(args.json, jf.frontier_to_dict(fr, trace_name, all_points=args.all_points))
+    _write_json(args.json, report.frontier_to_dict(fr, trace_name, all_points=args.all_points))
     print(f"wrote {args.json}")
   if args.plot:
     print(f"wrote {_plot(fr, args.plot, os.path.basename(trace_name), args.max_loss)}")
 
 
 def run_sweep(args) -> int:
-  from jexit.frontiers import frontier  # pylint: disable=import-outside-toplevel
+  from jexit.protocol import frontier  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   if not 0 <= args.max_loss <= 1:  # NaN fails too
     raise ValueError(f"--max-loss: expected an agreement-loss budget in [0, 1], "
@@ -148,40 +147,44 @@ def run_sweep(args) -> int:
 
 
 def run_budget(args) -> int:
-  from jexit import frontiers as jf  # pylint: disable=import-outside-toplevel
+  from jexit import report  # pylint: disable=import-outside-toplevel
+  from jexit.select import choose  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   traces = load_traces(args.trace)
   kwargs = _frontier_kwargs(args)
   signal = kwargs["fit_options"].pop("signal")  # auto selects with one split only
-  b = jf.budget(traces, args.max_loss, signal=signal, metric=args.metric, **kwargs)
-  print(jf.format_budget(b, trace=args.trace))
+  choice = choose(traces, args.max_loss, signal=signal, metric=args.metric, **kwargs)
+  print(report.format_choice(choice, trace=args.trace))
   if args.json:
-    _write_json(args.json, jf.budget_to_dict(b, args.trace))
+    _write_json(args.json, report.choice_to_dict(choice, args.trace))
     print(f"wrote {args.json}")
   return 0
 
 
 def run_demo(args) -> int:
   from jexit import datasets  # pylint: disable=import-outside-toplevel
-  from jexit.frontiers import choose_signal, frontier  # pylint: disable=import-outside-toplevel
+  from jexit.protocol import APPARATE_BUDGETS  # pylint: disable=import-outside-toplevel
+  from jexit.select import choose  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   path = datasets.demo_trace_path()
   if not os.path.exists(path):
     raise ValueError(f"the embedded demo trace is missing ({path}); reinstall jexit")
   start = time.perf_counter()
   traces = load_traces(path)
-  # As `jexit budget`: the exit signal is chosen on the fit rows (at 1% loss) first.
-  signal, scores = choose_signal(traces, DEMO_MAX_LOSS, seed=0, block=DEMO_BLOCK)
-  fr = frontier(traces, num_lambdas=1000, seed=0, block=DEMO_BLOCK,
-                fit_options=None if signal is None else {"signal": signal})
+  # As `jexit budget`: the exit signal is chosen on the fit rows (at 1% loss)
+  # first; the table then shows every budget on the same frontier.
+  choice = choose(traces, DEMO_MAX_LOSS, seed=0, block=DEMO_BLOCK, num_lambdas=1000,
+                  apparate_budgets=APPARATE_BUDGETS)
+  fr, scores = choice.frontier, choice.signal_scores
+  signal = choice.fit_options.get("signal")
   out = args.out or tempfile.mkdtemp(prefix="jexit-demo-")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out: expected a folder for the demo's outputs, got the file {out}")
   os.makedirs(out, exist_ok=True)
   name = f"{os.path.basename(path)} (embedded: {traces.num_inputs} inputs, "\
          f"{traces.num_ramps} ramps)"
-  print(f"jexit demo: fit on half the rows, solve 1,000 lam values, evaluate every "
-        f"method on the held-out half")
+  print("jexit demo: fit on half the rows, solve 1,000 lam values, evaluate every "
+        "method on the held-out half")
   if scores:
     print(f"exit signal of recall/norecall: {signal} (chosen on the fit rows by inner "
           f"cross-fitting at {DEMO_MAX_LOSS:.0%} loss, as `jexit budget`; mean held-out speedup: "
@@ -195,6 +198,123 @@ def run_demo(args) -> int:
   if args.plot is None:
     print("(no plot: matplotlib is not installed; pip install 'jexit[plot]')")
   print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}")
+  return 0
+
+
+def _add_export_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds `jexit export TRACE (--lam X | --max-loss Y) --out FILE`."""
+  p = subparsers.add_parser(
+      "export", help="fit, solve and export one exit policy for deployment",
+      description="Fits the exit model, solves it and writes one policy table (.npz, "
+                  "format jexit-policy v1) that jexit.runtime.ExitTable and "
+                  "jexit.runtime_torch.EarlyExitRunner load. With --lam: jexit.fit's "
+                  "defaults on all of TRACE. With --max-loss: as `jexit budget`, the "
+                  "policy is chosen on a seeded fit split and its held-out metrics are "
+                  "printed; the exported model is the one fitted on the fit rows.")
+  p.add_argument("trace", help="trace .npz (conf, pred, cost[, label, signal])")
+  choose = p.add_mutually_exclusive_group(required=True)
+  choose.add_argument("--lam", type=float,
+                      help="the cost weight lam to solve for")
+  choose.add_argument("--max-loss", type=float, dest="max_loss",
+                      help="agreement-loss budget (e.g. 0.01): export the policy with "
+                           "the most speedup on the fit rows whose agreement loss there "
+                           "is at most this (jexit.protocol.DEFAULT_FIT candidates)")
+  p.add_argument("--metric", choices=("agreement", "accuracy"), default="agreement",
+                 help="what --max-loss limits: agreement with the final ramp (default) or "
+                      "accuracy against the labels relative to the backbone, as `jexit "
+                      "budget --metric`; accuracy fits the loss to the labels")
+  p.add_argument("--out", required=True, help="policy file to write")
+  p.add_argument("--no-recall", action="store_true", dest="no_recall",
+                 help="solve the no-recall policy (output = the stopping ramp)")
+  p.add_argument("--method", choices=("best", "solver"), default=None,
+                 help="with --max-loss: 'best' (default) exports whichever of the solved "
+                      "policy with and without recall, Apparate's greedy per-ramp "
+                      "thresholds and the global threshold has the most speedup on the fit "
+                      "rows, as `jexit budget` reports it (thresholds become a 2-bin table; "
+                      "experiments/UNION.md measured the rule); 'solver' exports the solved "
+                      "policy (with --lam, always)")
+  p.add_argument("--paper", action="store_true",
+                 help="the paper's model: uniform 0.08 bins, loss = 1 - conf")
+  p.add_argument("--seed", type=int, default=0, help="seed of the fit split (--max-loss)")
+  p.add_argument("--block", type=int, default=1,
+                 help="split rows in blocks of this many related rows (--max-loss)")
+  p.add_argument("--grid", type=int, default=1000,
+                 help="lam values per candidate model tried by --max-loss (default 1000)")
+  p.add_argument("--signal", choices=("auto",) + SIGNALS,
+                 default=None,
+                 help="exit signal of the model: 1-conf, stability (1 - conf, plus 1 where "
+                      "the prediction changed since the previous ramp), class (a "
+                      "per-class calibration of 1 - conf, shipped in the table), the "
+                      "trace's signal, or auto (chosen on the fit rows by inner cross-fitting, as "
+                      "`jexit budget`; --max-loss only). Default: auto with --max-loss, "
+                      "else 1-conf (the trace's signal if it has one)")
+  p.add_argument("--signal-range", type=signal_range_arg, dest="signal_range", default=None,
+                 help="LO,HI: the whole range of the trace's own signal, the outer bin edges "
+                      "(default: the fit rows' range; e.g. 0,1 for a margin, so the runtime "
+                      "serves held-out values beyond it)")
+  p.set_defaults(func=run_export)
+  return p
+
+
+def run_export(args) -> int:
+  """Runs `jexit export` from parsed `args`; prints one summary line."""
+  # The solver side needs JAX; keep it off this module's import.
+  from jexit import report, signals  # pylint: disable=import-outside-toplevel
+  from jexit.export import export_policy  # pylint: disable=import-outside-toplevel
+  from jexit.fit import fit  # pylint: disable=import-outside-toplevel
+  from jexit.protocol import PAPER_FIT  # pylint: disable=import-outside-toplevel
+  from jexit.select import DEPLOYABLE, choose  # pylint: disable=import-outside-toplevel
+  from jexit.solver import solve  # pylint: disable=import-outside-toplevel
+  from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
+
+  traces = load_traces(args.trace)
+  recall = not args.no_recall
+  options = dict(PAPER_FIT) if args.paper else {}
+  signal = args.signal or ("auto" if args.max_loss is not None else None)
+  if signal == "auto" and args.lam is not None:
+    raise ValueError("--signal auto chooses on a fit split; it needs --max-loss")
+  if signal not in (None, "auto"):
+    options["signal"] = signal
+  if args.signal_range is not None:
+    options["signal_range"] = args.signal_range
+  if args.metric == "accuracy":
+    if args.lam is not None:
+      raise ValueError("--metric accuracy chooses on a fit split; it needs --max-loss")
+    if traces.label is None:
+      raise ValueError("--metric accuracy: the trace has no 'label' array")
+  if args.method == "best" and args.lam is not None:
+    raise ValueError("--method best chooses on a fit split; it needs --max-loss")
+  if args.lam is not None:
+    if not (np.isfinite(args.lam) and args.lam >= 0):
+      raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
+    if signals.get(options.get("signal") or "1-conf").needs_calibration:
+      options["class_block"] = args.block  # its inner folds keep related rows together
+    model, binning = fit(traces, **options)
+    policy = solve(model, np.array([args.lam]), recall=recall)
+    header = export_policy(args.out, policy, binning, model, 0, traces=traces)
+    print(report.format_export(header, args.out))
+    return 0
+  low = 0 if args.metric == "agreement" else -1
+  if not (np.isfinite(args.max_loss) and low <= args.max_loss <= 1):
+    raise ValueError(f"--max-loss: expected an {args.metric}-loss budget in [{low}, 1], "
+                     f"got {args.max_loss}")
+  solver = "recall" if recall else "norecall"
+  # best: every deployable method (`jexit budget`'s pool), less recall with --no-recall.
+  ship = ((solver,) + tuple(m for m in DEPLOYABLE if m != solver and (recall or m != "recall"))
+          if args.method in ("best", None) else (solver,))
+  choice = choose(traces, args.max_loss, metric=args.metric, methods=ship, ship=ship,
+                  signal=signal, seed=args.seed, block=args.block, num_lambdas=args.grid,
+                  fit_options=options)
+  if choice.table is None:
+    fit_ev = choice.frontier.splits[0][ship[0]][0]
+    ref = choice.frontier.backbone_fit_accuracy[0] if args.metric == "accuracy" else 1.0
+    raise ValueError(f"--max-loss: no policy reaches {args.metric} >= "
+                     f"{ref - args.max_loss:.4g} on the fit rows; the best is "
+                     f"{float(np.max(getattr(fit_ev, args.metric))):.4g}")
+  table = choice.table
+  header = export_policy(args.out, table.policy, table.binning, table.model, table.lam_index,
+                         traces=traces)
+  print(report.format_export(header, args.out, choice))
   return 0
 
 
@@ -272,12 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cost", help="comma-separated segment costs (default 1 per segment)")
   p.set_defaults(func=run_import_apparate)
 
-  try:
-    from jexit.export import add_export_parser  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    add_export_parser = None
-  if add_export_parser is not None:
-    add_export_parser(sub)
+  _add_export_parser(sub)
   return parser
 
 

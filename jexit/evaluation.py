@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jexit.solver import PRECISION, check_model, working_dtype
+from jexit.solver import PRECISION, check_model, loss_grid, working_dtype
 from jexit.traces import check_traces, signal_values
-from jexit.types import Binning, ExitModel, Policy, Traces
+from jexit.types import Binning, ExitModel, Policy, Traces, check_policy
 
 _mm = functools.partial(jnp.matmul, precision=PRECISION)
 
@@ -283,30 +283,8 @@ def _replay_chunks(thr_flat, num_lam, m, path_arrays, max_bytes, *, per_policy, 
 
 
 def _policy_arrays(policy: Policy):
-  if not isinstance(policy, Policy):
-    raise ValueError(f"policy: expected jexit.Policy, got {type(policy).__name__}")
-  threshold = np.asarray(policy.threshold)
-  loss = np.asarray(policy.loss)
-  lam = np.asarray(policy.lam)
-  if threshold.ndim not in (3, 4):
-    raise ValueError(f"policy.threshold: expected shape [L, K, S] or [M, L, K, S], "
-                     f"got {threshold.shape}")
-  lead = threshold.shape[:-3]
-  if loss.shape != lead + threshold.shape[-2:]:
-    raise ValueError(f"policy.loss: expected shape {lead + threshold.shape[-2:]} "
-                     f"(from policy.threshold {threshold.shape}), got {loss.shape}")
-  if lam.shape != threshold.shape[:-2]:
-    raise ValueError(f"policy.lam: expected shape {threshold.shape[:-2]}, got {lam.shape}")
-  for name, a in (("threshold", threshold), ("loss", loss), ("lam", lam)):
-    if a.dtype.kind not in "iuf":
-      raise ValueError(f"policy.{name}: expected real numbers, got dtype {a.dtype}")
-  if np.any(np.isnan(threshold)) or not np.all(np.isfinite(loss)):
-    raise ValueError("policy.threshold, policy.loss: expected no NaN (thresholds may "
-                     "be +-inf; losses finite)")
-  if not (np.all(np.isfinite(lam)) and np.all(lam >= 0)):
-    raise ValueError(f"policy.lam: expected finite values >= 0, got "
-                     f"{lam[~(np.isfinite(lam) & (lam >= 0))][:5].tolist()}")
-  return threshold, loss, lam
+  policy = check_policy(policy)
+  return policy.threshold, policy.loss, policy.lam
 
 
 def _model_edges(binning, m: int, k: int, s: int):
@@ -483,11 +461,10 @@ def evaluate(policy: Policy, traces: Traces,
 
 def _grid_and_index(loss: np.ndarray):
   """`[M, X]` sorted distinct losses (padded with the largest), `[M, K, S]` indices."""
-  grids = [np.unique(loss[i]) for i in range(loss.shape[0])]
+  grids, idx = zip(*(loss_grid(loss[i], loss.dtype) for i in range(loss.shape[0])))
   x = max(len(g) for g in grids)
   grid = np.stack([np.pad(g, (0, x - len(g)), mode="edge") for g in grids])
-  idx = np.stack([np.searchsorted(g, loss[i]) for i, g in enumerate(grids)]).astype(np.int32)
-  return grid, idx
+  return grid, np.stack(idx)
 
 
 def _expect_recall(grid, idx, init, trans, cost, threshold, lam, *, conditioned):

@@ -1,26 +1,243 @@
-"""Exports one solved exit policy as a versioned, self-describing `.npz`.
+"""The policy file: writes one solved exit policy as a versioned `.npz`, and reads it.
 
-The file layout (format `jexit-policy`, version 1) and its reader live in
-`jexit.runtime`, which needs only numpy; this module writes it and holds the
-`jexit export` subcommand. `load_policy_file` is re-exported from there.
+The policy file (format `jexit-policy`, version 1) is a `.npz` of plain
+arrays, read with `allow_pickle=False`:
+
+| key         | shape      | dtype             | meaning |
+|-------------|------------|-------------------|---------|
+| `header`    | `[]`       | unicode           | JSON object, see `HEADER_FIELDS` |
+| `edges`     | `[K, S+1]` | float64           | per-ramp bin edges of the exit signal |
+| `loss`      | `[K, S]`   | float32 / float64 | `l_k(s)`, the loss of outputting ramp k from bin s |
+| `threshold` | `[K, S]`   | same as `loss`    | stop thresholds: values of `loss` or +-inf |
+| `cost`      | `[K]`      | float64           | `c_k`, cost of segment k plus its head |
+| `calibration` | `[K-1, 2C+3]` | float64        | only for `"class"`: the weights of `class_signal` |
+
+`header.signal` names an entry of `jexit.signals.REGISTRY`. Everything is
+validated by the same checks when written and when read (never with pickle).
+This module imports numpy only: the runtimes read policy files through it.
 """
 
-import argparse
 import hashlib
 import json
 import os
+import re
 from typing import Optional
 
 import numpy as np
 
 from jexit import signals
-from jexit.runtime import (FORMAT_NAME, FORMAT_VERSION, ExitTable, check_arrays,
-                           check_calibration, check_header, load_policy_file)
+from jexit.npzio import read_npz
 from jexit.signals import class_weights_ok
-from jexit.types import Binning, ExitModel, Policy, Traces, is_bool_like, is_int_scalar
+from jexit.types import Binning, ExitModel, Policy, Traces, check_policy, is_int_scalar
 
-__all__ = ["add_export_parser", "export_policy", "load_policy_file", "run_export",
-           "trace_sha256"]
+__all__ = ["export_policy", "load_policy_file", "read_policy_arrays", "trace_sha256"]
+
+FORMAT_NAME = "jexit-policy"
+FORMAT_VERSION = 1
+ARRAY_KEYS = ("header", "edges", "loss", "threshold", "cost")
+# name -> (required, accepted Python types, meaning)
+HEADER_FIELDS = {
+    "format": (True, (str,), f"always {FORMAT_NAME!r}"),
+    "format_version": (True, (int,), "integer version of this layout"),
+    "jexit_version": (True, (str,), "version of jexit that wrote the file"),
+    "signal": (True, (str,), "the signal the edges bin: '1-conf', 'stability', 'class' or "
+                             "'signal'"),
+    "lam": (True, (int, float), "the cost weight lam the policy was solved for"),
+    "recall": (True, (bool,), "whether the output is the best ramp so far"),
+    "num_ramps": (True, (int,), "K"),
+    "num_bins": (True, (int,), "S"),
+    "cost": (True, (list,), "[K] segment costs, equal to the `cost` array"),
+    "dtype": (True, (str,), "dtype of `loss` and `threshold` (the comparison dtype)"),
+    "trace_sha256": (True, (str, type(None)), "sha256 of the fit trace, or null"),
+    "value": (False, (int, float, type(None)), "expected objective under the fitted model"),
+    "lam_index": (False, (int, type(None)), "index of lam in the solved grid"),
+    "model_index": (False, (int, type(None)), "index of the model in a solved batch"),
+}
+
+
+def _bad(path, what):
+  raise ValueError(f"policy file {path}: {what}")
+
+
+def _describe(a):
+  return f"shape {tuple(np.shape(a))} dtype {np.asarray(a).dtype}"
+
+
+def _real(name, a) -> np.ndarray:
+  """`a` as a float64 array, or a ValueError naming `name` (text, complex, ...)."""
+  a = np.asarray(a)
+  if a.dtype.kind not in "biuf":
+    raise ValueError(f"{name}: expected real numbers, got {_describe(a)}")
+  return a.astype(np.float64, copy=False)
+
+
+def check_header(header, path="<memory>") -> dict:
+  """Validates a policy header (a dict parsed from JSON); returns it.
+
+  The format name and version are checked first, so a file written by a newer
+  jexit gets a message about the version rather than about its contents.
+  """
+  if not isinstance(header, dict):
+    _bad(path, f"header: expected a JSON object, got {type(header).__name__}")
+  if header.get("format") != FORMAT_NAME:
+    _bad(path, f"header.format: expected {FORMAT_NAME!r}, got {header.get('format')!r} "
+               f"(not a jexit policy file?)")
+  version = header.get("format_version")
+  if not isinstance(version, int) or isinstance(version, bool):
+    _bad(path, f"header.format_version: expected an integer, got {version!r}")
+  if version != FORMAT_VERSION:
+    _bad(path, f"header.format_version: this jexit reads format version "
+               f"{FORMAT_VERSION}, the file has version {version}"
+               + ("; upgrade jexit to read it" if version > FORMAT_VERSION else ""))
+  unknown = sorted(set(header) - set(HEADER_FIELDS))
+  if unknown:
+    _bad(path, f"header: unknown field(s) {unknown} for format version {FORMAT_VERSION}")
+  for name, (required, types, meaning) in HEADER_FIELDS.items():
+    if name not in header:
+      if required:
+        _bad(path, f"header.{name}: missing ({meaning})")
+      continue
+    value = header[name]
+    # bool is an int in Python: only accept it where bool is the type asked.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+      _bad(path, f"header.{name}: expected {' or '.join(t.__name__ for t in types)} "
+                 f"({meaning}), got {value!r}")
+  if header["signal"] not in signals.NAMES:
+    _bad(path, f"header.signal: expected one of {list(signals.NAMES)}, got "
+               f"{header['signal']!r}")
+  try:
+    lam = float(header["lam"])
+  except OverflowError:  # a JSON integer beyond float range
+    lam = float("inf")
+  if not np.isfinite(lam) or lam < 0:
+    _bad(path, f"header.lam: expected a finite value >= 0, got {header['lam']!r}")
+  for name in ("num_ramps", "num_bins"):
+    if header[name] < 1:
+      _bad(path, f"header.{name}: expected an integer >= 1, got {header[name]}")
+  if header["dtype"] not in ("float32", "float64"):
+    _bad(path, f"header.dtype: expected 'float32' or 'float64', got {header['dtype']!r}")
+  digest = header["trace_sha256"]
+  if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+    _bad(path, f"header.trace_sha256: expected 64 lowercase hex digits or null, got {digest!r}")
+  cost = header["cost"]
+  if (len(cost) != header["num_ramps"]
+      or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cost)):
+    _bad(path, f"header.cost: expected a list of {header['num_ramps']} numbers, got {cost!r}")
+  return header
+
+
+def check_arrays(header: dict, edges, loss, threshold, cost, path="<memory>"):
+  """Validates the policy arrays against a checked header.
+
+  Returns:
+    `(edges [K, S+1] float64, loss [K, S], threshold [K, S], cost [K] float64)`
+    with `loss` and `threshold` in `header["dtype"]`.
+  """
+  k, s = header["num_ramps"], header["num_bins"]
+  dtype = np.dtype(header["dtype"])
+  arrays = {"edges": edges, "loss": loss, "threshold": threshold, "cost": cost}
+  shapes = {"edges": (k, s + 1), "loss": (k, s), "threshold": (k, s), "cost": (k,)}
+  for name, a in arrays.items():
+    a = np.asarray(a)
+    if a.shape != shapes[name]:
+      _bad(path, f"{name}: expected shape {shapes[name]} (K={k} ramps, S={s} bins "
+                 f"from the header), got {_describe(a)}")
+    if not np.issubdtype(a.dtype, np.floating):
+      _bad(path, f"{name}: expected floating-point values, got {_describe(a)}")
+  for name in ("loss", "threshold"):
+    if np.asarray(arrays[name]).dtype != dtype:
+      _bad(path, f"{name}: expected dtype {dtype} (header.dtype), "
+                 f"got {np.asarray(arrays[name]).dtype}")
+  edges = np.asarray(edges, np.float64)
+  loss = np.asarray(loss)
+  threshold = np.asarray(threshold)
+  cost = np.asarray(cost, np.float64)
+  if not np.all(np.isfinite(edges)):
+    _bad(path, "edges: expected finite values, got NaN or inf")
+  steps = np.diff(edges, axis=1)
+  if np.any(steps <= 0):
+    ramp, i = np.argwhere(steps <= 0)[0]
+    _bad(path, f"edges: expected strictly increasing edges per ramp, got "
+               f"edges[{ramp}, {i}] = {edges[ramp, i]} >= edges[{ramp}, {i + 1}] = "
+               f"{edges[ramp, i + 1]}")
+  if not np.all(np.isfinite(loss)):
+    _bad(path, "loss: expected finite values, got NaN or inf")
+  if np.any(np.isnan(threshold)):
+    _bad(path, "threshold: expected values of `loss` or +-inf, got NaN")
+  finite = np.isfinite(threshold)
+  # Exact membership is what makes the runtime's float compare agree with the
+  # solver's decisions: anything else is a corrupt or foreign table.
+  foreign = finite & ~np.isin(threshold, loss)
+  if np.any(foreign):
+    ramp, b = np.argwhere(foreign)[0]
+    _bad(path, f"threshold: expected values of `loss` or +-inf, got "
+               f"threshold[{ramp}, {b}] = {float(threshold[ramp, b])!r}, not in `loss`")
+  if not np.all(threshold[-1] == np.inf):
+    _bad(path, f"threshold: expected +inf at the last ramp (it always stops), got "
+               f"{threshold[-1].tolist()}")
+  if not np.all(np.isfinite(cost)) or np.any(cost < 0):
+    _bad(path, f"cost: expected finite values >= 0, got {cost.tolist()}")
+  if not np.array_equal(cost, np.asarray(header["cost"], np.float64)):
+    _bad(path, f"cost: the array {cost.tolist()} differs from header.cost {header['cost']}")
+  return edges, loss.astype(dtype), threshold.astype(dtype), cost
+
+
+def check_calibration(header: dict, calibration, path="<memory>"):
+  """The `calibration` array of a `"class"` table as float64 (None for the
+  other signals), or a ValueError naming the problem."""
+  k = header["num_ramps"]
+  if not signals.REGISTRY[header["signal"]].needs_calibration:
+    if calibration is not None:
+      _bad(path, f"calibration: only a 'class' table has one, got one with "
+                 f"header.signal {header['signal']!r}")
+    return None
+  if calibration is None:
+    _bad(path, "calibration: a 'class' table needs its weights [K-1, 2C+3], got none")
+  a = np.asarray(calibration)
+  if (a.ndim != 2 or a.shape[0] != k - 1 or a.shape[1] < 3 or a.shape[1] % 2 != 1
+      or not np.issubdtype(a.dtype, np.floating)):
+    _bad(path, f"calibration: expected float weights of shape [K-1={k - 1}, 2C+3], got "
+               f"{_describe(a)}")
+  if not np.all(np.isfinite(a)):
+    _bad(path, "calibration: expected finite values, got NaN or inf")
+  return a.astype(np.float64)
+
+
+def read_policy_arrays(path):
+  """Reads a policy file without pickle; returns validated
+  `(header, edges, loss, threshold, cost, calibration)` (calibration: None
+  unless header.signal is "class").
+
+  Raises:
+    ValueError: for an unreadable or corrupt file, missing or unknown keys, an
+      unknown format version, or any header/array inconsistency.
+  """
+  path = os.fspath(path)
+  arrays = read_npz(path, "policy file")
+  keys = set(arrays)
+  if "header" not in keys:
+    _bad(path, f"missing key 'header' (not a jexit policy file?); keys: {sorted(keys)}")
+  raw = arrays["header"]
+  if raw.shape != () or raw.dtype.kind != "U":
+    _bad(path, f"header: expected a 0-d unicode array holding JSON, got {_describe(raw)}")
+  try:
+    header = json.loads(str(raw))
+  except (json.JSONDecodeError, RecursionError) as e:
+    _bad(path, f"header: not valid JSON ({type(e).__name__}: {e})")
+  # Version first: a newer layout may legitimately have other keys.
+  header = check_header(header, path)
+  needs = signals.REGISTRY[header["signal"]].needs_calibration
+  expected = ARRAY_KEYS + (("calibration",) if needs else ())
+  unknown = sorted(keys - set(expected))
+  missing = [key for key in expected if key not in keys]
+  if unknown:
+    _bad(path, f"unknown key(s) {unknown}; expected {list(expected)}")
+  if missing:
+    _bad(path, f"missing key(s) {missing}; expected {list(expected)}")
+  edges, loss, threshold, cost = check_arrays(
+      header, arrays["edges"], arrays["loss"], arrays["threshold"], arrays["cost"], path)
+  calibration = check_calibration(header, arrays.get("calibration"), path)
+  return header, edges, loss, threshold, cost, calibration
 
 
 def trace_sha256(traces: Traces) -> str:
@@ -78,23 +295,14 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
   Returns:
     `(header fields dict, edges [K, S+1], loss [K, S], threshold [K, S], cost [K])`.
   """
-  if not isinstance(policy, Policy):
-    raise ValueError(f"policy: expected jexit.Policy, got {type(policy).__name__}")
+  policy = check_policy(policy)
   if not isinstance(binning, Binning):
     raise ValueError(f"binning: expected jexit.Binning, got {type(binning).__name__}")
-  threshold = np.asarray(policy.threshold)
-  lam = np.asarray(policy.lam)
-  value = np.asarray(policy.value)
-  loss = np.asarray(policy.loss)
-  cost = np.asarray(policy.cost)
+  threshold, lam, value, loss, cost = (policy.threshold, policy.lam, policy.value,
+                                       policy.loss, policy.cost)
   edges = np.asarray(binning.edges)
-  for name, a in (("policy.threshold", threshold), ("policy.lam", lam),
-                  ("policy.value", value), ("policy.loss", loss), ("policy.cost", cost),
-                  ("binning.edges", edges)):
-    if a.dtype.kind not in "iuf":
-      raise ValueError(f"{name}: expected real numbers, got dtype {a.dtype}")
-  if not is_bool_like(policy.recall):
-    raise ValueError(f"policy.recall: expected a bool, got {policy.recall!r}")
+  if edges.dtype.kind not in "iuf":
+    raise ValueError(f"binning.edges: expected real numbers, got dtype {edges.dtype}")
   edges = edges.astype(np.float64)
   if threshold.ndim == 4:
     if model_index is None:
@@ -114,18 +322,7 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
     if model_index is not None:
       raise ValueError(f"model_index: the policy is not batched over models "
                        f"(threshold shape {threshold.shape}), got {model_index}")
-  else:
-    raise ValueError(f"policy.threshold: expected shape [L, K, S] or [M, L, K, S], "
-                     f"got {threshold.shape}")
   l_count, k, s = threshold.shape
-  if lam.shape != (l_count,) or value.shape != (l_count,):
-    raise ValueError(f"policy.lam/value: expected shape [L] = ({l_count},), got "
-                     f"{lam.shape} and {value.shape}")
-  if loss.shape != (k, s):
-    raise ValueError(f"policy.loss: expected shape [K, S] = ({k}, {s}) like the "
-                     f"threshold table, got {loss.shape}")
-  if cost.shape != (k,):
-    raise ValueError(f"policy.cost: expected shape [K] = ({k},), got {cost.shape}")
   if edges.shape != (k, s + 1):
     raise ValueError(f"binning.edges: expected shape [K, S+1] = ({k}, {s + 1}) to match "
                      f"the policy's K={k} ramps and S={s} bins, got {edges.shape}")
@@ -238,148 +435,8 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
   return header
 
 
-# ------------------------------------------------------------- the subcommand
-
-def add_export_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds `jexit export TRACE (--lam X | --max-loss Y) --out FILE`.
-
-  `subparsers` is what `ArgumentParser.add_subparsers()` returns; the parser
-  gets `func=run_export` as a default.
-  """
-  p = subparsers.add_parser(
-      "export", help="fit, solve and export one exit policy for deployment",
-      description="Fits the exit model, solves it and writes one policy table (.npz, "
-                  "format jexit-policy v1) that jexit.runtime.ExitTable and "
-                  "jexit.runtime_torch.EarlyExitRunner load. With --lam: jexit.fit's "
-                  "defaults on all of TRACE. With --max-loss: as `jexit budget`, the "
-                  "policy is chosen on a seeded fit split and its held-out metrics are "
-                  "printed; the exported model is the one fitted on the fit rows.")
-  p.add_argument("trace", help="trace .npz (conf, pred, cost[, label, signal])")
-  choose = p.add_mutually_exclusive_group(required=True)
-  choose.add_argument("--lam", type=float,
-                      help="the cost weight lam to solve for")
-  choose.add_argument("--max-loss", type=float, dest="max_loss",
-                      help="agreement-loss budget (e.g. 0.01): export the policy with "
-                           "the most speedup on the fit rows whose agreement loss there "
-                           "is at most this (jexit.frontiers.DEFAULT_FIT candidates)")
-  p.add_argument("--metric", choices=("agreement", "accuracy"), default="agreement",
-                 help="what --max-loss limits: agreement with the final ramp (default) or "
-                      "accuracy against the labels relative to the backbone, as `jexit "
-                      "budget --metric`; accuracy fits the loss to the labels")
-  p.add_argument("--out", required=True, help="policy file to write")
-  p.add_argument("--no-recall", action="store_true", dest="no_recall",
-                 help="solve the no-recall policy (output = the stopping ramp)")
-  p.add_argument("--method", choices=("best", "solver"), default=None,
-                 help="with --max-loss: 'best' (default) exports whichever of the solved "
-                      "policy with and without recall, Apparate's greedy per-ramp "
-                      "thresholds and the global threshold has the most speedup on the fit "
-                      "rows, as `jexit budget` reports it (thresholds become a 2-bin table; "
-                      "experiments/UNION.md measured the rule); 'solver' exports the solved "
-                      "policy (with --lam, always)")
-  p.add_argument("--paper", action="store_true",
-                 help="the paper's model: uniform 0.08 bins, loss = 1 - conf")
-  p.add_argument("--seed", type=int, default=0, help="seed of the fit split (--max-loss)")
-  p.add_argument("--block", type=int, default=1,
-                 help="split rows in blocks of this many related rows (--max-loss)")
-  p.add_argument("--grid", type=int, default=1000,
-                 help="lam values per candidate model tried by --max-loss (default 1000)")
-  p.add_argument("--signal", choices=("auto",) + signals.NAMES,
-                 default=None,
-                 help="exit signal of the model: 1-conf, stability (1 - conf, plus 1 where "
-                      "the prediction changed since the previous ramp), class (a "
-                      "per-class calibration of 1 - conf, shipped in the table), the "
-                      "trace's signal, or auto (chosen on the fit rows by inner cross-fitting, as "
-                      "`jexit budget`; --max-loss only). Default: auto with --max-loss, "
-                      "else 1-conf (the trace's signal if it has one)")
-  from jexit.cli import signal_range_arg  # pylint: disable=import-outside-toplevel
-  p.add_argument("--signal-range", type=signal_range_arg, dest="signal_range", default=None,
-                 help="LO,HI: the whole range of the trace's own signal, the outer bin edges "
-                      "(default: the fit rows' range; e.g. 0,1 for a margin, so the runtime "
-                      "serves held-out values beyond it)")
-  p.set_defaults(func=run_export)
-  return p
-
-
-def run_export(args) -> int:
-  """Runs `jexit export` from parsed `args`; prints one summary line."""
-  # The solver side needs JAX; keep it off this module's import.
-  from jexit.fit import fit  # pylint: disable=import-outside-toplevel
-  from jexit import frontiers  # pylint: disable=import-outside-toplevel
-  from jexit.baselines import threshold_policy  # pylint: disable=import-outside-toplevel
-  from jexit.solver import solve  # pylint: disable=import-outside-toplevel
-  from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
-
-  traces = load_traces(args.trace)
-  recall = not args.no_recall
-  options = dict(frontiers.PAPER_FIT) if args.paper else {}
-  signal = args.signal or ("auto" if args.max_loss is not None else None)
-  if signal == "auto" and args.lam is not None:
-    raise ValueError("--signal auto chooses on a fit split; it needs --max-loss")
-  if signal not in (None, "auto"):
-    options["signal"] = signal
-  if args.signal_range is not None:
-    options["signal_range"] = args.signal_range
-  if args.metric == "accuracy":
-    if args.lam is not None:
-      raise ValueError("--metric accuracy chooses on a fit split; it needs --max-loss")
-    if traces.label is None:
-      raise ValueError("--metric accuracy: the trace has no 'label' array")
-  if args.method == "best" and args.lam is not None:
-    raise ValueError("--method best chooses on a fit split; it needs --max-loss")
-  best = args.method in ("best", None) and args.lam is None
-  if args.lam is not None:
-    if not (np.isfinite(args.lam) and args.lam >= 0):
-      raise ValueError(f"--lam: expected a finite value >= 0, got {args.lam}")
-    if signals.get(options.get("signal") or "1-conf").needs_calibration:
-      options["class_block"] = args.block  # its inner folds keep related rows together
-    model, binning = fit(traces, **options)
-    policy = solve(model, np.array([args.lam]), recall=recall)
-    lam_index, note = 0, " (fitted on all of TRACE)"
-  else:
-    low = 0 if args.metric == "agreement" else -1
-    if not (np.isfinite(args.max_loss) and low <= args.max_loss <= 1):
-      raise ValueError(f"--max-loss: expected an {args.metric}-loss budget in [{low}, 1], "
-                       f"got {args.max_loss}")
-    method = "recall" if recall else "norecall"
-    # As `jexit budget`: the exit signal (auto) and, for accuracy, the loss
-    # target are chosen on the fit rows by inner cross-fitting.
-    families = frontiers.model_families(traces, options, signal=signal, metric=args.metric)
-    if len(families) > 1:
-      chosen, _ = frontiers.choose_family(traces, args.max_loss, families, seed=args.seed,
-                                          block=args.block, fit_options=options,
-                                          num_lambdas=args.grid, metric=args.metric)
-      options.update(families[chosen if chosen is not None else next(iter(families))])
-    # best: every deployable method (`jexit budget`'s pool), less recall with --no-recall.
-    rivals = tuple(m for m in frontiers.DEPLOYABLE
-                   if m != method and (recall or m != "recall")) if best else ()
-    fr = frontiers.frontier(traces, methods=(method,) + rivals, seed=args.seed,
-                            block=args.block, num_lambdas=args.grid, fit_options=options,
-                            apparate_budgets=((args.max_loss,) if args.metric == "agreement"
-                                              else frontiers.APPARATE_BUDGETS),
-                            metric=args.metric)
-    if rivals:  # the deployable method with the most fit speedup, as `jexit budget`
-      best = frontiers.best_method(frontiers.choose(fr, args.max_loss, args.metric))
-      method = best or method
-    fit_ev, test_ev = fr.splits[0][method]
-    score = args.metric
-    ref = fr.backbone_fit_accuracy[0] if score == "accuracy" else 1.0
-    i = frontiers.choose_index(fit_ev, args.max_loss, metric=score, reference=ref)
-    if i is None:
-      raise ValueError(f"--max-loss: no policy reaches {score} >= {ref - args.max_loss:.4g} "
-                       f"on the fit rows; the best is "
-                       f"{float(np.max(getattr(fit_ev, score))):.4g}")
-    if method in ("recall", "norecall"):
-      policy, lam_index, model, binning = frontiers.candidate_policy(fr, method, i)
-    else:  # per-ramp confidence thresholds as a table
-      param = frontiers._param_value(fr, method, 0, i)  # pylint: disable=protected-access
-      thresholds = param + [0.0] if isinstance(param, list) else param
-      policy, binning = threshold_policy(thresholds, traces.cost)
-      lam_index, model = 0, None
-    note = (f"; {method}" + (" (best on the fit rows)" if rivals else "") + f", chosen on {fr.split['fit_rows']} fit rows ({score} "
-            f"{float(getattr(fit_ev, score)[i]):.4f}, speedup {float(fit_ev.speedup[i]):.2f}x), "
-            f"held-out {fr.split['test_rows']} rows: {score} "
-            f"{float(getattr(test_ev, score)[i]):.4f}, speedup {float(test_ev.speedup[i]):.2f}x")
-  header = export_policy(args.out, policy, binning, model, lam_index, traces=traces)
-  print(f"wrote {args.out}: K={header['num_ramps']} S={header['num_bins']} "
-        f"lam={header['lam']:.6g} recall={header['recall']} signal={header['signal']}{note}")
-  return 0
+def load_policy_file(path, **options):
+  """Reads and validates a policy file into a `jexit.runtime.ExitTable`
+  (no pickle, no JAX); `options` as in `ExitTable`."""
+  from jexit.runtime import ExitTable  # pylint: disable=import-outside-toplevel
+  return ExitTable.load(path, **options)

@@ -1,10 +1,7 @@
 """Fits the discrete Markov exit model (PROBLEM.md) from traces."""
 
 import collections
-import functools
 import hashlib
-import math
-from statistics import NormalDist
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -15,7 +12,6 @@ from jexit.traces import check_traces, fold_rows, own_signal, signal_values
 from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
 
 PAPER_STEP = 0.08
-PARAMETRIC_STEPS = 1000  # Adam steps of the parametric transition fit
 # More bins than this is a typo, not a model: trans alone is [K-1, S, S].
 MAX_BINS = 10_000
 
@@ -123,16 +119,6 @@ def _log_signal(v: np.ndarray) -> np.ndarray:
   # Confident inputs sit at v ~ 1e-4..1e-2: logs spread them out; the floor
   # keeps a conf of exactly 1 finite.
   return np.log(np.maximum(v, 1e-7))
-
-
-def _smooth_counts(counts: np.ndarray, width: float) -> np.ndarray:
-  """Counts `[S, S]` blurred with a Gaussian kernel of `width` bins on both axes."""
-  if width <= 0:
-    return counts
-  idx = np.arange(counts.shape[0])
-  kernel = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / width) ** 2)
-  kernel /= kernel.sum(axis=1, keepdims=True)
-  return kernel @ counts @ kernel.T
 
 
 SIGNAL_RANGES = {s.name: s.range for s in signals.REGISTRY.values() if s.range is not None}
@@ -302,198 +288,54 @@ def _signal_range(signal_range, signal_name, values, has_own_signal):
   return lo, hi
 
 
-def fit(traces: Traces,
-        *,
-        rows: Optional[Sequence[int]] = None,
-        bins: Union[str, np.ndarray] = "quantile",
-        step: float = PAPER_STEP,
-        num_bins: int = 32,
-        quantile_power: float = 1.0,
-        loss: str = "logistic",
-        target: str = "agreement",
-        smoothing: float = 1.0,
-        prior: str = "uniform",
-        kernel: float = 0.0,
-        loss_smoothing: float = 1.0,
-        signal: Optional[str] = None,
-        signal_range: Optional[Tuple[float, float]] = None,
-        class_block: int = 1,
-        history: Optional[float] = None,
-        trans_model: str = "counts",
-        trans_strength: Optional[float] = None) -> Tuple[ExitModel, Binning]:
-  """Fits an `ExitModel` and its `Binning` on (a fit split of) `traces`.
-
-  The defaults (32 per-ramp quantile bins, logistic-calibrated disagreement
-  as the loss) won the held-out comparison of experiments/QUALITY.md; the
-  paper's setting is `bins="uniform", loss="proxy"`.
-
-  Args:
-    traces: the traces; validated here.
-    rows: indices of the fit rows (default: all).
-    signal: the exit signal to bin: `"1-conf"`, `"stability"` (`1 - conf`
-      plus 1 where the prediction changed since the previous ramp: what
-      patience/PABEE uses, folded into one signal; the runtime computes it
-      from conf and pred), `"class"` (1 minus a logistic estimate, fitted on
-      these rows, that the ramp agrees with the final one given its
-      confidence, its predicted class and whether it agrees with the previous
-      ramp; `fit_class_calibration`, `jexit.runtime.class_signal`; the model
-      is fitted on cross-fitted scores, `cross_fitted_class_signal`, and the
-      weights travel in `binning.calibration`) or `"signal"`
-      (`traces.signal`). Default: `"signal"` if the traces have one, else
-      `"1-conf"`.
-    signal_range: `(lo, hi)`, the whole range of the traces' own signal
-      (`signal="signal"`): the outer bin edges, outside which the runtimes
-      refuse a value by default. Default: the fit rows' min and max; pass the
-      signal's range (e.g. `(0, 1)` for a margin) so that held-out values
-      beyond the fit rows' are served. The ranges of `"1-conf"`, [0, 1], and
-      `"stability"`, [0, 2], and `"class"`, [0, 1], are fixed; `signal_range`
-      does not apply to them, and is an error on traces without a signal of
-      their own.
-    class_block: with `"class"`, the inner folds keep blocks of this many
-      consecutive rows whole (related rows, e.g. augmented copies of one
-      image, must not score each other).
-    bins: `"quantile"` (per-ramp quantiles of the fit rows' signal, `num_bins`
-      bins), `"uniform"` (width `step` on [0, 1], the paper's 0.08) or an
-      array of edges `[S+1]` (all ramps) or `[K, S+1]`.
-    step: bin width for `"uniform"`.
-    num_bins: S for `"quantile"`.
-    quantile_power: p for `"quantile"`: inner edge i at the quantile level
-      `(i / S) ** p` of the ramp's fit rows (`quantile_edges`). 1 (the
-      default): bins of equal counts; p > 1: finer bins among the most
-      confident inputs, where the stop thresholds of tight loss budgets sit
-      (about `(i / S) ** p` of the fit rows fall below edge i); p < 1: finer
-      among the least confident. Measured in experiments/QUALITY.md (not a
-      default).
-    loss: `"proxy"`: `l_k(s)` = mean signal of the fit rows in bin s at ramp k
-      (the bin's midpoint when empty), the paper's `1 - softmax`;
-      `"calibrated"`: smoothed rate at which ramp k's prediction is wrong
-      (against the final ramp or the label, see `target`) in bin s, made
-      nondecreasing in s by isotonic regression; `"logistic"`: the same
-      rate from a per-ramp logistic regression on `log(signal)`, averaged over
-      the fit rows in each bin.
-    target: `"agreement"` (wrong = differs from the final ramp) or `"label"`.
-    smoothing: additive (Dirichlet) pseudo-count per cell of `init` and of
-      each row of `trans` (S * smoothing per row in all), so no row is empty.
-    prior: where the transition pseudo-counts go: `"uniform"` (the same in
-      every cell) or `"marginal"` (in proportion to the next ramp's bin law).
-    kernel: width in bins of a Gaussian blur of the transition counts (0: none);
-      neighbouring bins share their rows' evidence.
-    loss_smoothing: pseudo-count pulling each calibrated bin towards the
-      ramp's overall error rate.
-    history: None (the default): the Markov `trans [K-1, S, S]`. A number
-      alpha >= 0: the state-conditioned `trans [K-1, X, S, S]` (recall only),
-      where x is the recall state after ramp k, the index in the solver's grid
-      X (the sorted distinct values of `loss` in `solver.working_dtype()`) of
-      `min_{j <= k} loss[j, bin_j]`. From the counts `n[k, x, a, b]` of the fit
-      rows, each row is shrunk towards the Markov row (smoothed as above) with
-      alpha pseudo-rows:
-
-        trans[k, x, a, :] = (n[k, x, a, :] + alpha * markov[k, a, :])
-                            / (sum_b n[k, x, a, b] + alpha)
-
-      alpha -> inf gives the Markov model; alpha = 0 gives the empirical
-      conditional frequencies (the Markov row where `(k, x, a)` has no data).
-      Solve it in the same x64 mode it was fitted in (X depends on the dtype).
-      The stop sets of a conditioned model need not be down-sets in x; the
-      solver's threshold table then keeps the stop prefix (conservative).
-      Measured in experiments/QUALITY.md (not a default).
-    trans_model: `"counts"` (the default): each row of `trans` is the fit
-      rows' transition counts, smoothed as above. `"parametric"`: a
-      heteroscedastic ordered-probit model, 2 + (S - 1) parameters per ramp
-      transition, fitted by maximum likelihood (Adam, `optax`) to the counts
-      `n[k, a, b]`. Bin a of ramp k sits at `z_a = Phi^{-1}(q_a)`, `q_a` the
-      mid quantile of bin a among the fit rows at ramp k (half a pseudo-count
-      per bin keeps `q_a` in (0, 1)); ramp k+1's latent value is
-      `N(beta_k * z_a, exp(delta_k * z_a)^2)` and bin b of ramp k+1 is the
-      interval `(t_k[b-1], t_k[b]]` of the latent axis, with cut points
-      `t_k [S-1]` fitted too and the outer bins open-ended:
-
-        param[k, a, b] = Phi((t_k[b] - beta_k z_a) / exp(delta_k z_a))
-                         - Phi((t_k[b-1] - beta_k z_a) / exp(delta_k z_a))
-
-      (the location and scale of ramp k+1's axis are the cut points'). Rows
-      with few counts borrow the shape of their neighbours' rows.
-    trans_strength: with `"parametric"`, how many pseudo-rows of the
-      parametric row are added to each row's smoothed counts `c[k, a, :]`
-      (the counts model's numerator):
-
-        trans[k, a, :] = (c[k, a, :] + strength * param[k, a, :])
-                         / (sum_b c[k, a, b] + strength)
-
-      None (or inf): the parametric rows alone; 0: the counts model exactly.
-      Measured in experiments/QUALITY.md (not a default).
-
-  Returns:
-    `(model, binning)`: `model.init [S]`, `trans [K-1, S, S]` (or
-    `[K-1, X, S, S]` with `history`), `loss [K, S]`, `cost [K]`;
-    `binning.edges [K, S+1]`.
-
-  Examples:
-    >>> import numpy as np, jexit
-    >>> rng = np.random.default_rng(0)
-    >>> conf = rng.uniform(size=(100, 3))
-    >>> t = jexit.Traces(conf, rng.integers(0, 3, (100, 3)), None, np.ones(3))
-    >>> model, binning = jexit.fit(t)
-    >>> model.trans.shape, binning.edges.shape
-    ((2, 32, 32), (3, 33))
-    >>> paper, _ = jexit.fit(t, bins="uniform", loss="proxy")  # 0.08 bins
-    >>> paper.trans.shape
-    (2, 13, 13)
-    >>> conditioned, _ = jexit.fit(t, history=32.0)  # trans [K-1, X, S, S]
-    >>> conditioned.trans.shape[::2]
-    (2, 32)
-    >>> probit, _ = jexit.fit(t, trans_model="parametric", trans_strength=16.0)
-    >>> bool(np.allclose(probit.trans.sum(-1), 1.0))
-    True
-  """
+def fit_rows(traces: Traces, rows: Optional[Sequence[int]] = None) -> Traces:
+  """The checked traces of the fit rows `rows` (indices or a boolean mask; None: all)."""
   traces = check_traces(traces)
-  n, k = traces.conf.shape
-  if rows is not None:
-    rows = np.asarray(rows)
-    if rows.ndim != 1 or rows.size == 0:
-      raise ValueError(f"rows: expected a non-empty 1-D index array, got shape {rows.shape}")
-    if np.issubdtype(rows.dtype, np.bool_):
-      if rows.shape != (n,):
-        raise ValueError(f"rows: a boolean mask must have shape ({n},), got {rows.shape}")
-      if not rows.any():
-        raise ValueError(f"rows: expected a boolean mask selecting at least one of the "
-                         f"{n} inputs, got none selected")
-    elif not np.issubdtype(rows.dtype, np.integer) or rows.min() < -n or rows.max() >= n:
-      raise ValueError(f"rows: expected integer indices in [0, {n}), got {rows.dtype} "
-                       f"in [{rows.min()}, {rows.max()}]")
-    traces = traces.take(rows)
-  _check_nonnegative("smoothing", smoothing, "value")
-  _check_nonnegative("kernel", kernel, "width")
-  if prior not in ("uniform", "marginal"):
-    raise ValueError(f"prior: expected 'uniform' or 'marginal', got {prior!r}")
-  _check_nonnegative("loss_smoothing", loss_smoothing, "value")
-  if history is not None and (not is_real_scalar(history) or not np.isfinite(history)
-                              or history < 0):
-    raise ValueError(f"history: expected None or a finite shrinkage strength alpha >= 0 "
-                     f"(pseudo-rows), got {history!r}")
-  if trans_model not in ("counts", "parametric"):
-    raise ValueError(f"trans_model: expected 'counts' or 'parametric', got {trans_model!r}")
-  if trans_strength is not None:
-    if trans_model != "parametric":
-      raise ValueError(f"trans_strength: expected None with trans_model={trans_model!r} "
-                       f"(it weighs the parametric rows), got {trans_strength!r}")
-    if not is_real_scalar(trans_strength) or np.isnan(trans_strength) or trans_strength < 0:
-      raise ValueError(f"trans_strength: expected None or a number of pseudo-rows >= 0 "
-                       f"(inf allowed), got {trans_strength!r}")
+  n = traces.num_inputs
+  if rows is None:
+    return traces
+  rows = np.asarray(rows)
+  if rows.ndim != 1 or rows.size == 0:
+    raise ValueError(f"rows: expected a non-empty 1-D index array, got shape {rows.shape}")
+  if np.issubdtype(rows.dtype, np.bool_):
+    if rows.shape != (n,):
+      raise ValueError(f"rows: a boolean mask must have shape ({n},), got {rows.shape}")
+    if not rows.any():
+      raise ValueError(f"rows: expected a boolean mask selecting at least one of the "
+                       f"{n} inputs, got none selected")
+  elif not np.issubdtype(rows.dtype, np.integer) or rows.min() < -n or rows.max() >= n:
+    raise ValueError(f"rows: expected integer indices in [0, {n}), got {rows.dtype} "
+                     f"in [{rows.min()}, {rows.max()}]")
+  return traces.take(rows)
+
+
+def fit_signal(traces: Traces, signal: Optional[str] = None, class_block: int = 1):
+  """`(name, values [N, K], calibration)`: the exit signal the model bins, its
+  values on the (fit) rows of checked `traces` as the model sees them, and the
+  class signal's weights (None for the others).
+
+  The class signal's values are cross-fitted (`cross_fitted_class_signal`):
+  each row is scored by weights fitted without it.
+  """
+  name = signal or own_signal(traces)
+  if signals.get(name).needs_calibration:
+    if not (is_int_scalar(class_block) and class_block >= 1):
+      raise ValueError(f"class_block: expected an integer >= 1, got {class_block!r}")
+    calibration, values = class_scores(traces, int(class_block))
+    return name, values, calibration
+  return name, signal_values(traces, name), None
+
+
+def fit_edges(values: np.ndarray, span, *, bins: Union[str, np.ndarray] = "quantile",
+              step: float = PAPER_STEP, num_bins: int = 32,
+              quantile_power: float = 1.0) -> np.ndarray:
+  """`[K, S+1]` bin edges of the fit rows' signal `values [N, K]`; `span`
+  `(lo, hi)` are the outer edges, or None for the rows' range. See `fit`."""
+  k = values.shape[1]
   _check_power(quantile_power)
   if quantile_power != 1 and not (isinstance(bins, str) and bins == "quantile"):
     raise ValueError(f"quantile_power: expected 1 with bins other than 'quantile' (it places "
                      f"quantile edges), got {quantile_power!r}")
-  signal_name = signal or own_signal(traces)
-  calibration = None
-  if signals.get(signal_name).needs_calibration:
-    if not (is_int_scalar(class_block) and class_block >= 1):
-      raise ValueError(f"class_block: expected an integer >= 1, got {class_block!r}")
-    calibration, values = class_scores(traces, int(class_block))
-  else:
-    values = signal_values(traces, signal_name)
-  span = _signal_range(signal_range, signal_name, values, traces.signal is not None)
-
   if isinstance(bins, str):
     if bins == "uniform":
       if span is None:
@@ -516,42 +358,35 @@ def fit(traces: Traces,
       raise ValueError(f"bins: expected edges of shape [S+1] or [K={k}, S+1], got {edges.shape}")
     if not np.all(np.isfinite(edges)) or np.any(np.diff(edges, axis=1) <= 0):
       raise ValueError("bins: expected finite, strictly increasing edges per ramp")
-  binning = Binning(edges=edges, signal=signal_name, calibration=calibration)
-  s_count = binning.num_bins
-  b = binning.assign(values)  # [N, K]
+  return edges
 
-  init_counts = np.bincount(b[:, 0], minlength=s_count) + smoothing
-  if init_counts.sum() <= 0:
-    raise ValueError("smoothing: 0 leaves the initial law undefined")
-  init = init_counts / init_counts.sum()
 
-  trans = np.empty((max(k - 1, 0), s_count, s_count))
-  strength = math.inf if trans_strength is None else float(trans_strength)
-  if trans_model == "parametric" and k > 1 and strength > 0:
-    param, _ = _parametric_trans(b, s_count)
+def transition_counts(b: np.ndarray, num_bins: int) -> np.ndarray:
+  """`[K-1, S, S]` counts of the fit rows' moves from bin a at ramp k to bin b
+  at ramp k+1, from their bins `b [N, K]`."""
+  k = b.shape[1]
+  counts = np.zeros((max(k - 1, 0), num_bins, num_bins))
   for r in range(k - 1):
-    counts = np.zeros((s_count, s_count))
-    np.add.at(counts, (b[:, r], b[:, r + 1]), 1.0)
-    counts = _smooth_counts(counts, kernel)
-    if prior == "uniform":
-      counts += smoothing
-    else:
-      # Shrink each row towards the next ramp's marginal law (itself smoothed so
-      # that no cell is zero): sparse rows borrow the typical next bin, not a
-      # uniform one that would put mass on bins the data never visits.
-      marginal = np.bincount(b[:, r + 1], minlength=s_count) + 1.0 / s_count
-      counts += smoothing * s_count * marginal / marginal.sum()
-    if trans_model == "parametric" and strength > 0:
-      if math.isinf(strength):
-        trans[r] = param[r]
-        continue
-      counts = counts + strength * param[r]
-    row = counts.sum(axis=1, keepdims=True)
-    # A row with no data and no smoothing: stay in the same bin (documented).
-    empty = row[:, 0] == 0
-    counts[empty] = np.eye(s_count)[empty]
-    trans[r] = counts / counts.sum(axis=1, keepdims=True)
+    np.add.at(counts[r], (b[:, r], b[:, r + 1]), 1.0)
+  return counts
 
+
+def row_laws(counts: np.ndarray) -> np.ndarray:
+  """Counts `[..., S, S]` as row-stochastic laws; a row with no counts stays in
+  its own bin (only possible without smoothing)."""
+  counts = np.array(counts, np.float64)
+  s_count = counts.shape[-1]
+  empty = counts.sum(-1) == 0
+  counts[empty] = np.broadcast_to(np.eye(s_count), counts.shape)[empty]
+  return counts / counts.sum(-1, keepdims=True)
+
+
+def loss_table(traces: Traces, values: np.ndarray, b: np.ndarray, edges: np.ndarray, *,
+               loss: str = "logistic", target: str = "agreement",
+               loss_smoothing: float = 1.0) -> np.ndarray:
+  """`[K, S]` losses `l_k(s)` of the fit rows (checked `traces`, their signal
+  `values [N, K]`, bins `b [N, K]` and `edges [K, S+1]`). See `fit`."""
+  k, s_count = edges.shape[0], edges.shape[1] - 1
   if loss == "proxy":
     table = np.empty((k, s_count))
     for r in range(k):
@@ -590,128 +425,113 @@ def fit(traces: Traces,
       table[-1] = 0.0
   else:
     raise ValueError(f"loss: expected 'proxy', 'calibrated' or 'logistic', got {loss!r}")
-  if history is not None:
-    trans = _conditioned_trans(b, table, trans, float(history))
-  model = ExitModel(init=init, trans=trans, loss=table, cost=traces.cost.copy())
-  return model, binning
+  return table
 
 
-def _conditioned_trans(b: np.ndarray, loss: np.ndarray, markov: np.ndarray,
-                       alpha: float) -> np.ndarray:
-  """`[K-1, X, S, S]` transitions given the recall state, shrunk to `markov`.
+def fit(traces: Traces,
+        *,
+        rows: Optional[Sequence[int]] = None,
+        bins: Union[str, np.ndarray] = "quantile",
+        step: float = PAPER_STEP,
+        num_bins: int = 32,
+        loss: str = "logistic",
+        target: str = "agreement",
+        smoothing: float = 1.0,
+        loss_smoothing: float = 1.0,
+        signal: Optional[str] = None,
+        signal_range: Optional[Tuple[float, float]] = None,
+        class_block: int = 1) -> Tuple[ExitModel, Binning]:
+  """Fits an `ExitModel` and its `Binning` on (a fit split of) `traces`.
+
+  The defaults (32 per-ramp quantile bins, logistic-calibrated disagreement
+  as the loss) won the held-out comparison of experiments/reports/QUALITY.md;
+  the paper's setting is `bins="uniform", loss="proxy"`. Options that were
+  measured not to help (state-conditioned transitions, parametric
+  transitions, finer quantile bins at one end, transition priors and kernels)
+  are `jexit.contrib.fit`'s.
 
   Args:
-    b: `[N, K]` bins of the fit rows. loss: `[K, S]` the model's loss table.
-    markov: `[K-1, S, S]` the Markov rows to shrink towards. alpha: pseudo-rows.
+    traces: the traces; validated here.
+    rows: indices of the fit rows (default: all).
+    signal: the exit signal to bin (`jexit.signals.NAMES`): `"1-conf"`,
+      `"stability"` (`1 - conf` plus 1 where the prediction changed since the
+      previous ramp: what patience/PABEE uses, folded into one signal),
+      `"class"` (1 minus a logistic estimate, fitted on these rows, that the
+      ramp agrees with the final one given its confidence, its predicted class
+      and whether it agrees with the previous ramp; `fit_class_calibration`;
+      the model is fitted on cross-fitted scores, `cross_fitted_class_signal`,
+      and the weights travel in `binning.calibration`) or `"signal"`
+      (`traces.signal`). Default: `"signal"` if the traces have one, else
+      `"1-conf"`.
+    signal_range: `(lo, hi)`, the whole range of the traces' own signal
+      (`signal="signal"`): the outer bin edges, outside which the runtimes
+      refuse a value by default. Default: the fit rows' min and max; pass the
+      signal's range (e.g. `(0, 1)` for a margin) so that held-out values
+      beyond the fit rows' are served. The other signals' ranges are fixed
+      (`jexit.signals.REGISTRY`); `signal_range` does not apply to them, and
+      is an error on traces without a signal of their own.
+    class_block: with `"class"`, the inner folds keep blocks of this many
+      consecutive rows whole (related rows, e.g. augmented copies of one
+      image, must not score each other).
+    bins: `"quantile"` (per-ramp quantiles of the fit rows' signal, `num_bins`
+      bins of equal counts), `"uniform"` (width `step` on [0, 1], the paper's
+      0.08) or an array of edges `[S+1]` (all ramps) or `[K, S+1]`.
+    step: bin width for `"uniform"`.
+    num_bins: S for `"quantile"`.
+    loss: `"proxy"`: `l_k(s)` = mean signal of the fit rows in bin s at ramp k
+      (the bin's midpoint when empty), the paper's `1 - softmax`;
+      `"calibrated"`: smoothed rate at which ramp k's prediction is wrong
+      (against the final ramp or the label, see `target`) in bin s, made
+      nondecreasing in s by isotonic regression; `"logistic"`: the same
+      rate from a per-ramp logistic regression on `log(signal)`, averaged over
+      the fit rows in each bin.
+    target: `"agreement"` (wrong = differs from the final ramp) or `"label"`.
+    smoothing: additive (Dirichlet) pseudo-count per cell of `init` and of
+      each row of `trans` (S * smoothing per row in all), so no row is empty.
+    loss_smoothing: pseudo-count pulling each calibrated bin towards the
+      ramp's overall error rate.
+
+  Returns:
+    `(model, binning)`: `model.init [S]`, `trans [K-1, S, S]`, `loss [K, S]`,
+    `cost [K]`; `binning.edges [K, S+1]`.
+
+  Examples:
+    >>> import numpy as np, jexit
+    >>> rng = np.random.default_rng(0)
+    >>> conf = rng.uniform(size=(100, 3))
+    >>> t = jexit.Traces(conf, rng.integers(0, 3, (100, 3)), None, np.ones(3))
+    >>> model, binning = jexit.fit(t)
+    >>> model.trans.shape, binning.edges.shape
+    ((2, 32, 32), (3, 33))
+    >>> paper, _ = jexit.fit(t, bins="uniform", loss="proxy")  # 0.08 bins
+    >>> paper.trans.shape
+    (2, 13, 13)
   """
-  # Imported here: `import jexit` (and the numpy runtime) must not need JAX.
-  from jexit.solver import working_dtype  # pylint: disable=import-outside-toplevel
-  # The grid exactly as solver._prepare builds it: distinct losses in the
-  # working dtype (float32 merges values that differ only in float64).
-  cast = loss.astype(working_dtype())
-  grid = np.unique(cast)
-  idx = np.searchsorted(grid, cast)  # [K, S]
-  n, k = b.shape
-  s_count = loss.shape[1]
-  # The grid is sorted, so the index of the best loss so far is the running
-  # min of the indices.
-  x = np.minimum.accumulate(idx[np.arange(k)[None, :], b], axis=1)  # [N, K]
-  counts = np.zeros((k - 1, len(grid), s_count, s_count))
-  ramp = np.broadcast_to(np.arange(k - 1)[None, :], (n, k - 1))
-  np.add.at(counts, (ramp, x[:, :-1], b[:, :-1], b[:, 1:]), 1.0)
-  prior = markov[:, None, :, :]
-  rows = counts.sum(-1, keepdims=True)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    shrunk = (counts + alpha * prior) / (rows + alpha)
-  # alpha = 0 and no data in (k, x, a): nothing to condition on, keep Markov.
-  return np.where(rows + alpha > 0, shrunk, np.broadcast_to(prior, shrunk.shape))
+  traces = fit_rows(traces, rows)
+  _check_nonnegative("smoothing", smoothing, "value")
+  _check_nonnegative("loss_smoothing", loss_smoothing, "value")
+  binning, values = fit_binning(traces, bins=bins, step=step, num_bins=num_bins,
+                                signal=signal, signal_range=signal_range,
+                                class_block=class_block)
+  s_count = binning.num_bins
+  b = binning.assign(values)  # [N, K]
+  init_counts = np.bincount(b[:, 0], minlength=s_count) + smoothing
+  if init_counts.sum() <= 0:
+    raise ValueError("smoothing: 0 leaves the initial law undefined")
+  init = init_counts / init_counts.sum()
+  trans = row_laws(transition_counts(b, s_count) + smoothing)
+  table = loss_table(traces, values, b, binning.edges, loss=loss, target=target,
+                     loss_smoothing=loss_smoothing)
+  return ExitModel(init=init, trans=trans, loss=table, cost=traces.cost.copy()), binning
 
 
-def _latent_axis(counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """Bins of one ramp on a standard normal axis, from their counts `[S]`.
-
-  Returns `(mid [S], cuts [S-1])`: `Phi^{-1}` of each bin's mid quantile and
-  of the quantiles between bins. Half a pseudo-count per bin keeps every
-  quantile inside (0, 1) and every bin a proper interval.
-  """
-  w = np.asarray(counts, np.float64) + 0.5
-  upper = np.cumsum(w) / w.sum()
-  lower = upper - w / w.sum()
-  inv = np.vectorize(NormalDist().inv_cdf, otypes=[np.float64])
-  return inv((lower + upper) / 2), inv(np.clip(upper[:-1], 1e-12, 1 - 1e-12))
-
-
-def _parametric_trans(b: np.ndarray, s_count: int,
-                      steps: int = PARAMETRIC_STEPS) -> Tuple[np.ndarray, dict]:
-  """`[K-1, S, S]` ordered-probit transitions fitted to the bins `b [N, K]`.
-
-  See `fit(trans_model="parametric")`. Returns `(trans, params)`, `params`
-  the fitted `beta [K-1]`, `delta [K-1]`, `cuts [K-1, S-1]` and the axes
-  `z [K-1, S]` they were fitted on.
-  """
-  n, k = b.shape
-  counts = np.zeros((k - 1, s_count, s_count))
-  ramp = np.broadcast_to(np.arange(k - 1)[None, :], (n, k - 1))
-  np.add.at(counts, (ramp, b[:, :-1], b[:, 1:]), 1.0)
-  if s_count == 1:
-    return np.ones((k - 1, 1, 1)), {}
-  axes = [_latent_axis(np.bincount(b[:, r], minlength=s_count)) for r in range(k)]
-  z = np.stack([axes[r][0] for r in range(k - 1)])  # [K-1, S] source ramps
-  cuts = np.stack([axes[r + 1][1] for r in range(k - 1)])  # [K-1, S-1] start
-  # Start at the independent model (beta = delta = 0: every row is the next
-  # ramp's marginal), cut points parametrised by the first one and softplus gaps.
-  gaps = np.maximum(np.diff(cuts, axis=1), 1e-6)
-  start = {"beta": np.zeros(k - 1), "delta": np.zeros(k - 1), "first": cuts[:, 0],
-           "gaps": np.log(np.expm1(gaps))}
-  fitted, probs = _probit_fitter(steps)(start, counts, z)
-  params = {name: np.asarray(v, np.float64) for name, v in fitted.items()}
-  params["cuts"] = params.pop("first")[:, None] + np.concatenate(
-      [np.zeros((k - 1, 1)), np.cumsum(np.logaddexp(0.0, params.pop("gaps")), axis=1)], axis=1)
-  params["z"] = z
-  trans = np.maximum(np.asarray(probs, np.float64), 0.0)
-  return trans / trans.sum(-1, keepdims=True), params
-
-
-@functools.lru_cache(maxsize=None)
-def _probit_fitter(steps: int):
-  """A jitted `(start, counts [T, S, S], z [T, S]) -> (params, probs [T, S, S])`."""
-  # Imported here: `import jexit` (and the numpy runtime) must not need JAX.
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  from jax.scipy.special import ndtr  # pylint: disable=import-outside-toplevel
-
-  def probs(p, z):  # one ramp transition: z [S] -> [S, S]
-    cuts = p["first"] + jnp.concatenate([jnp.zeros(1), jnp.cumsum(jax.nn.softplus(p["gaps"]))])
-    x = (cuts[None, :] - p["beta"] * z[:, None]) * jnp.exp(-p["delta"] * z)[:, None]
-    ones, zeros = jnp.ones_like(x[:, :1]), jnp.zeros_like(x[:, :1])
-    below = jnp.concatenate([zeros, ndtr(x), ones], axis=1)
-    above = jnp.concatenate([ones, ndtr(-x), zeros], axis=1)
-    # Difference of the smaller tail: 1 - Phi(x) for x > 0 cancels in float32.
-    lower = jnp.concatenate([-ones, x], axis=1)
-    return jnp.where(lower > 0, above[:, :-1] - above[:, 1:], below[:, 1:] - below[:, :-1])
-
-  def nll(p, counts, z):  # mean negative log-likelihood per row of one transition
-    logp = jnp.log(jnp.maximum(probs(p, z), 1e-30))
-    return -jnp.sum(jnp.where(counts > 0, counts * logp, 0.0)) / jnp.maximum(counts.sum(), 1.0)
-
-  total = lambda p, counts, z: jnp.sum(jax.vmap(nll)(p, counts, z))
-  # The transitions are independent: one summed loss, one Adam state; each
-  # parameter's gradient comes from its own transition only.
-  opt = optax.adam(optax.cosine_decay_schedule(0.05, steps, alpha=0.01))
-
-  @jax.jit
-  def run(start, counts, z):
-    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), start)
-    counts, z = jnp.asarray(counts, jnp.float32), jnp.asarray(z, jnp.float32)
-    grad = jax.grad(total)
-
-    def step(carry, _):
-      p, state = carry
-      updates, state = opt.update(grad(p, counts, z), state, p)
-      return (optax.apply_updates(p, updates), state), None
-
-    (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
-    return p, jax.vmap(probs)(p, z)
-
-  return run
+def fit_binning(traces: Traces, *, bins="quantile", step: float = PAPER_STEP,
+                num_bins: int = 32, signal: Optional[str] = None, signal_range=None,
+                class_block: int = 1, quantile_power: float = 1.0):
+  """`(Binning, values [N, K])`: the bins of the exit signal of the checked fit
+  rows `traces`, and the values they bin (cross-fitted for "class")."""
+  signal_name, values, calibration = fit_signal(traces, signal, class_block)
+  span = _signal_range(signal_range, signal_name, values, traces.signal is not None)
+  edges = fit_edges(values, span, bins=bins, step=step, num_bins=num_bins,
+                    quantile_power=quantile_power)
+  return Binning(edges=edges, signal=signal_name, calibration=calibration), values

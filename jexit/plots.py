@@ -9,6 +9,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from jexit.evaluation import Evaluation
+from jexit.solver import loss_grid
 from jexit.types import Binning, Policy
 
 _STYLE = {  # method -> (colour, marker, linestyle)
@@ -53,7 +54,7 @@ def if_stop_tables(policy: Policy, index: int) -> Tuple[np.ndarray, np.ndarray]:
   loss = np.asarray(policy.loss)
   if not policy.recall:
     return np.zeros(0), (loss <= thr).astype(np.float64)[:, None, :]
-  grid = np.unique(loss)
+  grid = loss_grid(loss, loss.dtype)[0]
   table = (grid[None, :, None] <= thr[:, None, :]).astype(np.float64)  # [K, X, S]
   reachable = grid[None, :, None] <= loss[:, None, :]
   reachable[0] = grid[:, None] == loss[0][None, :]
@@ -191,7 +192,8 @@ def plot_sweep(fr, path, *, max_loss: float = 0.01, trace: Optional[str] = None,
   Returns:
     The path written.
   """
-  from jexit.frontiers import candidate_policy, choose_index  # pylint: disable=import-outside-toplevel
+  from jexit.protocol import candidate_policy  # pylint: disable=import-outside-toplevel
+  from jexit.select import choose_index  # pylint: disable=import-outside-toplevel
   k = int(np.asarray(fr.model.cost).shape[0])
   has_policy = fr.policy is not None and "recall" in fr.test
   fig = _figure(figsize=(max(9.0, 3.2 * (k - 1)), 11.0 if has_policy else 8.0),

@@ -1,27 +1,11 @@
 """Serving-side runtime of an exported exit policy, in plain numpy.
 
-This module reads the policy file that `jexit.export.export_policy` writes and
-applies its decision rule; it never imports JAX (nor any other jexit module),
-so a server may vendor this one file.
-
-The policy file (format `jexit-policy`, version 1) is a `.npz` of plain
-arrays, read with `allow_pickle=False`:
-
-| key         | shape      | dtype             | meaning |
-|-------------|------------|-------------------|---------|
-| `header`    | `[]`       | unicode           | JSON object, see `HEADER_FIELDS` |
-| `edges`     | `[K, S+1]` | float64           | per-ramp bin edges of the exit signal |
-| `loss`      | `[K, S]`   | float32 / float64 | `l_k(s)`, the loss of outputting ramp k from bin s |
-| `threshold` | `[K, S]`   | same as `loss`    | stop thresholds: values of `loss` or +-inf |
-| `cost`      | `[K]`      | float64           | `c_k`, cost of segment k plus its head |
-| `calibration` | `[K-1, 2C+3]` | float64        | only for `"class"`: the weights of `class_signal` |
-
-Signals (`header.signal`): `"1-conf"`, `v = 1 - max softmax`; `"stability"`,
-`v = (1 - max softmax) + 1` if the ramp's prediction differs from the previous
-ramp's (`+ 0` at the first ramp; see `stability_signal`); `"class"`, one minus
-a per-class logistic estimate that the ramp agrees with the final one (`1 - max
-softmax` at the last ramp; see `class_signal`, weights in `calibration`);
-`"signal"`, a custom signal the caller computes.
+This module reads the policy file that `jexit.export.export_policy` writes
+(the format is documented there) and applies its decision rule. It imports
+numpy and jexit's numpy-only modules (`export`, `signals`, `npzio`, `types`),
+never JAX. The signal `v` of each ramp is `jexit.signals.REGISTRY[header.signal]`:
+computed from the ramp's max softmax and prediction, or, for `"signal"`, the
+caller's own.
 
 Decision rule at ramp k (0-based) once its signal `v` is known:
 
@@ -48,190 +32,20 @@ Input handling (never a silent wrong exit):
 """
 
 import bisect
-import json
 import os
-import re
-import zipfile
-import zlib
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from jexit import signals
-from jexit.signals import (CLASS_LOG_FLOOR, class_features, class_signal,  # noqa: F401
-                           class_signal_k, class_weights_ok, margin_signal, stability_signal)
+from jexit.export import (FORMAT_NAME, FORMAT_VERSION, HEADER_FIELDS, _describe,  # noqa: F401
+                          _real, check_arrays, check_calibration, check_header,
+                          read_policy_arrays)
+from jexit.signals import (class_features, class_signal, margin_signal,  # noqa: F401
+                           stability_signal)
 
-FORMAT_NAME = "jexit-policy"
-FORMAT_VERSION = 1
-ARRAY_KEYS = ("header", "edges", "loss", "threshold", "cost")
-SIGNALS = signals.NAMES
-# name -> (required, accepted Python types, meaning)
-HEADER_FIELDS = {
-    "format": (True, (str,), f"always {FORMAT_NAME!r}"),
-    "format_version": (True, (int,), "integer version of this layout"),
-    "jexit_version": (True, (str,), "version of jexit that wrote the file"),
-    "signal": (True, (str,), "the signal the edges bin: '1-conf', 'stability', 'class' or "
-                             "'signal'"),
-    "lam": (True, (int, float), "the cost weight lam the policy was solved for"),
-    "recall": (True, (bool,), "whether the output is the best ramp so far"),
-    "num_ramps": (True, (int,), "K"),
-    "num_bins": (True, (int,), "S"),
-    "cost": (True, (list,), "[K] segment costs, equal to the `cost` array"),
-    "dtype": (True, (str,), "dtype of `loss` and `threshold` (the comparison dtype)"),
-    "trace_sha256": (True, (str, type(None)), "sha256 of the fit trace, or null"),
-    "value": (False, (int, float, type(None)), "expected objective under the fitted model"),
-    "lam_index": (False, (int, type(None)), "index of lam in the solved grid"),
-    "model_index": (False, (int, type(None)), "index of the model in a solved batch"),
-}
 _NAN_MODES = ("error", "continue")
 _RANGE_MODES = ("error", "clip")
-
-
-def _bad(path, what):
-  raise ValueError(f"policy file {path}: {what}")
-
-
-def _describe(a):
-  return f"shape {tuple(np.shape(a))} dtype {np.asarray(a).dtype}"
-
-
-def _real(name, a) -> np.ndarray:
-  """`a` as a float64 array, or a ValueError naming `name` (text, complex, ...)."""
-  a = np.asarray(a)
-  if a.dtype.kind not in "biuf":
-    raise ValueError(f"{name}: expected real numbers, got {_describe(a)}")
-  return a.astype(np.float64, copy=False)
-
-
-def check_header(header, path="<memory>") -> dict:
-  """Validates a policy header (a dict parsed from JSON); returns it.
-
-  The format name and version are checked first, so a file written by a newer
-  jexit gets a message about the version rather than about its contents.
-  """
-  if not isinstance(header, dict):
-    _bad(path, f"header: expected a JSON object, got {type(header).__name__}")
-  if header.get("format") != FORMAT_NAME:
-    _bad(path, f"header.format: expected {FORMAT_NAME!r}, got {header.get('format')!r} "
-               f"(not a jexit policy file?)")
-  version = header.get("format_version")
-  if not isinstance(version, int) or isinstance(version, bool):
-    _bad(path, f"header.format_version: expected an integer, got {version!r}")
-  if version != FORMAT_VERSION:
-    _bad(path, f"header.format_version: this jexit reads format version "
-               f"{FORMAT_VERSION}, the file has version {version}"
-               + ("; upgrade jexit to read it" if version > FORMAT_VERSION else ""))
-  unknown = sorted(set(header) - set(HEADER_FIELDS))
-  if unknown:
-    _bad(path, f"header: unknown field(s) {unknown} for format version {FORMAT_VERSION}")
-  for name, (required, types, meaning) in HEADER_FIELDS.items():
-    if name not in header:
-      if required:
-        _bad(path, f"header.{name}: missing ({meaning})")
-      continue
-    value = header[name]
-    # bool is an int in Python: only accept it where bool is the type asked.
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-      _bad(path, f"header.{name}: expected {' or '.join(t.__name__ for t in types)} "
-                 f"({meaning}), got {value!r}")
-  if header["signal"] not in SIGNALS:
-    _bad(path, f"header.signal: expected one of {list(SIGNALS)}, got {header['signal']!r}")
-  try:
-    lam = float(header["lam"])
-  except OverflowError:  # a JSON integer beyond float range
-    lam = float("inf")
-  if not np.isfinite(lam) or lam < 0:
-    _bad(path, f"header.lam: expected a finite value >= 0, got {header['lam']!r}")
-  for name in ("num_ramps", "num_bins"):
-    if header[name] < 1:
-      _bad(path, f"header.{name}: expected an integer >= 1, got {header[name]}")
-  if header["dtype"] not in ("float32", "float64"):
-    _bad(path, f"header.dtype: expected 'float32' or 'float64', got {header['dtype']!r}")
-  digest = header["trace_sha256"]
-  if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
-    _bad(path, f"header.trace_sha256: expected 64 lowercase hex digits or null, got {digest!r}")
-  cost = header["cost"]
-  if (len(cost) != header["num_ramps"]
-      or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cost)):
-    _bad(path, f"header.cost: expected a list of {header['num_ramps']} numbers, got {cost!r}")
-  return header
-
-
-def check_arrays(header: dict, edges, loss, threshold, cost, path="<memory>"):
-  """Validates the policy arrays against a checked header.
-
-  Returns:
-    `(edges [K, S+1] float64, loss [K, S], threshold [K, S], cost [K] float64)`
-    with `loss` and `threshold` in `header["dtype"]`.
-  """
-  k, s = header["num_ramps"], header["num_bins"]
-  dtype = np.dtype(header["dtype"])
-  arrays = {"edges": edges, "loss": loss, "threshold": threshold, "cost": cost}
-  shapes = {"edges": (k, s + 1), "loss": (k, s), "threshold": (k, s), "cost": (k,)}
-  for name, a in arrays.items():
-    a = np.asarray(a)
-    if a.shape != shapes[name]:
-      _bad(path, f"{name}: expected shape {shapes[name]} (K={k} ramps, S={s} bins "
-                 f"from the header), got {_describe(a)}")
-    if not np.issubdtype(a.dtype, np.floating):
-      _bad(path, f"{name}: expected floating-point values, got {_describe(a)}")
-  for name in ("loss", "threshold"):
-    if np.asarray(arrays[name]).dtype != dtype:
-      _bad(path, f"{name}: expected dtype {dtype} (header.dtype), "
-                 f"got {np.asarray(arrays[name]).dtype}")
-  edges = np.asarray(edges, np.float64)
-  loss = np.asarray(loss)
-  threshold = np.asarray(threshold)
-  cost = np.asarray(cost, np.float64)
-  if not np.all(np.isfinite(edges)):
-    _bad(path, "edges: expected finite values, got NaN or inf")
-  steps = np.diff(edges, axis=1)
-  if np.any(steps <= 0):
-    ramp, i = np.argwhere(steps <= 0)[0]
-    _bad(path, f"edges: expected strictly increasing edges per ramp, got "
-               f"edges[{ramp}, {i}] = {edges[ramp, i]} >= edges[{ramp}, {i + 1}] = "
-               f"{edges[ramp, i + 1]}")
-  if not np.all(np.isfinite(loss)):
-    _bad(path, "loss: expected finite values, got NaN or inf")
-  if np.any(np.isnan(threshold)):
-    _bad(path, "threshold: expected values of `loss` or +-inf, got NaN")
-  finite = np.isfinite(threshold)
-  # Exact membership is what makes the runtime's float compare agree with the
-  # solver's decisions: anything else is a corrupt or foreign table.
-  foreign = finite & ~np.isin(threshold, loss)
-  if np.any(foreign):
-    ramp, b = np.argwhere(foreign)[0]
-    _bad(path, f"threshold: expected values of `loss` or +-inf, got "
-               f"threshold[{ramp}, {b}] = {float(threshold[ramp, b])!r}, not in `loss`")
-  if not np.all(threshold[-1] == np.inf):
-    _bad(path, f"threshold: expected +inf at the last ramp (it always stops), got "
-               f"{threshold[-1].tolist()}")
-  if not np.all(np.isfinite(cost)) or np.any(cost < 0):
-    _bad(path, f"cost: expected finite values >= 0, got {cost.tolist()}")
-  if not np.array_equal(cost, np.asarray(header["cost"], np.float64)):
-    _bad(path, f"cost: the array {cost.tolist()} differs from header.cost {header['cost']}")
-  return edges, loss.astype(dtype), threshold.astype(dtype), cost
-
-
-def check_calibration(header: dict, calibration, path="<memory>"):
-  """The `calibration` array of a `"class"` table as float64 (None for the
-  other signals), or a ValueError naming the problem."""
-  k = header["num_ramps"]
-  if not signals.REGISTRY[header["signal"]].needs_calibration:
-    if calibration is not None:
-      _bad(path, f"calibration: only a 'class' table has one, got one with "
-                 f"header.signal {header['signal']!r}")
-    return None
-  if calibration is None:
-    _bad(path, "calibration: a 'class' table needs its weights [K-1, 2C+3], got none")
-  a = np.asarray(calibration)
-  if (a.ndim != 2 or a.shape[0] != k - 1 or a.shape[1] < 3 or a.shape[1] % 2 != 1
-      or not np.issubdtype(a.dtype, np.floating)):
-    _bad(path, f"calibration: expected float weights of shape [K-1={k - 1}, 2C+3], got "
-               f"{_describe(a)}")
-  if not np.all(np.isfinite(a)):
-    _bad(path, "calibration: expected finite values, got NaN or inf")
-  return a.astype(np.float64)
 
 
 class ExitState(NamedTuple):
@@ -595,67 +409,6 @@ class ExitTable:
       if rows.size == 0:
         break
     return stop_ramp, output_ramp, pred[np.arange(n), output_ramp]
-
-
-def read_policy_arrays(path):
-  """Reads a policy file without pickle; returns validated
-  `(header, edges, loss, threshold, cost, calibration)` (calibration: None
-  unless header.signal is "class").
-
-  Raises:
-    ValueError: for an unreadable or corrupt file, missing or unknown keys, an
-      unknown format version, or any header/array inconsistency.
-  """
-  path = os.fspath(path)
-  try:
-    with open(path, "rb") as f:
-      magic = f.read(4)
-  except OSError as e:
-    _bad(path, f"could not read it ({e})")
-  if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUM")):
-    # np.load would try to unpickle anything else; say what it really is.
-    _bad(path, f"could not read it as a .npz archive: not a zip archive (first bytes "
-               f"{magic!r})")
-  try:
-    data = np.load(path, allow_pickle=False)
-  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-    _bad(path, f"could not read it as a .npz archive ({e})")
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    _bad(path, f"expected a .npz archive of named arrays, got a single "
-               f"{type(data).__name__}")
-  with data:
-    keys = set(data.files)
-
-    def read(key):
-      try:
-        return data[key]
-      except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        _bad(path, f"key '{key}' is corrupt or not a plain array ({e})")
-
-    if "header" not in keys:
-      _bad(path, f"missing key 'header' (not a jexit policy file?); keys: {sorted(keys)}")
-    raw = read("header")
-    if raw.shape != () or raw.dtype.kind != "U":
-      _bad(path, f"header: expected a 0-d unicode array holding JSON, got {_describe(raw)}")
-    try:
-      header = json.loads(str(raw))
-    except (json.JSONDecodeError, RecursionError) as e:
-      _bad(path, f"header: not valid JSON ({type(e).__name__}: {e})")
-    # Version first: a newer layout may legitimately have other keys.
-    header = check_header(header, path)
-    needs = signals.REGISTRY[header["signal"]].needs_calibration
-    expected = ARRAY_KEYS + (("calibration",) if needs else ())
-    unknown = sorted(keys - set(expected))
-    missing = [key for key in expected if key not in keys]
-    if unknown:
-      _bad(path, f"unknown key(s) {unknown}; expected {list(expected)}")
-    if missing:
-      _bad(path, f"missing key(s) {missing}; expected {list(expected)}")
-    arrays = {key: read(key) for key in expected[1:]}
-  edges, loss, threshold, cost = check_arrays(
-      header, arrays["edges"], arrays["loss"], arrays["threshold"], arrays["cost"], path)
-  calibration = check_calibration(header, arrays.get("calibration"), path)
-  return header, edges, loss, threshold, cost, calibration
 
 
 def load_policy_file(path, **options) -> ExitTable:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jexit.npzio import available_host_bytes
 from jexit.types import ExitModel, Policy, is_bool_like, is_real_scalar
 
 
@@ -29,6 +30,16 @@ _mm = functools.partial(jnp.matmul, precision=PRECISION)
 def working_dtype():
   """float64 when JAX x64 is enabled, else float32."""
   return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+
+
+def loss_grid(loss, dtype=None) -> Tuple[np.ndarray, np.ndarray]:
+  """`(grid [X], idx [K, S])`: the sorted distinct values of one model's loss
+  table `[K, S]` in `dtype` (default: the working dtype), and the index of
+  each entry in it. The recall state x indexes this grid; taking it in the
+  working dtype makes thresholds compare exactly with the losses looked up."""
+  cast = np.asarray(loss).astype(working_dtype() if dtype is None else dtype)
+  grid = np.unique(cast)
+  return grid, np.searchsorted(grid, cast).astype(np.int32)
 
 
 def default_rtol(dtype) -> float:
@@ -126,7 +137,7 @@ def _prepare(model: ExitModel, dtype) -> _Prepared:
   # Distinct losses are taken in the working dtype, so the thresholds (grid
   # values) compare exactly against the losses evaluation looks up.
   loss = loss.astype(dtype)
-  grids = [np.unique(loss[i]) for i in range(m)]
+  grids, idxs = zip(*(loss_grid(loss[i], dtype) for i in range(m)))
   x = max(len(g) for g in grids)
   if not conditioned:
     # X is at most K*S; padding it up to a multiple of S leaves at most K
@@ -136,7 +147,7 @@ def _prepare(model: ExitModel, dtype) -> _Prepared:
     # its row does.
     x = min(-(-x // s) * s, k * s)
   grid = np.stack([np.pad(g, (0, x - len(g)), mode="edge") for g in grids])
-  idx = np.stack([np.searchsorted(grids[i], loss[i]) for i in range(m)]).astype(np.int32)
+  idx = np.stack(idxs)
   if conditioned:
     for i, g in enumerate(grids):
       if trans.shape[2] != len(g) and not (trans.shape[2] == x and batched):
@@ -310,18 +321,6 @@ def _available_bytes(device) -> int:
   if stats and "bytes_limit" in stats:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
   return available_host_bytes()
-
-
-def available_host_bytes() -> int:
-  """The host's free memory in bytes (MemAvailable; 8 GiB where unknown)."""
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 8 << 30
 
 
 def default_max_bytes(devices: Sequence[jax.Device]) -> int:

@@ -1,12 +1,11 @@
 """Trace validation and the `.npz` trace format (PROBLEM.md), no pickle."""
 
 import os
-import zipfile
-import zlib
 
 import numpy as np
 
 from jexit import signals
+from jexit.npzio import read_npz
 from jexit.types import Traces, is_int_scalar, is_real_scalar
 
 REQUIRED_KEYS = ("conf", "pred", "cost")
@@ -216,42 +215,16 @@ def load_traces(path) -> Traces:
     ValueError: for a missing, unknown or malformed key, or a corrupt file.
   """
   path = os.fspath(path)
-  try:
-    with open(path, "rb") as f:
-      magic = f.read(6)
-  except OSError as e:
-    raise ValueError(f"trace file {path}: could not read it ({e})") from e
-  if magic.startswith(b"\x93NUMPY"):
-    raise ValueError(f"trace file {path}: expected a .npz archive of named arrays "
-                     f"({list(REQUIRED_KEYS)}...), got a single .npy array")
-  if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-    # np.load would try to unpickle anything else; say what it really is.
-    raise ValueError(f"trace file {path}: could not read it as a .npz: not a zip "
-                     f"archive (first bytes {magic!r})")
-  try:
-    data = np.load(path, allow_pickle=False)
-  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-    raise ValueError(f"trace file {path}: could not read it as a .npz ({e})") from e
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise ValueError(f"trace file {path}: expected a .npz archive of named "
-                     f"arrays, got a single {type(data).__name__}")
-  with data:
-    keys = set(data.files)
-    unknown = sorted(keys - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
-    if unknown:
-      raise ValueError(
-          f"trace file {path}: unknown key(s) {unknown}; expected "
-          f"{list(REQUIRED_KEYS)} and optionally {list(OPTIONAL_KEYS)}")
-    missing = [key for key in REQUIRED_KEYS if key not in keys]
-    if missing:
-      raise ValueError(f"trace file {path}: missing key(s) {missing}")
-    arrays = {}
-    for key in keys:
-      try:
-        arrays[key] = data[key]
-      except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"trace file {path}: key '{key}' is corrupt or not a "
-                         f"plain array ({e})") from e
+  arrays = read_npz(path, "trace file")
+  keys = set(arrays)
+  unknown = sorted(keys - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+  if unknown:
+    raise ValueError(
+        f"trace file {path}: unknown key(s) {unknown}; expected "
+        f"{list(REQUIRED_KEYS)} and optionally {list(OPTIONAL_KEYS)}")
+  missing = [key for key in REQUIRED_KEYS if key not in keys]
+  if missing:
+    raise ValueError(f"trace file {path}: missing key(s) {missing}")
   return check_traces(Traces(conf=arrays["conf"], pred=arrays["pred"],
                              label=arrays.get("label"), cost=arrays["cost"],
                              signal=arrays.get("signal"),

@@ -156,3 +156,56 @@ class Policy(NamedTuple):
   recall: bool = True
   stop: Optional[np.ndarray] = None  # [..., L, K, X, S]
   grid: Optional[np.ndarray] = None  # [..., X]
+
+
+def _real_field(name, a) -> np.ndarray:
+  a = np.asarray(a)
+  if a.dtype.kind not in "iuf":
+    raise ValueError(f"{name}: expected real numbers, got dtype {a.dtype}")
+  return a
+
+
+def check_policy(policy: Policy) -> Policy:
+  """Validates a `Policy`, one `[L, K, S]` or a batch `[M, L, K, S]`; the one
+  place its shapes and values are checked (evaluation, export, plots).
+
+  Returns:
+    The policy with numpy arrays (dtypes kept: thresholds compare exactly in
+    the loss table's dtype).
+
+  Raises:
+    ValueError: naming the field, the expected shape or values and what came.
+  """
+  if not isinstance(policy, Policy):
+    raise ValueError(f"policy: expected jexit.Policy, got {type(policy).__name__}")
+  threshold = _real_field("policy.threshold", policy.threshold)
+  if threshold.ndim not in (3, 4):
+    raise ValueError(f"policy.threshold: expected shape [L, K, S] or [M, L, K, S], "
+                     f"got {threshold.shape}")
+  lead, (l_count, k, s) = threshold.shape[:-3], threshold.shape[-3:]
+  loss = _real_field("policy.loss", policy.loss)
+  lam = _real_field("policy.lam", policy.lam)
+  value = _real_field("policy.value", policy.value)
+  cost = _real_field("policy.cost", policy.cost)
+  if loss.shape != lead + (k, s):
+    raise ValueError(f"policy.loss: expected shape {lead + (k, s)} (from policy.threshold "
+                     f"{threshold.shape}), got {loss.shape}")
+  for name, a in (("lam", lam), ("value", value)):
+    if a.shape != lead + (l_count,):
+      raise ValueError(f"policy.{name}: expected shape {lead + (l_count,)} (from "
+                       f"policy.threshold {threshold.shape}), got {a.shape}")
+  if cost.shape != lead + (k,):
+    raise ValueError(f"policy.cost: expected shape {lead + (k,)} (from policy.threshold "
+                     f"{threshold.shape}), got {cost.shape}")
+  if not is_bool_like(policy.recall):
+    raise ValueError(f"policy.recall: expected a bool, got {policy.recall!r}")
+  if np.any(np.isnan(threshold)) or not np.all(np.isfinite(loss)):
+    raise ValueError("policy.threshold, policy.loss: expected no NaN (thresholds may "
+                     "be +-inf; losses finite)")
+  if not (np.all(np.isfinite(lam)) and np.all(lam >= 0)):
+    raise ValueError(f"policy.lam: expected finite values >= 0, got "
+                     f"{lam[~(np.isfinite(lam) & (lam >= 0))][:5].tolist()}")
+  if not (np.all(np.isfinite(cost)) and np.all(cost >= 0)):
+    raise ValueError(f"policy.cost: expected finite values >= 0, got {cost.tolist()}")
+  return policy._replace(threshold=threshold, value=value, lam=lam, loss=loss, cost=cost,
+                         recall=bool(policy.recall))

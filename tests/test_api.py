@@ -8,8 +8,9 @@ import jexit
 
 def test_public_functions_stay_functions_after_submodule_imports():
   import jexit.evaluation  # noqa: F401  pylint: disable=import-outside-toplevel
-  import jexit.frontiers  # noqa: F401  pylint: disable=import-outside-toplevel
-  for name in ("evaluate", "frontier", "budget", "solve", "fit", "expected_objective"):
+  import jexit.protocol  # noqa: F401  pylint: disable=import-outside-toplevel
+  import jexit.select  # noqa: F401  pylint: disable=import-outside-toplevel
+  for name in ("evaluate", "frontier", "choose", "solve", "fit", "expected_objective"):
     assert callable(getattr(jexit, name)), name
     assert not isinstance(getattr(jexit, name), type(jexit)), name
   for name in jexit.__all__:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import jexit
-from jexit import frontiers as jf
+from jexit import protocol, select
+from jexit import traces as jt
 from jexit.fit import CLASS_RIDGE, cross_fitted_class_signal, fit_class_calibration
 from jexit.runtime import ExitTable, class_features, class_signal
 
@@ -130,9 +131,9 @@ def test_fit_bins_the_cross_fitted_scores_and_ships_the_calibration():
 
 def test_frontier_scores_fit_rows_cross_fitted_and_test_rows_with_the_calibration():
   traces = toy_traces(n=800)
-  fr = jf.frontier(traces, methods=("recall",), num_lambdas=20, block=2,
+  fr = protocol.frontier(traces, methods=("recall",), num_lambdas=20, block=2,
                    fit_options={"signal": "class", "num_bins": 8})
-  fit_rows, test_rows = jf.split_rows(traces.num_inputs, block=2)
+  fit_rows, test_rows = jt.split_rows(traces.num_inputs, block=2)
   model, binning = fr.candidates[0][0]
   assert binning.signal == "class"
   np.testing.assert_array_equal(binning.calibration, fit_class_calibration(traces, fit_rows))
@@ -151,12 +152,12 @@ def test_frontier_scores_fit_rows_cross_fitted_and_test_rows_with_the_calibratio
 
 def test_budget_auto_scores_the_class_signal():
   traces = jexit.load_traces(DIGITS)
-  b = jf.budget(traces, 0.01, block=4, num_lambdas=100, methods=("recall", "backbone"))
+  b = select.choose(traces, 0.01, block=4, num_lambdas=100, methods=("recall", "backbone"))
   assert set(b.signal_scores) == {"1-conf", "stability", "class"}
   assert all(v >= 1.0 for v in b.signal_scores.values())
   # Predictions that are not class indices leave the class signal out of the choice.
   ids = traces._replace(pred=traces.pred.astype(np.int64) + 10 ** 6)
-  assert jf.auto_signals(ids) == ("1-conf", "stability")
+  assert select.auto_signals(ids) == ("1-conf", "stability")
 
 
 @pytest.mark.parametrize("recall", [True, False])
@@ -165,7 +166,7 @@ def test_exported_class_table_runs_as_evaluate(tmp_path, recall):
   fit_rows = np.arange(1600)
   held = traces.take(np.arange(1600, traces.num_inputs))
   model, binning = jexit.fit(traces, rows=fit_rows, signal="class", class_block=4)
-  lams = jf.default_lambdas(model, 40)
+  lams = protocol.default_lambdas(model, 40)
   policy = jexit.solve(model, lams, recall=recall)
   ev = jexit.evaluate(policy, held, binning, return_per_input=True)
   i = int(np.argmin(np.abs(ev.agreement - 0.99)))

@@ -11,7 +11,7 @@ import pytest
 
 import jexit
 from jexit import cli
-from jexit.frontiers import METHODS
+from jexit.protocol import METHODS
 
 ENTRY_KEYS = {"param", "agreement", "accuracy", "mean_cost", "speedup"}
 

@@ -8,7 +8,8 @@ import pytest
 
 
 @pytest.mark.parametrize("name", ["jexit.fit", "jexit.solver", "jexit.evaluation",
-                                  "jexit.frontiers", "jexit.export", "jexit.traces"])
+                                  "jexit.protocol", "jexit.select", "jexit.report", "jexit.export",
+                                  "jexit.traces", "jexit.signals", "jexit.contrib.variants"])
 def test_docstring_examples(name):
   importlib.import_module(name)
   module = sys.modules[name]  # not `jexit.fit`, which is the function

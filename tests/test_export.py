@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jexit
-from jexit import export
+from jexit import cli, export
 from jexit.runtime import FORMAT_VERSION, ExitTable, load_policy_file
 
 
@@ -221,15 +221,13 @@ def _args(**kw):
 
 
 def test_cli_export(tmp_path, capsys, solved):
-  import argparse
-  from jexit import frontiers
+  from jexit import select, traces as jt
   traces = solved[0]
   jexit.save_traces(tmp_path / "t.npz", traces)
-  parser = argparse.ArgumentParser(prog="jexit")
-  export.add_export_parser(parser.add_subparsers(dest="command"))
+  parser = cli.build_parser()
   args = parser.parse_args(["export", str(tmp_path / "t.npz"), "--lam", "0.05",
                             "--out", str(tmp_path / "p.npz")])
-  assert args.func is export.run_export and args.func(args) == 0
+  assert args.func is cli.run_export and args.func(args) == 0
   table = load_policy_file(tmp_path / "p.npz")
   assert table.lam == pytest.approx(0.05) and table.recall
   assert table.header["trace_sha256"] == export.trace_sha256(traces)
@@ -239,12 +237,12 @@ def test_cli_export(tmp_path, capsys, solved):
 
   # --max-loss: the budget choice on the fit rows, as `jexit budget` makes it.
   out = str(tmp_path / "m.npz")
-  export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=0.05, out=out))
+  cli.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=0.05, out=out))
   printed = capsys.readouterr().out
   assert "fit rows" in printed and "held-out" in printed
   table = load_policy_file(out)
-  choice = frontiers.budget(traces, 0.05, methods=("recall",), num_lambdas=40)
-  fit_rows, _ = frontiers.split_rows(traces.num_inputs)
+  choice = select.choose(traces, 0.05, methods=("recall",), num_lambdas=40)
+  fit_rows, _ = jt.split_rows(traces.num_inputs)
   fit_t = traces.take(fit_rows)
   _, output, _ = table.run(fit_t.conf, fit_t.pred)
   agreement = np.mean(fit_t.pred[np.arange(len(output)), output] == fit_t.pred[:, -1])
@@ -252,7 +250,7 @@ def test_cli_export(tmp_path, capsys, solved):
   assert table.lam == pytest.approx(choice.choices["recall"].param["lam"])
   assert table.signal == choice.fit_options.get("signal", "1-conf")  # the same signal choice
   with pytest.raises(ValueError, match="agreement-loss budget"):
-    export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=-1.0, out=out))
+    cli.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=-1.0, out=out))
 
 
 def test_a_file_that_is_not_a_zip_is_named_as_such(tmp_path):
@@ -263,7 +261,7 @@ def test_a_file_that_is_not_a_zip_is_named_as_such(tmp_path):
 
 
 def test_cli_export_by_accuracy_matches_budget(tmp_path, capsys):
-  from jexit import frontiers
+  from jexit import select, traces as jt
   rng = np.random.default_rng(3)
   n, k = 1200, 4
   z = np.array([0.8, 2.0, 2.0, 1.6]) - 1.5 * rng.normal(size=(n, 1)) + rng.normal(0, 1.2, (n, k))
@@ -275,28 +273,28 @@ def test_cli_export_by_accuracy_matches_budget(tmp_path, capsys):
   path = str(tmp_path / "t.npz")
   jexit.save_traces(path, traces)
   out = str(tmp_path / "acc.npz")
-  export.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
+  cli.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
   assert "accuracy" in capsys.readouterr().out
   table = load_policy_file(out)
-  choice = frontiers.budget(traces, 0.0, metric="accuracy", methods=("recall",), num_lambdas=40)
+  choice = select.choose(traces, 0.0, metric="accuracy", methods=("recall",), num_lambdas=40)
   assert table.lam == pytest.approx(choice.choices["recall"].param["lam"])
-  fit_rows, _ = frontiers.split_rows(n)
+  fit_rows, _ = jt.split_rows(n)
   fit_t = traces.take(fit_rows)
   _, output, _ = table.run(fit_t.conf, fit_t.pred)
   accuracy = np.mean(fit_t.pred[np.arange(len(output)), output] == fit_t.label)
   assert accuracy == pytest.approx(float(choice.choices["recall"].fit.accuracy[0]))
   assert accuracy >= np.mean(fit_t.pred[:, -1] == fit_t.label)
   with pytest.raises(ValueError, match="needs --max-loss"):
-    export.run_export(_args(trace=path, lam=0.1, out=out, metric="accuracy"))
+    cli.run_export(_args(trace=path, lam=0.1, out=out, metric="accuracy"))
   jexit.save_traces(path, traces._replace(label=None))
   with pytest.raises(ValueError, match="no 'label' array"):
-    export.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
+    cli.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
 
 
 def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
   """`--method best` exports what `jexit budget` names best; a threshold rule
   becomes a 2-bin table whose decisions reproduce its fit-row metrics."""
-  from jexit import frontiers
+  from jexit import select, traces as jt
   from jexit.datasets import demo_trace_path as default_trace_path
   traces = jexit.load_traces(default_trace_path())
   out = str(tmp_path / "best.npz")
@@ -304,11 +302,11 @@ def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
   # method None is the command line's default with --max-loss: best.
   for max_loss, method, no_recall in ((0.01, "best", False), (0.05, None, False),
                                       (0.03, None, True), (0.05, None, True)):
-    export.run_export(_args(trace=default_trace_path(), max_loss=max_loss, out=out,
+    cli.run_export(_args(trace=default_trace_path(), max_loss=max_loss, out=out,
                             method=method, block=4, signal="1-conf", no_recall=no_recall))
     printed = capsys.readouterr().out
     pool = ("norecall", "apparate_greedy", "global_threshold")
-    b = frontiers.budget(traces, max_loss, block=4, num_lambdas=40, signal="1-conf",
+    b = select.choose(traces, max_loss, block=4, num_lambdas=40, signal="1-conf",
                          methods=pool if no_recall else ("recall",) + pool)
     fit_speed = {m: float(c.fit.speedup[0]) for m, c in b.choices.items()}
     assert b.best == max(fit_speed, key=fit_speed.get)
@@ -317,7 +315,7 @@ def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
     table = load_policy_file(out)
     assert table.recall == (b.best == "recall")
     assert (table.num_bins == 2) == (b.best not in ("recall", "norecall"))
-    fit_rows, _ = frontiers.split_rows(traces.num_inputs, block=4)
+    fit_rows, _ = jt.split_rows(traces.num_inputs, block=4)
     fit_t = traces.take(fit_rows)
     stop, output, _ = table.run(fit_t.conf, fit_t.pred)
     agreement = np.mean(fit_t.pred[np.arange(len(output)), output] == fit_t.pred[:, -1])
@@ -326,6 +324,6 @@ def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
     assert traces.cost.sum() / mean_cost == pytest.approx(fit_speed[b.best])
   assert len(shipped) > 1, shipped  # the cases above ship more than one kind of rule
   with pytest.raises(ValueError, match="needs --max-loss"):
-    export.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method="best"))
-  export.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method=None))
+    cli.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method="best"))
+  cli.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method=None))
   assert load_policy_file(out).num_bins > 2  # --lam ships the solved policy

@@ -1,10 +1,14 @@
-"""The trace container and file: optional head costs and ramp positions."""
+"""The trace container and its file format (never unpickled)."""
+
+import struct
+import zipfile
 
 import numpy as np
 import pytest
 
 import jexit
 from jexit.export import trace_sha256
+from test_fit import _good
 
 
 def _traces(**extra):
@@ -48,3 +52,65 @@ def test_head_cost_and_position_round_trip_and_hash(tmp_path):
 def test_bad_head_cost_or_position_names_the_field(extra, match):
   with pytest.raises(ValueError, match=match):
     jexit.check_traces(_traces(**extra))
+
+
+def test_trace_file_round_trip(tmp_path):
+  traces = jexit.Traces(**_good(), signal=np.random.default_rng(8).uniform(size=(10, 3)))
+  path = tmp_path / "t.npz"
+  jexit.save_traces(path, traces)
+  back = jexit.load_traces(path)
+  np.testing.assert_allclose(back.conf, traces.conf, rtol=1e-6)
+  np.testing.assert_array_equal(back.pred, traces.pred)
+  np.testing.assert_array_equal(back.label, traces.label)
+  np.testing.assert_allclose(back.signal, traces.signal, rtol=1e-6)
+
+
+def test_trace_file_errors(tmp_path):
+  good = _good()
+  unknown = tmp_path / "unknown.npz"
+  np.savez(unknown, **good, extra=np.ones(3))
+  with pytest.raises(ValueError, match="unknown key.*extra"):
+    jexit.load_traces(unknown)
+  missing = tmp_path / "missing.npz"
+  np.savez(missing, conf=good["conf"], cost=good["cost"])
+  with pytest.raises(ValueError, match="missing key.*pred"):
+    jexit.load_traces(missing)
+  corrupt = tmp_path / "corrupt.npz"
+  corrupt.write_bytes(b"PK\x03\x04 this is not a zip file")
+  with pytest.raises(ValueError, match="could not read"):
+    jexit.load_traces(corrupt)
+  pickled = tmp_path / "pickled.npz"
+  np.savez(pickled, conf=good["conf"], pred=np.array([object()] * 3), cost=good["cost"])
+  with pytest.raises(ValueError, match="pred"):
+    jexit.load_traces(pickled)
+  bad_value = tmp_path / "nan.npz"
+  np.savez(bad_value, **{**good, "conf": np.full((10, 3), np.nan)})
+  with pytest.raises(ValueError, match="traces.conf"):
+    jexit.load_traces(bad_value)
+  with pytest.raises(ValueError, match="could not read"):
+    jexit.load_traces(tmp_path / "does_not_exist.npz")
+
+
+def test_trace_file_with_corrupt_compressed_data(tmp_path):
+  path = tmp_path / "t.npz"
+  np.savez_compressed(path, **_good())
+  data = bytearray(path.read_bytes())
+  with zipfile.ZipFile(path) as z:
+    at = z.getinfo("conf.npy").header_offset
+  name_len, extra_len = struct.unpack("<HH", data[at + 26:at + 30])
+  start = at + 30 + name_len + extra_len
+  data[start:start + 20] = bytes(20)  # conf.npy's deflate stream: a zlib error
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="trace file .*corrupt"):
+    jexit.load_traces(path)
+
+
+def test_trace_file_that_is_not_a_zip(tmp_path):
+  text = tmp_path / "text.npz"
+  text.write_text("conf,pred\n0.5,1\n")
+  with pytest.raises(ValueError, match="not a zip archive"):
+    jexit.load_traces(text)
+  single = tmp_path / "single.npy"
+  np.save(single, np.ones((3, 3)))
+  with pytest.raises(ValueError, match="single .npy array"):
+    jexit.load_traces(single)

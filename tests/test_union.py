@@ -67,7 +67,7 @@ def test_recall_pays_scores_every_family_budget_can_pick(load_script, monkeypatc
   # outer frontier (it raised KeyError when the class families were added).
   rp = load_script("experiments/recall_pays.py")
   traces = rp.label_overthink()
-  families = list(rp.jf.model_families(traces, {}, signal="auto", metric="accuracy"))
+  families = list(rp.select.model_families(traces, {}, signal="auto", metric="accuracy"))
   assert len(families) == 6 and "class, label loss" in families
   monkeypatch.setattr(rp, "select_family", lambda traces, rows, *a: {
       t: [families[(i + j) % len(families)] for j in range(len(rows))]

@@ -1,0 +1,200 @@
+"""Reports of frontiers and choices: JSON-ready dictionaries and text tables.
+
+The command line prints and writes what these return; nothing here computes
+a decision.
+"""
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from jexit.evaluation import Evaluation
+from jexit.protocol import Frontier, param_value
+from jexit.select import DEPLOYABLE, Choice, best_method, per_method
+
+TARGETS = (0.005, 0.01, 0.02, 0.05)  # the loss budgets a frontier table shows
+
+
+def _num(x):
+  if x is None:
+    return None
+  x = np.asarray(x)
+  if x.ndim:
+    return [_num(v) for v in x]
+  v = x.item()
+  if isinstance(v, float) and not np.isfinite(v):
+    return None if np.isnan(v) else ("inf" if v > 0 else "-inf")
+  return v
+
+
+def metrics(evaluation: Evaluation, index: int = 0) -> dict:
+  """`{"agreement", "accuracy", "mean_cost", "speedup"}` of one policy, JSON-ready."""
+  get = lambda f: None if getattr(evaluation, f) is None else _num(
+      np.asarray(getattr(evaluation, f))[index])
+  return {"agreement": get("agreement"), "accuracy": get("accuracy"),
+          "mean_cost": get("mean_cost"), "speedup": get("speedup")}
+
+
+def frontier_to_dict(fr: Frontier, trace: Optional[str] = None, *,
+                     all_points: bool = False) -> dict:
+  """`{"trace", "split", "fit_options", "methods": {method: [entries]}}`.
+
+  Each entry is `{"param", "agreement", "accuracy", "mean_cost", "speedup"}`
+  on the test rows, for the method's Pareto points (chosen on the fit rows,
+  ordered by cost) or, with `all_points`, for every parameter.
+  """
+  methods = {}
+  for m, ev in fr.test.items():
+    idx = np.arange(len(ev.agreement)) if all_points else np.flatnonzero(fr.pareto[m])
+    idx = idx[np.argsort(np.asarray(fr.fit[m].mean_cost)[idx], kind="stable")]
+    entries = []
+    for i in idx:
+      param = (param_value(fr, m, 0, i) if m in ("recall", "norecall")
+               else _num(np.asarray(ev.param)[i]))
+      entries.append({"param": param, **metrics(ev, i)})
+    methods[m] = entries
+  return {"trace": trace, "split": dict(fr.split),
+          "fit_options": {k: _num(v) if not isinstance(v, str) else v
+                          for k, v in fr.fit_options.items()},
+          "methods": methods}
+
+
+def choice_to_dict(b: Choice, trace: Optional[str] = None) -> dict:
+  """`{"trace", "metric", "max_loss", "split", "fit_options", "signal_scores",
+  "best", "methods": {m: {"param", "fit", "test"}}}`."""
+  methods = {}
+  for m, c in b.choices.items():
+    methods[m] = {"param": _num(c.param) if c.param is not None else None,
+                  "fit": None if c.fit is None else metrics(c.fit),
+                  "test": None if c.test is None else metrics(c.test)}
+  return {"trace": trace, "metric": b.metric, "max_loss": b.max_loss, "split": dict(b.split),
+          "fit_options": {k: _num(v) if not isinstance(v, str) else v
+                          for k, v in b.fit_options.items()},
+          "signal_scores": b.signal_scores, "best": b.best, "methods": methods}
+
+
+def _fmt_param(p):
+  if p is None:
+    return "-"
+  if isinstance(p, dict):
+    return ", ".join(f"{k}={_fmt_param(v)}" for k, v in p.items())
+  if isinstance(p, list):
+    return "[" + ", ".join(_fmt_param(v) for v in p) + "]"
+  if isinstance(p, float):
+    return "inf" if p == np.inf else f"{p:.4g}"
+  return str(p)
+
+
+def _split_line(split: dict) -> str:
+  if "folds" in split:
+    return (f"{split['num_inputs']} inputs, {split['folds']}-fold cross-fitting "
+            f"(seed {split['seed']}): parameters chosen on fit folds, metrics on held-out folds")
+  return (f"{split['num_inputs']} inputs: {split['fit_rows']} fit / {split['test_rows']} "
+          f"test rows (seed {split['seed']}): parameters chosen on fit rows, metrics on test rows")
+
+
+def format_frontier(fr: Frontier, targets: Sequence[float] = TARGETS,
+                    trace: Optional[str] = None) -> str:
+  """A text table: per method and agreement-loss budget, the test speedup (agreement)
+  of the parameter chosen on the fit rows for that budget."""
+  lines = []
+  if trace:
+    lines.append(f"trace: {trace}")
+  lines.append(_split_line(fr.split))
+  lines.append("speedup on test rows (test agreement) at the parameter chosen on fit "
+               "rows for each agreement-loss budget (apparate_greedy: the best run of "
+               "its budget grid on fit rows)")
+  head = f"{'method':<18}" + "".join(f"{'loss <= ' + format(t * 100, 'g') + '%':>20}"
+                                     for t in targets)
+  lines += [head, "-" * len(head)]
+  chosen = [per_method(fr, t) for t in targets]
+  for m in fr.test:
+    cells = []
+    for c in chosen:
+      ch = c[m]
+      if ch.test is None:
+        cells.append(f"{'-':>20}")
+      else:
+        s = f"{ch.test.speedup[0]:.2f}x ({ch.test.agreement[0] * 100:.1f}%)"
+        cells.append(f"{s:>20}")
+    lines.append(f"{m:<18}" + "".join(cells))
+  best = [best_method(c) for c in chosen]
+  show_best = sum(m in fr.test for m in DEPLOYABLE) > 1
+  if show_best:
+    cells = [f"{'-':>20}" if m is None else
+             f"{c[m].test.speedup[0]:.2f}x ({c[m].test.agreement[0] * 100:.1f}%)".rjust(20)
+             for m, c in zip(best, chosen)]
+    lines.append(f"{'best (fit rows)':<18}" + "".join(cells))
+  backbone = fr.model.cost.sum()
+  lines.append(f"(speedup = total cost {backbone:.4g} / mean cost; oracle is a hindsight "
+               f"bound, not a policy)")
+  if show_best:
+    lines.append("(best (fit rows): of " + ", ".join(m for m in DEPLOYABLE if m in fr.test)
+                 + ", the one with the most fit speedup: "
+                 + ", ".join(f"{m or '-'} at {t * 100:g}%" for m, t in zip(best, targets))
+                 + "; `jexit budget` and `jexit export --max-loss` also choose the exit "
+                   "signal first)")
+  return "\n".join(lines)
+
+
+def format_choice(b: Choice, trace: Optional[str] = None) -> str:
+  """A text table of each method's chosen parameter with its fit and test metrics."""
+  lines = []
+  if trace:
+    lines.append(f"trace: {trace}")
+  lines.append(_split_line(b.split))
+  if b.metric == "accuracy":
+    lines.append(f"accuracy budget: at {'least' if b.max_loss < 0 else 'most'} "
+                 f"{abs(b.max_loss) * 100:g}% {'above' if b.max_loss < 0 else 'below'} the "
+                 f"backbone's accuracy on the fit rows (chosen on fit rows)")
+  else:
+    lines.append(f"agreement-loss budget: {b.max_loss * 100:g}% (chosen on fit rows)")
+  if b.signal_scores:
+    scores = ", ".join(f"{sig} {v:.2f}x" for sig, v in b.signal_scores.items())
+    what = "exit signal" + (", loss target" if b.metric == "accuracy" else "")
+    chosen = str(b.fit_options.get("signal"))
+    if b.metric == "accuracy":
+      chosen += f", {b.fit_options.get('target', 'agreement')} loss"
+    lines.append(f"{what} of recall/norecall: {chosen} (chosen on fit rows by inner "
+                 f"cross-fitting, mean held-out speedup: {scores})")
+  # The budget's metric on fit and test rows, then the other one on test rows.
+  score, other = (("accuracy", "agreement") if b.metric == "accuracy"
+                  else ("agreement", "accuracy"))
+  short = {"accuracy": "acc", "agreement": "agree"}
+  head = (f"{'method':<18}{'param':>28}{'fit ' + short[score]:>11}{'fit speedup':>13}"
+          f"{'test ' + short[score]:>12}{'test speedup':>14}{'test ' + short[other]:>12}")
+  lines += [head, "-" * len(head)]
+  pct = lambda ev, f: "-" if getattr(ev, f) is None else f"{getattr(ev, f)[0] * 100:.1f}%"
+  for m, c in b.choices.items():
+    if c.test is None:
+      lines.append(f"{m:<18}{'no parameter meets the budget':>28}")
+      continue
+    param = _fmt_param(_num(c.param))
+    if len(param) > 27:
+      param = param[:24] + "..."
+    lines.append(f"{m:<18}{param:>28}{pct(c.fit, score):>11}"
+                 f"{c.fit.speedup[0]:>12.2f}x{pct(c.test, score):>12}"
+                 f"{c.test.speedup[0]:>13.2f}x{pct(c.test, other):>12}")
+  if b.best is not None:
+    lines.append(f"best on the fit rows: {b.best} (most fit speedup of "
+                 f"{', '.join(DEPLOYABLE)}; `jexit export --max-loss "
+                 f"{b.max_loss:g}` ships it)")
+  return "\n".join(lines)
+
+
+def format_export(header: dict, path: str, choice: Optional[Choice] = None) -> str:
+  """The line `jexit export` prints: what was written and, for a budget, how
+  it was chosen and what it did on the held-out rows."""
+  line = (f"wrote {path}: K={header['num_ramps']} S={header['num_bins']} "
+          f"lam={header['lam']:.6g} recall={header['recall']} signal={header['signal']}")
+  if choice is None:
+    return line + " (fitted on all of TRACE)"
+  table, score = choice.table, choice.metric
+  fit_ev, test_ev = (choice.frontier.splits[0][table.method][j] for j in (0, 1))
+  i, split = table.index, choice.split
+  rivals = len([m for m in choice.choices if m in DEPLOYABLE]) > 1
+  return (line + f"; {table.method}" + (" (best on the fit rows)" if rivals else "")
+          + f", chosen on {split['fit_rows']} fit rows ({score} "
+          f"{float(getattr(fit_ev, score)[i]):.4f}, speedup {float(fit_ev.speedup[i]):.2f}x), "
+          f"held-out {split['test_rows']} rows: {score} "
+          f"{float(getattr(test_ev, score)[i]):.4f}, speedup {float(test_ev.speedup[i]):.2f}x")
