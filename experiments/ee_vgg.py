@@ -27,6 +27,13 @@ from jexit.vgg import (ARCHS, DEFAULT_RAMP_STAGES, IMAGENET_MEAN, IMAGENET_STD, 
                        segment_flops, segment_latency, split_rows, trace_inputs, train,
                        tv_vgg)
 
+__all__ = ["ARCHS", "DEFAULT_RAMP_STAGES", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_STAGES",
+           "SIGNALS", "Dataset", "EarlyExitVGG", "ExitGate", "InputNorm", "TraceConfig",
+           "TraceRun", "augment", "build_model", "default_device", "fit_gate", "gates_of",
+           "load_digits_images", "load_image_folder", "load_weights", "make_traces",
+           "network_flops", "ramp_head", "segment_flops", "segment_latency", "split_rows",
+           "standardize", "trace_inputs", "train", "train_gate", "train_gates", "tv_vgg"]
+
 SIGNALS = ("margin", "entropy", "gate")
 _count_flops = flops_of  # gate_variants counts its gates' FLOPs with it
 

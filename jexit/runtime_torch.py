@@ -16,7 +16,8 @@ float64 (`jexit.signals.REGISTRY[name].ramp(..., xp=torch)`), its bin
 dtype (so the compare is exact), the best-so-far loss, ramp, prediction and
 logits kept as tensors. Per ramp one small tensor crosses to the host: the
 count of inputs still going (with, in the tables' "error" modes, the counts
-of NaN and out-of-range signals; nothing at all with `batching="mask"`). The
+of NaN and out-of-range signals; with `batching="mask"`, nothing until the last
+segment has run). The
 decisions are bit-for-bit those of the numpy runtime (`ExitTable.run`) on the
 same confidences: `1 - conf` and "stability" use only correctly rounded
 float64 additions, which torch and numpy compute alike; for a signal with
@@ -26,8 +27,9 @@ the few values within 1e-12 of a bin edge are recomputed by numpy.
 Fixed shapes (CUDA graphs, `torch.compile`): `batching="bucket"` pads every
 compacted batch to the next of a few sizes (powers of two by default), so the
 segments see a bounded set of shapes; `batching="mask"` never compacts (every
-segment runs on the whole batch) and never syncs: it saves no compute, only
-host round trips. benchmarks/RUNTIME.md measured both.
+segment runs on the whole batch) and syncs at most twice, after the last
+segment: it saves no compute, only host round trips. benchmarks/RUNTIME.md
+measured both.
 """
 
 import os
@@ -407,7 +409,8 @@ class EarlyExitRunner:
 
   def _run_masked(self, x: torch.Tensor) -> RunnerOutput:
     """batching="mask": every segment on the whole batch, then the decisions;
-    no host sync unless the table's "error" modes or a near-edge value need one."""
+    host syncs only for the table's "error" modes and the "class" near-edge
+    check, once each, after the last segment."""
     device, b = x.device, int(x.shape[0])
     dt = self._device_table(device)
     h, outputs, num_classes = x, [], None

@@ -42,10 +42,11 @@ from jexit import signals
 from jexit.traces import check_traces
 from jexit.types import Traces
 
-__all__ = ["ARCHS", "DEFAULT_RAMP_STAGES", "Dataset", "EarlyExitVGG", "MIN_SIZE",
+__all__ = ["ARCHS", "DEFAULT_RAMP_STAGES", "Dataset", "EarlyExitVGG", "InputNorm", "MIN_SIZE",
            "TraceConfig", "TraceRun", "augment", "build_model", "load_digits_images",
            "load_image_folder", "load_weights", "make_traces", "network_flops",
-           "segment_flops", "segment_latency", "split_rows", "trace_inputs", "train"]
+           "ramp_head", "segment_flops", "segment_latency", "split_rows", "trace_inputs",
+           "train"]
 
 ARCHS = {"vgg11": "A", "vgg13": "B", "vgg16": "D"}
 # Conv layers per configuration, to name the VGG a torchvision file holds.
