@@ -9,6 +9,8 @@ The first suite, experiments/traces (TRACES.md), had 2x2 heads:
   python experiments/make_traces.py --all experiments/traces --head-pool 2
 
 Never downloads anything: `--weights` and `--image-folder` are local paths.
+The code is `jexit.vgg` (and `jexit record`, its installed command line);
+`experiments/ee_vgg.py` adds the learned exit gates of `--signal gate`.
 """
 
 import argparse
@@ -68,6 +70,9 @@ def parse_args(argv=None):
                  help="also record each ramp's margin (1 - top1 + top2), normalised "
                       "entropy, or learned exit gate's 1 - P(agree) (ee_vgg.train_gates) "
                       "as the traces' signal; conf and pred are unchanged")
+  p.add_argument("--head-cost", action="store_true", dest="head_cost",
+                 help="also write each ramp head's part of the cost (traces.head_cost; "
+                      "the suites in experiments/ were made without it)")
   p.add_argument("--latency", action="store_true",
                  help="cost = measured median ms per segment instead of FLOPs")
   p.add_argument("--image-folder", default=None,
@@ -126,11 +131,13 @@ def main(argv=None):
   for cfg, path in jobs:
     run = ee_vgg.make_traces(cfg, data=data, weights=args.weights,
                              device=args.device, progress=not args.quiet)
-    jexit.save_traces(path, run.traces)
+    # The suites predate head_cost: without --head-cost their files stay byte-identical.
+    jexit.save_traces(path, run.traces if args.head_cost
+                      else run.traces._replace(head_cost=None))
     if args.save_weights and args.out:
       torch.save(run.model.state_dict(), args.save_weights)
-    if args.save_gates and args.out and run.gates is not None:
-      torch.save(run.gates.state_dict(), args.save_gates)
+    if args.save_gates and args.out and run.signal_fns is not None:
+      torch.save(ee_vgg.gates_of(run).state_dict(), args.save_gates)
     print(summary(path, run), flush=True)
 
 

@@ -7,9 +7,29 @@ The model is given as its K backbone `segments` and K ramp `heads`:
 After each ramp the inputs that stop leave the batch: the hidden state is
 compacted so later segments run only on the inputs still going. Per input the
 runner keeps the best-so-far ramp's prediction (recall) and returns outputs in
-input order. Decisions are made by `jexit.runtime.ExitTable.step` on the host
-(a few hundred bytes per ramp cross the bus), so they are bit-for-bit the
-numpy runtime's given the same confidences.
+input order.
+
+Decisions are made on the input's device, as tensor ops: the ramp's signal in
+float64 (`jexit.signals.REGISTRY[name].ramp(..., xp=torch)`), its bin
+(`torch.bucketize(v, inner_edges, right=True)`, numpy's
+`searchsorted(side="right")`), the loss and threshold gathered in the table's
+dtype (so the compare is exact), the best-so-far loss, ramp, prediction and
+logits kept as tensors. Per ramp one small tensor crosses to the host: the
+count of inputs still going (with, in the tables' "error" modes, the counts
+of NaN and out-of-range signals; with `batching="mask"`, nothing until the last
+segment has run). The
+decisions are bit-for-bit those of the numpy runtime (`ExitTable.run`) on the
+same confidences: `1 - conf` and "stability" use only correctly rounded
+float64 additions, which torch and numpy compute alike; for a signal with
+logs and exps ("class"), whose last bits may differ between torch and numpy,
+the few values within 1e-12 of a bin edge are recomputed by numpy.
+
+Fixed shapes (CUDA graphs, `torch.compile`): `batching="bucket"` pads every
+compacted batch to the next of a few sizes (powers of two by default), so the
+segments see a bounded set of shapes; `batching="mask"` never compacts (every
+segment runs on the whole batch) and syncs at most twice, after the last
+segment: it saves no compute, only host round trips. benchmarks/RUNTIME.md
+measured both.
 """
 
 import os
@@ -59,6 +79,33 @@ def margin_signal(logits: torch.Tensor) -> torch.Tensor:
   return signals.margin(z.softmax(-1), xp=torch)
 
 
+BATCHING = ("compact", "bucket", "mask")
+# Signals whose float64 formula is additions only (1 - conf, + the changed
+# flag): correctly rounded in torch as in numpy, on every device.
+_EXACT_SIGNALS = ("1-conf", "stability")
+_NEAR = 1e-12  # a torch value this close to an edge is recomputed in numpy
+
+
+class _DeviceTable(NamedTuple):
+  """An `ExitTable`'s arrays on one device."""
+  inner: list               # K tensors [S-1] float64, edges[k, 1:-1]
+  first: torch.Tensor       # [K] float64, edges[:, 0]
+  lo: torch.Tensor          # [K] float64, lowest value accepted (range_tol)
+  hi: torch.Tensor          # [K] float64, highest value accepted
+  loss: torch.Tensor        # [K, S] table dtype
+  threshold: torch.Tensor   # [K, S] table dtype
+  calibration: Optional[torch.Tensor]  # [K-1, 2C+3] float64 ("class")
+
+
+class _Step(NamedTuple):
+  """One ramp's decision for the rows it ran on (tensors on the device)."""
+  stop: torch.Tensor       # [n] bool
+  better: torch.Tensor     # [n] bool, this ramp became the output ramp
+  best_loss: torch.Tensor  # [n] table dtype
+  best_ramp: torch.Tensor  # [n] int64
+  isnan: torch.Tensor      # [n] bool
+
+
 class EarlyExitRunner:
   """Runs batches through segments and heads, dropping inputs as they exit.
 
@@ -71,9 +118,16 @@ class EarlyExitRunner:
       required when the table bins a custom signal (`table.signal ==
       "signal"`), refused for a
       "stability" or "class" table (the runner computes their signal from each
-      ramp's max softmax and prediction, `ExitTable.signal_of`). Default:
+      ramp's max softmax and prediction, `jexit.signals`). Default:
       `1 - max softmax`.
     keep_logits: also return the output ramp's logits.
+    batching: "compact" (default): the inputs still going are gathered into
+      a smaller batch after every ramp. "bucket": the same, padded up to the
+      next of `bucket_sizes` (fixed shapes for CUDA graphs or
+      `torch.compile`; the padding rows' results are dropped). "mask": no
+      compaction and no host sync; every segment runs on the whole batch.
+    bucket_sizes: the batch sizes of "bucket" (default: powers of two, and
+      the batch size itself).
 
   Batch/instance norm and dropout layers must be in eval mode (batch norm
   statistics would otherwise depend on which inputs are still in the batch):
@@ -90,7 +144,8 @@ class EarlyExitRunner:
                table: Union[ExitTable, str, os.PathLike], *,
                signal_fn: Union[None, Callable[[torch.Tensor], torch.Tensor],
                                 Sequence[Callable[[torch.Tensor], torch.Tensor]]] = None,
-               keep_logits: bool = True):
+               keep_logits: bool = True, batching: str = "compact",
+               bucket_sizes: Optional[Sequence[int]] = None):
     if isinstance(table, (str, os.PathLike)):
       table = ExitTable.load(table)
     if not isinstance(table, ExitTable):
@@ -121,10 +176,24 @@ class EarlyExitRunner:
     else:
       raise ValueError(f"signal_fn: expected a function logits -> signal or a list of K "
                        f"of them, got {type(signal_fn).__name__}")
+    if batching not in BATCHING:
+      raise ValueError(f"batching: expected one of {list(BATCHING)}, got {batching!r}")
+    if bucket_sizes is not None:
+      sizes = list(bucket_sizes)
+      if (batching != "bucket" or not sizes
+          or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)):
+        raise ValueError(f"bucket_sizes: expected ints >= 1 with batching='bucket', got "
+                         f"{bucket_sizes!r} with batching={batching!r}")
+      bucket_sizes = tuple(sorted(set(sizes)))
     self.segments, self.heads, self.table = segments, heads, table
     self.signal_fn, self.keep_logits = signal_fn, keep_logits
+    self.batching, self.bucket_sizes = batching, bucket_sizes
     self._signal_fns = signal_fns
+    self._entry = entry
+    # Values the runner computes with logs/exps get checked against numpy near edges.
+    self._exact = signal_fn is not None or table.signal in _EXACT_SIGNALS
     self._mode_sensitive = None
+    self._tables = {}
 
   @property
   def num_ramps(self) -> int:
@@ -146,24 +215,100 @@ class EarlyExitRunner:
                          f"{name or '(itself)'} in training mode (call model.eval(): "
                          f"its output would depend on which inputs are still running)")
 
-  def _logits(self, k, h, n):
+  def _device_table(self, device) -> _DeviceTable:
+    dt = self._tables.get(device)
+    if dt is None:
+      t = self.table
+      f64 = lambda a: torch.as_tensor(np.asarray(a, np.float64), device=device)
+      dtype = torch.float64 if t.dtype == np.float64 else torch.float32
+      dt = _DeviceTable(
+          inner=[f64(np.ascontiguousarray(e[1:-1])) for e in t.edges],
+          first=f64(t.edges[:, 0]), lo=f64(t._lo), hi=f64(t._hi),  # pylint: disable=protected-access
+          loss=torch.as_tensor(t.loss, device=device).to(dtype),
+          threshold=torch.as_tensor(t.threshold, device=device).to(dtype),
+          calibration=None if t.calibration is None else f64(t.calibration))
+      self._tables[device] = dt
+    return dt
+
+  def _logits(self, k, h, n, num_classes=None):
     logits = self.heads[k](h)
     if logits.ndim != 2 or logits.shape[0] != n:
       raise ValueError(f"heads[{k}]: expected logits of shape [B={n}, C], "
                        f"got {tuple(logits.shape)}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+      raise ValueError(f"heads[{k}]: expected {num_classes} classes like "
+                       f"heads[0], got logits of shape {tuple(logits.shape)}")
     return logits
 
-  def _signal(self, k, logits, conf) -> np.ndarray:
-    """`[B]` float64 signal on the host of a "1-conf" table (1 - conf) or of a
-    "signal" table (`signal_fn`)."""
-    if self.signal_fn is None:
-      # In float64 from the float32 confidence, as jexit.evaluation computes it.
-      return 1.0 - conf.cpu().numpy().astype(np.float64)
+  def _user_signal(self, k, logits) -> torch.Tensor:
     signal = self._signal_fns[k](logits)
     if tuple(signal.shape) != (logits.shape[0],):
       raise ValueError(f"signal_fn: expected a [B={logits.shape[0]}] signal at ramp {k}, "
                        f"got shape {tuple(signal.shape)}")
-    return signal.detach().cpu().numpy().astype(np.float64)
+    return signal
+
+  def _values(self, k, logits, conf, pred, prev_pred, dt) -> torch.Tensor:
+    """`[n]` float64 signal of ramp k on the device."""
+    if self.signal_fn is not None:
+      return self._user_signal(k, logits).detach().to(torch.float64)
+    # In float64 from the float32 confidence, as jexit.evaluation computes it.
+    return self._entry.ramp(k, conf.to(torch.float64), pred, prev_pred, dt.calibration, torch)
+
+  def _exact_values(self, k, v, conf, pred, prev_pred, rows):
+    """`v` with the values at `rows` (indices) recomputed by numpy."""
+    prev = None if prev_pred is None else prev_pred[rows].cpu().numpy()
+    exact = self.table.signal_of(k, conf[rows].cpu().numpy().astype(np.float64),
+                                 pred[rows].cpu().numpy(), prev)
+    return v.index_put((rows,), torch.as_tensor(exact, device=v.device))
+
+  def _near(self, k, v, dt) -> torch.Tensor:
+    """`[n]` bool: within `_NEAR` of an inner edge or of the accepted range."""
+    inner = dt.inner[k]
+    near = (torch.bucketize(v - _NEAR, inner, right=True)
+            != torch.bucketize(v + _NEAR, inner, right=True))
+    return near | ((v - dt.lo[k]).abs() <= _NEAR) | ((v - dt.hi[k]).abs() <= _NEAR)
+
+  def _decide(self, k, v, best_loss, best_ramp, dt) -> _Step:
+    """`ExitTable._decide` as tensor ops, for float64 signals `v [n]`."""
+    isnan = torch.isnan(v)
+    b = torch.bucketize(torch.where(isnan, dt.first[k], v), dt.inner[k], right=True)
+    current = torch.where(isnan, float("inf"), dt.loss[k].index_select(0, b))
+    if self.table.recall:
+      # `<=`: on ties the latest ramp becomes the output (PROBLEM.md).
+      better = current <= best_loss
+      best_loss = torch.where(better, current, best_loss)
+      best_ramp = torch.where(better, k, best_ramp)
+    else:
+      better = torch.ones_like(isnan)
+      best_loss, best_ramp = current, torch.full_like(best_ramp, k)
+    if k == self.num_ramps - 1:
+      stop = torch.ones_like(isnan)
+    else:
+      stop = (best_loss <= dt.threshold[k].index_select(0, b)) & ~isnan
+    return _Step(stop, better, best_loss, best_ramp, isnan)
+
+  def _problems(self, v, isnan, dt, k, valid):
+    """0-d counts of NaN and of out-of-range signals the table refuses."""
+    out = []
+    if self.table.nan == "error":
+      out.append((isnan & valid).sum())
+    if self.table.out_of_range == "error":
+      out.append(((~isnan) & ((v < dt.lo[k]) | (v > dt.hi[k])) & valid).sum())
+    return out
+
+  def _raise_bad(self, k, v, rows, valid, b):
+    """Raises the numpy runtime's error for ramp k, naming the input's index
+    in the batch (`rows [n]` maps the compacted rows to it)."""
+    v, rows, valid = (t.cpu().numpy() for t in (v, rows, valid))
+    full = np.full(b, self.table.edges[k, 0])
+    full[rows[valid]] = v[valid]
+    self.table._bins(k, full)  # pylint: disable=protected-access
+    raise AssertionError(f"ramp {k}: a bad signal was flagged but not found")
+
+  def _bucket(self, n: int, b: int) -> int:
+    if self.bucket_sizes is None:
+      return min(1 << (n - 1).bit_length(), b)
+    return next((s for s in self.bucket_sizes if s >= n), n)
 
   @torch.inference_mode()
   def __call__(self, x: torch.Tensor) -> RunnerOutput:
@@ -176,75 +321,150 @@ class EarlyExitRunner:
     self._check_eval()
     if x.ndim < 1:
       raise ValueError(f"x: expected a batch [B, ...], got a tensor of shape {tuple(x.shape)}")
-    if int(x.shape[0]) == 1:
-      return self._run_one(x)
-    if int(x.shape[0]) == 0:
+    b = int(x.shape[0])
+    if b == 0:
       empty = torch.zeros(0, dtype=torch.int64, device=x.device)
       return RunnerOutput(pred=empty, logits=None, stop_ramp=empty, output_ramp=empty)
-    device = x.device
-    b = int(x.shape[0])
-    table = self.table
-    stop_ramp = np.full(b, -1, np.int64)
-    output_ramp = np.full(b, -1, np.int64)
-    rows = np.arange(b)                          # input index of each row, on the host
-    best_loss = np.full(b, np.inf, table.dtype)  # the ExitState of `table.step`
-    best_ramp = np.full(b, -1, np.int64)
-    tracked, prev_pred = signals.REGISTRY[table.signal].uses_previous, None
-    # Per ramp run: the rows it ran on and its predictions/logits for them.
-    # Outputs are gathered once at the end instead of scattered per ramp.
-    ran, preds, all_logits = [], [], []
+    if b == 1 and self.batching == "compact":
+      return self._run_one(x)
+    if self.batching == "mask":
+      return self._run_masked(x)
+    return self._run_compacted(x)
+
+  def _run_compacted(self, x: torch.Tensor) -> RunnerOutput:
+    device, b = x.device, int(x.shape[0])
+    dt = self._device_table(device)
+    tracked = self._entry.uses_previous
+    dtype = dt.loss.dtype
+    # Outputs have a spare last row: padding rows (batching="bucket") write there.
+    out_stop = torch.empty(b + 1, dtype=torch.int64, device=device)
+    out_ramp = torch.empty_like(out_stop)
+    out_pred = torch.empty_like(out_stop)
+    out_logits = None
+    rows = torch.arange(b, device=device)        # input index of each row
+    valid = torch.ones(b, dtype=torch.bool, device=device)  # False: padding
+    best_loss = torch.full((b,), float("inf"), dtype=dtype, device=device)
+    best_ramp = torch.full((b,), -1, dtype=torch.int64, device=device)
+    best_pred = best_logits = prev_pred = None
+    num_classes = None
     h = x
     for k in range(self.num_ramps):
-      if rows.size == 0:
-        break
       h = self.segments[k](h)
-      logits = self._logits(k, h, rows.size)
-      if all_logits and logits.shape[1] != all_logits[0].shape[1]:
-        raise ValueError(f"heads[{k}]: expected {all_logits[0].shape[1]} classes like "
-                         f"heads[0], got logits of shape {tuple(logits.shape)}")
+      n = int(h.shape[0])
+      logits = self._logits(k, h, n, num_classes)
+      num_classes = int(logits.shape[1])
       conf, pred = max_softmax(logits)
-      if tracked:  # the signal reads this ramp's and the previous ramp's predictions
-        pred_host = pred.cpu().numpy()
-        v = table.signal_of(k, conf.cpu().numpy().astype(np.float64), pred_host, prev_pred)
+      v = self._values(k, logits, conf, pred, prev_pred, dt)
+      step = self._decide(k, v, best_loss, best_ramp, dt)
+      going = step.stop.logical_not().logical_and(valid)
+      checks = self._problems(v, step.isnan, dt, k, valid)
+      near = None if self._exact else self._near(k, v, dt).logical_and(valid)
+      counts = torch.stack([going.sum()] + checks + ([] if near is None else [near.sum()])
+                           ).tolist()  # the one host sync of this ramp
+      if near is not None and counts[-1]:
+        # Rare: a value within 1e-12 of an edge, where torch's last bits could
+        # pick another bin than numpy's; take numpy's and decide again.
+        v = self._exact_values(k, v, conf, pred, prev_pred, near.nonzero().squeeze(1))
+        step = self._decide(k, v, best_loss, best_ramp, dt)
+        going = step.stop.logical_not().logical_and(valid)
+        checks = self._problems(v, step.isnan, dt, k, valid)
+        counts = torch.stack([going.sum()] + checks).tolist()
+      if any(counts[1:1 + len(checks)]):
+        self._raise_bad(k, v, rows, valid, b)
+      n_going = counts[0]
+      best_loss, best_ramp = step.best_loss, step.best_ramp
+      if best_pred is None:  # ramp 0: every row's best so far is itself
+        best_pred = pred
+        best_logits = logits if self.keep_logits else None
+        if self.keep_logits:
+          out_logits = torch.empty((b + 1, num_classes), dtype=logits.dtype, device=device)
       else:
-        v = self._signal(k, logits, conf)
-      # The rows and k are right by construction: the rule without step's checks.
-      stop, best_loss, best_ramp = table._decide(k, v, best_loss, best_ramp)
-      ran.append(rows)
-      preds.append(pred)
+        best_pred = torch.where(step.better, pred, best_pred)
+        if self.keep_logits:
+          best_logits = torch.where(step.better[:, None], logits.to(best_logits.dtype),
+                                    best_logits)
+      # Every row's current result; the rows going on overwrite theirs later.
+      target = torch.where(valid, rows, b)
+      out_stop.index_fill_(0, target, k)
+      out_ramp.index_copy_(0, target, best_ramp)
+      out_pred.index_copy_(0, target, best_pred)
       if self.keep_logits:
-        all_logits.append(logits)
-      if stop.any():
-        stop_ramp[rows[stop]] = k
-        output_ramp[rows[stop]] = best_ramp[stop]
-        keep = ~stop
-        if keep.any():
-          # Compact: later segments only run on the inputs still going.
-          h = h.index_select(0, torch.from_numpy(np.flatnonzero(keep)).to(device))
-        rows, best_loss, best_ramp = rows[keep], best_loss[keep], best_ramp[keep]
+        out_logits.index_copy_(0, target, best_logits)
+      if n_going == 0 or k == self.num_ramps - 1:
+        break
+      size = n_going if self.batching == "compact" else self._bucket(n_going, b)
+      keep = _rows_of(going, size)
+      # Compact: later segments only run on the inputs still going.
+      h = h.index_select(0, keep)
+      rows = rows.index_select(0, keep)
+      valid = torch.arange(size, device=device) < n_going
+      best_loss, best_ramp = best_loss.index_select(0, keep), best_ramp.index_select(0, keep)
+      best_pred = best_pred.index_select(0, keep)
+      if self.keep_logits:
+        best_logits = best_logits.index_select(0, keep)
       if tracked:
-        prev_pred = pred_host[~stop]
-    # Row of each input's output ramp in the concatenation of what each ramp
-    # ran on (`ran[j]` is sorted: compaction keeps the input order).
-    offsets = np.cumsum([0] + [r.size for r in ran])
-    flat = np.empty(b, np.int64)
-    for j, r in enumerate(ran):
-      sel = np.flatnonzero(output_ramp == j)
-      if sel.size:
-        flat[sel] = offsets[j] + np.searchsorted(r, sel)
-    flat = torch.from_numpy(flat).to(device)
-    out_pred = (preds[0] if len(preds) == 1 else torch.cat(preds)).index_select(0, flat)
-    out_logits = None
-    if self.keep_logits:
-      out_logits = (all_logits[0] if len(all_logits) == 1 else torch.cat(all_logits)
-                    ).index_select(0, flat)
-    return RunnerOutput(pred=out_pred, logits=out_logits,
-                        stop_ramp=torch.from_numpy(stop_ramp).to(device),
-                        output_ramp=torch.from_numpy(output_ramp).to(device))
+        prev_pred = pred.index_select(0, keep)
+    return RunnerOutput(pred=out_pred[:b], logits=None if out_logits is None else out_logits[:b],
+                        stop_ramp=out_stop[:b], output_ramp=out_ramp[:b])
+
+  def _run_masked(self, x: torch.Tensor) -> RunnerOutput:
+    """batching="mask": every segment on the whole batch, then the decisions;
+    host syncs only for the table's "error" modes and the "class" near-edge
+    check, once each, after the last segment."""
+    device, b = x.device, int(x.shape[0])
+    dt = self._device_table(device)
+    h, outputs, num_classes = x, [], None
+    for k in range(self.num_ramps):
+      h = self.segments[k](h)
+      logits = self._logits(k, h, b, num_classes)
+      num_classes = int(logits.shape[1])
+      conf, pred = max_softmax(logits)
+      prev = outputs[-1][2] if outputs and self._entry.uses_previous else None
+      outputs.append((logits, conf, pred, self._values(k, logits, conf, pred, prev, dt)))
+    values = [o[3] for o in outputs]
+    if not self._exact:
+      near = [self._near(k, v, dt) for k, v in enumerate(values)]
+      if any(torch.stack([m.any() for m in near]).tolist()):
+        for k, m in enumerate(near):
+          prev = outputs[k - 1][2] if k else None
+          values[k] = self._exact_values(k, values[k], outputs[k][1], outputs[k][2], prev,
+                                         m.nonzero().squeeze(1))
+    dtype = dt.loss.dtype
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    best_loss = torch.full((b,), float("inf"), dtype=dtype, device=device)
+    best_ramp = torch.full((b,), -1, dtype=torch.int64, device=device)
+    best_pred, best_logits = outputs[0][2], outputs[0][0]
+    out_stop = torch.full((b,), -1, dtype=torch.int64, device=device)
+    out_ramp, out_pred = out_stop.clone(), out_stop.clone()
+    out_logits = torch.zeros_like(best_logits) if self.keep_logits else None
+    problems, actives = [], []
+    for k, (logits, _, pred, _) in enumerate(outputs):
+      step = self._decide(k, values[k], best_loss, best_ramp, dt)
+      problems.append(self._problems(values[k], step.isnan, dt, k, active))
+      actives.append(active)
+      best_loss, best_ramp = step.best_loss, step.best_ramp
+      best_pred = torch.where(step.better, pred, best_pred)
+      now = active & step.stop
+      out_stop = torch.where(now, k, out_stop)
+      out_ramp = torch.where(now, best_ramp, out_ramp)
+      out_pred = torch.where(now, best_pred, out_pred)
+      if self.keep_logits:
+        best_logits = torch.where(step.better[:, None], logits.to(best_logits.dtype),
+                                  best_logits)
+        out_logits = torch.where(now[:, None], best_logits, out_logits)
+      active = active & ~step.stop
+    if problems[0]:
+      flags = torch.stack([torch.stack(p) for p in problems]).tolist()  # [K, 1 or 2]
+      bad = next((k for k, f in enumerate(flags) if any(f)), None)
+      if bad is not None:
+        rows = torch.arange(b, device=device)
+        self._raise_bad(bad, values[bad], rows, actives[bad], b)
+    return RunnerOutput(pred=out_pred, logits=out_logits, stop_ramp=out_stop,
+                        output_ramp=out_ramp)
 
   def _run_one(self, x: torch.Tensor) -> RunnerOutput:
     """Batch size 1: plain-Python decisions (`ExitTable.decide_one`), no
-    scatters; the output ramp's tensors are kept by reference."""
+    tensor bookkeeping; the output ramp's tensors are kept by reference."""
     table = self.table
     best_loss, best_ramp = float("inf"), -1
     out_pred = out_logits = prev_pred = None
@@ -253,14 +473,14 @@ class EarlyExitRunner:
       h = self.segments[k](h)
       logits = self._logits(k, h, 1)
       conf, pred = max_softmax(logits)
-      if signals.REGISTRY[table.signal].uses_previous:
+      if self._entry.uses_previous:
         p = int(pred.item())
         v = table.signal_one(k, float(conf.item()), p, prev_pred)
         prev_pred = p
       elif self.signal_fn is None:
         v = 1.0 - float(conf.item())
       else:
-        v = float(self._signal(k, logits, conf)[0])
+        v = float(self._user_signal(k, logits).item())
       stop, best_loss, best_ramp = table.decide_one(k, v, best_loss, best_ramp)
       if best_ramp == k:
         out_pred, out_logits = pred, logits
@@ -270,3 +490,13 @@ class EarlyExitRunner:
     return RunnerOutput(pred=out_pred, logits=out_logits if self.keep_logits else None,
                         stop_ramp=torch.tensor([k], device=device),
                         output_ramp=torch.tensor([best_ramp], device=device))
+
+
+def _rows_of(going: torch.Tensor, size: int) -> torch.Tensor:
+  """`[size]` indices of the True entries of `going`, padded with 0 (a row
+  that exists) beyond their count; no host sync where torch allows."""
+  try:
+    return torch.nonzero_static(going, size=size, fill_value=0).squeeze(1)
+  except (RuntimeError, NotImplementedError):  # a device without nonzero_static
+    idx = torch.nonzero(going).squeeze(1)
+    return torch.cat([idx, idx.new_zeros(size - len(idx))]) if size > len(idx) else idx

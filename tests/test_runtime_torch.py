@@ -237,19 +237,21 @@ def test_runtime_torch_never_imports_jax():
   assert result.returncode == 0, result.stderr
 
 
-def test_runner_on_digits_vgg(tmp_path):
-  """The experiments' early-exit VGG (untrained, narrow, to stay fast) on real
-  digits images: compacted float32 batches decide as the numpy runtime does on
-  the confidences of a full-batch pass."""
-  ee_vgg = pytest.importorskip("experiments.ee_vgg")
+@pytest.mark.parametrize("batching", ["compact", "bucket", "mask"])
+def test_runner_on_digits_vgg(tmp_path, batching):
+  """The early-exit VGG (untrained, narrow, to stay fast) on real digits images,
+  recorded by jexit.record: compacted float32 batches decide as the numpy
+  runtime does on the confidences of a full-batch pass."""
+  vgg = pytest.importorskip("jexit.vgg")
+  from jexit.record import record
   torch.manual_seed(0)
-  net = ee_vgg.build_model("vgg11", ramps=3, width_div=16).eval()
+  net = vgg.build_model("vgg11", ramps=3, width_div=16).eval()
   with torch.no_grad():  # spread the near-uniform softmax of untrained heads
     for head, scale in zip(net.heads, (10.0, 30.0, 100.0)):
       head[-1].weight.mul_(scale)
-  images = ee_vgg.load_digits_images().images[:256]
-  conf, pred = full_trace(net.segments, net.heads, images)
-  traces = jexit.Traces(conf, pred, None, ee_vgg.segment_flops(net).astype(np.float64))
+  images = vgg.load_digits_images().images[:256]
+  traces = record(net.segments, net.heads, images, device="cpu", progress=False)
+  conf, pred = traces.conf, traces.pred
   model, binning = jexit.fit(traces, bins="quantile", num_bins=8)
   # Random weights give no useful solved policy, so a hand-made table in the
   # same container: stop in the 4 most confident bins of each ramp.
@@ -262,7 +264,7 @@ def test_runner_on_digits_vgg(tmp_path):
   table = ExitTable.load(tmp_path / "vgg.npz", out_of_range="clip")
   want_stop, want_out, want_pred = table.run(conf, pred)
   assert np.all(np.bincount(want_stop, minlength=3) > 20)
-  out = EarlyExitRunner(net.segments, net.heads, table)(images)
+  out = EarlyExitRunner(net.segments, net.heads, table, batching=batching)(images)
   # float32 convolutions on a smaller batch may round differently: only an
   # input whose signal sits within 1e-6 of a bin edge may decide otherwise.
   signal = 1.0 - conf
@@ -303,3 +305,184 @@ def test_runner_tracked_signal_table_equals_numpy_runtime(tmp_path, recall, sign
                         (want_stop, want_out, want_pred), every=23)
   with pytest.raises(ValueError, match="signal_fn"):
     EarlyExitRunner(segments, heads, table, signal_fn=lambda z: 1.0 - max_softmax(z)[0])
+
+
+# ------------------------------------------------ device-side decisions vs numpy
+
+BATCHINGS = ["compact", "bucket", "mask"]
+
+
+def random_table(conf, pred, signal, recall, seed, *, nan="error", out_of_range="clip",
+                 num_bins=6, calibration=None, values=None):
+  """A hand-made table over `signal`'s values: random losses and thresholds (so
+  inputs stop at every ramp), inner edges drawn among the inputs' own values
+  (so values sit exactly on edges, where torch's and numpy's last bits matter)."""
+  rng = np.random.default_rng(seed)
+  k = conf.shape[1]
+  if values is None:
+    values = jexit.signals.values(signal, conf, pred, calibration=calibration)
+  edges = np.empty((k, num_bins + 1))
+  for r in range(k):
+    v = np.unique(values[:, r])
+    inner = np.sort(rng.choice(v[1:-1], num_bins - 1, replace=False))
+    edges[r] = np.r_[v[0], inner, v[-1]]
+  loss = rng.uniform(size=(k, num_bins)).astype(np.float32)
+  threshold = np.where(rng.uniform(size=(k, num_bins)) < 0.6,
+                       loss[rng.integers(0, k, size=(k, num_bins)), rng.integers(0, num_bins,
+                                                                             size=(k, num_bins))],
+                       -np.inf).astype(np.float32)
+  threshold[-1] = np.inf
+  header = {"format": "jexit-policy", "format_version": 1, "jexit_version": "t",
+            "signal": signal, "lam": 0.0, "recall": recall, "num_ramps": k,
+            "num_bins": num_bins, "cost": [1.0] * k, "dtype": "float32",
+            "trace_sha256": None}
+  return ExitTable(header, edges, loss, threshold, np.ones(k), calibration=calibration,
+                   nan=nan, out_of_range=out_of_range)
+
+
+def device_trace(segments, heads, x):
+  """`full_trace` and the logits of every ramp, on x's device."""
+  conf, pred = full_trace(segments, heads, x)
+  with torch.no_grad():
+    logits, h = [], x
+    for segment, head in zip(segments, heads):
+      h = segment(h)
+      logits.append(head(h))
+  return conf, pred, logits
+
+
+def on(device, modules):
+  for m in modules:
+    m.to(device)
+  return modules
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batching", BATCHINGS)
+@pytest.mark.parametrize("recall", [True, False])
+@pytest.mark.parametrize("signal", ["1-conf", "stability", "class", "signal"])
+def test_device_decisions_equal_the_numpy_runtime(device, batching, recall, signal):
+  segments, heads = tiny_model(k=4, seed=7)
+  on(device, segments + heads)
+  x = torch.randn(400, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+  x = x.to(device)
+  conf, pred, logits = device_trace(segments, heads, x)
+  calibration = (np.random.default_rng(1).normal(size=(3, 2 * 5 + 3))
+                 if signal == "class" else None)
+  signal_fn, values = None, None
+  if signal == "signal":  # a custom signal per ramp (e.g. learned gates)
+    signal_fn = [lambda z: 1.0 - max_softmax(z)[0] ** 2,
+                 jexit.runtime_torch.margin_signal,
+                 lambda z: torch.sigmoid(z[:, 0]),
+                 lambda z: 1.0 - max_softmax(z)[0]]
+    values = np.stack([f(z).cpu().numpy().astype(np.float64)
+                       for f, z in zip(signal_fn, logits)], 1)
+  table = random_table(conf, pred, signal, recall, seed=3, calibration=calibration,
+                       values=values)
+  want = table.run(None if signal == "signal" else conf, pred, signal=values)
+  assert len(np.unique(want[0])) == 4  # inputs stop at every ramp
+  if recall:
+    assert np.any(want[1] < want[0])  # and some output an earlier ramp
+  runner = EarlyExitRunner(segments, heads, table, signal_fn=signal_fn, batching=batching)
+  out = runner(x)
+  for got, expected in zip((out.stop_ramp, out.output_ramp, out.pred), want):
+    assert got.device.type == device
+    np.testing.assert_array_equal(got.cpu().numpy(), expected)
+  # The logits returned are the output ramp's own, per input.
+  stacked = torch.stack(logits, 1).cpu()
+  np.testing.assert_array_equal(out.logits.cpu().numpy(),
+                                stacked[torch.arange(400), torch.as_tensor(want[1])].numpy())
+  if batching == "compact":
+    for i in range(0, 400, 41):  # batch size 1: the plain-Python path
+      one = runner(x[i:i + 1])
+      assert (int(one.stop_ramp[0]), int(one.output_ramp[0]), int(one.pred[0])) == (
+          want[0][i], want[1][i], want[2][i])
+
+
+def test_class_values_on_edges_are_numpy_s():
+  # Edges drawn among the inputs' own class-signal values: torch's exp/log differ
+  # from numpy's in the last bit for some inputs, which would flip those inputs'
+  # bins; the runner recomputes values within 1e-12 of an edge in numpy.
+  segments, heads = tiny_model(k=4, seed=7)
+  x = torch.randn(2000, 6, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+  conf, pred, _ = device_trace(segments, heads, x)
+  calibration = np.random.default_rng(2).normal(size=(3, 13))
+  values = jexit.signals.values("class", conf, pred, calibration=calibration)
+  torch_values = np.stack([jexit.signals.REGISTRY["class"].ramp(
+      k, torch.from_numpy(conf[:, k]), torch.from_numpy(pred[:, k]),
+      None if k == 0 else torch.from_numpy(pred[:, k - 1]),
+      torch.from_numpy(calibration), torch).numpy() for k in range(4)], 1)
+  assert np.any(torch_values != values)  # the case this guards against occurs here
+  table = random_table(conf, pred, "class", True, seed=4, num_bins=40, calibration=calibration)
+  want = table.run(conf, pred)
+  for batching in BATCHINGS:
+    out = EarlyExitRunner(segments, heads, table, batching=batching)(x)
+    np.testing.assert_array_equal(out.stop_ramp.numpy(), want[0])
+    np.testing.assert_array_equal(out.output_ramp.numpy(), want[1])
+
+
+@pytest.mark.parametrize("batching", BATCHINGS)
+def test_fixed_shape_modes_run_few_shapes(batching):
+  segments, heads = tiny_model(k=4, seed=7)
+  x = torch.randn(300, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+  conf, pred, _ = device_trace(segments, heads, x)
+  table = random_table(conf, pred, "1-conf", True, seed=5)
+  want = table.run(conf, pred)
+  for s in segments:
+    s.sizes.clear()
+  out = EarlyExitRunner(segments, heads, table, batching=batching)(x)
+  np.testing.assert_array_equal(out.stop_ramp.numpy(), want[0])
+  sizes = [s.sizes[0] for s in segments if s.sizes]
+  going = [int((want[0] >= k).sum()) for k in range(4)]
+  if batching == "compact":
+    assert sizes == going
+  elif batching == "bucket":  # the next power of two, at most the batch
+    assert sizes == [min(1 << (n - 1).bit_length(), 300) for n in going]
+  else:
+    assert sizes == [300] * 4
+  runner = EarlyExitRunner(segments, heads, table, batching="bucket", bucket_sizes=[50, 100])
+  for s in segments:
+    s.sizes.clear()
+  out = runner(x)
+  np.testing.assert_array_equal(out.output_ramp.numpy(), want[1])
+  assert all(s.sizes[0] in (50, 100, 300) or s.sizes[0] > 100 for s in segments if s.sizes)
+  with pytest.raises(ValueError, match="batching: expected one of"):
+    EarlyExitRunner(segments, heads, table, batching="pad")
+  with pytest.raises(ValueError, match="bucket_sizes: expected ints >= 1 with batching='bucket'"):
+    EarlyExitRunner(segments, heads, table, bucket_sizes=[8])
+
+
+@pytest.mark.parametrize("batching", BATCHINGS)
+def test_errors_name_the_ramp_and_the_input_of_the_batch(batching):
+  # An out-of-range signal at ramp 1, on inputs that ramp 0 did not stop: the
+  # error names the input's index in the batch, not in the compacted rows.
+  segments, heads = tiny_model(k=3, seed=7)
+  x = torch.randn(200, 6, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+  conf, pred, logits = device_trace(segments, heads, x)
+  cut = float(torch.quantile(logits[1][:, 0], 0.8))
+  flagged = (logits[1][:, 0] > cut).numpy()
+  fns = [lambda z: 1.0 - max_softmax(z)[0],
+         lambda z: torch.where(z[:, 0] > cut, 5.0, 1.0 - max_softmax(z)[0]),
+         lambda z: 1.0 - max_softmax(z)[0]]
+  values = 1.0 - conf
+  table = random_table(conf, pred, "signal", True, seed=6, values=values,
+                       out_of_range="error")
+  stop0 = table.run(None, pred, signal=values)[0] == 0
+  bad = np.flatnonzero(flagged & ~stop0)
+  assert bad.size and bad[0] > 0 and np.any(stop0[:bad[0]])  # compaction moves it
+  with pytest.raises(ValueError, match=rf"signal at ramp 1: expected values in the edges' "
+                                       rf"range .* got .*5\.0\)? at input \({bad[0]},\)"):
+    EarlyExitRunner(segments, heads, table, signal_fn=fns, batching=batching)(x)
+  # NaN: named too, or run on to the next ramp with nan="continue".
+  nan_fns = [fns[0], lambda z: torch.where(z[:, 0] > cut, float("nan"), 1.0 - max_softmax(z)[0]),
+             fns[2]]
+  with pytest.raises(ValueError, match=rf"signal at ramp 1: expected finite values, got NaN at "
+                                       rf"input \({bad[0]},\)"):
+    EarlyExitRunner(segments, heads, table, signal_fn=nan_fns, batching=batching)(x)
+  lenient = random_table(conf, pred, "signal", True, seed=6, values=values, nan="continue")
+  nan_values = values.copy()
+  nan_values[flagged, 1] = np.nan
+  want = lenient.run(None, pred, signal=nan_values)
+  out = EarlyExitRunner(segments, heads, lenient, signal_fn=nan_fns, batching=batching)(x)
+  np.testing.assert_array_equal(out.stop_ramp.numpy(), want[0])
+  np.testing.assert_array_equal(out.output_ramp.numpy(), want[1])

@@ -1,4 +1,4 @@
-"""Early-exit VGG traces (experiments/ee_vgg.py): tiny models on the CPU."""
+"""Early-exit VGG traces (jexit.vgg; learned gates: experiments/vgg.py): tiny models on the CPU."""
 
 import dataclasses
 import os
@@ -12,11 +12,12 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
 import jexit  # noqa: E402
+from jexit import vgg  # noqa: E402
 from experiments import ee_vgg  # noqa: E402
 from experiments import make_traces as cli  # noqa: E402
 
 # Few channels, few images, one epoch: seconds on one CPU core.
-TINY = ee_vgg.TraceConfig(width_div=16, max_images=120, epochs=1, ramp_epochs=1,
+TINY = vgg.TraceConfig(width_div=16, max_images=120, epochs=1, ramp_epochs=1,
                           copies=2, batch_size=32, seed=3)
 
 
@@ -31,8 +32,7 @@ def one_thread():
 
 @pytest.mark.parametrize("training", ["joint", "separate"])
 def test_tiny_model_writes_a_valid_trace(tmp_path, training):
-  run = ee_vgg.make_traces(dataclasses.replace(TINY, training=training),
-                           device="cpu")
+  run = vgg.make_traces(dataclasses.replace(TINY, training=training), device="cpu")
   path = tmp_path / "t.npz"
   jexit.save_traces(path, run.traces)
   traces = jexit.load_traces(path)
@@ -40,6 +40,11 @@ def test_tiny_model_writes_a_valid_trace(tmp_path, training):
   assert traces.conf.shape == (TINY.copies * held, 3)
   assert np.array_equal(traces.pred, run.traces.pred)
   assert np.array_equal(traces.cost, run.flops)
+  # head_cost: each ramp head's part (pool 4x4 then linear to 10 classes; final: 1x1).
+  channels = [v // 16 for v in vgg.tv_vgg.cfgs["A"] if v != "M"]
+  np.testing.assert_array_equal(traces.head_cost, [2 * 16 * channels[1] * 10,
+                                                   2 * 16 * channels[3] * 10,
+                                                   2 * channels[7] * 10])
   assert traces.conf.min() >= 0 and traces.conf.max() <= 1
   assert set(np.unique(traces.label)) <= set(range(10))
   np.testing.assert_allclose(run.accuracy, (traces.pred == traces.label[:, None]).mean(0))
@@ -48,30 +53,29 @@ def test_tiny_model_writes_a_valid_trace(tmp_path, training):
 
 
 def test_trace_rows_are_disjoint_from_training_rows():
-  run = ee_vgg.make_traces(dataclasses.replace(TINY, epochs=0, ramp_epochs=0),
-                           device="cpu")
+  run = vgg.make_traces(dataclasses.replace(TINY, epochs=0, ramp_epochs=0), device="cpu")
   assert not set(run.train_rows) & set(run.trace_source)
   # Copies of one image are consecutive rows (image-major).
   held = np.unique(run.trace_source)
   assert np.array_equal(run.trace_source, np.repeat(held, TINY.copies))
   assert len(held) + len(run.train_rows) == 120
-  train, held2 = ee_vgg.split_rows(1797, 0.4, seed=0)
+  train, held2 = vgg.split_rows(1797, 0.4, seed=0)
   assert not set(train) & set(held2) and len(train) + len(held2) == 1797
 
 
 def test_self_distilled_ramps_learn_the_final_head_not_the_labels():
   # The backbone and final head learn shifted labels (y + 1) % 10; the ramps
   # then train on y. Ramps that agree with the final head learned the teacher.
-  data = ee_vgg.load_digits_images()
+  data = vgg.load_digits_images()
   x, y = data.images[:128], data.labels[:128]
   agreement = {}
   for target in ("labels", "teacher"):
     torch.manual_seed(0)
-    model = ee_vgg.build_model("vgg11", 3, width_div=8)
+    model = vgg.build_model("vgg11", 3, width_div=8)
     common = dict(training="separate", batch_size=32, augment_train=False, device="cpu")
-    ee_vgg.train(model, x, (y + 1) % 10, epochs=20, ramp_epochs=0, **common)
+    vgg.train(model, x, (y + 1) % 10, epochs=20, ramp_epochs=0, **common)
     final = [p.detach().clone() for p in model.heads[-1].parameters()]
-    ee_vgg.train(model, x, y, epochs=0, ramp_epochs=8, ramp_target=target, **common)
+    vgg.train(model, x, y, epochs=0, ramp_epochs=8, ramp_target=target, **common)
     torch.testing.assert_close(list(model.heads[-1].parameters()), final)  # frozen teacher
     model.eval()
     with torch.no_grad():
@@ -81,30 +85,30 @@ def test_self_distilled_ramps_learn_the_final_head_not_the_labels():
   assert agreement["labels"] < 0.1, agreement  # those ramps learned y
   assert agreement["teacher"] > agreement["labels"] + 0.3, agreement
   with pytest.raises(ValueError, match="ramp_target"):
-    ee_vgg.train(model, x, y, epochs=0, ramp_epochs=1, ramp_target="final")
+    vgg.train(model, x, y, epochs=0, ramp_epochs=1, ramp_target="final")
 
 
-@pytest.mark.parametrize("arch", sorted(ee_vgg.ARCHS))
+@pytest.mark.parametrize("arch", sorted(vgg.ARCHS))
 @pytest.mark.parametrize("ramps", [3, 5])
 def test_segment_flops_add_up_to_the_network(arch, ramps):
-  model = ee_vgg.build_model(arch, ramps, width_div=16)
-  flops = ee_vgg.segment_flops(model)
+  model = vgg.build_model(arch, ramps, width_div=16)
+  flops = vgg.segment_flops(model)
   assert flops.shape == (ramps,) and np.all(flops > 0)
-  assert flops.sum() == ee_vgg.network_flops(model)
+  assert flops.sum() == vgg.network_flops(model)
 
 
 def test_first_segment_flops_by_hand():
   # VGG-11/4, 5 ramps: conv 3->16 on 32x32 (3x3) + head pool 4x4 (the default)
   # -> linear 256->10, or pool 2x2 (experiments/traces) -> linear 64->10.
   conv = 2 * 3 * 16 * 9 * 32 * 32
-  model = ee_vgg.build_model("vgg11", 5, width_div=4)
-  assert ee_vgg.segment_flops(model)[0] == conv + 2 * 16 * 16 * 10
-  model = ee_vgg.build_model("vgg11", 5, width_div=4, head_pool=2)
-  assert ee_vgg.segment_flops(model)[0] == conv + 2 * 16 * 4 * 10
+  model = vgg.build_model("vgg11", 5, width_div=4)
+  assert vgg.segment_flops(model)[0] == conv + 2 * 16 * 16 * 10
+  model = vgg.build_model("vgg11", 5, width_div=4, head_pool=2)
+  assert vgg.segment_flops(model)[0] == conv + 2 * 16 * 4 * 10
 
 
 def test_five_ramps_structure_and_frozen_backbone():
-  model = ee_vgg.build_model("vgg13", 5, width_div=16)
+  model = vgg.build_model("vgg13", 5, width_div=16)
   assert len(model.segments) == len(model.heads) == 5
   x = torch.rand(4, 1, 32, 32)
   model.eval()
@@ -118,9 +122,9 @@ def test_five_ramps_structure_and_frozen_backbone():
 
   # separate training, ramp phase only: the backbone and final head must not move.
   before = {k: v.clone() for k, v in model.state_dict().items()}
-  data = ee_vgg.load_digits_images()
-  ee_vgg.train(model, data.images[:64], data.labels[:64], epochs=0, ramp_epochs=1,
-               training="separate", batch_size=32, device="cpu")
+  data = vgg.load_digits_images()
+  vgg.train(model, data.images[:64], data.labels[:64], epochs=0, ramp_epochs=1,
+            training="separate", batch_size=32, device="cpu")
   after = model.state_dict()
   for key in before:
     moved = not torch.equal(before[key], after[key])
@@ -128,12 +132,12 @@ def test_five_ramps_structure_and_frozen_backbone():
 
 
 def test_torchvision_state_dict_maps_onto_the_segments(tmp_path):
-  cfg = [v if v == "M" else v // 16 for v in ee_vgg.tv_vgg.cfgs["A"]]
-  features = ee_vgg.tv_vgg.make_layers(cfg, batch_norm=True).eval()
+  cfg = [v if v == "M" else v // 16 for v in vgg.tv_vgg.cfgs["A"]]
+  features = vgg.tv_vgg.make_layers(cfg, batch_norm=True).eval()
   path = tmp_path / "vgg11_bn.pt"
   torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
-  model = ee_vgg.build_model("vgg11", 3, width_div=16).eval()
-  missing = ee_vgg.load_weights(model, path)
+  model = vgg.build_model("vgg11", 3, width_div=16).eval()
+  missing = vgg.load_weights(model, path)
   assert missing and all(k.startswith("heads.") or k.endswith((".mean", ".std"))
                          for k in missing)
   x = torch.rand(2, 3, 32, 32)
@@ -141,19 +145,19 @@ def test_torchvision_state_dict_maps_onto_the_segments(tmp_path):
     h = x
     for segment in model.segments:
       h = segment(h)
-    torch.testing.assert_close(h, features(ee_vgg.InputNorm()(x)))
+    torch.testing.assert_close(h, features(vgg.InputNorm()(x)))
 
-  other = ee_vgg.build_model("vgg11", 3, width_div=8)
+  other = vgg.build_model("vgg11", 3, width_div=8)
   with pytest.raises(ValueError, match="width_div"):
-    ee_vgg.load_weights(other, path)
+    vgg.load_weights(other, path)
 
 
 def test_own_weights_round_trip(tmp_path):
-  model = ee_vgg.build_model("vgg11", 5, width_div=16)
+  model = vgg.build_model("vgg11", 5, width_div=16)
   path = tmp_path / "w.pt"
   torch.save(model.state_dict(), path)
-  copy = ee_vgg.build_model("vgg11", 5, width_div=16)
-  assert ee_vgg.load_weights(copy, path) == []
+  copy = vgg.build_model("vgg11", 5, width_div=16)
+  assert vgg.load_weights(copy, path) == []
   x = torch.rand(2, 1, 32, 32)
   with torch.no_grad():
     for a, b in zip(model.eval()(x), copy.eval()(x)):
@@ -161,26 +165,17 @@ def test_own_weights_round_trip(tmp_path):
 
 
 def test_augment_is_seeded_and_in_range():
-  images = ee_vgg.load_digits_images().images[:8]
-  a = ee_vgg.augment(images, torch.Generator().manual_seed(0))
-  b = ee_vgg.augment(images, torch.Generator().manual_seed(0))
+  images = vgg.load_digits_images().images[:8]
+  a = vgg.augment(images, torch.Generator().manual_seed(0))
+  b = vgg.augment(images, torch.Generator().manual_seed(0))
   assert torch.equal(a, b) and not torch.equal(a, images)
   assert a.shape == images.shape and a.min() >= 0 and a.max() <= 1
 
 
 def test_latency_is_positive_per_segment():
-  model = ee_vgg.build_model("vgg11", 3, width_div=16)
-  ms = ee_vgg.segment_latency(model, device="cpu", warmup=2, repeats=5)
+  model = vgg.build_model("vgg11", 3, width_div=16)
+  ms = vgg.segment_latency(model, device="cpu", warmup=2, repeats=5)
   assert ms.shape == (3,) and np.all(ms > 0)
-
-
-def test_ramp_signals_by_hand():
-  probs = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25]])
-  np.testing.assert_allclose(ee_vgg.ramp_signal(probs, "margin"), [0.5, 1.0], atol=1e-6)
-  np.testing.assert_allclose(ee_vgg.ramp_signal(probs, "margin"),  # the runtime's definition
-                             jexit.runtime.margin_signal(probs.numpy()), atol=1e-6)
-  h = -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1)) / np.log(4)
-  np.testing.assert_allclose(ee_vgg.ramp_signal(probs, "entropy"), [h, 1.0], atol=1e-6)
 
 
 @pytest.mark.parametrize("signal", ee_vgg.SIGNALS)
@@ -226,7 +221,7 @@ def test_gates_learn_agreement(gated_run):
   # better than chance (AUC > 0.6).
   from sklearn.metrics import roc_auc_score
   traces = gated_run.traces
-  assert len(gated_run.gates) == traces.num_ramps - 1
+  assert len(ee_vgg.gates_of(gated_run)) == traces.num_ramps - 1
   agree = traces.pred[:, 0] == traces.pred[:, -1]
   assert 0.1 < agree.mean() < 0.9
   assert traces.signal.min() >= 0 and traces.signal.max() <= 1
@@ -241,11 +236,11 @@ def test_gate_signal_runs_in_the_torch_runner(tmp_path, gated_run):
   from jexit.runtime import ExitTable
   from jexit.runtime_torch import EarlyExitRunner, max_softmax
   run, traces = gated_run, gated_run.traces
-  data = ee_vgg.load_digits_images(GATED.size)
+  data = vgg.load_digits_images(GATED.size)
   keep = np.sort(np.random.default_rng(GATED.seed).permutation(len(data.images))[:300])
   data = data._replace(images=data.images[keep], labels=data.labels[keep])
-  x, _, _ = ee_vgg.trace_inputs(data, np.unique(run.trace_source), GATED.copies, GATED.seed)
-  signal_fns = [g.signal for g in run.gates] + [lambda z: 1.0 - max_softmax(z)[0]]
+  x, _, _ = vgg.trace_inputs(data, np.unique(run.trace_source), GATED.copies, GATED.seed)
+  signal_fns = [g.signal for g in ee_vgg.gates_of(run)] + [lambda z: 1.0 - max_softmax(z)[0]]
   with torch.no_grad():
     logits = run.model(x)
     signal = np.stack([f(z).numpy().astype(np.float64) for f, z in zip(signal_fns, logits)], 1)
@@ -289,19 +284,18 @@ def test_feature_gate_learns_from_the_feature_map():
 
 def test_bad_configurations_raise():
   with pytest.raises(ValueError, match="ramp_stages"):
-    ee_vgg.EarlyExitVGG("vgg11", (2, 3))
+    vgg.EarlyExitVGG("vgg11", (2, 3))
   with pytest.raises(ValueError, match="arch"):
-    ee_vgg.EarlyExitVGG("vgg19")
+    vgg.EarlyExitVGG("vgg19")
   with pytest.raises(ValueError, match="head_pool: expected an int >= 1, got 0"):
-    ee_vgg.EarlyExitVGG("vgg11", head_pool=0)
+    vgg.EarlyExitVGG("vgg11", head_pool=0)
   with pytest.raises(ValueError, match="training"):
-    ee_vgg.train(ee_vgg.build_model(width_div=16), torch.rand(4, 1, 32, 32),
-                 torch.zeros(4, dtype=torch.int64), training="both", device="cpu")
+    vgg.train(vgg.build_model(width_div=16), torch.rand(4, 1, 32, 32),
+              torch.zeros(4, dtype=torch.int64), training="both", device="cpu")
   with pytest.raises(ValueError, match="signal"):
     ee_vgg.make_traces(dataclasses.replace(TINY, signal="variance"), device="cpu")
-  with pytest.raises(ValueError, match="gates: signal 'gate' needs one gate per ramp"):
-    ee_vgg.extract(ee_vgg.build_model(width_div=16), torch.rand(2, 1, 32, 32),
-                   device="cpu", signal="gate")
+  with pytest.raises(ValueError, match=r"signal: expected one of \['entropy', 'margin'\]"):
+    vgg.make_traces(dataclasses.replace(TINY, signal="gate"), device="cpu")
 
 
 def test_cli_writes_a_trace(tmp_path, capsys):
@@ -327,14 +321,14 @@ def test_cli_head_pool_sets_the_ramp_heads(tmp_path, head_pool):
 
 def test_weights_of_another_head_pool_are_refused_by_name(tmp_path):
   path = tmp_path / "pool2.pt"
-  torch.save(ee_vgg.build_model("vgg11", 3, width_div=16, head_pool=2).state_dict(), path)
+  torch.save(vgg.build_model("vgg11", 3, width_div=16, head_pool=2).state_dict(), path)
   with pytest.raises(ValueError, match=r"heads\.0\.2\.weight has shape \(10, 32\), the model "
                                        r"\(10, 128\) \(saved with another --head-pool"):
-    ee_vgg.load_weights(ee_vgg.build_model("vgg11", 3, width_div=16), path)
-  with pytest.raises(ValueError, match="a different --ramps or --arch"):
-    ee_vgg.load_weights(ee_vgg.build_model("vgg11", 5, width_div=16, head_pool=2), path)
-  assert ee_vgg.load_weights(ee_vgg.build_model("vgg11", 3, width_div=16, head_pool=2),
-                             path) == []
+    vgg.load_weights(vgg.build_model("vgg11", 3, width_div=16), path)
+  with pytest.raises(ValueError, match="a different --ramps, --arch or batch norm"):
+    vgg.load_weights(vgg.build_model("vgg11", 5, width_div=16, head_pool=2), path)
+  assert vgg.load_weights(vgg.build_model("vgg11", 3, width_div=16, head_pool=2),
+                          path) == []
 
 
 def test_image_folder_makes_a_trace(tmp_path):
@@ -345,17 +339,93 @@ def test_image_folder_makes_a_trace(tmp_path):
     for i in range(8):
       pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
       Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
-  data = ee_vgg.load_image_folder(tmp_path, size=32)
+  data = vgg.load_image_folder(tmp_path, size=32)
   assert tuple(data.images.shape) == (24, 3, 32, 32) and data.num_classes == 3
   assert float(data.images.min()) >= 0 and float(data.images.max()) <= 1
   assert sorted(np.bincount(data.labels.numpy()).tolist()) == [8, 8, 8]
   config = dataclasses.replace(TINY, max_images=None, copies=1)
-  run = ee_vgg.make_traces(config, data=data)
+  run = vgg.make_traces(config, data=data)
   assert run.traces.conf.shape[1] == 3 and run.traces.pred.max() < 3
   jexit.check_traces(run.traces)
   with pytest.raises(ValueError, match="no images"):
     (tmp_path / "empty").mkdir()
-    ee_vgg.load_image_folder(tmp_path / "empty")
+    vgg.load_image_folder(tmp_path / "empty")
+
+
+def _torchvision_file(path, cfg_name, batch_norm, width_div=16):
+  """A torchvision-style `features.*` state dict (narrow, random) at `path`."""
+  cfg = [v if v == "M" else v // width_div for v in vgg.tv_vgg.cfgs[cfg_name]]
+  features = vgg.tv_vgg.make_layers(cfg, batch_norm=batch_norm)
+  torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+  return path
+
+
+def test_weights_of_another_architecture_or_batch_norm_are_refused_by_name(tmp_path):
+  vgg16 = _torchvision_file(tmp_path / "vgg16_bn.pt", "D", True)
+  with pytest.raises(ValueError, match=r"torchvision vgg16 weights \(13 conv layers\), the "
+                                       r"model is vgg11 \(--arch vgg16\?\)"):
+    vgg.load_weights(vgg.build_model("vgg11", 3, width_div=16), vgg16)
+  vgg19 = _torchvision_file(tmp_path / "vgg19.pt", "E", False)
+  with pytest.raises(ValueError, match=r"torchvision vgg19 weights \(16 conv layers\)"):
+    vgg.load_weights(vgg.build_model("vgg16", 3, width_div=16), vgg19)
+  plain = _torchvision_file(tmp_path / "vgg11.pt", "A", False)
+  with pytest.raises(ValueError, match=r"torchvision vgg11 weights \(no batch norm\), the model "
+                                       r"has batch norm .*--no-batch-norm"):
+    vgg.load_weights(vgg.build_model("vgg11", 3, width_div=16), plain)
+  model = vgg.build_model("vgg11", 3, width_div=16, batch_norm=False)
+  assert all(k.startswith("heads.") or k.endswith((".mean", ".std"))
+             for k in vgg.load_weights(model, plain))
+  with pytest.raises(ValueError, match="no such file"):
+    vgg.load_weights(model, tmp_path / "missing.pt")
+  (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+  with pytest.raises(ValueError, match="could not read it as a torch state dict"):
+    vgg.load_weights(model, tmp_path / "junk.pt")
+  torch.save([1, 2], tmp_path / "list.pt")
+  with pytest.raises(ValueError, match="expected a state dict"):
+    vgg.load_weights(model, tmp_path / "list.pt")
+
+
+def test_torchvision_backbone_heads_train_on_the_frozen_backbone(tmp_path):
+  # A torchvision file sets the backbone only: with no backbone epochs, the ramp
+  # phase trains every head, the final one too, and the backbone stays as loaded.
+  path = _torchvision_file(tmp_path / "vgg11_bn.pt", "A", True)
+  config = dataclasses.replace(TINY, epochs=0, ramp_epochs=1, max_images=80, copies=1)
+  run = vgg.make_traces(config, weights=path, device="cpu")
+  loaded = vgg.build_model("vgg11", 3, width_div=16)
+  vgg.load_weights(loaded, path)
+  for key, value in run.model.state_dict().items():
+    if key.startswith("segments."):
+      assert torch.equal(value, loaded.state_dict()[key]), key
+  torch.manual_seed(TINY.seed)  # make_traces' own initialisation of the heads
+  init = vgg.build_model("vgg11", 3, width_div=16).state_dict()
+  assert not torch.equal(run.model.state_dict()["heads.2.2.weight"], init["heads.2.2.weight"])
+  with pytest.raises(ValueError, match=r"ramp_epochs: weights .* set no ramp heads .*"
+                                       r"--train-ramps"):
+    vgg.make_traces(dataclasses.replace(config, ramp_epochs=0), weights=path, device="cpu")
+
+
+def test_image_folder_sizes_are_checked(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for cls, shape in (("a", (40, 48, 3)), ("b", (36, 36, 3))):
+    (tmp_path / cls).mkdir()
+    Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8)).save(
+        tmp_path / cls / "0.png")
+  with pytest.raises(ValueError, match=r"expected images of one size, got 40x48 .* and 36x36 "
+                                       r".*pass a size"):
+    vgg.load_image_folder(tmp_path, size=None)
+  assert tuple(vgg.load_image_folder(tmp_path, size=32).images.shape) == (2, 3, 32, 32)
+  small = tmp_path / "small"
+  (small / "a").mkdir(parents=True)
+  Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(small / "a" / "0.png")
+  with pytest.raises(ValueError, match=r"at least 32x32 pixels .* got 16x16"):
+    vgg.load_image_folder(small, size=None)
+  with pytest.raises(ValueError, match="size: expected an int >= 32"):
+    vgg.load_image_folder(small, size=16)
+  with pytest.raises(ValueError, match="no such folder"):
+    vgg.load_image_folder(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match=r"images: expected \[B, 1 or 3, H, W\] with H, W >= 32"):
+    vgg.build_model(width_div=16).eval()(torch.rand(2, 3, 16, 16))
 
 
 SUITE = [f"digits_{a}_{r}ramps" for a in ("vgg11", "vgg13", "vgg16") for r in (3, 5)]
