@@ -278,6 +278,51 @@ def pvalue(losses, n, eps, test: str = "binomial") -> np.ndarray:
   raise ValueError(f"test: expected one of {list(TESTS)}, got {test!r}")
 
 
+def wsr_pvalue(unit_losses, eps, delta: float, c: float = 0.75) -> np.ndarray:
+  """Betting p-value (Waudby-Smith and Ramdas 2023) of "true mean loss > eps".
+
+  Reads every unit's loss in order, not only the mean: with units whose
+  losses are fractions (block means) it can beat Hoeffding-Bentkus, which
+  assumes the worst, 0/1, spread. The capital
+
+      K_t = prod_{i <= t} (1 + l_i (eps - x_i))
+
+  is a nonnegative supermartingale when the true mean is >= eps, so by
+  Ville's inequality `min(1, 1 / max_t K_t)` is a valid p-value. The bet is
+  the predictable plug-in `l_i = min(sqrt(2 log(1/delta) / (n s2_{i-1})),
+  c / (1 - eps))`, with `s2` the running variance (prior 1/4 at weight 1).
+  The order of the units must not depend on their losses (the draw's own
+  order, or a seeded shuffle); `delta` only tunes the bet.
+
+  Args:
+    unit_losses: `[..., n]` per-unit losses in [0, 1], in their order.
+    eps: loss budget(s) in (0, 1), broadcast against `[...]`.
+    delta: the failure probability the p-value will be compared with.
+    c: the largest bet as a share of the largest safe one, in (0, 1).
+
+  Returns:
+    `[...]` p-values.
+  """
+  _check_delta(delta)
+  x = _check_rate(unit_losses, "unit_losses")
+  if x.ndim < 1 or x.shape[-1] < 1:
+    raise ValueError(f"unit_losses: expected [..., n] with n >= 1, got shape {x.shape}")
+  eps = _check_rate(eps, "eps", open_low=True)
+  if np.any(eps >= 1):
+    raise ValueError(f"eps: expected values in (0, 1) for the betting test, got {eps!r}")
+  if not 0 < c < 1:
+    raise ValueError(f"c: expected a share in (0, 1), got {c!r}")
+  eps = np.asarray(eps)[..., None]
+  n = x.shape[-1]
+  t = np.arange(1, n + 1)
+  mu = (0.5 + np.cumsum(x, axis=-1)) / (t + 1)
+  s2 = (0.25 + np.cumsum((x - mu) ** 2, axis=-1)) / (t + 1)
+  prev = np.concatenate([np.full(s2.shape[:-1] + (1,), 0.25), s2[..., :-1]], axis=-1)
+  bet = np.minimum(np.sqrt(2 * math.log(1 / delta) / (n * prev)), c / (1 - eps))
+  log_cap = np.cumsum(np.log1p(bet * (eps - x)), axis=-1)
+  return np.minimum(1.0, np.exp(-np.maximum(np.max(log_cap, axis=-1), 0.0)))
+
+
 def fixed_sequence(pvalues, delta: float) -> Optional[int]:
   """Fixed-sequence testing: the last position accepted walking `pvalues` in order.
 
@@ -382,6 +427,40 @@ def smallest_certifiable(n, delta: float, losses=0, test: str = "binomial") -> f
   calibration rows are too few for the budget they asked.
   """
   return float(ucb(losses, n, delta, test))
+
+
+def critical_loss(n: int, eps: float, delta: float, test: str = "binomial",
+                  block: int = 1) -> Optional[float]:
+  """The largest observed mean loss with which `n` units still certify `eps` at `delta`.
+
+  What a chooser can aim for on its fit rows before it sees the calibration
+  units: a candidate certifies iff its calibration loss is at most this (the
+  p-value rises with the loss). Losses are on the grid they can take: counts
+  `k / n` for `"binomial"`, multiples of `1 / (block * n)` (rows over rows)
+  for `"hoeffding-bentkus"` on block means.
+
+  Returns:
+    The mean loss, or None when even zero loss does not certify (`n <
+    needed_rows(eps, delta)`).
+  """
+  _check_delta(delta)
+  n_f = float(_check_n(n))
+  if np.ndim(n_f):
+    raise ValueError(f"n: expected one number of units, got {n!r}")
+  if not isinstance(block, (int, np.integer)) or block < 1:
+    raise ValueError(f"block: expected an integer >= 1, got {block!r}")
+  steps = int(n_f) * (1 if test == "binomial" else int(block))
+  loss = lambda j: j if test == "binomial" else j / steps
+  ok = lambda j: float(pvalue(loss(j), n_f, eps, test)) <= delta
+  if not ok(0):
+    return None
+  lo, hi = 0, steps  # ok(lo); find the last ok j by bisection (the p-value rises with j)
+  if ok(hi):
+    return 1.0
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+  return lo / steps
 
 
 def rows_sha256(rows) -> str:

@@ -286,3 +286,53 @@ def test_certify_imports_neither_jax_nor_scipy():
   code = ("import sys, jexit.certify; bad = sorted(m for m in sys.modules "
           "if m.split('.')[0] in ('jax', 'scipy')); assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_critical_loss_is_the_last_certifying_loss():
+  for n, eps, delta in ((1000, 0.02, 0.1), (300, 0.05, 0.05), (5000, 0.005, 0.1)):
+    k = certify.critical_loss(n, eps, delta)
+    p = stats.binom.cdf(np.arange(n + 1), n, eps)
+    assert k * n == np.flatnonzero(p <= delta)[-1]
+    j = certify.critical_loss(n, eps, delta, "hoeffding-bentkus", block=4)
+    grid = np.arange(4 * n + 1) / (4 * n)
+    ok = np.array([hb_reference(m, n, eps) <= delta for m in grid[:int(8 * n * eps)]])
+    assert j == pytest.approx(grid[np.flatnonzero(ok)[-1]], abs=1e-12)
+    assert j <= k  # HB is the looser test
+  assert certify.critical_loss(229, 0.01, 0.1) is None
+  assert certify.critical_loss(230, 0.01, 0.1) == 0.0
+
+
+# ---- the betting test
+
+def wsr_reference(x, eps, delta, c=0.75):
+  """A plain loop over the units."""
+  n = len(x)
+  total, sq, cap, best = 0.0, 0.0, 1.0, 1.0
+  s2_prev = 0.25
+  for t, xi in enumerate(x, start=1):
+    bet = min(math.sqrt(2 * math.log(1 / delta) / (n * s2_prev)), c / (1 - eps))
+    cap *= 1 + bet * (eps - xi)
+    best = max(best, cap)
+    total += xi
+    mu = (0.5 + total) / (t + 1)
+    sq += (xi - mu) ** 2
+    s2_prev = (0.25 + sq) / (t + 1)
+  return min(1.0, 1.0 / best)
+
+
+def test_wsr_pvalue_matches_a_loop_and_is_valid():
+  rng = np.random.default_rng(3)
+  x = rng.choice([0, 0.25, 0.5, 1.0], p=[0.97, 0.02, 0.005, 0.005], size=(5, 400))
+  got = certify.wsr_pvalue(x, 0.02, 0.1)
+  want = [wsr_reference(row, 0.02, 0.1) for row in x]
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+  assert certify.wsr_pvalue(np.zeros(1000), 0.01, 0.1) < 0.1
+  # Monte Carlo: block means whose true mean is exactly eps (the null's edge).
+  eps, delta, draws = 0.02, 0.1, 2000
+  vals = np.array([0.0, 0.25, 1.0])
+  probs = np.array([1 - 0.04 - 0.01, 0.04, 0.01])  # mean 0.02
+  x = rng.choice(vals, p=probs, size=(draws, 500))
+  rate = np.mean(certify.wsr_pvalue(x, eps, delta) <= delta)
+  assert rate <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+  with pytest.raises(ValueError, match="unit_losses: expected values in"):
+    certify.wsr_pvalue([0.5, 2.0], 0.1, 0.1)
