@@ -1,0 +1,680 @@
+"""Certified budgets (issue 23): validity and price of fixed-sequence certification.
+
+Per workload and split seed, the rows that reach the chooser are split (by
+block) into fit rows and calibration rows, as `jexit budget` splits them into
+fit and held-out rows today (`--test-fraction 0.5`). On the fit rows: fit the
+models of every family (recall and no recall on the signals 1-conf, stability
+and class, with `DEFAULT_FIT`'s three bin counts and a lam grid; the global
+threshold's grid; Apparate's greedy thresholds for a grid of budgets), keep
+each family's fit-Pareto candidates ordered from safest (most fit cost) to
+fastest, and choose the family. On the calibration rows: certify the chosen
+family's path by fixed-sequence testing (`jexit.certify`). Every candidate's
+true loss and speedup are measured once per seed, so that many calibration
+draws reuse one fit:
+
+- synthetic workloads (rows independent): the fit and first calibration rows
+  are a fresh 4,000-row draw of `workloads.synthetic` (the suite's size); the
+  truth is 100,000 further rows of the generator; every calibration draw is
+  `cal_share * 4000` fresh rows. Test: exact binomial over rows.
+- digits traces (blocks of 4 augmented copies of one image): the fit rows are
+  a `1 - cal_share` share of the blocks; the other blocks are the population.
+  A calibration draw is as many blocks as the population has, drawn i.i.d.
+  (with replacement) from it, so the population is exactly the distribution
+  the guarantee is about and its loss is the true loss; the held-out speedup
+  is the population's. Test: Hoeffding-Bentkus over block means.
+
+Re-drawn per calibration draw: the calibration units only. Re-drawn per seed:
+the fit rows (and on the synthetic workloads the whole 4,000-row sample).
+
+Usage:
+  python experiments/certified.py [--seeds 20] [--draws 25] [--cal-share 0.5]
+      [--num-lambdas 300] [--workloads NAME ...] [--out experiments/reports/CERTIFIED.md]
+      [--levers]
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, NamedTuple, Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jexit  # pylint: disable=wrong-import-position
+from jexit import baselines, certify  # pylint: disable=wrong-import-position
+from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit.traces import split_rows  # pylint: disable=wrong-import-position
+from experiments import workloads  # pylint: disable=wrong-import-position
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EPS = (0.005, 0.01, 0.02, 0.05)
+DELTAS = (0.05, 0.1)
+SIGNALS = ("1-conf", "stability", "class")
+SOLVER = ("recall", "norecall")
+BASELINES = ("global_threshold", "apparate_greedy")
+FAMILIES = tuple(f"{m}[{s}]" for s in SIGNALS for m in SOLVER) + BASELINES
+# Apparate's greedy search is run once per budget: a denser grid than the
+# CLI's, so that its certified path has steps near every eps.
+APPARATE_GRID = (0.0,) + tuple(float(b) for b in np.geomspace(0.0005, 0.2, 23))
+SYNTH_ROWS = 4000
+TRUTH_ROWS = 100_000
+TRACE_DIR = os.path.join(HERE, "traces_pool4_s1")
+BLOCK = 4
+
+
+class Path(NamedTuple):
+  """One family's candidates on the fit rows, safest (most fit cost) first.
+
+  Attributes:
+    fit_loss: `[Q]` agreement loss on the fit rows (cross-fitted signal for class).
+    fit_speed: `[Q]` speedup on the fit rows.
+    score: `score(traces, per_input)`: `(loss [Q], speed [Q])` on other rows,
+      or with `per_input` `(loss [Q, N] bool, cost [Q, N])`.
+  """
+  fit_loss: np.ndarray
+  fit_speed: np.ndarray
+  score: Callable
+
+
+def _per_input(ev, traces):
+  out = np.asarray(ev.output_ramp)
+  stop = np.asarray(ev.stop_ramp)
+  pred = np.asarray(traces.pred)
+  loss = np.take_along_axis(pred, out.T, axis=1).T != pred[:, -1][None, :]
+  return loss, np.cumsum(traces.cost)[stop]
+
+
+def _solver_path(fr, method, idx):
+  """Path of a recall/norecall grid restricted to the candidates `idx` (in path order)."""
+  num_lam = len(fr.lambdas)
+  source = fr.markov_candidates[0] if method == "norecall" else fr.candidates[0]
+  groups = []
+  for j in np.unique(idx // num_lam):
+    pos = np.flatnonzero(idx // num_lam == j)
+    lam_idx = idx[pos] % num_lam
+    srt = np.argsort(lam_idx)
+    model, binning = source[j]
+    # Padded to a multiple of 64 lam values (repeating the last): a few
+    # compiled shapes instead of one per subset size.
+    lams = np.asarray(fr.lambdas)[lam_idx[srt]]
+    lams = np.concatenate([lams, np.full(-len(lams) % 64, lams[-1])])
+    policy = jexit.solve(model, lams, recall=method == "recall")
+    groups.append((pos[srt], policy, binning))
+
+  def score(traces, per_input=False):
+    q = len(idx)
+    if per_input:
+      loss = np.zeros((q, traces.num_inputs), bool)
+      cost = np.zeros((q, traces.num_inputs))
+    else:
+      loss, speed = np.zeros(q), np.zeros(q)
+    for pos, policy, binning in groups:
+      ev = jexit.evaluate(policy, traces, binning, return_per_input=per_input)
+      m = len(pos)
+      if per_input:
+        ev_loss, ev_cost = _per_input(ev, traces)
+        loss[pos], cost[pos] = ev_loss[:m], ev_cost[:m]
+      else:
+        loss[pos] = 1.0 - np.asarray(ev.agreement)[:m]
+        speed[pos] = np.asarray(ev.speedup)[:m]
+    return (loss, cost) if per_input else (loss, speed)
+  return score
+
+
+def _threshold_path(thresholds, global_values=None):
+  """Path of per-ramp confidence thresholds `[Q, K]` (global threshold, Apparate);
+  `global_values [Q]`: one threshold for all ramps (counted by sorted search)."""
+  def score(traces, per_input=False):
+    if global_values is not None and not per_input:
+      ev = baselines.global_threshold(traces, global_values)
+    else:
+      ev = baselines.threshold_rule(traces, thresholds, return_per_input=per_input)
+    if per_input:
+      return _per_input(ev, traces)
+    return 1.0 - np.asarray(ev.agreement), np.asarray(ev.speedup)
+  return score
+
+
+def family_paths(traces, cal_share, seed, block, num_lambdas):
+  """`({family: Path}, fit_rows, cal_rows)` of one split of `traces`."""
+  frs = {}
+  for sig in SIGNALS:
+    methods = SOLVER + (BASELINES if sig == "1-conf" else ())
+    frs[sig] = jf.frontier(traces, test_fraction=cal_share, seed=seed, block=block,
+                           num_lambdas=num_lambdas, methods=methods,
+                           apparate_budgets=APPARATE_GRID, fit_options={"signal": sig})
+  fit_rows, cal_rows = split_rows(traces.num_inputs, test_fraction=cal_share, seed=seed,
+                                  block=block)
+  k = traces.num_ramps
+  paths = {}
+  for fam in FAMILIES:
+    method, sig = (fam.split("[")[0], fam[:-1].split("[")[1]) if "[" in fam else (fam, "1-conf")
+    fr = frs[sig]
+    fit_ev = fr.splits[0][method][0]
+    agree, cost = np.asarray(fit_ev.agreement), np.asarray(fit_ev.mean_cost)
+    keep = np.flatnonzero(jf.pareto_mask(agree, cost))
+    idx = keep[np.lexsort((-agree[keep], -cost[keep]))]  # most cost first
+    if method in SOLVER:
+      score = _solver_path(fr, method, idx)
+    elif method == "global_threshold":
+      values = np.asarray(fit_ev.param)[idx]
+      score = _threshold_path(np.repeat(values[:, None], k, axis=1), values)
+    else:
+      score = _threshold_path(np.asarray(fr.apparate_thresholds[0])[idx])
+    paths[fam] = Path(1.0 - agree[idx], np.asarray(fit_ev.speedup)[idx], score)
+    # The path's scorer reproduces the frontier's held-out evaluation.
+    test_ev = fr.splits[0][method][1]
+    loss, speed = score(traces.take(cal_rows))
+    assert np.allclose(loss, 1.0 - np.asarray(test_ev.agreement)[idx], atol=1e-9), fam
+    assert np.allclose(speed, np.asarray(test_ev.speedup)[idx], rtol=1e-9), fam
+  return paths, fit_rows, cal_rows
+
+
+# ---- choosers on plain arrays
+
+def uncertified_index(fit_loss, fit_speed, eps):
+  """The fastest candidate within eps on the fit rows (first on ties), or None."""
+  ok = fit_loss <= eps + 1e-12
+  if not ok.any():
+    return None
+  return int(np.argmax(np.where(ok, fit_speed, -np.inf)))
+
+
+def family_by_fit(paths, families, target):
+  """The family whose fastest candidate within `target` on the fit rows is fastest."""
+  best, speed = None, 1.0
+  for fam in families:
+    i = uncertified_index(paths[fam].fit_loss, paths[fam].fit_speed, target)
+    if i is not None and paths[fam].fit_speed[i] > speed + 1e-12:
+      best, speed = fam, paths[fam].fit_speed[i]
+  return best
+
+
+# ---- one seed of one workload
+
+def seed_result(name, traces, seed, args, rng):
+  """One split seed: the paths, every candidate's truth and its calibration draws.
+
+  Returns a dict: `paths`; `truth[family] = (loss [Q], speedup [Q])`;
+  `cal[family] = {"loss": [R, Q] mean loss, "speed": [R, Q], "any": [R, Q]
+  blocks with an error}`; `picks [R, units]` (digits: the blocks drawn);
+  `blocks[family]` (digits: per-block mean loss `[Q, units]`); `units`.
+  """
+  synthetic = name.startswith("synth")
+  block = 1 if synthetic else BLOCK
+  if synthetic:
+    kind = name.split("-")[1]
+    traces = workloads.synthetic(kind, n=SYNTH_ROWS, seed=10_000 + seed)
+  paths, fit_rows, cal_rows = family_paths(traces, args.cal_share, seed, block,
+                                           args.num_lambdas)
+  total = float(np.sum(traces.cost))
+  truth, cal, blocks, picks = {}, {}, {}, None
+  if synthetic:
+    big = workloads.synthetic(kind, n=TRUTH_ROWS, seed=999_000 + len(kind))
+    truth = {f: p.score(big) for f, p in paths.items()}
+    units = len(cal_rows)
+    scored = [{f: p.score(workloads.synthetic(kind, n=units, seed=20_000 + 1000 * seed + r))
+               for f, p in paths.items()} for r in range(args.draws)]
+    for f in paths:
+      loss = np.stack([d[f][0] for d in scored])
+      cal[f] = {"loss": loss, "speed": np.stack([d[f][1] for d in scored]),
+                "any": np.round(loss * units)}
+  else:
+    pop = traces.take(cal_rows)
+    units = len(cal_rows) // block
+    picks = rng.integers(units, size=(args.draws, units))
+    w = np.stack([np.bincount(pk, minlength=units) for pk in picks]).astype(np.float64)
+    for f, p in paths.items():
+      loss, cost = p.score(pop, per_input=True)
+      b_mean = certify.block_losses(loss, block, "mean")
+      b_any = certify.block_losses(loss, block, "any")
+      b_cost = cost.reshape(len(cost), units, block).sum(-1)
+      blocks[f] = b_mean
+      truth[f] = (loss.mean(1), total / cost.mean(1))
+      cal[f] = {"loss": w @ b_mean.T / units, "speed": total / (w @ b_cost.T / (block * units)),
+                "any": w @ b_any.T}
+  return {"paths": paths, "truth": truth, "cal": cal, "blocks": blocks, "picks": picks,
+          "units": units, "block": block, "fit_rows": len(fit_rows), "cal_rows": len(cal_rows),
+          "synthetic": synthetic, "draws": args.draws}
+
+
+def outcome(res, fam, i):
+  """`(true loss, true speedup)` of candidate i of a family; the backbone for None."""
+  if fam is None or i is None:
+    return 0.0, 1.0
+  loss, speed = res["truth"][fam]
+  return float(loss[i]), float(speed[i])
+
+
+def main_test(res):
+  return "binomial" if res["synthetic"] else "hoeffding-bentkus"
+
+
+def pvalues(res, fam, eps, delta, test):
+  """`[R, Q]` p-values of a family's path on every calibration draw."""
+  n, c = res["units"], res["cal"][fam]
+  if test == "wsr":
+    return np.stack([certify.wsr_pvalue(res["blocks"][fam][:, pk], eps, delta)
+                     for pk in res["picks"]])
+  if test == "binomial-rows":  # digits rows as if independent: not valid
+    return certify.binomial_pvalue(np.round(c["loss"] * n * res["block"]), n * res["block"], eps)
+  if test == "binomial":  # rows as units (synthetic), or "any error" per block (digits)
+    return certify.binomial_pvalue(np.round(c["any"]), n, eps)
+  return certify.pvalue(np.clip(c["loss"], 0.0, 1.0), n, eps, test)
+
+
+def certified(res, fam, eps, delta, test):
+  """Per draw, the fixed-sequence index of a family's path (None: nothing certified)."""
+  return [certify.fixed_sequence(row, delta) for row in pvalues(res, fam, eps, delta, test)]
+
+
+def evaluate_rules(res, eps, delta, levers):
+  """rule -> list of (true loss, true speedup): per draw, or one entry for
+  rules that do not read the calibration rows."""
+  paths = res["paths"]
+  test = main_test(res)
+  out = {}
+  # Uncertified: fastest within eps on the fit rows.
+  for fam in FAMILIES:
+    out[f"uncertified {fam}"] = [outcome(res, fam, uncertified_index(
+        paths[fam].fit_loss, paths[fam].fit_speed, eps))]
+  best = family_by_fit(paths, FAMILIES, eps)
+  out["uncertified best of families"] = [outcome(res, best, None if best is None else
+                                                 uncertified_index(paths[best].fit_loss,
+                                                                   paths[best].fit_speed, eps))]
+  # The family a certified chooser certifies: chosen on the fit rows at the
+  # largest calibration loss that can still certify eps (critical loss).
+  crit = certify.critical_loss(res["units"], eps, delta, test, block=res["block"])
+  chosen = None if crit is None else family_by_fit(paths, FAMILIES, crit)
+  rules = {"certified jexit": (chosen, test)}
+  for fam in FAMILIES:
+    rules[f"certified {fam}"] = (fam, test)
+  if levers:
+    rules["certified jexit (family at eps)"] = (best, test)
+    if res["synthetic"]:
+      rules["certified jexit, Hoeffding-Bentkus"] = (chosen, "hoeffding-bentkus")
+    else:
+      rules["certified jexit, binomial on any-error blocks"] = (chosen, "binomial")
+      rules["certified jexit, binomial on rows (not valid)"] = (chosen, "binomial-rows")
+      rules["certified jexit, WSR betting"] = (chosen, "wsr")
+  memo = {}
+  for rule, (fam, t) in rules.items():
+    if fam is None:
+      out[rule] = [outcome(res, None, None)] * res["draws"]
+      continue
+    if (fam, t) not in memo:
+      memo[(fam, t)] = [outcome(res, fam, i) for i in certified(res, fam, eps, delta, t)]
+    out[rule] = memo[(fam, t)]
+  # Bonferroni over the families: each certified at delta / F, the fastest on
+  # the calibration draw wins (valid: all F certificates hold at once w.p. 1 - delta).
+  idx = {f: certified(res, f, eps, delta / len(FAMILIES), test) for f in FAMILIES}
+  bonf = []
+  for r in range(res["draws"]):
+    pick, speed = (None, None), 1.0
+    for f in FAMILIES:
+      i = idx[f][r]
+      if i is not None and res["cal"][f]["speed"][r, i] > speed + 1e-12:
+        pick, speed = (f, i), res["cal"][f]["speed"][r, i]
+    bonf.append(outcome(res, *pick))
+  out["certified jexit (Bonferroni over families)"] = bonf
+  # The lam chosen on fresh rows that the fit never saw (no certification):
+  # overshoot from the budget's boundary alone, without fit optimism.
+  fam = "recall[1-conf]"
+  c = res["cal"][fam]
+  out["recall[1-conf] chosen on calibration rows"] = [
+      outcome(res, fam, uncertified_index(c["loss"][r], c["speed"][r], eps))
+      for r in range(res["draws"])]
+  return out, chosen
+
+
+def certificate_example(res, eps, delta, chosen):
+  """A `Certificate` of the first draw for the chosen family (for the report)."""
+  if chosen is None:
+    return None
+  test = main_test(res)
+  c = res["cal"][chosen]
+  stat = np.round(c["any"][0]) if test == "binomial" else np.clip(c["loss"][0], 0, 1)
+  cert = certify.certify_path(stat, res["units"], np.arange(len(stat)), eps, delta, test=test,
+                              block=res["block"])
+  return None if cert is None else dict(cert.to_dict(), family=chosen)
+
+
+# ---- the run
+
+def run(args):
+  names = args.workloads or [n for n in workloads.suite(TRACE_DIR)]
+  suite = workloads.suite(TRACE_DIR)
+  cells, examples, timing, shares = {}, {}, {}, {}
+  for name in names:
+    start = time.perf_counter()
+    rng = np.random.default_rng(12345)
+    per_seed = []
+    for seed in range(args.seeds):
+      res = seed_result(name, suite[name], seed, args, rng)
+      rows = {}
+      for eps in EPS:
+        for delta in DELTAS:
+          out, chosen = evaluate_rules(res, eps, delta, args.levers)
+          rows[(eps, delta)] = out
+          rows[(eps, delta, "family")] = chosen
+          if seed == 0:
+            examples[(name, eps, delta)] = certificate_example(res, eps, delta, chosen)
+      rows["units"], rows["cal_rows"], rows["fit_rows"] = res["units"], res["cal_rows"], res[
+          "fit_rows"]
+      per_seed.append(rows)
+    cells[name] = per_seed
+    # Other calibration shares (fewer seeds; delta = 0.1 only).
+    for share in args.other_shares:
+      other = argparse.Namespace(**{**vars(args), "cal_share": share})
+      runs = []
+      for seed in range(args.share_seeds):
+        res = seed_result(name, suite[name], seed, other, rng)
+        runs.append({e: evaluate_rules(res, e, 0.1, False)[0] for e in EPS})
+        runs[-1]["units"] = res["units"]
+      shares.setdefault(share, {})[name] = runs
+    timing[name] = time.perf_counter() - start
+    print(f"{name}: {timing[name]:.0f} s", flush=True)
+  return cells, examples, timing, shares
+
+
+# ---- report
+
+def share_ci(k, n):
+  """Clopper-Pearson 95% interval of a share k / n."""
+  lo = 0.0 if k == 0 else 1 - float(certify.ucb(n - k, n, 0.025))
+  hi = float(certify.ucb(k, n, 0.025))
+  return lo, hi
+
+
+def pooled(cells, name, eps, delta, rule):
+  vals = [v for s in cells[name] for v in s[(eps, delta)][rule]]
+  loss = np.array([v[0] for v in vals])
+  speed = np.array([v[1] for v in vals])
+  return loss, speed
+
+
+def overshoot(loss, eps):
+  return int(np.sum(loss > eps + 1e-12)), len(loss)
+
+
+def fmt_share(k, n):
+  lo, hi = share_ci(k, n)
+  return f"{100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def report(cells, examples, timing, args, elapsed, command, started):
+  names = list(cells)
+  digits = [n for n in names if n.startswith("digits")]
+  lines = ["# Certified budgets: validity and price (issue 23)", ""]
+  head = cells[names[0]][0]
+  lines += [
+      f"Command: `{command}`", "",
+      f"Run {started} UTC, {elapsed / 60:.1f} min wall on a shared {os.cpu_count()}-core "
+      f"{platform.machine()} CPU ({platform.processor() or 'cpu'}), jexit {jexit.__version__}, "
+      f"numpy {np.__version__}. Per workload: " + ", ".join(
+          f"{n} {timing[n] / 60:.1f} min" for n in names) + ".", "",
+      "All numbers below are computed by `experiments/certified.py`; nothing is typed by hand.",
+      ""]
+  lines += ["## Protocol", "", __doc__.split("\n\n", 1)[1].split("Usage:")[0].strip(), "",
+            f"Seeds per workload: {args.seeds}; calibration draws per seed: {args.draws} "
+            f"({args.seeds * args.draws} draws per workload and cell); calibration share "
+            f"{args.cal_share:g}; {args.num_lambdas} lam values per model (x 3 bin counts). "
+            f"Calibration units: "
+            + ", ".join(f"{n} {cells[n][0]['units']} "
+                        f"{'rows' if n.startswith('synth') else 'blocks of 4 rows'} "
+                        f"({cells[n][0]['fit_rows']} fit rows)" for n in names) + ".", "",
+            "Families: " + ", ".join(FAMILIES) + ". **certified jexit** chooses the family on "
+            "the fit rows (the fastest within the *critical loss*, the largest calibration loss "
+            "with which the calibration units can still certify eps; "
+            "`certify.critical_loss`), then certifies that family's path at delta. "
+            "**uncertified best of families** is today's rule without the inner cross-fitting "
+            "of the signal: the fastest candidate within eps on the fit rows over all families. "
+            "Certified baselines go through the same fixed-sequence test on the same "
+            "calibration draws. Nothing certified: the backbone (loss 0, 1.00x).", ""]
+
+  # Validity.
+  lines += ["## Validity: share of draws whose true loss exceeds eps", "",
+            "Certified jexit (95% Clopper-Pearson interval of the share). Target: at most "
+            "delta.", ""]
+  cols = [(e, d) for d in DELTAS for e in EPS]
+  lines.append("| workload | " + " | ".join(f"eps {e * 100:g}%, delta {d:g}" for e, d in cols)
+               + " |")
+  lines.append("|---|" + "---:|" * len(cols))
+  worst = []
+  for n in names:
+    row = []
+    for e, d in cols:
+      k, m = overshoot(pooled(cells, n, e, d, "certified jexit")[0], e)
+      row.append(fmt_share(k, m))
+      worst.append((k / m, d, n, e))
+    lines.append(f"| {n} | " + " | ".join(row) + " |")
+  over = [w for w in worst if w[0] > w[1]]
+  lines += ["", f"Cells with a measured share above delta: {len(over)} of {len(worst)}"
+            + (": " + ", ".join(f"{n} at {e * 100:g}%/delta {d:g} ({100 * s:.1f}%)"
+                                for s, d, n, e in over) if over else "") + ".", ""]
+  # Every certified rule, pooled over workloads.
+  rules = [r for r in cells[names[0]][0][(EPS[0], DELTAS[0])] if r.startswith("certified")]
+  lines += ["Every certified rule, overshoot share pooled over the workloads of each kind "
+            "(digits: the 6 traces; synthetic: 2), per delta (max over eps in brackets):", "",
+            "| rule | digits, delta 0.05 | digits, delta 0.1 | synthetic, delta 0.05 | "
+            "synthetic, delta 0.1 |", "|---|---:|---:|---:|---:|"]
+  synth = [n for n in names if n.startswith("synth")]
+  for r in rules:
+    row = []
+    for group in (digits, synth):
+      for d in DELTAS:
+        if not group or r not in cells[group[0]][0][(EPS[0], d)]:
+          row.append("-")
+          continue
+        ks = [overshoot(pooled(cells, n, e, d, r)[0], e) for n in group for e in EPS]
+        k, m = sum(x[0] for x in ks), sum(x[1] for x in ks)
+        mx = max(x[0] / x[1] for x in ks)
+        row.append(f"{100 * k / m:.1f}% ({100 * mx:.1f}%)")
+    lines.append(f"| {r} | " + " | ".join(row) + " |")
+  lines.append("")
+
+  # Uncertified overshoot and selection bias.
+  lines += ["## Uncertified choices overshoot; how much is selection", "",
+            "Share of seeds whose uncertified choice has a true loss above eps (one choice per "
+            "seed; pooled over eps and the workloads of each kind, 95% interval), and the mean "
+            "true loss over eps of the choice:", "",
+            "| rule | digits | synthetic | digits, per eps (0.5/1/2/5%) | synthetic, per eps |",
+            "|---|---:|---:|---|---|"]
+  unc_rules = ["uncertified best of families"] + [f"uncertified {f}" for f in FAMILIES] + [
+      "recall[1-conf] chosen on calibration rows"]
+  sel = {}
+  for r in unc_rules:
+    row, per = [], []
+    for group in (digits, synth):
+      if not group:
+        row.append("-")
+        per.append("-")
+        continue
+      ks = [overshoot(pooled(cells, n, e, DELTAS[-1], r)[0], e) for n in group for e in EPS]
+      k, m = sum(x[0] for x in ks), sum(x[1] for x in ks)
+      sel[(r, tuple(group))] = k / m
+      row.append(fmt_share(k, m))
+      per_eps = []
+      for e in EPS:
+        ke = [overshoot(pooled(cells, n, e, DELTAS[-1], r)[0], e) for n in group]
+        per_eps.append(f"{100 * sum(x[0] for x in ke) / sum(x[1] for x in ke):.0f}%")
+      per.append(" / ".join(per_eps))
+    lines.append(f"| {r} | {row[0]} | {row[1]} | {per[0]} | {per[1]} |")
+  lines.append("")
+
+  # Price.
+  for d in DELTAS:
+    lines += [f"## Price at delta = {d:g}: mean true (held-out) speedup", "",
+              "Per cell: uncertified best of families | certified jexit (its share of the "
+              "uncertified speedup) | certified global threshold | certified Apparate greedy | "
+              "certified recall[1-conf] alone. `ok` when certified jexit is at least as fast as "
+              "both certified baselines.", "",
+              "| workload | eps | uncertified | certified jexit | share | cert. global thr. | "
+              "cert. Apparate | cert. recall[1-conf] | nothing certified | vs baselines |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for n in names:
+      for e in EPS:
+        unc = pooled(cells, n, e, d, "uncertified best of families")[1].mean()
+        cj_loss, cj = pooled(cells, n, e, d, "certified jexit")
+        gt = pooled(cells, n, e, d, "certified global_threshold")[1].mean()
+        ap = pooled(cells, n, e, d, "certified apparate_greedy")[1].mean()
+        rc = pooled(cells, n, e, d, "certified recall[1-conf]")[1].mean()
+        none = np.mean(cj == 1.0)
+        ok = "ok" if cj.mean() >= max(gt, ap) - 1e-9 else "LOSS"
+        lines.append(f"| {n} | {e * 100:g}% | {unc:.2f}x | {cj.mean():.2f}x | "
+                     f"{100 * cj.mean() / unc:.0f}% | {gt:.2f}x | {ap:.2f}x | {rc:.2f}x | "
+                     f"{100 * none:.0f}% | {ok} |")
+    lines.append("")
+
+  # Goal check.
+  lines += ["## The issue's goals, checked", ""]
+  wins = sum(pooled(cells, n, e, d, "certified jexit")[1].mean() >= max(
+      pooled(cells, n, e, d, "certified global_threshold")[1].mean(),
+      pooled(cells, n, e, d, "certified apparate_greedy")[1].mean()) - 1e-9
+      for n in names for e in EPS for d in DELTAS)
+  lines.append(f"- Certified jexit at least as fast as both certified baselines: {wins} of "
+               f"{len(names) * len(EPS) * len(DELTAS)} cells (workload x eps x delta).")
+  if digits:
+    shares = [(pooled(cells, n, e, 0.1, "certified jexit")[1].mean()
+               / pooled(cells, n, e, 0.1, "uncertified best of families")[1].mean(), n, e)
+              for n in digits for e in EPS]
+    met = [s for s in shares if s[0] >= 0.9]
+    lines.append(f"- Digits, delta = 0.1: certified jexit keeps >= 90% of the uncertified "
+                 f"speedup in {len(met)} of {len(shares)} cells; per eps, the mean share: "
+                 + ", ".join(f"{e * 100:g}% {100 * np.mean([s for s, _, ee in shares if ee == e]):.0f}%"
+                             for e in EPS) + ".")
+  lines.append("")
+
+  # Price of each certified rule (levers), mean over workloads of a kind.
+  lines += ["## What lowers the price: every certified rule", "",
+            "Mean true speedup over the workloads of each kind, delta = 0.1, per eps "
+            "(0.5% / 1% / 2% / 5%), and the share of draws with nothing certified:", "",
+            "| rule | digits speedup | digits nothing certified | synthetic speedup | "
+            "synthetic nothing certified |", "|---|---|---|---|---|"]
+  for r in rules + ["uncertified best of families"]:
+    row = []
+    for group in (digits, synth):
+      if not group or r not in cells[group[0]][0][(EPS[0], 0.1)]:
+        row += ["-", "-"]
+        continue
+      sp = [np.mean([pooled(cells, n, e, 0.1, r)[1].mean() for n in group]) for e in EPS]
+      nc = [np.mean([np.mean(pooled(cells, n, e, 0.1, r)[1] == 1.0) for n in group])
+            for e in EPS]
+      row += [" / ".join(f"{s:.2f}x" for s in sp), " / ".join(f"{100 * c:.0f}%" for c in nc)]
+    lines.append(f"| {r} | " + " | ".join(row) + " |")
+  lines.append("")
+
+  # Units needed.
+  lines += ["## Calibration units a budget needs", "",
+            "Units n such that zero observed losses certify eps at delta, `(1 - eps)^n <= "
+            "delta` (`certify.needed_rows`; the same for both tests), and the largest "
+            "calibration loss that certifies with this run's units (`certify.critical_loss`):",
+            "", "| eps | delta | units needed | " + " | ".join(
+                f"critical loss, {n} ({cells[n][0]['units']} units)" for n in
+                dict.fromkeys([digits[0]] if digits else []) | dict.fromkeys(synth[:1]))
+            + " |", "|---:|---:|---:|" + "---:|" * (bool(digits) + bool(synth[:1]))]
+  for d in DELTAS:
+    for e in EPS:
+      crit = []
+      for n in ([digits[0]] if digits else []) + synth[:1]:
+        res_units = cells[n][0]["units"]
+        test = "binomial" if n.startswith("synth") else "hoeffding-bentkus"
+        c = certify.critical_loss(res_units, e, d, test, block=1 if n.startswith("synth")
+                                  else BLOCK)
+        crit.append("none" if c is None else f"{100 * c:.2f}%")
+      lines.append(f"| {e * 100:g}% | {d:g} | {certify.needed_rows(e, d)} | "
+                   + " | ".join(crit) + " |")
+  lines.append("")
+
+  # Family chosen.
+  lines += ["## Family certified jexit chose (seeds, delta = 0.1)", ""]
+  for n in names:
+    counts = {}
+    for s in cells[n]:
+      for e in EPS:
+        f = s[(e, 0.1, "family")]
+        counts[f] = counts.get(f, 0) + 1
+    lines.append(f"- {n}: " + ", ".join(f"{f or 'none (backbone)'} {c}"
+                                        for f, c in sorted(counts.items(), key=lambda x: -x[1])))
+  lines.append("")
+  lines += ["## Certificates (seed 0, first draw, delta = 0.1)", "", "```"]
+  for (n, e, d), c in examples.items():
+    if d == 0.1:
+      lines.append(f"{n} eps {e:g}: {json.dumps(c)}")
+  lines += ["```", ""]
+  return "\n".join(lines)
+
+
+def share_report(cells, shares, args):
+  """The calibration-share lever: certified jexit (and the uncertified rule on
+  the same, smaller or larger, fit rows) per share, delta = 0.1."""
+  if not shares:
+    return ""
+  all_shares = sorted([args.cal_share] + list(shares))
+  lines = ["## What lowers the price: the calibration share", "",
+           f"delta = 0.1. The main run's share ({args.cal_share:g}, {args.seeds} seeds) and "
+           f"the others ({args.share_seeds} seeds x {args.draws} draws each). Per share: mean "
+           "true speedup of certified jexit / of the uncertified best of families fitted on "
+           "the same fit rows, and the certified overshoot share (pooled over eps).", "",
+           "| workload | eps | " + " | ".join(f"share {c:g}" for c in all_shares) + " |",
+           "|---|---:|" + "---|" * len(all_shares)]
+  names = list(cells)
+  for n in names:
+    over = {}
+    for e in EPS:
+      row = []
+      for c in all_shares:
+        if c == args.cal_share:
+          runs = [s[(e, 0.1)] for s in cells[n]]
+        else:
+          runs = [s[e] for s in shares[c][n]]
+        cj = np.array([v for r in runs for v in r["certified jexit"]])
+        un = np.array([v for r in runs for v in r["uncertified best of families"]])
+        k, m = overshoot(cj[:, 0], e)
+        over[c] = (over.get(c, (0, 0))[0] + k, over.get(c, (0, 0))[1] + m)
+        row.append(f"{cj[:, 1].mean():.2f}x / {un[:, 1].mean():.2f}x")
+      lines.append(f"| {n} | {e * 100:g}% | " + " | ".join(row) + " |")
+    lines.append(f"| {n} | overshoot | " + " | ".join(
+        f"{100 * over[c][0] / over[c][1]:.1f}%" for c in all_shares) + " |")
+  lines.append("")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--seeds", type=int, default=20)
+  p.add_argument("--draws", type=int, default=25)
+  p.add_argument("--cal-share", type=float, default=0.5, dest="cal_share")
+  p.add_argument("--num-lambdas", type=int, default=300, dest="num_lambdas")
+  p.add_argument("--workloads", nargs="*")
+  p.add_argument("--other-shares", type=float, nargs="*", default=[], dest="other_shares",
+                 help="calibration shares also measured (delta 0.1, --share-seeds seeds)")
+  p.add_argument("--share-seeds", type=int, default=10, dest="share_seeds")
+  p.add_argument("--levers", action="store_true",
+                 help="also the rules that change the test or the family choice")
+  p.add_argument("--out", default=os.path.join(HERE, "reports", "CERTIFIED.md"))
+  p.add_argument("--json", default=None, help="also write the per-cell summary as JSON")
+  args = p.parse_args(argv)
+  started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+  t0 = time.perf_counter()
+  cells, examples, timing, shares = run(args)
+  elapsed = time.perf_counter() - t0
+  command = "PYTHONPATH=. python experiments/certified.py " + " ".join(
+      argv if argv is not None else sys.argv[1:])
+  text = report(cells, examples, timing, args, elapsed, command.strip(), started)
+  text += share_report(cells, shares, args)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    f.write(text)
+  print(text)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
