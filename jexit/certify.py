@@ -25,8 +25,10 @@ Units and tests:
   together: the count is over-dispersed). Two valid choices remain, both over
   the blocks: Hoeffding-Bentkus on the block means (`block_losses(..., "mean")`),
   which certifies the row loss itself, or the binomial on "any error in the
-  block" (`"any"`), which certifies an upper bound of it. experiments/CERTIFIED.md
-  measured both.
+  block" (`"any"`), which certifies an upper bound of it.
+  experiments/reports/CERTIFIED.md measured both, and `wsr_pvalue`, a
+  betting test that reads each unit's loss (not only the mean) and so gains
+  where block means are fractions.
 
 Everything here is numpy and the standard library (no JAX, no scipy): the
 binomial tail is the regularized incomplete beta function, evaluated by its
