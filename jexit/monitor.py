@@ -73,6 +73,7 @@ HEADER_FIELDS = {
 }
 _COUNT_KEYS = ("occupancy", "nan", "stop_hist", "output_hist")
 _ROW_KEYS = ("audit_conf", "audit_pred", "audit_output")
+_SCALAR_KEYS = ("policy_sha256", "num_inputs", "audited", "audit_agree")
 
 
 def _describe(a):
@@ -134,6 +135,31 @@ def policy_sha256(header: dict, arrays: dict) -> str:
   return h.hexdigest()
 
 
+class _Rows:
+  """An array attribute grown by appending row chunks, concatenated when read.
+
+  A server records a few audited rows per batch; concatenating on every call
+  would copy all earlier rows each time (quadratic in the rows kept).
+  """
+
+  def __set_name__(self, owner, name):
+    self.name = name
+
+  def __get__(self, obj, owner=None):
+    if obj is None:
+      return self
+    chunks = obj._chunks[self.name]
+    if chunks is not None and len(chunks) > 1:
+      chunks[:] = [np.concatenate(chunks)]
+    return None if chunks is None else chunks[0]
+
+  def __set__(self, obj, value):
+    obj._chunks[self.name] = None if value is None else [value]
+
+  def append(self, obj, rows):
+    obj._chunks[self.name].append(rows)
+
+
 class Counters:
   """What a runtime counts about a served policy; mergeable with `+`.
 
@@ -183,6 +209,7 @@ class Counters:
     if audit_signal and not audit_rows:
       raise ValueError("audit_signal: audited signals are kept only with audit_rows=True")
     k, s = int(num_ramps), int(num_bins)
+    self._chunks = {}
     self.policy_sha256 = policy_sha256
     self.occupancy = np.zeros((k, s), np.int64)
     self.nan = np.zeros(k, np.int64)
@@ -196,6 +223,11 @@ class Counters:
     self.audit_output = np.zeros(0, np.int64) if audit_rows else None
     self.audit_signal = np.zeros((0, k), np.float64) if audit_signal else None
 
+  audit_conf = _Rows()
+  audit_pred = _Rows()
+  audit_output = _Rows()
+  audit_signal = _Rows()
+
   @property
   def num_ramps(self) -> int:
     return self.occupancy.shape[0]
@@ -206,7 +238,13 @@ class Counters:
 
   @property
   def audit_rows(self) -> bool:
-    return self.audit_pred is not None
+    """Whether audited rows are kept (checked without concatenating them)."""
+    return self._chunks["audit_pred"] is not None
+
+  @property
+  def keeps_signal(self) -> bool:
+    """Whether audited rows carry a custom signal."""
+    return self._chunks["audit_signal"] is not None
 
   @property
   def reached(self) -> np.ndarray:
@@ -229,7 +267,7 @@ class Counters:
       raise ValueError(f"{name}: expected integer bins, got {_describe(bins)}")
     try:
       counts = np.bincount(bins, minlength=s)
-    except ValueError:  # a negative bin
+    except (TypeError, ValueError):  # a negative bin, or uint64 numpy will not cast
       raise ValueError(f"{name}: expected bins in [0, {s}), got {int(np.min(bins))}") from None
     if counts.shape[0] > s:
       raise ValueError(f"{name}: expected bins in [0, {s}), got {int(np.max(bins))}")
@@ -253,8 +291,10 @@ class Counters:
       if nan.shape != bins.shape:
         raise ValueError(f"nan: expected shape {bins.shape} like bins, got {_describe(nan)}")
       if nan.any():
+        counts = self._bin_counts("bins", bins[~nan])  # checked before anything is added
         self.nan[k] += int(nan.sum())
-        bins = bins[~nan]
+        self.occupancy[k] += counts
+        return
     self.occupancy[k] += self._bin_counts("bins", bins)
 
   def record_stops(self, stop_ramp, output_ramp) -> None:
@@ -270,15 +310,30 @@ class Counters:
     if output_ramp.shape != stop_ramp.shape:
       raise ValueError(f"output_ramp: expected shape {stop_ramp.shape} like stop_ramp, got "
                        f"{_describe(output_ramp)}")
-    stops = np.bincount(stop_ramp, minlength=k) if stop_ramp.size else np.zeros(k, np.int64)
-    if stops.shape[0] > k:
-      raise ValueError(f"stop_ramp: expected ramps in [0, {k}), got {int(stop_ramp.max())}")
-    if output_ramp.size and (output_ramp.min() < 0 or np.any(output_ramp > stop_ramp)):
+    # Method calls rather than np.any/np.min: this runs once per served batch.
+    stops = self._ramp_counts("stop_ramp", stop_ramp)
+    outputs = self._ramp_counts("output_ramp", output_ramp)
+    if (output_ramp > stop_ramp).any():
       raise ValueError(f"output_ramp: expected ramps in [0, stop_ramp], got "
-                       f"{output_ramp[(output_ramp < 0) | (output_ramp > stop_ramp)][:3].tolist()}")
+                       f"{output_ramp[output_ramp > stop_ramp][:3].tolist()} after "
+                       f"stop_ramp {stop_ramp[output_ramp > stop_ramp][:3].tolist()}")
     self.stop_hist += stops
-    self.output_hist += np.bincount(output_ramp, minlength=k) if output_ramp.size else 0
+    self.output_hist += outputs
     self.num_inputs += int(stop_ramp.shape[0])
+
+  def _ramp_counts(self, name, ramps) -> np.ndarray:
+    """`[K]` counts of a 1-D ramp array, or a ValueError for ramps outside [0, K)."""
+    k = self.num_ramps
+    if ramps.size == 0:
+      return np.zeros(k, np.int64)
+    try:
+      counts = np.bincount(ramps, minlength=k)
+    except (TypeError, ValueError):  # a negative or non-integer ramp
+      bad = int(ramps.min()) if ramps.dtype.kind in "iu" else _describe(ramps)
+      raise ValueError(f"{name}: expected integer ramps in [0, {k}), got {bad}") from None
+    if counts.shape[0] > k:
+      raise ValueError(f"{name}: expected integer ramps in [0, {k}), got {int(ramps.max())}")
+    return counts
 
   def record_batch(self, bins, stop_ramp, output_ramp, nan=None) -> None:
     """Counts a whole replay: per-input bins at every ramp and the decisions.
@@ -348,7 +403,7 @@ class Counters:
         raise ValueError("conf: these counters keep audited rows (audit_rows=True); pass "
                          "conf=[B, K]")
       rows["audit_conf"] = _float_array("conf", conf, (b, k))
-      if self.audit_signal is not None:
+      if self.keeps_signal:
         if signal is None:
           raise ValueError("signal: these counters keep audited signals "
                            "(audit_signal=True); pass signal=[B, K]")
@@ -362,14 +417,18 @@ class Counters:
       rows["audit_pred"] = pred
       rows["audit_output"] = output_ramp
       for name, a in rows.items():
-        setattr(self, name, np.concatenate([getattr(self, name), a]))
+        getattr(Counters, name).append(self, a)
 
   # ----- merging, checking -----
 
   def copy(self) -> "Counters":
     out = Counters.__new__(Counters)
-    out.__dict__.update({name: (v.copy() if isinstance(v, np.ndarray) else v)
-                         for name, v in self.__dict__.items()})
+    out._chunks = {}
+    for name in _SCALAR_KEYS:
+      setattr(out, name, getattr(self, name))
+    for name in _COUNT_KEYS + _ROW_KEYS + ("audit_signal",):
+      v = getattr(self, name)
+      setattr(out, name, None if v is None else v.copy())
     return out
 
   def _same_kind(self, other, what):
@@ -381,8 +440,7 @@ class Counters:
     if other.policy_sha256 != self.policy_sha256:
       raise ValueError(f"{what}: counters of policy {self.policy_sha256!r} and of policy "
                        f"{other.policy_sha256!r} count different policies")
-    if (other.audit_rows, other.audit_signal is None) != (self.audit_rows,
-                                                          self.audit_signal is None):
+    if (other.audit_rows, other.keeps_signal) != (self.audit_rows, self.keeps_signal):
       raise ValueError(f"{what}: one counters keeps audited rows (or signals) and the "
                        f"other does not; the merged rows would not cover every audit")
 
@@ -409,9 +467,10 @@ class Counters:
     if not isinstance(other, Counters):
       return NotImplemented
     same = lambda a, b: (a is None and b is None) or (
-        a is not None and b is not None and np.array_equal(a, b))
-    return all(same(v, other.__dict__.get(name)) if isinstance(v, np.ndarray) or v is None
-               else v == other.__dict__.get(name) for name, v in self.__dict__.items())
+        a is not None and b is not None and a.dtype == b.dtype and np.array_equal(a, b))
+    return (all(getattr(self, name) == getattr(other, name) for name in _SCALAR_KEYS)
+            and all(same(getattr(self, name), getattr(other, name))
+                    for name in _COUNT_KEYS + _ROW_KEYS + ("audit_signal",)))
 
   __hash__ = None
 
@@ -466,14 +525,12 @@ class Counters:
       if a and (self.audit_output.min() < 0 or self.audit_output.max() >= k):
         bad(f"audit_output: expected ramps in [0, {k}), got "
             f"{self.audit_output[(self.audit_output < 0) | (self.audit_output >= k)][:3].tolist()}")
-      if not np.all(np.isfinite(self.audit_conf)):
-        bad("audit_conf: expected finite values, got NaN or inf")
       agree = int(np.sum(self.audit_pred[np.arange(a), self.audit_output]
                          == self.audit_pred[:, -1]))
       if agree != self.audit_agree:
         bad(f"audit_agree: expected {agree} (the audited rows that agree), got "
             f"{self.audit_agree}")
-    elif self.audit_signal is not None:
+    elif self.keeps_signal:
       bad("audit_signal: audited signals without audited rows")
     return self
 
@@ -489,6 +546,9 @@ class Counters:
   def audit_trace(self, cost=None) -> dict:
     """The audited rows as the fields of a `jexit.Traces` (no labels).
 
+    Rows with a non-finite confidence or signal (NaN signals served with
+    `nan="continue"`) are left out: a trace holds finite values only.
+
     Returns:
       `{"conf": [A, K], "pred": [A, K], "label": None, "cost": [K] or None,
       "signal": [A, K] or None}`: `jexit.Traces(**d)` with a cost is a trace
@@ -498,9 +558,12 @@ class Counters:
       raise ValueError("audit_trace: these counters keep no audited rows (audit_rows=False)")
     if cost is not None:
       cost = _float_array("cost", cost, (self.num_ramps,))
-    return {"conf": self.audit_conf.copy(), "pred": self.audit_pred.copy(), "label": None,
+    keep = np.isfinite(self.audit_conf).all(axis=1)
+    if self.audit_signal is not None:
+      keep &= np.isfinite(self.audit_signal).all(axis=1)
+    return {"conf": self.audit_conf[keep], "pred": self.audit_pred[keep], "label": None,
             "cost": cost, "signal": None if self.audit_signal is None
-            else self.audit_signal.copy()}
+            else self.audit_signal[keep]}
 
   # ----- file -----
 
@@ -517,7 +580,7 @@ class Counters:
               "num_ramps": self.num_ramps, "num_bins": self.num_bins,
               "policy_sha256": self.policy_sha256, "num_inputs": int(self.num_inputs),
               "audited": int(self.audited), "audit_agree": int(self.audit_agree),
-              "audit_rows": self.audit_rows, "audit_signal": self.audit_signal is not None}
+              "audit_rows": self.audit_rows, "audit_signal": self.keeps_signal}
     arrays = {name: getattr(self, name) for name in _COUNT_KEYS}
     if self.audit_rows:
       arrays.update({name: getattr(self, name) for name in _ROW_KEYS})

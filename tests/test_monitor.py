@@ -129,8 +129,12 @@ def test_counters_equal_evaluate_histograms_on_a_served_trace():
     (lambda c: c.update(0, [0, -1]), "bins: expected bins in [0, 4), got -1"),
     (lambda c: c.update(0, [0.5]), "bins: expected integer bins"),
     (lambda c: c.update(0, [0, 1], nan=[True]), "nan: expected shape (2,)"),
-    (lambda c: c.record_stops([0, 3], [0, 0]), "stop_ramp: expected ramps in [0, 3), got 3"),
+    (lambda c: c.update(0, [0, 9], nan=[True, False]), "bins: expected bins in [0, 4), got 9"),
+    (lambda c: c.update(0, np.array([1, 2**63], np.uint64)), "bins: expected bins"),
+    (lambda c: c.record_stops([0, 3], [0, 0]), "stop_ramp: expected integer ramps in [0, 3), got 3"),
     (lambda c: c.record_stops([0, 1], [0, 2]), "output_ramp: expected ramps in [0, stop_ramp]"),
+    (lambda c: c.record_stops([0, 1], [0, -1]), "output_ramp: expected integer ramps in [0, 3), got -1"),
+    (lambda c: c.record_stops([0.5], [0]), "stop_ramp: expected integer ramps"),
     (lambda c: c.record_batch(np.zeros((2, 3), int), [0, 0], [0, 1]), "output_ramp"),
     (lambda c: c.record_batch(np.full((2, 3), 4), [0, 0], [0, 0]),
      "bins: expected bins in [0, 4) at the ramps inputs reached"),
@@ -211,6 +215,11 @@ def test_audit_trace_is_a_trace():
   assert c.audit_agree == int(np.sum(pred[np.arange(20), served] == pred[:, -1]))
   with pytest.raises(ValueError, match="keep no audited rows"):
     Counters(3, 4, audit_rows=False).audit_trace()
+  # A NaN signal served with nan="continue" is kept in the counts, not in the trace.
+  conf[3, 1] = np.nan
+  c = Counters(3, 4)
+  c.record_audit(pred, served, conf=conf)
+  assert c.audit_trace()["conf"].shape == (19, 3)
 
 
 # ----- the file -----
