@@ -304,7 +304,6 @@ class Counters:
       stop_ramp: `[B]` int, 0-based ramp where each input stopped.
       output_ramp: `[B]` int, the ramp whose prediction it output (<= stop).
     """
-    k = self.num_ramps
     stop_ramp = np.asarray(stop_ramp).reshape(-1)
     output_ramp = np.asarray(output_ramp).reshape(-1)
     if output_ramp.shape != stop_ramp.shape:
