@@ -48,7 +48,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jexit  # pylint: disable=wrong-import-position
 from jexit import baselines, certify  # pylint: disable=wrong-import-position
-from jexit import frontiers as jf  # pylint: disable=wrong-import-position
+from jexit import protocol  # pylint: disable=wrong-import-position
 from jexit.traces import split_rows  # pylint: disable=wrong-import-position
 from experiments import workloads  # pylint: disable=wrong-import-position
 
@@ -146,7 +146,7 @@ def family_paths(traces, cal_share, seed, block, num_lambdas):
   frs = {}
   for sig in SIGNALS:
     methods = SOLVER + (BASELINES if sig == "1-conf" else ())
-    frs[sig] = jf.frontier(traces, test_fraction=cal_share, seed=seed, block=block,
+    frs[sig] = protocol.frontier(traces, test_fraction=cal_share, seed=seed, block=block,
                            num_lambdas=num_lambdas, methods=methods,
                            apparate_budgets=APPARATE_GRID, fit_options={"signal": sig})
   fit_rows, cal_rows = split_rows(traces.num_inputs, test_fraction=cal_share, seed=seed,
@@ -158,7 +158,7 @@ def family_paths(traces, cal_share, seed, block, num_lambdas):
     fr = frs[sig]
     fit_ev = fr.splits[0][method][0]
     agree, cost = np.asarray(fit_ev.agreement), np.asarray(fit_ev.mean_cost)
-    keep = np.flatnonzero(jf.pareto_mask(agree, cost))
+    keep = np.flatnonzero(protocol.pareto_mask(agree, cost))
     idx = keep[np.lexsort((-agree[keep], -cost[keep]))]  # most cost first
     if method in SOLVER:
       score = _solver_path(fr, method, idx)

@@ -33,8 +33,12 @@ from jexit.types import Binning, ExitModel, Policy, Traces, check_policy, is_int
 __all__ = ["export_policy", "load_policy_file", "read_policy_arrays", "trace_sha256"]
 
 FORMAT_NAME = "jexit-policy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # the versions this jexit reads; version 2 adds optional fields only
 ARRAY_KEYS = ("header", "edges", "loss", "threshold", "cost")
+# Optional arrays (version 2): the fit rows' bin occupancy [K, S] and stop
+# histogram [K], the reference deployment monitoring compares live counts with.
+REFERENCE_KEYS = ("reference_occupancy", "reference_stops")
 # name -> (required, accepted Python types, meaning)
 HEADER_FIELDS = {
     "format": (True, (str,), f"always {FORMAT_NAME!r}"),
@@ -52,7 +56,17 @@ HEADER_FIELDS = {
     "value": (False, (int, float, type(None)), "expected objective under the fitted model"),
     "lam_index": (False, (int, type(None)), "index of lam in the solved grid"),
     "model_index": (False, (int, type(None)), "index of the model in a solved batch"),
+    # Version 2:
+    "budget": (False, (dict, type(None)), "the loss budget the table was chosen for, "
+                                          "{max_loss, metric}, or null"),
+    "certificate": (False, (dict, type(None)), "the certificate of a certified budget "
+                                               "(jexit.certify), or null"),
+    "active_ramps": (False, (list, type(None)), "the 0-based candidate ramps the table's K "
+                                                "ramps are (ramp placement), or null: all"),
+    "reference_inputs": (False, (int, type(None)), "fit rows counted in the reference "
+                                                   "arrays, or null when there are none"),
 }
+_V2_FIELDS = ("budget", "certificate", "active_ramps", "reference_inputs")
 
 
 def _bad(path, what):
@@ -85,13 +99,14 @@ def check_header(header, path="<memory>") -> dict:
   version = header.get("format_version")
   if not isinstance(version, int) or isinstance(version, bool):
     _bad(path, f"header.format_version: expected an integer, got {version!r}")
-  if version != FORMAT_VERSION:
-    _bad(path, f"header.format_version: this jexit reads format version "
-               f"{FORMAT_VERSION}, the file has version {version}"
+  if version not in READS:
+    _bad(path, f"header.format_version: this jexit reads format versions "
+               f"{list(READS)}, the file has version {version}"
                + ("; upgrade jexit to read it" if version > FORMAT_VERSION else ""))
-  unknown = sorted(set(header) - set(HEADER_FIELDS))
+  known = set(HEADER_FIELDS) - (set(_V2_FIELDS) if version == 1 else set())
+  unknown = sorted(set(header) - known)
   if unknown:
-    _bad(path, f"header: unknown field(s) {unknown} for format version {FORMAT_VERSION}")
+    _bad(path, f"header: unknown field(s) {unknown} for format version {version}")
   for name, (required, types, meaning) in HEADER_FIELDS.items():
     if name not in header:
       if required:
@@ -123,7 +138,55 @@ def check_header(header, path="<memory>") -> dict:
   if (len(cost) != header["num_ramps"]
       or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cost)):
     _bad(path, f"header.cost: expected a list of {header['num_ramps']} numbers, got {cost!r}")
+  budget = header.get("budget")
+  if budget is not None and (
+      set(budget) != {"max_loss", "metric"} or budget["metric"] not in ("agreement", "accuracy")
+      or not isinstance(budget["max_loss"], (int, float)) or isinstance(budget["max_loss"], bool)
+      or not -1 <= budget["max_loss"] <= 1):
+    _bad(path, f"header.budget: expected {{'max_loss': a number in [-1, 1], 'metric': "
+               f"'agreement' or 'accuracy'}}, got {budget!r}")
+  active = header.get("active_ramps")
+  if active is not None and (
+      len(active) != header["num_ramps"]
+      or not all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in active)
+      or any(b <= a for a, b in zip(active, active[1:]))):
+    _bad(path, f"header.active_ramps: expected {header['num_ramps']} increasing candidate "
+               f"ramp indices >= 0, got {active!r}")
+  n_ref = header.get("reference_inputs")
+  if n_ref is not None and n_ref < 1:
+    _bad(path, f"header.reference_inputs: expected an integer >= 1 or null, got {n_ref!r}")
   return header
+
+
+def check_reference(header: dict, occupancy, stops, path="<memory>"):
+  """The reference arrays of a version-2 file, `(occupancy [K, S], stops [K],
+  num_inputs)` as int64, or None when the header has no `reference_inputs`."""
+  n = header.get("reference_inputs")
+  if n is None:
+    if occupancy is not None or stops is not None:
+      _bad(path, "reference_occupancy, reference_stops: present, but header."
+                 "reference_inputs is null")
+    return None
+  k, s = header["num_ramps"], header["num_bins"]
+  out = []
+  for name, a, shape in (("reference_occupancy", occupancy, (k, s)),
+                         ("reference_stops", stops, (k,))):
+    if a is None:
+      _bad(path, f"{name}: missing (header.reference_inputs is {n})")
+    a = np.asarray(a)
+    if a.shape != shape or a.dtype.kind not in "iu" or np.any(a < 0):
+      _bad(path, f"{name}: expected counts >= 0 of shape {shape}, got {_describe(a)}")
+    out.append(a.astype(np.int64))
+  occupancy, stops = out
+  if stops.sum() != n or occupancy[0].sum() != n:
+    _bad(path, f"reference_stops, reference_occupancy: expected {n} inputs "
+               f"(header.reference_inputs), got {int(stops.sum())} stops and "
+               f"{int(occupancy[0].sum())} at ramp 0")
+  reached = n - np.concatenate([[0], np.cumsum(stops)[:-1]])
+  if not np.array_equal(occupancy.sum(1), reached):
+    _bad(path, f"reference_occupancy: expected each ramp's row to count the inputs that "
+               f"reached it, {reached.tolist()}, got {occupancy.sum(1).tolist()}")
+  return occupancy, stops, int(n)
 
 
 def check_arrays(header: dict, edges, loss, threshold, cost, path="<memory>"):
@@ -205,8 +268,9 @@ def check_calibration(header: dict, calibration, path="<memory>"):
 
 def read_policy_arrays(path):
   """Reads a policy file without pickle; returns validated
-  `(header, edges, loss, threshold, cost, calibration)` (calibration: None
-  unless header.signal is "class").
+  `(header, edges, loss, threshold, cost, calibration, reference)`
+  (calibration: None unless header.signal is "class"; reference:
+  `(occupancy [K, S], stops [K], num_inputs)` or None, `check_reference`).
 
   Raises:
     ValueError: for an unreadable or corrupt file, missing or unknown keys, an
@@ -228,7 +292,8 @@ def read_policy_arrays(path):
   header = check_header(header, path)
   needs = signals.REGISTRY[header["signal"]].needs_calibration
   expected = ARRAY_KEYS + (("calibration",) if needs else ())
-  unknown = sorted(keys - set(expected))
+  optional = REFERENCE_KEYS if header["format_version"] >= 2 else ()
+  unknown = sorted(keys - set(expected) - set(optional))
   missing = [key for key in expected if key not in keys]
   if unknown:
     _bad(path, f"unknown key(s) {unknown}; expected {list(expected)}")
@@ -237,7 +302,8 @@ def read_policy_arrays(path):
   edges, loss, threshold, cost = check_arrays(
       header, arrays["edges"], arrays["loss"], arrays["threshold"], arrays["cost"], path)
   calibration = check_calibration(header, arrays.get("calibration"), path)
-  return header, edges, loss, threshold, cost, calibration
+  reference = check_reference(header, *(arrays.get(key) for key in REFERENCE_KEYS), path)
+  return header, edges, loss, threshold, cost, calibration, reference
 
 
 def trace_sha256(traces: Traces) -> str:
@@ -371,8 +437,12 @@ def policy_arrays(policy: Policy, binning: Binning, model: Optional[ExitModel],
 def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitModel],
                   lam_index: int, *, model_index: Optional[int] = None,
                   traces: Optional[Traces] = None,
-                  trace_hash: Optional[str] = None) -> dict:
-  """Writes one policy of a solve to a self-describing `.npz` (format version 1).
+                  trace_hash: Optional[str] = None,
+                  budget: Optional[dict] = None,
+                  certificate: Optional[dict] = None,
+                  active_ramps=None,
+                  reference=None) -> dict:
+  """Writes one policy of a solve to a self-describing `.npz` (format version 2).
 
   The file holds `edges [K, S+1]`, `loss [K, S]`, `threshold [K, S]`,
   `cost [K]` (and, for a "class" signal, its weights `calibration
@@ -390,6 +460,11 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
     model_index: which model, when the policy is batched over models.
     traces: the fit trace; its `trace_sha256` goes into the header.
     trace_hash: the hash itself, if the trace is not at hand.
+    budget: `{"max_loss", "metric"}` the table was chosen for.
+    certificate: the certificate of a certified budget (a JSON-ready dict).
+    active_ramps: the candidate ramps the table's K ramps are (placement).
+    reference: `(occupancy [K, S], stops [K], num_inputs)`, the fit rows'
+      counts that deployment monitoring compares live counts with.
 
   Returns:
     The header written (a dict).
@@ -410,6 +485,13 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
   header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "jexit_version": str(getattr(jexit, "__version__", "unknown")),
             "trace_sha256": digest, **fields}
+  for name, value in (("budget", budget), ("certificate", certificate),
+                      ("active_ramps", None if active_ramps is None
+                       else [int(a) for a in active_ramps])):
+    if value is not None:
+      header[name] = value
+  if reference is not None:
+    header["reference_inputs"] = int(reference[2])
   path = os.fspath(path)
   if os.path.isdir(path):
     raise ValueError(f"path: expected a policy file to write, got the folder {path}")
@@ -423,6 +505,9 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
                if signals.get(binning.signal).needs_calibration else None),
       path)
   extra = {} if calibration is None else {"calibration": calibration}
+  if reference is not None:
+    occupancy, stops, _ = check_reference(header, reference[0], reference[1], path)
+    extra.update(reference_occupancy=occupancy, reference_stops=stops)
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "wb") as f:

@@ -40,7 +40,7 @@ import numpy as np
 from jexit import signals
 from jexit.export import (FORMAT_NAME, FORMAT_VERSION, HEADER_FIELDS, _describe,  # noqa: F401
                           _real, check_arrays, check_calibration, check_header,
-                          read_policy_arrays)
+                          check_reference, read_policy_arrays)
 from jexit.signals import (class_features, class_signal, margin_signal,  # noqa: F401
                            stability_signal)
 
@@ -77,10 +77,14 @@ class ExitTable:
     cost: `[K]` float64 segment costs.
     lam: the cost weight the policy was solved for.
     recall: whether the output is the best ramp so far (else the current).
-    signal: `"1-conf"` (1 - max softmax), `"stability"` (1 - max softmax,
-      plus 1 where the prediction changed since the previous ramp) or
-      `"signal"` (a custom signal).
+    signal: the binned signal, a name of `jexit.signals.REGISTRY`.
+    calibration: `[K-1, 2C+3]` weights of a "class" table, else None.
     header: the file's JSON header (dict).
+    budget: `{"max_loss", "metric"}` the table was chosen for, or None.
+    certificate: the budget's certificate (a dict, `jexit.certify`), or None.
+    active_ramps: the candidate ramps the table's K ramps are, or None (all).
+    reference: `(occupancy [K, S], stops [K], num_inputs)`, the fit rows'
+      counts for deployment monitoring, or None.
     nan, out_of_range, range_tol: the input-handling modes (module docstring).
 
   Examples:
@@ -89,8 +93,9 @@ class ExitTable:
   """
 
   def __init__(self, header: dict, edges, loss, threshold, cost, *,
-               calibration=None, nan: str = "error", out_of_range: str = "error",
-               range_tol: float = 1e-6, path: str = "<memory>"):
+               calibration=None, reference=None, nan: str = "error",
+               out_of_range: str = "error", range_tol: float = 1e-6,
+               path: str = "<memory>"):
     if nan not in _NAN_MODES:
       raise ValueError(f"nan: expected one of {list(_NAN_MODES)}, got {nan!r}")
     if out_of_range not in _RANGE_MODES:
@@ -104,7 +109,12 @@ class ExitTable:
     self.edges, self.loss, self.threshold, self.cost = check_arrays(
         header, edges, loss, threshold, cost, path)
     self.calibration = check_calibration(header, calibration, path)
+    self.reference = (None if reference is None and header.get("reference_inputs") is None
+                      else check_reference(header, *(reference or (None, None))[:2], path))
     self.header = header
+    self.budget = header.get("budget")
+    self.certificate = header.get("certificate")
+    self.active_ramps = header.get("active_ramps")
     self.path = path
     self.lam = float(header["lam"])
     self.recall = bool(header["recall"])
@@ -125,9 +135,9 @@ class ExitTable:
   @classmethod
   def load(cls, path, **options) -> "ExitTable":
     """Reads and validates a policy file; `options` as in the constructor."""
-    header, edges, loss, threshold, cost, calibration = read_policy_arrays(path)
+    header, edges, loss, threshold, cost, calibration, reference = read_policy_arrays(path)
     return cls(header, edges, loss, threshold, cost, calibration=calibration,
-               path=os.fspath(path), **options)
+               reference=reference, path=os.fspath(path), **options)
 
   @property
   def num_ramps(self) -> int:

@@ -140,7 +140,7 @@ def _mutate(tmp_path, solved, change):
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda a, h: h.update(format_version=2), "format version 1, the file has version 2"),
+    (lambda a, h: h.update(format_version=3), r"format versions \[1, 2\], the file has version 3"),
     (lambda a, h: h.update(format_version="1"), "format_version: expected an integer"),
     (lambda a, h: h.update(format="other"), "header.format"),
     (lambda a, h: h.pop("lam"), r"header.lam: missing"),
@@ -327,3 +327,82 @@ def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
     cli.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method="best"))
   cli.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method=None))
   assert load_policy_file(out).num_bins > 2  # --lam ships the solved policy
+
+
+def _reference(table_or_binning, traces, policy, binning, i):
+  """Occupancy and stops of the fit rows under entry i of `policy`."""
+  ev = jexit.evaluate(policy, traces, binning, return_per_input=True)
+  stop = np.asarray(ev.stop_ramp[i])
+  bins = binning.assign(jexit.traces.signal_values(traces, binning.signal))
+  k, s = bins.shape[1], binning.num_bins
+  occupancy = np.zeros((k, s), np.int64)
+  for r in range(k):
+    np.add.at(occupancy[r], bins[stop >= r, r], 1)
+  return occupancy, np.bincount(stop, minlength=k), traces.num_inputs
+
+
+def test_version_2_fields_round_trip(tmp_path, solved):
+  traces, model, binning, policy = solved
+  ref = _reference(None, traces, policy, binning, 2)
+  cert = {"eps": 0.01, "delta": 0.1, "test": "binomial"}
+  path = tmp_path / "v2.npz"
+  header = export.export_policy(path, policy, binning, model, 2, traces=traces,
+                                budget={"max_loss": 0.01, "metric": "agreement"},
+                                certificate=cert, active_ramps=[0, 2, 3, 5], reference=ref)
+  table = load_policy_file(path)
+  assert header["format_version"] == 2 and table.header == header
+  assert table.budget == {"max_loss": 0.01, "metric": "agreement"}
+  assert table.certificate == cert and table.active_ramps == [0, 2, 3, 5]
+  np.testing.assert_array_equal(table.reference[0], ref[0])
+  np.testing.assert_array_equal(table.reference[1], ref[1])
+  assert table.reference[2] == traces.num_inputs
+  plain = load_policy_file(export.export_policy(tmp_path / "plain.npz", policy, binning, model,
+                                                2) and tmp_path / "plain.npz")
+  assert plain.reference is None and plain.certificate is None and plain.active_ramps is None
+
+
+def test_version_1_files_still_read_and_refuse_version_2_fields(tmp_path, solved):
+  traces, model, binning, policy = solved
+  path = tmp_path / "p.npz"
+  export.export_policy(path, policy, binning, model, 1)
+  arrays, header = _arrays(path)
+  header["format_version"] = 1
+  arrays["header"] = np.array(json.dumps(header))
+  table = load_policy_file(_write(tmp_path, arrays, "v1.npz"))
+  np.testing.assert_array_equal(table.threshold, np.asarray(policy.threshold)[1])
+  header["active_ramps"] = [0, 1, 2, 3]
+  arrays["header"] = np.array(json.dumps(header))
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['active_ramps'\] for format "
+                                       r"version 1"):
+    load_policy_file(_write(tmp_path, arrays, "v1bad.npz"))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(budget={"max_loss": 2.0, "metric": "agreement"}), "header.budget: expected"),
+    (dict(budget={"max_loss": 0.01}), "header.budget: expected"),
+    (dict(active_ramps=[0, 0, 1, 2]), "header.active_ramps: expected 4 increasing"),
+    (dict(active_ramps=[0, 1]), "header.active_ramps: expected 4 increasing"),
+    (dict(reference_inputs=0), "header.reference_inputs: expected an integer >= 1"),
+    (dict(reference_inputs=5), "reference_occupancy: missing"),
+])
+def test_bad_version_2_fields_name_the_field(tmp_path, solved, change, match):
+  traces, model, binning, policy = solved
+  path = tmp_path / "p.npz"
+  export.export_policy(path, policy, binning, model, 1)
+  arrays, header = _arrays(path)
+  header.update(change)
+  arrays["header"] = np.array(json.dumps(header))
+  with pytest.raises(ValueError, match=match):
+    load_policy_file(_write(tmp_path, arrays))
+
+
+def test_reference_counts_must_add_up(tmp_path, solved):
+  traces, model, binning, policy = solved
+  occupancy, stops, n = _reference(None, traces, policy, binning, 2)
+  bad = occupancy.copy()
+  bad[1, 0] += 1
+  with pytest.raises(ValueError, match="reference_occupancy: expected each ramp's row"):
+    export.export_policy(tmp_path / "p.npz", policy, binning, model, 2, reference=(bad, stops, n))
+  with pytest.raises(ValueError, match="expected 301 inputs"):
+    export.export_policy(tmp_path / "p.npz", policy, binning, model, 2,
+                         reference=(occupancy, stops, n + 1))

@@ -419,7 +419,7 @@ def test_policy_sha256_identifies_a_policy(tmp_path):
   digests = []
   for i in (0, 0, 1):
     jexit.export_policy(tmp_path / "p.npz", policy, binning, model, i)
-    header, edges, loss, threshold, cost, _ = read_policy_arrays(tmp_path / "p.npz")
+    header, edges, loss, threshold, cost, _, _ = read_policy_arrays(tmp_path / "p.npz")
     digests.append(monitor.policy_sha256(header, dict(edges=edges, loss=loss,
                                                       threshold=threshold, cost=cost)))
   assert digests[0] == digests[1] != digests[2]
