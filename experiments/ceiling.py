@@ -31,13 +31,13 @@ Families (each fitted and chosen on all rows of a workload, then scored there):
   same exhaustive search, in-sample. A richer signal than any single ramp's
   confidence; still no oracle knowledge. "+ class" adds the one-hot predicted
   class of ramps 1..k to the features;
-- with traces that record their own `signal` (experiments/traces_margin: the
+- with traces that record their own `signal` (experiments/traces/margin: the
   margin), the recall policy and the exhaustive per-ramp thresholds on it;
 - patience, and the hindsight oracle.
 
 Usage:
   python experiments/ceiling.py [--max-combos 20000] [--num-lambdas 600]
-      [--out experiments/CEILING.md] [--trace-dir experiments/traces]
+      [--out experiments/reports/CEILING.md] [--trace-dir experiments/traces/pool2]
 """
 
 import argparse
@@ -108,21 +108,21 @@ def ramp_threshold_ceiling(traces, targets, grid):
 
 FINDINGS = """## Findings
 
-These are about experiments/traces, the first suite. Issue 7's benchmark suite is now
-experiments/traces_pool4_s1 (4x4 ramp heads; experiments/CONFIRM.md), whose ceilings are in
-experiments/CEILING_POOL4_S1.md.
+These are about experiments/traces/pool2, the first suite. Issue 7's benchmark suite is now
+experiments/traces/pool4_s1 (4x4 ramp heads; experiments/reports/CONFIRM.md), whose ceilings are in
+experiments/reports/CEILING_POOL4_S1.md.
 
 - **The predicted class is what reaches 2x at <= 1% on four of the six digits workloads.**
   The in-sample best at 1% is 2.21x, 2.15x, 1.75x, 1.74x, 2.02x and 2.04x (VGG-11/3, VGG-11/5,
   VGG-13/3, VGG-13/5, VGG-16/3 and VGG-16/5 ramps). It comes from the recall policy on the
-  class signal (`jexit.fit(..., signal="class")`, experiments/CLASS.md) or from gradient-boosted
+  class signal (`jexit.fit(..., signal="class")`, experiments/reports/CLASS.md) or from gradient-boosted
   exit scores that also read the predicted classes. Without the class, the best family reached
   1.86x, 1.92x, 1.71x, 1.61x, 1.90x and 1.80x, so no family reached 2x.
 - **VGG-13 stays below 2x even in-sample** (1.75x and 1.74x), although the hindsight oracle
   allows 2.10x and 2.89x. The oracle knows which inputs the early ramps get right; on VGG-13,
   no family here can read that from the ramps' confidences, predictions and classes.
 - **jexit's default rule is at that ceiling held-out.** At 1% loss, `jexit budget`'s default
-  rule (experiments/UNION.md, 5-fold held-out) reaches 2.14x, 2.16x, 1.74x, 1.72x, 2.04x and
+  rule (experiments/reports/UNION.md, 5-fold held-out) reaches 2.14x, 2.16x, 1.74x, 1.72x, 2.04x and
   2.03x. That is within 0.07x of the in-sample best on every digits workload.
 - **The simple calibration gets nearly all of what boosting gets.** The recall policy on the
   class signal (a logistic fit per ramp: class, class x log(1 - conf), log(1 - conf), agreement
@@ -139,7 +139,7 @@ experiments/CEILING_POOL4_S1.md.
   VGG-16/5 ramps (+0.02x), and lose on VGG-13/3 ramps (-0.05x) and VGG-16/3 ramps (-0.04x).
 - **On the synthetic workloads, 2x at 1% is met held-out with the stability signal.** It
   reaches 2.08x and 2.15x in-sample at 1% (2.19x with boosted scores on synth-overthink), and
-  `jexit budget`'s default rule 2.07x and 2.18x held-out (experiments/UNION.md).
+  `jexit budget`'s default rule 2.07x and 2.18x held-out (experiments/reports/UNION.md).
 - The last three findings were measured before the class families existed: their ceilings
   and held-out numbers are for the families without the predicted class.
 - **Self-distilled ramps do not move the ceiling either.** Ramps trained to match the final
@@ -148,20 +148,20 @@ experiments/CEILING_POOL4_S1.md.
   the held-out images (ramp 1 of VGG-11/3 ramps: 69.7% against 72.8%), and the in-sample best
   at 1% is 1.80x, 1.92x, 1.68x, 1.62x, 1.90x and 1.72x on the six digits workloads (labels:
   1.86x, 1.92x, 1.71x, 1.61x, 1.90x, 1.80x): still no 2x
-  (`python experiments/ceiling.py --trace-dir experiments/traces_distill`, 2 min). On these
+  (`python experiments/ceiling.py --trace-dir experiments/traces/distill`, 2 min). On these
   images the final head of VGG-11/3 ramps is right on all 1,078 training images (un-augmented;
   mean top probability 0.94 at T = 2), so its soft output teaches little that the labels do
   not.
 - **The margin moves it a little.** The same traces with each ramp's margin recorded
   (`make_traces.py --signal margin`; conf and predictions unchanged) reach an in-sample best
-  at 1% of 1.92x, 1.92x, 1.76x, 1.66x, 2.00x and 1.85x (experiments/CEILING_MARGIN.md), and
-  `jexit budget`'s default rule 1.66x-1.99x held-out (experiments/MARGIN.md). Entropy instead
+  at 1% of 1.92x, 1.92x, 1.76x, 1.66x, 2.00x and 1.85x (experiments/reports/CEILING_MARGIN.md), and
+  `jexit budget`'s default rule 1.66x-1.99x held-out (experiments/reports/MARGIN.md). Entropy instead
   of the margin loses 0.1-0.2x.
 - **Jointly trained ramps do move it.** The same six networks with the backbone and every
   head trained together (`make_traces.py --training joint`; same costs and trace rows) reach
   an in-sample best at 1% of 2.60x, 2.44x, 2.08x, 2.09x, 2.69x and 2.57x
-  (experiments/CEILING_JOINT.md), and `jexit budget`'s default rule 2.08x-2.67x held-out
-  (experiments/JOINT.md). Without the class, what limited the suite above was its ramps,
+  (experiments/reports/CEILING_JOINT.md), and `jexit budget`'s default rule 2.08x-2.67x held-out
+  (experiments/reports/JOINT.md). Without the class, what limited the suite above was its ramps,
   not the policy.
 """
 
@@ -257,7 +257,7 @@ def main(argv=None):
   parser.add_argument("--num-lambdas", type=int, default=600)
   parser.add_argument("--out", default=None, help="write the report (markdown) here")
   parser.add_argument("--trace-dir", default=None,
-                      help="digits traces to read (default experiments/traces)")
+                      help="digits traces to read (default experiments/traces/pool2)")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   lines = ["| workload | method | " + " | ".join(f"loss <= {t * 100:g}%" for t in TARGETS) + " |",
@@ -281,7 +281,7 @@ def main(argv=None):
     cmd = "python experiments/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:])
     intro = __doc__.split("\n\n", 1)[1].split("Usage:")[0].strip()
     findings = FINDINGS
-    if args.trace_dir is not None:  # the intro's claim and FINDINGS are about experiments/traces
+    if args.trace_dir is not None:  # the intro's claim and FINDINGS are about experiments/traces/pool2
       intro = intro.split("\n\n", 1)[1]
       findings = workloads.findings_elsewhere(args.trace_dir, "CEILING.md")
     with open(args.out, "w") as f:

@@ -64,7 +64,7 @@ FAMILIES = tuple(f"{m}[{s}]" for s in SIGNALS for m in SOLVER) + BASELINES
 APPARATE_GRID = (0.0,) + tuple(float(b) for b in np.geomspace(0.0005, 0.2, 23))
 SYNTH_ROWS = 4000
 TRUTH_ROWS = 100_000
-TRACE_DIR = os.path.join(HERE, "traces_pool4_s1")
+TRACE_DIR = os.path.join(HERE, "traces/pool4_s1")
 BLOCK = 4
 
 

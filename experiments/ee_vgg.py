@@ -3,7 +3,7 @@
 The network, its weights, the digits/ImageFolder data, the training and the
 trace recipe live in the installed package (`jexit.vgg`, recording in
 `jexit.record`); this module re-exports them under the names the experiments
-use, and adds the research-only learned exit gates (experiments/GATE.md):
+use, and adds the research-only learned exit gates (experiments/reports/GATE.md):
 `make_traces(TraceConfig(signal="gate"))` trains one `ExitGate` per ramp but
 the last after the network and records `1 - P(agree with the final head)` as
 the traces' signal.

@@ -1,10 +1,10 @@
 """Three more exit-gate variants on the VGG-13 suite networks (issue 7).
 
-experiments/GATE.md's gates are trained on augmented training images of the
+experiments/reports/GATE.md's gates are trained on augmented training images of the
 network they serve. Per workload, this script retrains the suite network
-exactly (same seed; checked against experiments/traces) and measures:
+exactly (same seed; checked against experiments/traces/pool2) and measures:
 
-1. `suite gate`: `ee_vgg.train_gates`, as in experiments/traces_gate.
+1. `suite gate`: `ee_vgg.train_gates`, as in experiments/traces/gate.
 2. `out-of-fold gate`: the training images are split into 5 folds; a network
    of the same recipe is trained on four, and the fifth's ramp logits (8
    augmented copies) are the gate's training data, so the gate learns from
@@ -97,11 +97,11 @@ def signal_of(gate, *inputs):
 
 def run(arch: str, ramps: int):
   start = time.perf_counter()
-  config = ee_vgg.TraceConfig(arch=arch, ramps=ramps, head_pool=2)  # experiments/traces
+  config = ee_vgg.TraceConfig(arch=arch, ramps=ramps, head_pool=2)  # experiments/traces/pool2
   data = ee_vgg.load_digits_images(config.size)
   train_rows, held_rows = ee_vgg.split_rows(len(data.images), config.trace_frac, config.seed)
   x, _, _ = ee_vgg.trace_inputs(data, held_rows, config.copies, config.seed)
-  suite = jexit.load_traces(os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces",
+  suite = jexit.load_traces(os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces", "pool2",
                                          f"digits_{arch}_{ramps}ramps.npz"))
   model = trained(config, data, train_rows, config.seed)
   maps, logits = features_and_logits(model, x)

@@ -3,10 +3,10 @@
 One model:
   python experiments/make_traces.py --arch vgg11 --ramps 3 --out t.npz
 The benchmark suite of issue 7 (digits_{vgg11,vgg13,vgg16}_{3,5}ramps.npz,
-experiments/CONFIRM.md):
-  python experiments/make_traces.py --all experiments/traces_pool4_s1 --seed 1
-The first suite, experiments/traces (TRACES.md), had 2x2 heads:
-  python experiments/make_traces.py --all experiments/traces --head-pool 2
+experiments/reports/CONFIRM.md):
+  python experiments/make_traces.py --all experiments/traces/pool4_s1 --seed 1
+The first suite, experiments/traces/pool2 (TRACES.md), had 2x2 heads:
+  python experiments/make_traces.py --all experiments/traces/pool2 --head-pool 2
 
 Never downloads anything: `--weights` and `--image-folder` are local paths.
 The code is `jexit.vgg` (and `jexit record`, its installed command line);
@@ -51,7 +51,7 @@ def parse_args(argv=None):
                  help="separate training: epochs of the ramp phase (default --epochs)")
   p.add_argument("--head-pool", type=int, default=d.head_pool,
                  help="spatial size (n x n) the intermediate ramp heads average-pool to "
-                      "before their linear layer (experiments/traces and its variants: 2)")
+                      "before their linear layer (experiments/traces/pool2 and its variants: 2)")
   p.add_argument("--width-div", type=int, default=d.width_div,
                  help="divide VGG channel counts by this (1 = torchvision widths)")
   p.add_argument("--training", default=d.training, choices=("separate", "joint"))

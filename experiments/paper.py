@@ -18,7 +18,7 @@ Costs are per-segment FLOPs (the paper measured milliseconds); only speedup
 ratios are compared with the paper's.
 
 Usage:
-  python experiments/paper.py [--figures experiments/figures] [--num-lambdas 1000]
+  python experiments/paper.py [--figures experiments/reports/figures] [--num-lambdas 1000]
                               [--json results.json]
 """
 
@@ -37,7 +37,7 @@ from jexit import baselines  # pylint: disable=wrong-import-position
 from jexit import plots  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRACES = {m: os.path.join(HERE, "traces", f"digits_{m}_3ramps.npz")
+TRACES = {m: os.path.join(HERE, "traces", "pool2", f"digits_{m}_3ramps.npz")
           for m in ("vgg11", "vgg13", "vgg16")}
 FIT_ROWS = np.arange(0, 1500)
 TEST_ROWS = np.arange(2376, 2876)  # the last 500 rows; 1500 and 2376 are multiples of 4
@@ -249,8 +249,8 @@ def _cell(p) -> str:
 def format_vgg(name: str, res, targets=TARGETS) -> str:
   test = res["test"]
   total = float(np.sum(res["model"].cost))
-  ramp_agree = [float(np.mean(res["traces_test"].pred[:, k] == res["traces_test"].pred[:, -1]))
-                for k in range(res["traces_test"].num_ramps)]
+  ramp_agree = [float(np.mean(res["traces/test"].pred[:, k] == res["traces/test"].pred[:, -1]))
+                for k in range(res["traces/test"].num_ramps)]
   lines = [f"{name}: cost per segment {np.round(res['model'].cost / 1e6, 2).tolist()} MFLOPs "
            f"(backbone {total / 1e6:.2f} M); test agreement per ramp "
            f"{[round(a, 3) for a in ramp_agree]}"]
@@ -308,7 +308,7 @@ def _plot_frontiers(results, defaults, figures, dpi):
 
 def _plot_if_stop_vgg(results, figures, dpi, target=FIG6_TARGET):
   names = list(results)
-  k = results[names[0]]["traces_test"].num_ramps
+  k = results[names[0]]["traces/test"].num_ramps
   fig = _figure(figsize=(3.6 * (k - 1), 3.0 * len(names) + 0.4), layout="constrained")
   axes = fig.subplots(len(names), k - 1, squeeze=False)
   for row, name in zip(axes, names):
@@ -353,7 +353,7 @@ def vgg(figures: str = None, *, traces=None, num_lambdas: int = 1000, dpi: int =
       raise ValueError(f"{path}: expected at least {TEST_ROWS[-1] + 1} rows, got {t.num_inputs}")
     label = name.upper().replace("VGG", "VGG-")
     results[label] = run_trace(t, num_lambdas)
-    results[label]["traces_test"] = t.take(TEST_ROWS)
+    results[label]["traces/test"] = t.take(TEST_ROWS)
     if default_model:
       defaults[label] = run_trace(t, num_lambdas, fit_options={}, methods=("recall",))
   paths = []
@@ -403,7 +403,7 @@ def to_json(synth_rows, results, defaults) -> dict:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--figures", default=os.path.join(HERE, "figures"))
+  parser.add_argument("--figures", default=os.path.join(HERE, "reports", "figures"))
   parser.add_argument("--num-lambdas", type=int, default=1000)
   parser.add_argument("--json", default=None, help="also write the numbers here")
   args = parser.parse_args(argv)

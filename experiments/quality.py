@@ -10,8 +10,8 @@ Digits traces are split in blocks of 4 rows (4 augmented copies of an image;
 `--block` for traces made with another `make_traces.py --copies`).
 
 Usage:
-  python experiments/quality.py [--folds 5] [--num-lambdas 300] [--out experiments/QUALITY.md]
-      [--trace-dir experiments/traces] [--block 4] [--workloads NAME ...]
+  python experiments/quality.py [--folds 5] [--num-lambdas 300] [--out experiments/reports/QUALITY.md]
+      [--trace-dir experiments/traces/pool2] [--block 4] [--workloads NAME ...]
 """
 
 import argparse
@@ -350,14 +350,14 @@ FINDINGS = """## Findings
   `1 - conf`, and the same edges shifted by 1) gave the same verdict in a prototype run
   (5 folds; e.g. VGG-11/3 ramps at 1%: 1.58x vs the default's 1.81x; synth-smooth: 2.05x vs 1.48x).
 - **The predicted class is information the confidence bins lack too.** The class signal
-  (`class signal`; experiments/CLASS.md: one minus a per-class logistic estimate, fitted on the
+  (`class signal`; experiments/reports/CLASS.md: one minus a per-class logistic estimate, fitted on the
   fit rows, that the ramp agrees with the final one) is at least as fast as every other recall
   and no-recall variant on every digits cell; on the synthetic workloads stability is faster.
 - **Choosing the signal per workload (now `jexit budget`'s default).** Since prediction
   stability wins on some workloads and loses on others, `jexit budget --signal auto` first
   chose between `1 - conf` and the stability signal by a 4-fold cross-fitting inside the fit
   rows (it now scores the class signal too).
-  experiments/SELECT_FAMILY.md (`python experiments/select_family.py`) measures that rule
+  experiments/reports/SELECT_FAMILY.md (`python experiments/select_family.py`) measures that rule
   with this file's protocol: 25 of 32 cells at least as fast as the best external baseline
   (19 of 32 with `1 - conf` alone); it wins back every synthetic cell and changes nothing on
   the digits traces, where 7 cells stay behind a baseline.
@@ -368,7 +368,7 @@ FINDINGS = """## Findings
   than the one it stopped at, and recall and no-recall are equal within noise everywhere.
   The model value with recall is never above the value without (tested), but the gap is
   tiny here. Recall pays when a later ramp can be worse than an earlier one *for the metric*:
-  experiments/RECALL.md (`python experiments/recall_pays.py`) measures accuracy against the
+  experiments/reports/RECALL.md (`python experiments/recall_pays.py`) measures accuracy against the
   labels. On a synthetic network whose final ramp is wrong on 20% of inputs that an earlier
   ramp got right, recall with the label loss is faster than no recall at every accuracy target
   (2.23x vs 1.83x at +5 points over the backbone; 2.98x vs 2.80x at no loss). On the digits
@@ -378,14 +378,14 @@ FINDINGS = """## Findings
   digits image instead of 4 (11,504 rows per model) give 18 of 24 digits cells at least as fast
   as the best external baseline instead of 17; VGG-11/3 ramps still trails Apparate greedy at
   0.5% and 1% in every fold. The copies are correlated (about 1.2-1.35x the effective sample,
-  not 4x); experiments/MORE_ROWS.md has the table.
+  not 4x); experiments/reports/MORE_ROWS.md has the table.
 - **jexit's default rule: the signal, then the family fastest on the fit rows (`jexit
   budget`'s "best" line, what `jexit export --max-loss` ships).** Per fold and target, the exit
-  signal (`1 - conf`, stability or the class signal of experiments/CLASS.md) is chosen by
+  signal (`1 - conf`, stability or the class signal of experiments/reports/CLASS.md) is chosen by
   inner cross-fitting as above; then recall and no recall on it, Apparate's greedy thresholds
   and the global threshold each choose their parameter on the fit rows, and the one with the
   most fit speedup is scored held-out (`python experiments/union.py`, 4 min;
-  experiments/UNION.md). Result: at least as fast as the best external baseline on 32 of 32
+  experiments/reports/UNION.md). Result: at least as fast as the best external baseline on 32 of 32
   cells, by +0.05x to +0.58x on digits, against 19 for recall on `1 - conf` alone. It picks the
   class signal in 118 of 120 digits fold x target choices and stability in all 40 synthetic
   ones, and ships a threshold rule in 2 of 160. Over five outer split seeds (`union.py
@@ -395,24 +395,24 @@ FINDINGS = """## Findings
 - **2x at <= 1% loss.** The hindsight oracle allows it on every workload here. `jexit
   budget`'s default rule reaches it held-out on VGG-11 with 3 and 5 ramps (2.14x, 2.16x),
   VGG-16 with 3 and 5 ramps (2.04x, 2.03x) and both synthetic workloads (2.07x, 2.18x), **not
-  on VGG-13** (1.74x, 1.72x; the oracle allows 2.10x and 2.89x). experiments/CEILING.md
+  on VGG-13** (1.74x, 1.72x; the oracle allows 2.10x and 2.89x). experiments/reports/CEILING.md
   (`python experiments/ceiling.py`, 4 min) fits and chooses every policy family on the rows it
   is scored on: the in-sample best at 1% on VGG-13 is 1.75x and 1.74x, so no family tried
   reaches 2x there (the families are exhaustive per-ramp thresholds, the Markov policies on
   `1 - conf`, stability and class, and boosted exit scores from every conf, prediction and
   class seen so far). Without the predicted class, the digits workloads reached 1.61x-1.90x
   held-out and at most 1.92x in-sample. With the same networks trained jointly (backbone and
-  ramps together, experiments/JOINT.md) the early ramps agree with the final one more often,
+  ramps together, experiments/reports/JOINT.md) the early ramps agree with the final one more often,
   and the rule before the class signal reached 2.08x-2.67x at 1% held-out on all six; that is
-  an additional suite, not this table's. So is experiments/POOL4.md: the same networks,
+  an additional suite, not this table's. So is experiments/reports/POOL4.md: the same networks,
   trained the same separate way, with ramp heads that pool to 4x4 instead of 2x2 (at most 0.4%
   more FLOPs); there the rule reaches 2.17x-4.41x at 1% held-out on all six (mean over 5 split
   seeds x 5 folds). Since then the benchmark suite of issue 7 is that recipe on new networks
-  (`--seed 1`, experiments/traces_pool4_s1), made after a plan fixed in experiments/CONFIRM.md:
+  (`--seed 1`, experiments/traces/pool4_s1), made after a plan fixed in experiments/reports/CONFIRM.md:
   there the rule reaches 2.13x-4.29x at 1% held-out on all six digits workloads and is at
   least as fast as the best external baseline on 32 of 32 cells (mean over 5 split seeds x 5
   folds). This table's traces stay the first suite. The paper's headline (2x at about 8% loss)
-  is reproduced in experiments/REPORT.md.
+  is reproduced in experiments/reports/REPORT.md.
 """
 
 
@@ -420,10 +420,10 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--folds", type=int, default=5)
   p.add_argument("--num-lambdas", type=int, default=300)
-  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "QUALITY.md"))
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "reports", "QUALITY.md"))
   p.add_argument("--workloads", nargs="*", help="subset of workload names")
   p.add_argument("--trace-dir", default=None,
-                 help="folder of the digits traces (default experiments/traces)")
+                 help="folder of the digits traces (default experiments/traces/pool2)")
   p.add_argument("--block", type=int, default=4,
                  help="rows per image in the digits traces (make_traces.py --copies)")
   args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """Where recall pays: accuracy against labels, recall vs no recall, on held-out rows.
 
 With agreement with the final ramp as the metric the final ramp's loss is 0,
-so recall has little to do (experiments/QUALITY.md). Here the metric is
+so recall has little to do (experiments/reports/QUALITY.md). Here the metric is
 accuracy against the labels: the solver's loss is the calibrated error rate
 (`fit(target="label")`), the final ramp can be wrong where an earlier ramp was
 right, and a recall policy may answer with an earlier ramp.
@@ -14,7 +14,7 @@ is. Cells: mean held-out speedup over folds +- std across folds, and the
 pooled held-out accuracy minus the backbone's on the same rows.
 
 Usage:
-  python experiments/recall_pays.py [--folds 5] [--num-lambdas 300] [--out experiments/RECALL.md]
+  python experiments/recall_pays.py [--folds 5] [--num-lambdas 300] [--out experiments/reports/RECALL.md]
 """
 
 import argparse
@@ -324,7 +324,7 @@ FINDINGS = """## Findings
   (14 of 14; on `synth-label-overthink` by 0.28-0.74x, and it is the only method besides
   patience that reaches +5% and +10%), and 23 of 24 digits cells. The one it loses is VGG-13/5
   ramps at the no-loss target, 1.46x against the global threshold's 1.48x. On the digits traces the
-  class signal does it (experiments/CLASS.md): before it joined the choice (1-conf and
+  class signal does it (experiments/reports/CLASS.md): before it joined the choice (1-conf and
   stability only), the selected policy won 11 of 24 digits cells and lost every one at the
   no-loss target.
 - **Patience is the most accurate method on `synth-label-overthink`** (+12.2% at 1.72x): this
@@ -338,7 +338,7 @@ def main():
   p.add_argument("--folds", type=int, default=5)
   p.add_argument("--num-lambdas", type=int, default=300)
   p.add_argument("--workloads", nargs="*", help="subset of workload names")
-  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RECALL.md"))
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "reports", "RECALL.md"))
   args = p.parse_args()
   start = time.perf_counter()
   results = run(args.folds, args.num_lambdas, args.workloads)

@@ -25,8 +25,8 @@ is computed once per workload and its per-fold results reused.
 
 Usage:
   python experiments/select_family.py [--folds 5] [--inner-folds 4] [--num-lambdas 300]
-      [--out experiments/SELECT_FAMILY.md] [--workloads NAME ...]
-      [--trace-dir experiments/traces] [--block 4]
+      [--out experiments/reports/SELECT_FAMILY.md] [--workloads NAME ...]
+      [--trace-dir experiments/traces/pool2] [--block 4]
 """
 
 import argparse
@@ -207,10 +207,10 @@ def main(argv=None):
   p.add_argument("--folds", type=int, default=5)
   p.add_argument("--inner-folds", type=int, default=4)
   p.add_argument("--num-lambdas", type=int, default=300)
-  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "SELECT_FAMILY.md"))
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "reports", "SELECT_FAMILY.md"))
   p.add_argument("--workloads", nargs="*", help="subset of workload names")
   p.add_argument("--trace-dir", default=None,
-                 help="folder of the digits traces (default experiments/traces)")
+                 help="folder of the digits traces (default experiments/traces/pool2)")
   p.add_argument("--block", type=int, default=4,
                  help="rows per image in the digits traces (make_traces.py --copies)")
   args = p.parse_args(argv)

@@ -4,7 +4,7 @@
   python experiments/snapshot.py check DIR     # after: every decision identical?
 
 Runs `jexit budget`, `sweep`, `export` and `demo` on the embedded trace and on
-every workload of the benchmark suite (experiments/traces_pool4_s1 and the two
+every workload of the benchmark suite (experiments/traces/pool4_s1 and the two
 synthetic ones), and keeps their JSON, their printed tables (timings removed)
 and the exported policy files. `check` reruns them and lists every difference.
 """
@@ -26,8 +26,7 @@ from experiments import workloads  # noqa: E402
 import jexit  # noqa: E402
 from jexit import cli  # noqa: E402
 
-SUITE = os.path.join(HERE, "traces", "pool4_s1") if os.path.isdir(
-    os.path.join(HERE, "traces", "pool4_s1")) else os.path.join(HERE, "traces_pool4_s1")
+SUITE = os.path.join(HERE, "traces", "pool4_s1")
 
 
 def _traces(tmp):

@@ -18,7 +18,7 @@ fit speedup (`best_method`, ties in `DEPLOYABLE` order).
 
 Usage:
   python experiments/union.py [--folds 5] [--num-lambdas 300] [--inner-folds 4]
-      [--pool apparate_greedy,global_threshold] [--trace-dir experiments/traces]
+      [--pool apparate_greedy,global_threshold] [--trace-dir experiments/traces/pool2]
       [--signal-as-conf]
   python experiments/union.py --seeds 0,1,2,3,4   # repeated outer splits
 """
@@ -191,7 +191,7 @@ def main(argv=None):
                       help="comma-separated outer split seeds: run only budget default "
                            "against the external baselines, repeated over these splits")
   parser.add_argument("--trace-dir", default=None,
-                      help="folder of the digits traces (default experiments/traces)")
+                      help="folder of the digits traces (default experiments/traces/pool2)")
   parser.add_argument("--signal-as-conf", action="store_true",
                       help="digits traces' conf := 1 - their signal (e.g. the margin), so "
                            "the threshold baselines read it too")

@@ -1,9 +1,9 @@
 """Workloads of the benchmark suites: real digits VGG traces and synthetic ones.
 
-The digits traces are read from `TRACE_DIR` (experiments/traces, the first
+The digits traces are read from `TRACE_DIR` (experiments/traces/pool2, the first
 suite, which the written findings of QUALITY.md, UNION.md and CEILING.md are
 about) unless a folder is given; issue 7's benchmark suite is
-experiments/traces_pool4_s1 (CONFIRM.md).
+experiments/traces/pool4_s1 (CONFIRM.md).
 
 Synthetic traces follow a hidden per-input difficulty that evolves as an AR(1)
 chain over the ramps; each ramp's confidence is a noisy view of it and its
@@ -22,14 +22,14 @@ import numpy as np
 import jexit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRACE_DIR = os.path.join(HERE, "traces")
+TRACE_DIR = os.path.join(HERE, "traces", "pool2")
 
 
 def findings_elsewhere(trace_dir: str, report: str) -> str:
   """The Findings section of a report run on another folder of digits traces:
   `report`'s written findings are about `TRACE_DIR` and do not apply."""
   return (f"## Findings\n\nTraces: `{trace_dir}`. The written findings of "
-          f"experiments/{report} are about experiments/traces and are not repeated here; "
+          f"experiments/reports/{report} are about experiments/traces/pool2 and are not repeated here; "
           "the report that cites this command discusses these traces.\n")
 
 

@@ -25,7 +25,7 @@ from jexit.signals import NAMES as SIGNALS
 _FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "loss_smoothing",
              "signal_range")
 # Rows of the embedded demo trace come in blocks of 4 augmented copies of one
-# image (experiments/TRACES.md): splits keep a block on one side.
+# image (experiments/reports/TRACES.md): splits keep a block on one side.
 DEMO_BLOCK = 4
 DEMO_MAX_LOSS = 0.01  # the budget the demo's exit signal is chosen for
 
@@ -231,7 +231,7 @@ def _add_export_parser(subparsers) -> argparse.ArgumentParser:
                       "policy with and without recall, Apparate's greedy per-ramp "
                       "thresholds and the global threshold has the most speedup on the fit "
                       "rows, as `jexit budget` reports it (thresholds become a 2-bin table; "
-                      "experiments/UNION.md measured the rule); 'solver' exports the solved "
+                      "experiments/reports/UNION.md measured the rule); 'solver' exports the solved "
                       "policy (with --lam, always)")
   p.add_argument("--paper", action="store_true",
                  help="the paper's model: uniform 0.08 bins, loss = 1 - conf")

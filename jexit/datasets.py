@@ -10,7 +10,7 @@ DEMO_TRACE = "digits_vgg11.npz"
 
 
 def demo_trace_path() -> str:
-  """Path of the embedded trace: a digits VGG-11 with 3 ramps (experiments/TRACES.md)."""
+  """Path of the embedded trace: a digits VGG-11 with 3 ramps (experiments/reports/TRACES.md)."""
   return os.fspath(importlib.resources.files("jexit") / "data" / DEMO_TRACE)
 
 

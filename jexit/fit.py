@@ -125,7 +125,7 @@ SIGNAL_RANGES = {s.name: s.range for s in signals.REGISTRY.values() if s.range i
 # The "class" signal's logistic fits: ridge penalty on every weight but the
 # intercept (in units of one row's log-loss), and the inner folds whose
 # held-out scores the model is fitted on. Set before measuring, not tuned
-# (experiments/CLASS.md).
+# (experiments/reports/CLASS.md).
 CLASS_RIDGE = 0.1
 CLASS_FOLDS = 5
 MAX_CLASSES = 100_000  # class ids index the weights: larger ids are a mistake, not classes
@@ -226,7 +226,7 @@ def cross_fitted_class_signal(traces: Traces, *, folds: int = CLASS_FOLDS, block
   without its block of rows (`folds`-fold, blocks of `block` rows kept whole).
 
   A model fitted on in-sample scores believes them too much: held out, its
-  policies then miss their agreement target (experiments/CLASS.md).
+  policies then miss their agreement target (experiments/reports/CLASS.md).
   """
   traces = check_traces(traces)
   n = traces.num_inputs

@@ -23,7 +23,7 @@ from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar
 
 
 # The model settings every command uses unless told otherwise, chosen by the
-# measurements of experiments/QUALITY.md: per-ramp quantile bins, a logistic
+# measurements of experiments/reports/QUALITY.md: per-ramp quantile bins, a logistic
 # calibration of the disagreement rate as the loss, and candidate policies
 # pooled over three bin counts (a tuple of num_bins fits one model per value;
 # the lam x num_bins grid is one parameter grid, chosen on fit rows). The

@@ -82,7 +82,7 @@ def best_method(choices: Dict[str, MethodChoice]) -> Optional[str]:
   experiments/union.py measured this rule, after `choose`'s choice of the exit
   signal, with the quality protocol: at least as fast as the best external
   baseline on 31 of 32 held-out cells, against 19 for the recall policy alone,
-  and on 32 of 32 averaged over five outer split seeds (experiments/UNION.md).
+  and on 32 of 32 averaged over five outer split seeds (experiments/reports/UNION.md).
   """
   best, speed = None, -np.inf
   for m in DEPLOYABLE:
@@ -329,11 +329,11 @@ def choose(traces: Traces, max_loss: float = 0.01, *,
      (and, with `metric="accuracy"`, the loss target `"agreement"` or
      `"label"`) by the recall policy's mean held-out speedup at `max_loss`;
      the best (ties: in that order) is fitted on all fit rows
-     (experiments/SELECT_FAMILY.md, CLASS.md and RECALL.md measured it);
+     (experiments/reports/SELECT_FAMILY.md, CLASS.md and RECALL.md measured it);
   2. per method of `methods`, the parameter with the most fit speedup whose
      fit loss is within `max_loss` (`per_method`);
   3. of the methods in `ship`, the one with the most fit speedup (`best`;
-     experiments/UNION.md measured the rule), whose table is `table`.
+     experiments/reports/UNION.md measured the rule), whose table is `table`.
 
   Args:
     traces: the traces.

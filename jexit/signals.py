@@ -230,7 +230,7 @@ def class_signal(conf, pred, calibration) -> np.ndarray:
   (`jexit.fit.fit_class_calibration`), that ramp k's prediction agrees with
   the final ramp's, given its confidence, its predicted class and whether it
   agrees with the previous ramp (`class_features`). A ramp's confidence means
-  different things for different predicted classes; experiments/CLASS.md
+  different things for different predicted classes; experiments/reports/CLASS.md
   measured what that is worth. At the last ramp: `1 - conf`. Values in [0, 1].
   """
   conf = np.asarray(conf, np.float64)
@@ -281,7 +281,7 @@ def margin_signal(probs) -> np.ndarray:
   """`[...]` float64 margin signal of softmax outputs `probs [..., C]`:
   `1 - (top probability - second)`, in [0, 1], small when sure. A custom
   `signal` (record it in the traces' `signal`, fit with `signal_range=(0, 1)`,
-  serve with `signal=`); experiments/MARGIN.md measured it."""
+  serve with `signal=`); experiments/reports/MARGIN.md measured it."""
   probs = np.asarray(probs, np.float64)
   if probs.ndim < 1 or probs.shape[-1] < 2:
     raise ValueError(f"probs: expected softmax outputs [..., C] with C >= 2 classes, "

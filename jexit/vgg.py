@@ -107,7 +107,7 @@ class EarlyExitVGG(nn.Module):
       channels; 4: 16..128).
     batch_norm: conv-BN-ReLU blocks (torchvision's `vgg*_bn`).
     head_pool: spatial size the intermediate heads pool to (4: 4x4; the
-      first suite, experiments/traces, used 2); the final head pools to 1x1
+      first suite, experiments/traces/pool2, used 2); the final head pools to 1x1
       (a 32x32 input is 1x1 after five poolings anyway).
 
   Input `[B, 1 or 3, H, W]` in [0, 1], H, W >= 32; `forward` returns K
@@ -553,7 +553,7 @@ class TraceConfig:
   ramp_stages: Optional[tuple] = None
   width_div: int = 4
   batch_norm: bool = True
-  head_pool: int = 4             # 2 for experiments/traces and its variants
+  head_pool: int = 4             # 2 for experiments/traces/pool2 and its variants
   epochs: int = 10
   ramp_epochs: Optional[int] = None  # separate training's phase 2
   training: str = "separate"     # "separate" or "joint"

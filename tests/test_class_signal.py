@@ -15,7 +15,7 @@ from jexit.fit import CLASS_RIDGE, cross_fitted_class_signal, fit_class_calibrat
 from jexit.runtime import ExitTable, class_features, class_signal
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = os.path.join(HERE, "experiments", "traces", "digits_vgg11_3ramps.npz")
+DIGITS = os.path.join(HERE, "experiments", "traces", "pool2", "digits_vgg11_3ramps.npz")
 
 
 def toy_traces(n=600, k=3, classes=4, seed=0):

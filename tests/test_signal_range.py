@@ -12,7 +12,7 @@ from jexit import cli
 from jexit.runtime import ExitTable, margin_signal, stability_signal
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARGIN_TRACE = os.path.join(HERE, "experiments", "traces_margin", "digits_vgg11_3ramps.npz")
+MARGIN_TRACE = os.path.join(HERE, "experiments", "traces/margin", "digits_vgg11_3ramps.npz")
 
 
 def _export_and_serve(tmp_path, traces, fit_rows, held, **fit_options):

@@ -45,10 +45,10 @@ def test_trace_dir_reaches_the_suite(load_script, monkeypatch, capsys):
 
 
 def test_the_traces_own_signal_replaces_one_minus_conf(load_script):
-  # experiments/MARGIN.md: the margin suite records a signal; the suite does not.
+  # experiments/reports/MARGIN.md: the margin suite records a signal; the suite does not.
   union = load_script("experiments/union.py")
   workloads = union.workloads
-  folder = os.path.join(os.path.dirname(workloads.TRACE_DIR), "traces_margin")
+  folder = os.path.join(os.path.dirname(workloads.TRACE_DIR), "margin")
   margin = workloads.suite(folder)
   as_conf = workloads.suite(folder, signal_as_conf=True)
   plain = workloads.suite()

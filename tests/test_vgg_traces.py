@@ -99,7 +99,7 @@ def test_segment_flops_add_up_to_the_network(arch, ramps):
 
 def test_first_segment_flops_by_hand():
   # VGG-11/4, 5 ramps: conv 3->16 on 32x32 (3x3) + head pool 4x4 (the default)
-  # -> linear 256->10, or pool 2x2 (experiments/traces) -> linear 64->10.
+  # -> linear 256->10, or pool 2x2 (experiments/traces/pool2) -> linear 64->10.
   conv = 2 * 3 * 16 * 9 * 32 * 32
   model = vgg.build_model("vgg11", 5, width_div=4)
   assert vgg.segment_flops(model)[0] == conv + 2 * 16 * 16 * 10
@@ -310,7 +310,7 @@ def test_cli_writes_a_trace(tmp_path, capsys):
 @pytest.mark.parametrize("head_pool", [None, 2])
 def test_cli_head_pool_sets_the_ramp_heads(tmp_path, head_pool):
   # VGG-11/16, 5 ramps: conv 3->4 on 32x32 (3x3) + head pool 4x4 (the default)
-  # -> linear 64->10, or 2x2 (--head-pool 2, experiments/traces) -> linear 16->10.
+  # -> linear 64->10, or 2x2 (--head-pool 2, experiments/traces/pool2) -> linear 16->10.
   out = tmp_path / "pool.npz"
   cli.main(["--out", str(out), "--arch", "vgg11", "--ramps", "5", "--epochs", "0",
             "--ramp-epochs", "0", "--width-div", "16", "--copies", "1", "--quiet"]
@@ -431,7 +431,7 @@ def test_image_folder_sizes_are_checked(tmp_path):
 SUITE = [f"digits_{a}_{r}ramps" for a in ("vgg11", "vgg13", "vgg16") for r in (3, 5)]
 
 
-def _suite_pair(name, folder, base="traces"):
+def _suite_pair(name, folder, base="traces/pool2"):
   """The traces `name` in `experiments/<base>` and in `experiments/<folder>`."""
   here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
   return tuple(jexit.load_traces(os.path.join(here, f, name + ".npz")) for f in (base, folder))
@@ -439,19 +439,19 @@ def _suite_pair(name, folder, base="traces"):
 
 @pytest.mark.parametrize("name", SUITE)
 def test_joint_suite_has_the_same_costs_and_earlier_agreement(name):
-  # experiments/JOINT.md: same networks and rows, ramps trained with the backbone.
-  separate, joint = _suite_pair(name, "traces_joint")
+  # experiments/reports/JOINT.md: same networks and rows, ramps trained with the backbone.
+  separate, joint = _suite_pair(name, "traces/joint")
   np.testing.assert_array_equal(joint.cost, separate.cost)
   np.testing.assert_array_equal(joint.label, separate.label)
   agree = lambda t: (t.pred[:, :-1] == t.pred[:, -1:]).mean(0)
   assert agree(joint)[0] > agree(separate)[0]
 
 
-@pytest.mark.parametrize("base,folder", [("traces", "traces_pool4"),
-                                         ("traces_s1", "traces_pool4_s1")])
+@pytest.mark.parametrize("base,folder", [("traces/pool2", "traces/pool4"),
+                                         ("traces/s1", "traces/pool4_s1")])
 @pytest.mark.parametrize("name", SUITE)
 def test_pool4_suite_has_bigger_heads_only_and_earlier_agreement(name, base, folder):
-  # experiments/POOL4.md and CONFIRM.md: the same command with --head-pool 4 as
+  # experiments/reports/POOL4.md and CONFIRM.md: the same command with --head-pool 4 as
   # with 2; the heads' linear layers read 16 pooled positions instead of 4 (10 classes).
   pool2, pool4 = _suite_pair(name, folder, base)
   np.testing.assert_array_equal(pool4.label, pool2.label)
@@ -465,8 +465,8 @@ def test_pool4_suite_has_bigger_heads_only_and_earlier_agreement(name, base, fol
 
 @pytest.mark.parametrize("name", SUITE)
 def test_seed_1_suites_hold_out_other_images(name):
-  # experiments/CONFIRM.md: --seed 1 draws another split of the 1,797 images.
-  seed0, seed1 = _suite_pair(name, "traces_s1")
+  # experiments/reports/CONFIRM.md: --seed 1 draws another split of the 1,797 images.
+  seed0, seed1 = _suite_pair(name, "traces/s1")
   assert seed0.num_inputs == seed1.num_inputs == 2876
   assert not np.array_equal(seed0.label, seed1.label)
   blocks = seed1.label.reshape(-1, 4)  # rows 4i..4i+3: copies of one held-out image
@@ -475,8 +475,8 @@ def test_seed_1_suites_hold_out_other_images(name):
 
 @pytest.mark.parametrize("name", SUITE)
 def test_margin_suite_is_the_suite_plus_a_signal(name):
-  # experiments/MARGIN.md: the same command with --signal margin; nothing else changes.
-  plain, margin = _suite_pair(name, "traces_margin")
+  # experiments/reports/MARGIN.md: the same command with --signal margin; nothing else changes.
+  plain, margin = _suite_pair(name, "traces/margin")
   for field in ("conf", "pred", "label", "cost"):
     np.testing.assert_array_equal(getattr(margin, field), getattr(plain, field))
   assert plain.signal is None
@@ -485,8 +485,8 @@ def test_margin_suite_is_the_suite_plus_a_signal(name):
 
 @pytest.mark.parametrize("name", SUITE)
 def test_gate_suite_is_the_suite_plus_a_signal(name):
-  # experiments/GATE.md: the same command with --signal gate; nothing else changes.
-  plain, gate = _suite_pair(name, "traces_gate")
+  # experiments/reports/GATE.md: the same command with --signal gate; nothing else changes.
+  plain, gate = _suite_pair(name, "traces/gate")
   for field in ("conf", "pred", "label", "cost"):
     np.testing.assert_array_equal(getattr(gate, field), getattr(plain, field))
   np.testing.assert_allclose(gate.signal[:, -1], 1.0 - gate.conf[:, -1], atol=1e-6)
