@@ -97,11 +97,13 @@ SIGNAL_CHOICES = ("auto",) + signals.NAMES
 
 def auto_signals(traces: Traces) -> tuple:
   """The exit signals `signal="auto"` chooses among, ties to the first: the
-  traces' own (`1 - conf`, or `traces.signal`), `"stability"` and `"class"`
-  (unless the predictions are not class ids in [0, MAX_CLASSES))."""
+  traces' own (`1 - conf`, or `traces.signal`), then `jexit.signals.AUTO`
+  (`"stability"`, `"class"`; a signal with class weights only when the
+  predictions are class ids in [0, MAX_CLASSES))."""
   pred = np.asarray(traces.pred)
   ids = pred.size and pred.min() >= 0 and pred.max() < MAX_CLASSES
-  return (own_signal(traces), "stability") + (("class",) if ids else ())
+  return (own_signal(traces),) + tuple(
+      name for name in signals.AUTO if ids or not signals.REGISTRY[name].needs_calibration)
 
 
 INNER_FOLDS = 4

@@ -139,6 +139,9 @@ REGISTRY = {s.name: s for s in (
            "the trace's own recorded signal (margin, entropy, a learned gate, ...)"),
 )}
 NAMES = tuple(REGISTRY)
+# The signals `jexit.choose(signal="auto")` scores besides the traces' own, in
+# the order that breaks ties (experiments/reports/SELECT_FAMILY.md, CLASS.md).
+AUTO = ("stability", "class")
 
 
 def get(name, field: str = "signal") -> Signal:
