@@ -1028,6 +1028,11 @@ def main(argv=None):
                         "rewritten from the run's saved outcomes with `--report-only`.", 1)
   text += share_report(cells, shares, args)
   os.makedirs(os.path.dirname(args_now.out), exist_ok=True)
+  # experiments/certified_choose.py's section (after its marker line) is kept.
+  mark = "<!-- experiments/certified_choose.py"
+  old = open(args_now.out, encoding="utf-8").read() if os.path.exists(args_now.out) else ""
+  if mark in old:
+    text = text.rstrip("\n") + "\n\n" + old[old.index(mark):]
   with open(args_now.out, "w", encoding="utf-8") as f:
     f.write(text)
   print(text)
