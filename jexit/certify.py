@@ -678,24 +678,23 @@ def unit_ucb(unit_losses, delta: float, test: str = "binomial", *, seed: int = 0
     return ucb(np.clip(x.mean(-1), 0.0, 1.0), n, delta, "hoeffding-bentkus")
   x = x[:, _unit_order(n, seed)]
   grid = np.geomspace(1e-6, 1 - 1e-6, 256)
+  step = max(1, int(2**21 // n))  # grid points per call: about 2^21 values at once
   out = np.ones(len(x))
-  chunk = max(1, int(2**22 // max(n * len(grid), 1)))
-  for start in range(0, len(x), chunk):
-    xs = x[start:start + chunk]
-    ok = wsr_pvalue(xs[:, None, :], grid[None, :], delta) <= delta  # [q, G]
-    tail = np.flip(np.cumprod(np.flip(ok, -1), -1), -1).astype(bool)  # ok from here on
-    for j, row in enumerate(tail):
-      if not row.any():
-        continue
-      first = int(np.argmax(row))
-      if first == 0:
-        out[start + j] = grid[0]
-        continue
-      lo, hi = grid[first - 1], grid[first]
-      for _ in range(30):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if float(wsr_pvalue(xs[j], mid, delta)) <= delta else (mid, hi)
-      out[start + j] = hi
+  for j, row in enumerate(x):
+    ok = np.concatenate([wsr_pvalue(row[None, :], grid[g:g + step], delta) <= delta
+                         for g in range(0, len(grid), step)])
+    tail = np.flip(np.cumprod(np.flip(ok))).astype(bool)  # ok from here on
+    if not tail.any():
+      continue
+    first = int(np.argmax(tail))
+    if first == 0:
+      out[j] = grid[0]
+      continue
+    lo, hi = grid[first - 1], grid[first]
+    for _ in range(30):
+      mid = math.sqrt(lo * hi)
+      lo, hi = (lo, mid) if float(wsr_pvalue(row, mid, delta)) <= delta else (mid, hi)
+    out[j] = hi
   return out
 
 

@@ -1,7 +1,8 @@
 """The `jexit` command line: the only place in jexit that touches argv, files and stdout.
 
   jexit sweep TRACE [--json OUT] [--plot OUT.png]   every method's frontier
-  jexit budget TRACE --max-loss 0.01 [--metric M]   parameters for a budget
+  jexit budget TRACE --max-loss 0.01 [--metric M]   parameters for a budget, certified
+                                                    at --delta 0.1 unless --delta none
   jexit demo [--out DIR]                            the sweep on the embedded trace
   jexit export TRACE (--lam X | --max-loss Y) --out POLICY.npz
   jexit import-apparate PICKLE --out TRACE.npz --allow-pickle
@@ -124,11 +125,12 @@ def delta_arg(text):
 
 def _add_certify_args(p, default_help):
   g = p.add_argument_group("certified budget (docs/certify.md)")
-  g.add_argument("--delta", type=delta_arg, default=None,
+  g.add_argument("--delta", type=delta_arg, default=None, metavar="D",
                  help="certify the budget: hold out calibration rows that no fit or choice "
                       "sees, and ship a table whose true loss exceeds --max-loss with "
                       f"probability at most D; 'none': do not certify. {default_help}")
   g.add_argument("--calibration-share", type=float, default=None, dest="calibration_share",
+                 metavar="S",
                  help="share of the rows (blocks) held out for calibration (default: 0.5, "
                       "or 0.7 when 0.5 leaves fewer than twice the units the budget needs)")
 

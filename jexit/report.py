@@ -88,7 +88,7 @@ def choice_to_dict(b: Choice, trace: Optional[str] = None) -> dict:
                 "test": None if c.test is None else metrics(c.test),
                 "certificate": certificate_to_dict(c.certificate, method=m, metric=b.metric)}
     return out
-  chosen = b.best or next((m for m in DEPLOYABLE if m in b.choices), None)
+  chosen = _certified_method(b)
   return {"trace": trace, "metric": b.metric, "max_loss": b.max_loss, "delta": b.delta,
           "split": dict(b.split),
           "fit_options": {k: _num(v) if not isinstance(v, str) else v
@@ -235,6 +235,13 @@ def format_choice(b: Choice, trace: Optional[str] = None) -> str:
   return "\n".join(lines)
 
 
+def _certified_method(b: Choice) -> Optional[str]:
+  """The method whose path the shipped certificate (or fallback) is about."""
+  if b.certificate is None:
+    return None
+  return next((m for m, c in b.choices.items() if c.certificate is b.certificate), None)
+
+
 _TEST_NAMES = {"binomial": "exact binomial test", "hoeffding-bentkus": "Hoeffding-Bentkus test",
                "wsr": "Waudby-Smith-Ramdas betting test"}
 
@@ -252,7 +259,7 @@ def format_certificate(b: Choice) -> str:
   if b.delta is None or cert is None:
     return ""
   loss, eps = CERTIFIED_LOSS[b.metric], b.max_loss
-  method = b.best or next((m for m in DEPLOYABLE if m in b.choices), "-")
+  method = _certified_method(b)
   unit = "rows" if cert.block == 1 else "blocks"
   if isinstance(cert, certify.Certificate):
     c = b.choices[method]

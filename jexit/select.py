@@ -362,20 +362,20 @@ def choose(traces: Traces, max_loss: float = 0.01, *,
   Certified budgets (`delta`; docs/certify.md, experiments/reports/CERTIFIED.md).
   The held-out rows are then calibration rows (a `calibration_share` of the
   blocks) that the fit and every choice above never see. After steps 1-3,
-  each deployable method's candidates on the first split are ordered from
-  safest to fastest by their fit rows alone (the fit-Pareto points of its
-  grid, most fit cost first: the lam paths of the candidate models; the
-  threshold grid; Apparate's budget grid) and certified by fixed-sequence
-  testing on the calibration rows (`certify.certify_units`): the fastest
-  accepted candidate has `Pr(true loss > max_loss) <= delta` over the draw
-  of the calibration rows. The table shipped is `best`'s certified
-  candidate. The guarantee survives every choice among signals, families
+  each deployable method's candidates are ordered from safest to fastest
+  before any calibration row is read (`certify_path`: the lam path, lam
+  increasing, of the candidate model chosen on the fit rows; the threshold
+  grid; Apparate's budget grid) and certified by fixed-sequence testing on
+  the calibration rows (`certify.certify_units`, the test by
+  `default_certify_test`): the last accepted candidate has
+  `Pr(true loss > max_loss) <= delta` over the draw of the calibration
+  rows. The table shipped is `best`'s (or `ship[0]`'s) certified candidate. The guarantee survives every choice among signals, families
   and methods because all of them are made on the fit rows, before the
   calibration rows are read, and only one path (`best`'s) is certified for
   shipping: conditional on the fit rows, that path is fixed and the
   calibration rows are a fresh sample (the other methods' certificates are
   reported for comparison, each valid on its own, never used to choose).
-  When `best`'s safest candidate fails, nothing is certified: the table is
+  When the path's safest candidate fails, nothing is certified: the table is
   the backbone (it never exits early) and `certificate` a `certify.Fallback`
   naming the units `max_loss` needs and the smallest budget these rows can
   certify; never an uncertified table.
@@ -512,6 +512,7 @@ CERTIFIED_LOSS = {"agreement": "disagreement", "accuracy": "harm"}
 # its certified path needs steps near every budget.
 CERTIFY_APPARATE_BUDGETS = (0.0,) + tuple(float(b) for b in np.geomspace(0.0005, 0.2, 23))
 CALIBRATION_SHARES = (0.5, 0.7)  # auto_calibration_share's choice (CERTIFIED.md)
+PATH_CHUNK = 64  # candidates scored at once on the calibration rows
 
 
 def default_certify_test(block: int, units: int, max_loss: float, delta: float) -> str:
@@ -596,8 +597,10 @@ def certify_path(fr: Frontier, method: str, index: Optional[int] = None) -> np.n
   return np.argsort(param, kind="stable")
 
 
-def _output_ramps(fr: Frontier, method: str, idx: np.ndarray, traces: Traces) -> np.ndarray:
-  """`[Q, N]` the ramp whose prediction each candidate `idx` outputs on `traces`."""
+def _output_ramps(fr: Frontier, method: str, idx: np.ndarray, traces: Traces,
+                  cache: Optional[dict] = None) -> np.ndarray:
+  """`[Q, N]` the ramp whose prediction each candidate `idx` outputs on `traces`
+  (`cache`: a dict keeping the solved lam grids between calls)."""
   k = traces.num_ramps
   if method == "global_threshold":
     values = np.asarray(fr.splits[0][method][0].param, np.float64)[idx]
@@ -613,7 +616,11 @@ def _output_ramps(fr: Frontier, method: str, idx: np.ndarray, traces: Traces) ->
   for j in np.unique(idx // num_lam):
     pos = np.flatnonzero(idx // num_lam == j)
     # The whole lam grid, as the frontier solved it (no new compiled shape).
-    policy, _, _, binning = candidate_policy(fr, method, int(j) * num_lam)
+    cache = {} if cache is None else cache
+    key = (method, int(j))
+    if key not in cache:
+      cache[key] = candidate_policy(fr, method, int(j) * num_lam)
+    policy, _, _, binning = cache[key]
     out[pos] = _replay_outputs(policy, np.asarray(idx[pos]) % num_lam, traces, binning)
   return out
 
@@ -651,12 +658,13 @@ def _replay_outputs(policy, lam_idx, traces: Traces, binning) -> np.ndarray:
 
 
 def unit_losses(fr: Frontier, method: str, idx, traces: Traces, rows, *,
-                metric: str = "agreement", block: int = 1) -> np.ndarray:
+                metric: str = "agreement", block: int = 1,
+                cache: Optional[dict] = None) -> np.ndarray:
   """`[Q, U]` mean loss (`CERTIFIED_LOSS[metric]`) of candidates `idx` of a
   method on each calibration unit: the blocks (`row // block`) of `rows`."""
   rows = np.sort(np.asarray(rows))
   sub = traces.take(rows)
-  out = _output_ramps(fr, method, np.asarray(idx), sub)
+  out = _output_ramps(fr, method, np.asarray(idx), sub, cache)
   pred = np.asarray(sub.pred)
   final = pred[:, -1]
   chosen = np.take_along_axis(pred, out.T, axis=1).T  # [Q, N]
@@ -689,8 +697,18 @@ def certify_choices(traces: Traces, fr: Frontier, choices: Dict[str, MethodChoic
     ref = fr.backbone_fit_accuracy[0] if metric == "accuracy" else 1.0
     idx = certify_path(fr, m, choose_index(fr.splits[0][m][0], max_loss, metric=metric,
                                            reference=ref))
-    losses = unit_losses(fr, m, idx, traces, cal_rows, metric=metric, block=block)
-    cert = certify.certify_units(losses, max_loss, delta, test=test, index=idx,
+    # Walk the path in chunks and stop after the first rejection: the walk
+    # reads no further, and memory stays at a chunk of candidates x rows.
+    parts, cache = [], {}
+    for start in range(0, len(idx), PATH_CHUNK):
+      part = unit_losses(fr, m, idx[start:start + PATH_CHUNK], traces, cal_rows,
+                         metric=metric, block=block, cache=cache)
+      parts.append(part)
+      if np.any(certify.unit_pvalues(part, max_loss, delta, test, seed=seed) > delta):
+        break
+    losses = (np.concatenate(parts) if parts
+              else np.zeros((0, len(np.unique(cal_rows // block)))))
+    cert = certify.certify_units(losses, max_loss, delta, test=test, index=idx[:len(losses)],
                                  rows=cal_rows, block=block, seed=seed)
     if isinstance(cert, certify.Certificate):
       fit_ev, test_ev = fr.splits[0][m]
