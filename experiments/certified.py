@@ -34,10 +34,10 @@ Usage:
 
 import argparse
 import datetime
+import gzip
 import json
 import math
 import os
-import pickle
 import platform
 import sys
 import time
@@ -909,6 +909,87 @@ def share_report(cells, shares, args):
   return "\n".join(lines)
 
 
+# ---- the raw outcomes, as JSON (never pickle): tuple keys become strings
+
+def _key(k):
+  """A cell key (eps, delta) or (eps, delta, "family") as a string, floats exact (repr)."""
+  return "|".join(repr(v) if isinstance(v, float) else str(v) for v in k)
+
+
+def _unkey(text):
+  parts = text.split("|")
+  return tuple(float(v) if i < 2 else v for i, v in enumerate(parts))
+
+
+def _pairs(outcomes):
+  return [[float(a), float(b)] for a, b in outcomes]
+
+
+def results_to_json(cells, examples, timing, shares) -> dict:
+  """The run's outcomes as JSON-ready data (`results_from_json` reads it back)."""
+  def seed_rows(rows):
+    out = {}
+    for k, v in rows.items():
+      if isinstance(k, str):  # units, cal_rows, fit_rows
+        out[k] = int(v)
+      elif len(k) == 3:  # the family certified jexit chose
+        out[_key(k)] = v
+      else:
+        out[_key(k)] = {rule: _pairs(vals) for rule, vals in v.items()}
+    return out
+  return {
+      "cells": {n: [seed_rows(r) for r in runs] for n, runs in cells.items()},
+      "examples": {f"{n}|{e!r}|{d!r}": v for (n, e, d), v in examples.items()},
+      "timing": {n: float(t) for n, t in timing.items()},
+      "shares": {repr(float(c)): {n: [{**{repr(float(e)): {rule: _pairs(vals)
+                                                          for rule, vals in run[e].items()}
+                                           for e in run if e != "units"},
+                                        "units": int(run["units"])} for run in runs]
+                                  for n, runs in by_name.items()}
+                 for c, by_name in shares.items()}}
+
+
+def results_from_json(data: dict):
+  """`(cells, examples, timing, shares)` from `results_to_json`'s output."""
+  def seed_rows(rows):
+    out = {}
+    for k, v in rows.items():
+      if k in ("units", "cal_rows", "fit_rows"):
+        out[k] = v
+      else:
+        key = _unkey(k)
+        out[key] = v if len(key) == 3 else {rule: [tuple(p) for p in vals]
+                                            for rule, vals in v.items()}
+    return out
+  cells = {n: [seed_rows(r) for r in runs] for n, runs in data["cells"].items()}
+  examples = {}
+  for k, v in data["examples"].items():
+    n, e, d = k.split("|")
+    examples[(n, float(e), float(d))] = v
+  shares = {float(c): {n: [{**{float(e): {rule: [tuple(p) for p in vals]
+                                            for rule, vals in run[e].items()}
+                                for e in run if e != "units"}, "units": run["units"]}
+                           for run in runs] for n, runs in by_name.items()}
+            for c, by_name in data["shares"].items()}
+  return cells, examples, dict(data["timing"]), shares
+
+
+def save_results(path, cells, examples, timing, shares, *, elapsed, command, started, args):
+  """Writes the raw outcomes (gzipped JSON) that `--report-only` reads."""
+  data = {"results": results_to_json(cells, examples, timing, shares), "elapsed": elapsed,
+          "command": command, "started": started, "args": vars(args)}
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    json.dump(data, f, allow_nan=False)
+
+
+def load_results(path):
+  """`(cells, examples, timing, shares, elapsed, command, started, args)` of a saved run."""
+  with gzip.open(path, "rt", encoding="utf-8") as f:
+    data = json.load(f)
+  return (*results_from_json(data["results"]), data["elapsed"], data["command"],
+          data["started"], argparse.Namespace(**data["args"]))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seeds", type=int, default=20)
@@ -922,18 +1003,16 @@ def main(argv=None):
   p.add_argument("--levers", action="store_true",
                  help="also the rules that change the test or the family choice")
   p.add_argument("--out", default=os.path.join(HERE, "reports", "CERTIFIED.md"))
-  p.add_argument("--results", default=os.path.join(HERE, "reports", "certified_results.pkl"),
-                 help="where the raw outcomes are saved (not committed: ~10 MB)")
+  p.add_argument("--results", default=os.path.join(HERE, "reports",
+                                                   "certified_results.json.gz"),
+                 help="where the raw outcomes are saved as gzipped JSON (not committed)")
   p.add_argument("--report-only", action="store_true", dest="report_only",
                  help="rewrite the report from --results without recomputing")
   args = p.parse_args(argv)
   args_now = args
   if args.report_only:
-    with open(args.results, "rb") as f:
-      saved = pickle.load(f)
-    cells, examples, timing, shares = saved["results"]
-    elapsed, command, started, args = saved["elapsed"], saved["command"], saved["started"], \
-        saved["args"]
+    (cells, examples, timing, shares, elapsed, command, started,
+     args) = load_results(args_now.results)
   else:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
@@ -941,19 +1020,23 @@ def main(argv=None):
     elapsed = time.perf_counter() - t0
     command = "PYTHONPATH=. python experiments/certified.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    with open(args.results, "wb") as f:
-      pickle.dump({"results": (cells, examples, timing, shares), "elapsed": elapsed,
-                   "command": command, "started": started, "args": args}, f)
+    save_results(args.results, cells, examples, timing, shares, elapsed=elapsed,
+                 command=command, started=started, args=args)
   text = report(cells, examples, timing, shares, args, elapsed, command.strip(), started)
   if args_now.report_only:
     text = text.replace("nothing is typed by hand.", "nothing is typed by hand. This text was "
                         "rewritten from the run's saved outcomes with `--report-only`.", 1)
   text += share_report(cells, shares, args)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
+  os.makedirs(os.path.dirname(args_now.out), exist_ok=True)
+  # experiments/certified_choose.py's section (after its marker line) is kept.
+  mark = "<!-- experiments/certified_choose.py"
+  old = open(args_now.out, encoding="utf-8").read() if os.path.exists(args_now.out) else ""
+  if mark in old:
+    text = text.rstrip("\n") + "\n\n" + old[old.index(mark):]
+  with open(args_now.out, "w", encoding="utf-8") as f:
     f.write(text)
   print(text)
-  print(f"wrote {args.out}")
+  print(f"wrote {args_now.out}")
 
 
 if __name__ == "__main__":

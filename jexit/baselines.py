@@ -80,6 +80,28 @@ def threshold_policy(thresholds: Sequence[float], cost: Sequence[float]):
   return policy, Binning(edges=edges, signal="1-conf")
 
 
+def backbone_policy(cost: Sequence[float]):
+  """The backbone as a jexit table: it never exits before the last ramp.
+
+  One bin per ramp (edges `[-1, 2]`, which hold every `1 - conf`), loss 0,
+  threshold -inf at every ramp but the last (+inf): what a certified budget
+  ships when nothing can be certified.
+
+  Returns:
+    `(Policy [L = 1], Binning)`; `policy.lam` is 0 and `policy.value` NaN.
+  """
+  cost = np.asarray(cost, np.float64)
+  if cost.ndim != 1 or cost.size < 1 or not np.all(np.isfinite(cost)) or np.any(cost < 0):
+    raise ValueError(f"cost: expected [K] finite values >= 0, got {cost.tolist()}")
+  k = cost.size
+  threshold = np.full((1, k, 1), -np.inf, np.float32)
+  threshold[0, -1] = np.inf
+  policy = Policy(threshold=threshold, value=np.array([np.nan], np.float32),
+                  lam=np.zeros(1, np.float32), loss=np.zeros((k, 1), np.float32),
+                  cost=cost.astype(np.float32), recall=False)
+  return policy, Binning(edges=np.tile([-1.0, 2.0], (k, 1)), signal="1-conf")
+
+
 def threshold_rule(traces: Traces, thresholds: np.ndarray, *, param=None,
                    return_per_input: bool = False) -> Evaluation:
   """Per-ramp confidence thresholds: exit at the first k with `1 - conf < t_k`.

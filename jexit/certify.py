@@ -504,7 +504,7 @@ class Certificate(NamedTuple):
   Attributes:
     eps: the loss budget certified.
     delta: the failure probability.
-    test: `"binomial"` or `"hoeffding-bentkus"`.
+    test: `"binomial"`, `"hoeffding-bentkus"` or `"wsr"` (`UNIT_TESTS`).
     index: the accepted candidate (an index into the caller's `[P]` arrays).
     units: n, the independent calibration units (rows, or blocks).
     block: rows per unit (1: rows are the units).
@@ -602,3 +602,209 @@ def certify_path(losses, n, order, eps: float, delta: float, *, test: str = "bin
       block=int(block), rows=num_rows, rows_sha256=None if rows is None else rows_sha256(rows),
       loss=loss, ucb=float(ucb(losses[index], n_units, delta, test)), pvalue=float(p[last]),
       accepted=last + 1)
+
+
+# ---- certification from per-unit losses (what `jexit.select.choose` calls)
+
+UNIT_TESTS = ("binomial", "hoeffding-bentkus", "wsr")
+
+
+def _check_unit_test(test):
+  if test not in UNIT_TESTS:
+    raise ValueError(f"test: expected one of {list(UNIT_TESTS)}, got {test!r}")
+
+
+def _unit_array(unit_losses, test):
+  """`[Q, n]` float64 per-unit losses in [0, 1] (0/1 for the binomial)."""
+  x = _check_rate(unit_losses, "unit_losses")
+  if x.ndim not in (1, 2) or x.shape[-1] < 1:
+    raise ValueError(f"unit_losses: expected [n] or [Q, n] losses with n >= 1, got shape "
+                     f"{x.shape}")
+  if test == "binomial" and np.any((x != 0) & (x != 1)):
+    raise ValueError("unit_losses: the binomial test needs 0/1 unit losses (independent "
+                     "rows); pass block means to 'wsr' or 'hoeffding-bentkus'")
+  return np.atleast_2d(x)
+
+
+def _unit_order(n, seed):
+  """The seeded order the betting test reads units in (never their losses)."""
+  return np.random.default_rng([seed, 230]).permutation(n)
+
+
+def unit_pvalues(unit_losses, eps: float, delta: float, test: str = "binomial", *,
+                 seed: int = 0) -> np.ndarray:
+  """p-values of "true mean loss > eps" for each candidate, from per-unit losses.
+
+  Args:
+    unit_losses: `[Q, n]` (or `[n]`) loss of each candidate on each of `n`
+      independent calibration units: 0/1 per row for `"binomial"`, a block's
+      mean loss in [0, 1] for `"hoeffding-bentkus"` and `"wsr"`.
+    eps: the loss budget in (0, 1).
+    delta: the failure probability (tunes the betting test's bets).
+    test: one of `UNIT_TESTS`.
+    seed: seeds the order in which `"wsr"` reads the units (one order for
+      every candidate, fixed before any loss is read).
+
+  Returns:
+    `[Q]` p-values (`[1]` for a `[n]` input).
+  """
+  _check_unit_test(test)
+  _check_delta(delta)
+  x = _unit_array(unit_losses, test)
+  n = x.shape[-1]
+  if test == "binomial":
+    return binomial_pvalue(np.round(x.sum(-1)), n, eps)
+  if test == "hoeffding-bentkus":
+    return hoeffding_bentkus_pvalue(np.clip(x.mean(-1), 0.0, 1.0), n, eps)
+  return wsr_pvalue(x[:, _unit_order(n, seed)], eps, delta)
+
+
+def unit_ucb(unit_losses, delta: float, test: str = "binomial", *, seed: int = 0) -> np.ndarray:
+  """Upper confidence bounds `[Q]` of the true mean loss, at level `1 - delta`.
+
+  `"binomial"` and `"hoeffding-bentkus"`: `ucb`. `"wsr"`: the betting
+  p-value is not always monotone in eps, so the bound is inverted
+  conservatively: the smallest eps above which every eps tried (a 256-point
+  log grid on [1e-6, 1 - 1e-6], then 30 bisection steps below the first
+  point of the accepted tail) has a p-value `<= delta`; 1 when none has.
+  """
+  _check_unit_test(test)
+  _check_delta(delta)
+  x = _unit_array(unit_losses, test)
+  n = x.shape[-1]
+  if test == "binomial":
+    return ucb(np.round(x.sum(-1)), n, delta, "binomial")
+  if test == "hoeffding-bentkus":
+    return ucb(np.clip(x.mean(-1), 0.0, 1.0), n, delta, "hoeffding-bentkus")
+  x = x[:, _unit_order(n, seed)]
+  grid = np.geomspace(1e-6, 1 - 1e-6, 256)
+  step = max(1, int(2**21 // n))  # grid points per call: about 2^21 values at once
+  out = np.ones(len(x))
+  for j, row in enumerate(x):
+    ok = np.concatenate([wsr_pvalue(row[None, :], grid[g:g + step], delta) <= delta
+                         for g in range(0, len(grid), step)])
+    tail = np.flip(np.cumprod(np.flip(ok))).astype(bool)  # ok from here on
+    if not tail.any():
+      continue
+    first = int(np.argmax(tail))
+    if first == 0:
+      out[j] = grid[0]
+      continue
+    lo, hi = grid[first - 1], grid[first]
+    for _ in range(30):
+      mid = math.sqrt(lo * hi)
+      lo, hi = (lo, mid) if float(wsr_pvalue(row, mid, delta)) <= delta else (mid, hi)
+    out[j] = hi
+  return out
+
+
+def needed_units(eps: float, delta: float, test: str = "binomial") -> int:
+  """Smallest number of units whose zero observed losses certify `eps` at `delta`.
+
+  `needed_rows` for `"binomial"` and `"hoeffding-bentkus"`. For `"wsr"`, whose
+  bets are capped at `0.75 / (1 - eps)`, more: searched from the lower bound
+  `log(1/delta) / log(1 + 0.75 eps / (1 - eps))` up (1% at delta 0.1: 307).
+  """
+  _check_unit_test(test)
+  if test != "wsr":
+    return needed_rows(eps, delta)
+  eps = float(_check_rate(eps, "eps", open_low=True))
+  _check_delta(delta)
+  if eps >= 1:
+    raise ValueError(f"eps: expected a value in (0, 1) for the betting test, got {eps!r}")
+  ok = lambda m: float(wsr_pvalue(np.zeros(m), eps, delta)) <= delta
+  n = max(1, int(math.floor(math.log(1 / delta) / math.log1p(0.75 * eps / (1 - eps)))))
+  while not ok(n):
+    n = n + max(1, n // 64)
+  lo = max(1, n - max(1, n // 64))
+  while lo < n and not ok(lo):  # settle on the smallest n of the last step
+    lo += 1
+  return lo
+
+
+def smallest_budget(n: int, delta: float, test: str = "binomial") -> float:
+  """The smallest budget `n` units can certify at `delta` (all losses zero)."""
+  n = int(_check_n(n))
+  return float(unit_ucb(np.zeros(n), delta, test)[0])
+
+
+class Fallback(NamedTuple):
+  """Nothing certified: the safest candidate's p-value was above delta.
+
+  The caller ships the backbone (a table that never exits early), never an
+  uncertified candidate.
+
+  Attributes:
+    eps, delta, test, units, block, rows, rows_sha256: as in `Certificate`.
+    needed_units: units that `eps` needs at `delta` even with zero loss
+      (`needed_units`).
+    smallest_certifiable: the smallest budget these units can certify
+      (all losses zero; `smallest_budget`).
+    loss: the safest candidate's observed mean loss (None: empty path).
+    ucb: its upper confidence bound, the budget it alone would certify.
+    pvalue: its p-value against `eps` (> delta).
+  """
+  eps: float
+  delta: float
+  test: str
+  units: int
+  block: int
+  rows: int
+  rows_sha256: Optional[str]
+  needed_units: int
+  smallest_certifiable: float
+  loss: Optional[float]
+  ucb: Optional[float]
+  pvalue: Optional[float]
+
+  def to_dict(self) -> dict:
+    """JSON-ready: plain Python floats, ints, strings and None."""
+    return Certificate.to_dict(self)
+
+
+def certify_units(unit_losses, eps: float, delta: float, *, test: str = "binomial",
+                  index=None, rows=None, block: int = 1, seed: int = 0):
+  """Fixed-sequence certification of a path from per-unit losses.
+
+  Args:
+    unit_losses: `[Q, n]` per-unit losses of the path's candidates, in
+      walking order (safest first; the order fixed without the calibration
+      units), as for `unit_pvalues`.
+    eps, delta, test, seed: as for `unit_pvalues`.
+    index: `[Q]` the caller's ids of the candidates (default `arange(Q)`);
+      the certificate's `index` is one of them.
+    rows: the calibration row indices, hashed into the record.
+    block: rows per unit, for the record.
+
+  Returns:
+    A `Certificate` of the last accepted candidate, or a `Fallback` when the
+    first is rejected (or the path is empty).
+  """
+  _check_unit_test(test)
+  _check_delta(delta)
+  eps_v = float(_check_rate(eps, "eps", open_low=True))
+  x = _check_rate(unit_losses, "unit_losses")
+  if x.ndim != 2 or x.shape[1] < 1:
+    raise ValueError(f"unit_losses: expected [Q, n] losses with n >= 1, got shape {x.shape}")
+  q, n = x.shape
+  index = np.arange(q) if index is None else np.asarray(index)
+  if index.shape != (q,):
+    raise ValueError(f"index: expected [Q={q}] candidate ids, got shape {index.shape}")
+  if not isinstance(block, (int, np.integer)) or block < 1:
+    raise ValueError(f"block: expected an integer >= 1, got {block!r}")
+  num_rows = n * int(block) if rows is None else int(np.asarray(rows).size)
+  digest = None if rows is None else rows_sha256(rows)
+  p = unit_pvalues(x, eps_v, delta, test, seed=seed) if q else np.zeros(0)
+  last = fixed_sequence(p, delta)
+  common = dict(eps=eps_v, delta=float(delta), test=test, units=int(n), block=int(block),
+                rows=num_rows, rows_sha256=digest)
+  if last is None:
+    safe = {} if not q else dict(loss=float(x[0].mean()),
+                                 ucb=float(unit_ucb(x[0], delta, test, seed=seed)[0]),
+                                 pvalue=float(p[0]))
+    return Fallback(**common, needed_units=needed_units(eps_v, delta, test),
+                    smallest_certifiable=smallest_budget(n, delta, test),
+                    **{"loss": None, "ucb": None, "pvalue": None, **safe})
+  return Certificate(**common, index=int(index[last]), loss=float(x[last].mean()),
+                     ucb=float(unit_ucb(x[last], delta, test, seed=seed)[0]),
+                     pvalue=float(p[last]), accepted=last + 1)

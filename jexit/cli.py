@@ -1,7 +1,8 @@
 """The `jexit` command line: the only place in jexit that touches argv, files and stdout.
 
   jexit sweep TRACE [--json OUT] [--plot OUT.png]   every method's frontier
-  jexit budget TRACE --max-loss 0.01 [--metric M]   parameters for a budget
+  jexit budget TRACE --max-loss 0.01 [--metric M]   parameters for a budget, certified
+                                                    at --delta 0.1 unless --delta none
   jexit demo [--out DIR]                            the sweep on the embedded trace
   jexit export TRACE (--lam X | --max-loss Y) --out POLICY.npz
   jexit import-apparate PICKLE --out TRACE.npz --allow-pickle
@@ -28,6 +29,14 @@ _FIT_ARGS = ("bins", "step", "num_bins", "loss", "target", "smoothing", "loss_sm
 # image (experiments/reports/TRACES.md): splits keep a block on one side.
 DEMO_BLOCK = 4
 DEMO_MAX_LOSS = 0.01  # the budget the demo's exit signal is chosen for
+# `budget` and `export --max-loss` certify at this failure probability unless
+# told `--delta none`: experiments/reports/CERTIFIED.md measured the
+# uncertified choice above its budget on new rows in about half of all
+# splits, and certified choices at most delta (docs/certify.md).
+DEFAULT_DELTA = 0.1
+NOT_CERTIFIED = ("not certified ({why}): the budget holds on the fit rows only; on new "
+                 "inputs such a choice exceeded it in about half of all splits "
+                 "(experiments/reports/CERTIFIED.md, docs/certify.md)")
 
 
 def _num_bins(text: str):
@@ -87,8 +96,9 @@ def _add_fit_args(p, auto_signal=False):
 def _add_split_args(p):
   g = p.add_argument_group("fit/test split")
   g.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
-  g.add_argument("--test-fraction", type=float, default=0.5, dest="test_fraction",
-                 help="share of rows held out (default 0.5)")
+  g.add_argument("--test-fraction", type=float, default=None, dest="test_fraction",
+                 help="share of rows held out (default 0.5; a certified budget holds out "
+                      "--calibration-share instead)")
   g.add_argument("--folds", type=int, default=None,
                  help="k-fold cross-fitting instead of one split")
   g.add_argument("--block", type=int, default=1,
@@ -96,6 +106,66 @@ def _add_split_args(p):
                       "inputs stay on one side; default 1)")
   g.add_argument("--num-lambdas", type=int, default=1000, dest="num_lambdas",
                  help="lam values solved (default 1000)")
+
+
+def delta_arg(text):
+  """`--delta`: a failure probability in (0, 1), or "none" (no certification)."""
+  if text.strip().lower() == "none":
+    return "none"
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a failure probability in (0, 1) or none, "
+                                     f"got {text!r}") from None
+  if not 0 < value < 1:
+    raise argparse.ArgumentTypeError(f"expected a failure probability in (0, 1) or none, "
+                                     f"got {text!r}")
+  return value
+
+
+def _add_certify_args(p, default_help):
+  g = p.add_argument_group("certified budget (docs/certify.md)")
+  g.add_argument("--delta", type=delta_arg, default=None, metavar="D",
+                 help="certify the budget: hold out calibration rows that no fit or choice "
+                      "sees, and ship a table whose true loss exceeds --max-loss with "
+                      f"probability at most D; 'none': do not certify. {default_help}")
+  g.add_argument("--calibration-share", type=float, default=None, dest="calibration_share",
+                 metavar="S",
+                 help="share of the rows (blocks) held out for calibration (default: 0.5, "
+                      "or 0.7 when 0.5 leaves fewer than twice the units the budget needs)")
+
+
+def _resolve_delta(args, max_loss, *, folds=None, lam=None):
+  """`(delta or None, a note to print or None)` from --delta and the other flags."""
+  asked = args.delta
+  share = getattr(args, "calibration_share", None)
+  if asked is None:  # the default
+    if lam is not None:
+      delta, why = None, None
+    elif folds is not None:
+      delta, why = None, "--folds: cross-fitting ships no table"
+    elif max_loss is not None and not max_loss > 0:
+      delta, why = None, "a zero budget or a required gain cannot be certified"
+    else:
+      delta, why = DEFAULT_DELTA, None
+  elif asked == "none":
+    delta, why = None, "--delta none"
+  else:
+    if lam is not None:
+      raise ValueError("--delta: a certified budget is chosen on a fit/calibration split; it "
+                       "needs --max-loss, not --lam")
+    if folds is not None:
+      raise ValueError(f"--delta: a certified budget needs one fit/calibration split and "
+                       f"ships one table; expected no --folds, got --folds {folds}")
+    delta, why = asked, None
+  if share is not None and delta is None:
+    raise ValueError(f"--calibration-share: only for a certified budget (--delta D), got "
+                     f"{share} with {'--lam' if lam is not None else why}")
+  if delta is not None and getattr(args, "test_fraction", None) is not None:
+    raise ValueError(f"--test-fraction: with a certified budget (--delta {delta:g}, the "
+                     f"default) the held-out rows are the calibration rows; set their share "
+                     f"with --calibration-share, or pass --delta none")
+  return delta, (None if why is None or lam is not None else NOT_CERTIFIED.format(why=why))
 
 
 def _fit_overrides(args) -> dict:
@@ -115,7 +185,8 @@ def _frontier_kwargs(args) -> dict:
   fit_options = _fit_overrides(args)
   if getattr(args, "signal", None) is not None:
     fit_options["signal"] = args.signal
-  return dict(num_lambdas=args.num_lambdas, test_fraction=args.test_fraction,
+  test_fraction = 0.5 if args.test_fraction is None else args.test_fraction
+  return dict(num_lambdas=args.num_lambdas, test_fraction=test_fraction,
               seed=args.seed, folds=args.folds, block=args.block, fit_options=fit_options)
 
 
@@ -150,11 +221,16 @@ def run_budget(args) -> int:
   from jexit import report  # pylint: disable=import-outside-toplevel
   from jexit.select import choose  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
+  delta, note = _resolve_delta(args, args.max_loss, folds=args.folds)
   traces = load_traces(args.trace)
   kwargs = _frontier_kwargs(args)
   signal = kwargs["fit_options"].pop("signal")  # auto selects with one split only
+  if delta is not None:
+    kwargs.update(test_fraction=None, delta=delta, calibration_share=args.calibration_share)
   choice = choose(traces, args.max_loss, signal=signal, metric=args.metric, **kwargs)
   print(report.format_choice(choice, trace=args.trace))
+  if note:
+    print(note)
   if args.json:
     _write_json(args.json, report.choice_to_dict(choice, args.trace))
     print(f"wrote {args.json}")
@@ -162,7 +238,7 @@ def run_budget(args) -> int:
 
 
 def run_demo(args) -> int:
-  from jexit import datasets  # pylint: disable=import-outside-toplevel
+  from jexit import datasets, report  # pylint: disable=import-outside-toplevel
   from jexit.protocol import APPARATE_BUDGETS  # pylint: disable=import-outside-toplevel
   from jexit.select import choose  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
@@ -173,8 +249,11 @@ def run_demo(args) -> int:
   traces = load_traces(path)
   # As `jexit budget`: the exit signal is chosen on the fit rows (at 1% loss)
   # first; the table then shows every budget on the same frontier.
+  # Certified on the held-out half itself (calibration share 0.5): the table
+  # below is the same split's, and one line certifies its 1% choice.
   choice = choose(traces, DEMO_MAX_LOSS, seed=0, block=DEMO_BLOCK, num_lambdas=1000,
-                  apparate_budgets=APPARATE_BUDGETS)
+                  apparate_budgets=APPARATE_BUDGETS, delta=DEFAULT_DELTA,
+                  calibration_share=0.5)
   fr, scores = choice.frontier, choice.signal_scores
   signal = choice.fit_options.get("signal")
   out = args.out or tempfile.mkdtemp(prefix="jexit-demo-")
@@ -195,6 +274,9 @@ def run_demo(args) -> int:
   args.plot = os.path.join(out, "frontier.png") if has_plots else None
   args.max_loss = DEMO_MAX_LOSS
   _sweep(fr, name, args)
+  print(f"certified at {DEMO_MAX_LOSS:.0%}, delta {DEFAULT_DELTA:g} (as `jexit budget` by "
+        f"default; the held-out half is the calibration rows): "
+        + report.format_certificate(choice).replace("certificate: ", "", 1))
   if args.plot is None:
     print("(no plot: matplotlib is not installed; pip install 'jexit[plot]')")
   print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}")
@@ -252,6 +334,8 @@ def _add_export_parser(subparsers) -> argparse.ArgumentParser:
                  help="LO,HI: the whole range of the trace's own signal, the outer bin edges "
                       "(default: the fit rows' range; e.g. 0,1 for a margin, so the runtime "
                       "serves held-out values beyond it)")
+  _add_certify_args(p, f"Default with --max-loss: {DEFAULT_DELTA:g}; the certificate (or, "
+                       f"when nothing certifies, the backbone and why) goes into the file.")
   p.set_defaults(func=run_export)
   return p
 
@@ -267,6 +351,7 @@ def run_export(args) -> int:
   from jexit.solver import solve  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
 
+  delta, note = _resolve_delta(args, args.max_loss, lam=args.lam)
   traces = load_traces(args.trace)
   recall = not args.no_recall
   options = dict(PAPER_FIT) if args.paper else {}
@@ -304,7 +389,7 @@ def run_export(args) -> int:
           if args.method in ("best", None) else (solver,))
   choice = choose(traces, args.max_loss, metric=args.metric, methods=ship, ship=ship,
                   signal=signal, seed=args.seed, block=args.block, num_lambdas=args.grid,
-                  fit_options=options)
+                  fit_options=options, delta=delta, calibration_share=args.calibration_share)
   if choice.table is None:
     fit_ev = choice.frontier.splits[0][ship[0]][0]
     ref = choice.frontier.backbone_fit_accuracy[0] if args.metric == "accuracy" else 1.0
@@ -313,8 +398,14 @@ def run_export(args) -> int:
                      f"{float(np.max(getattr(fit_ev, args.metric))):.4g}")
   table = choice.table
   header = export_policy(args.out, table.policy, table.binning, table.model, table.lam_index,
-                         traces=traces)
+                         traces=traces, budget={"max_loss": float(args.max_loss),
+                                                "metric": args.metric},
+                         certificate=report.certificate_to_dict(
+                             choice.certificate, method=choice.best or ship[0],
+                             metric=args.metric))
   print(report.format_export(header, args.out, choice))
+  if note:
+    print(note)
   return 0
 
 
@@ -511,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "the solver's loss to the labels (--target label) unless --target is given")
   p.add_argument("--json", help="write the choices as JSON here")
   _add_split_args(p)
+  _add_certify_args(p, f"Default: {DEFAULT_DELTA:g} (none with --folds, or a budget <= 0).")
   _add_fit_args(p, auto_signal=True)
   p.set_defaults(func=run_budget)
 

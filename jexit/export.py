@@ -152,10 +152,99 @@ def check_header(header, path="<memory>") -> dict:
       or any(b <= a for a, b in zip(active, active[1:]))):
     _bad(path, f"header.active_ramps: expected {header['num_ramps']} increasing candidate "
                f"ramp indices >= 0, got {active!r}")
+  if header.get("certificate") is not None:
+    check_certificate(header["certificate"], path, budget=budget)
   n_ref = header.get("reference_inputs")
   if n_ref is not None and n_ref < 1:
     _bad(path, f"header.reference_inputs: expected an integer >= 1 or null, got {n_ref!r}")
   return header
+
+
+# The certificate of a certified budget (`jexit.report.certificate_to_dict`):
+# field -> (accepted types, meaning); COMMON in both kinds, then per kind.
+CERTIFICATE_TESTS = ("binomial", "hoeffding-bentkus", "wsr")  # jexit.certify.UNIT_TESTS
+CERTIFICATE_QUANTITIES = ("disagreement", "harm")  # jexit.select.CERTIFIED_LOSS
+_NUM = (int, float)
+_CERT_COMMON = {
+    "certified": ((bool,), "true: a certificate; false: nothing certified, the backbone ships"),
+    "eps": (_NUM, "the loss budget certified, in (0, 1)"),
+    "delta": (_NUM, "the failure probability, in (0, 1)"),
+    "test": ((str,), f"one of {list(CERTIFICATE_TESTS)}"),
+    "units": ((int,), "independent calibration units, >= 1"),
+    "block": ((int,), "rows per unit, >= 1"),
+    "rows": ((int,), "calibration rows, >= units"),
+    "rows_sha256": ((str, type(None)), "sha256 of the calibration row indices, or null"),
+    "method": ((str, type(None)), "the method whose candidate path was tested"),
+    "quantity": ((str,), f"the per-row loss certified, one of {list(CERTIFICATE_QUANTITIES)}"),
+}
+_CERT_KIND = {
+    True: {"index": ((int,), "the certified entry of the method's parameter grid"),
+           "loss": (_NUM, "observed mean loss on the calibration units, in [0, 1]"),
+           "ucb": (_NUM, "its upper confidence bound at 1 - delta, in [0, 1]"),
+           "pvalue": (_NUM, "its p-value against eps, in [0, delta]"),
+           "accepted": ((int,), "candidates accepted by the fixed-sequence walk, >= 1")},
+    False: {"needed_units": ((int,), "units eps needs at delta with zero loss, >= 1"),
+            "smallest_certifiable": (_NUM, "the smallest budget these units certify, (0, 1]"),
+            "loss": (_NUM + (type(None),), "the safest candidate's loss, or null"),
+            "ucb": (_NUM + (type(None),), "its upper confidence bound, or null"),
+            "pvalue": (_NUM + (type(None),), "its p-value, above delta, or null")},
+}
+
+
+def check_certificate(cert, path="<memory>", *, budget=None) -> dict:
+  """Validates a certificate dict (header.certificate); returns it.
+
+  Every field of its kind must be there with its type, nothing else; the
+  numbers must be consistent (eps and delta in (0, 1); a certificate's
+  p-value at most delta, a fallback's above it; eps equal to the budget's
+  max_loss when the header has a budget).
+  """
+  where = "header.certificate"
+  if not isinstance(cert, dict):
+    _bad(path, f"{where}: expected an object or null, got {cert!r}")
+  kind = cert.get("certified")
+  if not isinstance(kind, bool):
+    _bad(path, f"{where}.certified: expected true or false, got {kind!r}")
+  fields = {**_CERT_COMMON, **_CERT_KIND[kind]}
+  unknown, missing = sorted(set(cert) - set(fields)), sorted(set(fields) - set(cert))
+  if unknown or missing:
+    _bad(path, f"{where}: expected the fields {sorted(fields)} (certified: {kind}); unknown "
+               f"{unknown}, missing {missing}")
+  for name, (types, meaning) in fields.items():
+    v = cert[name]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+      _bad(path, f"{where}.{name}: expected {meaning}, got {v!r}")
+    if isinstance(v, float) and not np.isfinite(v):
+      _bad(path, f"{where}.{name}: expected a finite number, got {v!r}")
+
+  def need(name, ok):
+    if not ok:
+      _bad(path, f"{where}.{name}: expected {fields[name][1]}, got {cert[name]!r}")
+  need("eps", 0 < cert["eps"] < 1)
+  need("delta", 0 < cert["delta"] < 1)
+  need("test", cert["test"] in CERTIFICATE_TESTS)
+  need("quantity", cert["quantity"] in CERTIFICATE_QUANTITIES)
+  need("units", cert["units"] >= 1)
+  need("block", cert["block"] >= 1)
+  need("rows", cert["rows"] >= cert["units"])
+  digest = cert["rows_sha256"]
+  need("rows_sha256", digest is None or re.fullmatch(r"[0-9a-f]{64}", digest))
+  if kind:
+    need("index", cert["index"] >= 0)
+    need("loss", 0 <= cert["loss"] <= 1)
+    need("ucb", cert["loss"] <= cert["ucb"] <= 1)
+    need("pvalue", 0 <= cert["pvalue"] <= cert["delta"])
+    need("accepted", cert["accepted"] >= 1)
+  else:
+    need("needed_units", cert["needed_units"] >= 1)
+    need("smallest_certifiable", 0 < cert["smallest_certifiable"] <= 1)
+    need("loss", cert["loss"] is None or 0 <= cert["loss"] <= 1)
+    need("ucb", cert["ucb"] is None or 0 <= cert["ucb"] <= 1)
+    need("pvalue", cert["pvalue"] is None or cert["delta"] < cert["pvalue"] <= 1)
+  if budget is not None and cert["eps"] != budget.get("max_loss"):
+    _bad(path, f"{where}.eps: {cert['eps']!r} differs from header.budget.max_loss "
+               f"{budget.get('max_loss')!r}")
+  return cert
 
 
 def check_reference(header: dict, occupancy, stops, path="<memory>"):
@@ -238,6 +327,11 @@ def check_arrays(header: dict, edges, loss, threshold, cost, path="<memory>"):
   if not np.all(threshold[-1] == np.inf):
     _bad(path, f"threshold: expected +inf at the last ramp (it always stops), got "
                f"{threshold[-1].tolist()}")
+  cert = header.get("certificate")
+  if isinstance(cert, dict) and cert.get("certified") is False and not np.all(
+      threshold[:-1] == -np.inf):
+    _bad(path, "threshold: a table whose certificate says nothing certified must be the "
+               "backbone (-inf before the last ramp: it never exits early)")
   if not np.all(np.isfinite(cost)) or np.any(cost < 0):
     _bad(path, f"cost: expected finite values >= 0, got {cost.tolist()}")
   if not np.array_equal(cost, np.asarray(header["cost"], np.float64)):

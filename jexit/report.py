@@ -8,9 +8,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from jexit import certify
 from jexit.evaluation import Evaluation
 from jexit.protocol import Frontier, param_value
-from jexit.select import DEPLOYABLE, Choice, best_method, per_method
+from jexit.select import CERTIFIED_LOSS, DEPLOYABLE, Choice, best_method, per_method
 
 TARGETS = (0.005, 0.01, 0.02, 0.05)  # the loss budgets a frontier table shows
 
@@ -59,18 +60,44 @@ def frontier_to_dict(fr: Frontier, trace: Optional[str] = None, *,
           "methods": methods}
 
 
+def certificate_to_dict(cert, *, method: Optional[str] = None,
+                        metric: str = "agreement") -> Optional[dict]:
+  """A `certify.Certificate` or `certify.Fallback` as the JSON object that
+  `jexit budget --json` and the policy file carry (`jexit.export.check_certificate`):
+  its fields, plus `certified` (bool), `method` (whose candidate path was
+  tested) and `quantity` (the per-row loss certified, `select.CERTIFIED_LOSS`)."""
+  if cert is None:
+    return None
+  return {"certified": isinstance(cert, certify.Certificate), **cert.to_dict(),
+          "method": method, "quantity": CERTIFIED_LOSS[metric]}
+
+
 def choice_to_dict(b: Choice, trace: Optional[str] = None) -> dict:
-  """`{"trace", "metric", "max_loss", "split", "fit_options", "signal_scores",
-  "best", "methods": {m: {"param", "fit", "test"}}}`."""
-  methods = {}
-  for m, c in b.choices.items():
-    methods[m] = {"param": _num(c.param) if c.param is not None else None,
-                  "fit": None if c.fit is None else metrics(c.fit),
-                  "test": None if c.test is None else metrics(c.test)}
-  return {"trace": trace, "metric": b.metric, "max_loss": b.max_loss, "split": dict(b.split),
+  """`{"trace", "metric", "max_loss", "delta", "split", "fit_options",
+  "signal_scores", "best", "certificate", "shipped", "methods": {m: {"param",
+  "fit", "test", "certificate"}}, "uncertified"}`: with a certified budget
+  (`delta`), "test" is on the calibration rows, "certificate" the shipped
+  table's (`certificate_to_dict`), "shipped" the method of the table
+  ("backbone" when nothing certified), "uncertified" the fit-row choices
+  before certification."""
+  def entries(choices):
+    out = {}
+    for m, c in choices.items():
+      out[m] = {"param": _num(c.param) if c.param is not None else None,
+                "fit": None if c.fit is None else metrics(c.fit),
+                "test": None if c.test is None else metrics(c.test),
+                "certificate": certificate_to_dict(c.certificate, method=m, metric=b.metric)}
+    return out
+  chosen = _certified_method(b)
+  return {"trace": trace, "metric": b.metric, "max_loss": b.max_loss, "delta": b.delta,
+          "split": dict(b.split),
           "fit_options": {k: _num(v) if not isinstance(v, str) else v
                           for k, v in b.fit_options.items()},
-          "signal_scores": b.signal_scores, "best": b.best, "methods": methods}
+          "signal_scores": b.signal_scores, "best": b.best,
+          "certificate": certificate_to_dict(b.certificate, method=chosen, metric=b.metric),
+          "shipped": None if b.table is None else b.table.method,
+          "methods": entries(b.choices),
+          "uncertified": None if b.uncertified is None else entries(b.uncertified)}
 
 
 def _fmt_param(p):
@@ -86,6 +113,12 @@ def _fmt_param(p):
 
 
 def _split_line(split: dict) -> str:
+  if "calibration_share" in split:
+    blocks = f" in blocks of {split['block']}" if split.get("block", 1) > 1 else ""
+    return (f"{split['num_inputs']} inputs{blocks}: {split['fit_rows']} fit / "
+            f"{split['test_rows']} calibration rows (seed {split['seed']}, calibration share "
+            f"{split['calibration_share']:g}): every choice on the fit rows, certificates on "
+            f"the calibration rows")
   if "folds" in split:
     return (f"{split['num_inputs']} inputs, {split['folds']}-fold cross-fitting "
             f"(seed {split['seed']}): parameters chosen on fit folds, metrics on held-out folds")
@@ -149,6 +182,11 @@ def format_choice(b: Choice, trace: Optional[str] = None) -> str:
                  f"backbone's accuracy on the fit rows (chosen on fit rows)")
   else:
     lines.append(f"agreement-loss budget: {b.max_loss * 100:g}% (chosen on fit rows)")
+  if b.delta is not None:
+    lines.append(f"certified at delta {b.delta:g}: each deployable method's candidates, "
+                 f"ordered safest to fastest on the fit rows, tested in that order on the "
+                 f"calibration rows; the last accepted has Pr(true {CERTIFIED_LOSS[b.metric]} "
+                 f"> {b.max_loss * 100:g}%) <= {b.delta:g}")
   if b.signal_scores:
     scores = ", ".join(f"{sig} {v:.2f}x" for sig, v in b.signal_scores.items())
     what = "exit signal" + (", loss target" if b.metric == "accuracy" else "")
@@ -161,25 +199,86 @@ def format_choice(b: Choice, trace: Optional[str] = None) -> str:
   score, other = (("accuracy", "agreement") if b.metric == "accuracy"
                   else ("agreement", "accuracy"))
   short = {"accuracy": "acc", "agreement": "agree"}
+  held = "cal" if b.delta is not None else "test"
   head = (f"{'method':<18}{'param':>28}{'fit ' + short[score]:>11}{'fit speedup':>13}"
-          f"{'test ' + short[score]:>12}{'test speedup':>14}{'test ' + short[other]:>12}")
+          f"{held + ' ' + short[score]:>12}{held + ' speedup':>14}{held + ' ' + short[other]:>12}")
+  if b.delta is not None:
+    head += f"{'bound':>9}"
   lines += [head, "-" * len(head)]
   pct = lambda ev, f: "-" if getattr(ev, f) is None else f"{getattr(ev, f)[0] * 100:.1f}%"
   for m, c in b.choices.items():
     if c.test is None:
-      lines.append(f"{m:<18}{'no parameter meets the budget':>28}")
+      why = ("nothing certified: backbone" if isinstance(c.certificate, certify.Fallback)
+             else "no parameter meets the budget")
+      lines.append(f"{m:<18}{why:>28}")
       continue
     param = _fmt_param(_num(c.param))
     if len(param) > 27:
       param = param[:24] + "..."
-    lines.append(f"{m:<18}{param:>28}{pct(c.fit, score):>11}"
-                 f"{c.fit.speedup[0]:>12.2f}x{pct(c.test, score):>12}"
-                 f"{c.test.speedup[0]:>13.2f}x{pct(c.test, other):>12}")
+    line = (f"{m:<18}{param:>28}{pct(c.fit, score):>11}"
+            f"{c.fit.speedup[0]:>12.2f}x{pct(c.test, score):>12}"
+            f"{c.test.speedup[0]:>13.2f}x{pct(c.test, other):>12}")
+    if b.delta is not None:
+      line += (f"{c.certificate.ucb * 100:>8.2f}%" if c.certificate is not None
+               else f"{'-':>9}")
+    lines.append(line)
+  if b.delta is not None:
+    lines.append(f"(cal: on the calibration rows, which chose the certified parameter; bound: "
+                 f"the upper {1 - b.delta:.0%} confidence bound of its true "
+                 f"{CERTIFIED_LOSS[b.metric]}; '-': not certified)")
   if b.best is not None:
     lines.append(f"best on the fit rows: {b.best} (most fit speedup of "
                  f"{', '.join(DEPLOYABLE)}; `jexit export --max-loss "
-                 f"{b.max_loss:g}` ships it)")
+                 f"{b.max_loss:g}` ships it" + (" certified)" if b.delta is not None else ")"))
+  if b.delta is not None:
+    lines += format_certificate(b).split("\n")
   return "\n".join(lines)
+
+
+def _certified_method(b: Choice) -> Optional[str]:
+  """The method whose path the shipped certificate (or fallback) is about."""
+  if b.certificate is None:
+    return None
+  return next((m for m, c in b.choices.items() if c.certificate is b.certificate), None)
+
+
+_TEST_NAMES = {"binomial": "exact binomial test", "hoeffding-bentkus": "Hoeffding-Bentkus test",
+               "wsr": "Waudby-Smith-Ramdas betting test"}
+
+
+def _units_text(cert) -> str:
+  units = (f"{cert.units} calibration rows" if cert.block == 1 else
+           f"{cert.units} calibration blocks of {cert.block} rows ({cert.rows} rows)")
+  return units + (f", sha256 {cert.rows_sha256[:12]}" if cert.rows_sha256 else "")
+
+
+def format_certificate(b: Choice) -> str:
+  """What a certified budget shipped, in words: the certificate of the table,
+  or why nothing certified and what would (empty without `delta`)."""
+  cert = b.certificate
+  if b.delta is None or cert is None:
+    return ""
+  loss, eps = CERTIFIED_LOSS[b.metric], b.max_loss
+  method = _certified_method(b)
+  unit = "rows" if cert.block == 1 else "blocks"
+  if isinstance(cert, certify.Certificate):
+    c = b.choices[method]
+    return (f"certificate: {method} {_fmt_param(_num(c.param))}: speedup "
+            f"{float(c.test.speedup[0]):.2f}x, {loss} "
+            f"{cert.loss * 100:.2f}% on {_units_text(cert)}; upper {1 - cert.delta:.0%} "
+            f"bound {cert.ucb * 100:.2f}%, p-value {cert.pvalue:.3g} <= delta {cert.delta:g} "
+            f"({_TEST_NAMES[cert.test]}, {cert.accepted} candidates accepted in order): "
+            f"Pr(true {loss} > {eps * 100:g}%) <= {cert.delta:g}")
+  safest = ("its path is empty" if cert.loss is None else
+            f"its safest candidate has {loss} {cert.loss * 100:.2f}% (upper bound "
+            f"{cert.ucb * 100:.2f}%, p-value {cert.pvalue:.3g} > {cert.delta:g})")
+  return (f"certificate: none. Nothing on {method}'s path certifies {eps * 100:g}% at delta "
+          f"{cert.delta:g} on {_units_text(cert)} ({_TEST_NAMES[cert.test]}): {safest}. "
+          f"{eps * 100:g}% needs at least {cert.needed_units} {unit} even with no loss; "
+          f"these {cert.units} {unit} can certify at best {cert.smallest_certifiable * 100:.2f}%."
+          f"\nships the backbone (it never exits early). To certify: more rows, a larger "
+          f"budget or calibration share, or --delta none (the budget then holds on the fit "
+          f"rows only)")
 
 
 def format_export(header: dict, path: str, choice: Optional[Choice] = None) -> str:
@@ -189,6 +288,8 @@ def format_export(header: dict, path: str, choice: Optional[Choice] = None) -> s
           f"lam={header['lam']:.6g} recall={header['recall']} signal={header['signal']}")
   if choice is None:
     return line + " (fitted on all of TRACE)"
+  if choice.delta is not None:
+    return _format_certified_export(path, line, choice)
   table, score = choice.table, choice.metric
   fit_ev, test_ev = (choice.frontier.splits[0][table.method][j] for j in (0, 1))
   i, split = table.index, choice.split
@@ -198,3 +299,17 @@ def format_export(header: dict, path: str, choice: Optional[Choice] = None) -> s
           f"{float(getattr(fit_ev, score)[i]):.4f}, speedup {float(fit_ev.speedup[i]):.2f}x), "
           f"held-out {split['test_rows']} rows: {score} "
           f"{float(getattr(test_ev, score)[i]):.4f}, speedup {float(test_ev.speedup[i]):.2f}x")
+
+
+def _format_certified_export(path: str, line: str, choice: Choice) -> str:
+  table, score, split = choice.table, choice.metric, choice.split
+  if table.method == "backbone":
+    return (f"wrote {path}: the backbone (never exits early), K={table.policy.cost.shape[-1]}"
+            f"\n" + format_certificate(choice))
+  c = choice.choices[table.method]
+  rivals = len([m for m in choice.choices if m in DEPLOYABLE]) > 1
+  return (line + f"; {table.method}" + (" (best on the fit rows)" if rivals else "")
+          + f", certified on {split['test_rows']} calibration rows ({score} "
+          f"{float(getattr(c.test, score)[0]):.4f}, speedup {float(c.test.speedup[0]):.2f}x; "
+          f"fit rows {float(getattr(c.fit, score)[0]):.4f}, {float(c.fit.speedup[0]):.2f}x)"
+          f"\n" + format_certificate(choice))

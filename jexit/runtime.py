@@ -152,8 +152,50 @@ class ExitTable:
     return self.loss.dtype
 
   def __repr__(self):
+    extra = ""
+    if self.budget is not None:
+      extra += f", budget={self.budget['max_loss']:g} {self.budget['metric']}"
+    cert = self.certificate
+    if cert is not None:
+      extra += (f", certified: Pr({cert['quantity']} > {cert['eps']:g}) <= {cert['delta']:g}"
+                if cert["certified"] else ", not certified: backbone")
+    elif self.budget is not None:
+      extra += ", not certified: fit rows only"
+    return self._repr(extra)
+
+  def _repr(self, extra=""):
     return (f"ExitTable(K={self.num_ramps}, S={self.num_bins}, lam={self.lam:g}, "
-            f"recall={self.recall}, signal={self.signal!r}, dtype={self.dtype})")
+            f"recall={self.recall}, signal={self.signal!r}, dtype={self.dtype}{extra})")
+
+  def describe(self) -> str:
+    """What the table is and what its budget guarantees, in words (a few lines)."""
+    lines = [self._repr()]
+    budget, cert = self.budget, self.certificate
+    if budget is None:
+      lines.append("budget: none recorded (exported for a lam, or by an older jexit)")
+    else:
+      lines.append(f"budget: {budget['metric']} loss <= {budget['max_loss']:g}")
+    if cert is None:
+      if budget is not None:
+        lines.append("not certified: the budget was met on the fit rows only; on new inputs "
+                     "it is exceeded in about half of all splits (docs/certify.md)")
+    elif cert["certified"]:
+      units = (f"{cert['units']} rows" if cert["block"] == 1
+               else f"{cert['units']} blocks of {cert['block']} rows")
+      lines.append(
+          f"certified: Pr(true {cert['quantity']} > {cert['eps']:g}) <= {cert['delta']:g} "
+          f"({cert['test']} test on {units} that the fit never saw, sha256 "
+          f"{(cert['rows_sha256'] or '-')[:12]}; observed {cert['loss']:.4g}, upper bound "
+          f"{cert['ucb']:.4g}, p-value {cert['pvalue']:.3g})")
+    else:
+      lines.append(
+          f"not certified: {cert['units']} calibration units could not certify "
+          f"{cert['eps']:g} at delta {cert['delta']:g} (it needs {cert['needed_units']}; they "
+          f"certify at best {cert['smallest_certifiable']:.4g}): this is the backbone, it "
+          f"never exits early")
+    if self.active_ramps is not None:
+      lines.append(f"active ramps: {self.active_ramps}")
+    return "\n".join(lines)
 
   def _check_ramp(self, k):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):

@@ -199,6 +199,16 @@ class EarlyExitRunner:
   def num_ramps(self) -> int:
     return self.table.num_ramps
 
+  @property
+  def certificate(self) -> Optional[dict]:
+    """The table's certificate (`ExitTable.certificate`; `describe()` says it in words)."""
+    return self.table.certificate
+
+  @property
+  def budget(self) -> Optional[dict]:
+    """The loss budget the table was chosen for (`ExitTable.budget`), or None."""
+    return self.table.budget
+
   def _check_eval(self):
     # Only layers whose output depends on the mode matter (a plain Linear in
     # training mode computes the same thing); found once, checked per call.

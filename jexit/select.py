@@ -12,12 +12,12 @@ from typing import Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from jexit import baselines, signals
+from jexit import baselines, certify, signals
 from jexit.evaluation import DEFAULT_MAX_BYTES, Evaluation, select
 from jexit.fit import MAX_CLASSES
 from jexit.protocol import (APPARATE_BUDGETS, METHODS, METRICS, NUM_LAMBDAS, Frontier,
                             candidate_policy, frontier, param_value, pool)
-from jexit.traces import check_traces, own_signal, row_blocks, split_rows
+from jexit.traces import check_traces, own_signal, row_blocks, signal_values, split_rows
 from jexit.types import Binning, ExitModel, Policy, Traces, is_real_scalar
 
 def _check_metric(metric: str, max_loss: float):
@@ -63,10 +63,16 @@ class MethodChoice(NamedTuple):
       parameter met the budget on the fit rows (of some fold).
     fit: `Evaluation [1]` on the fit rows (averaged over folds), or None.
     test: `Evaluation [1]` on the held-out rows (pooled over folds), or None.
+    certificate: with a certified budget (`choose(..., delta=)`), the
+      method's `certify.Certificate` (param, fit and test are then the
+      certified parameter's; test: on the calibration rows) or
+      `certify.Fallback` (nothing certified: param, fit and test are None);
+      None when the method was not certified.
   """
   param: object
   fit: Optional[Evaluation]
   test: Optional[Evaluation]
+  certificate: Optional[object] = None
 
 
 
@@ -277,7 +283,14 @@ class Choice(NamedTuple):
     best: the method of `ship` with the most fit speedup among those whose
       parameter met the budget (None if none did).
     table: the table to ship (None with folds, or when nothing met the budget).
+      With `delta`, the certified parameter of `best`'s path, or the
+      backbone (method `"backbone"`, never exits early) when nothing certified.
     frontier: the `Frontier` the choices were made on.
+    delta: the failure probability of a certified budget, or None.
+    certificate: with `delta`, the shipped table's `certify.Certificate`, or
+      the `certify.Fallback` record when the backbone ships.
+    uncertified: with `delta`, the per-method choices on the fit rows before
+      certification (what the same split chooses without `delta`).
   """
   max_loss: float
   split: dict
@@ -288,6 +301,9 @@ class Choice(NamedTuple):
   best: Optional[str] = None
   table: Optional[Table] = None
   frontier: Optional[Frontier] = None
+  delta: Optional[float] = None
+  certificate: Optional[object] = None
+  uncertified: Optional[Dict[str, MethodChoice]] = None
 
 
 def _table(fr: Frontier, method: str, max_loss: float, metric: str) -> Optional[Table]:
@@ -297,6 +313,11 @@ def _table(fr: Frontier, method: str, max_loss: float, metric: str) -> Optional[
   i = choose_index(fit_ev, max_loss, metric=metric, reference=ref)
   if i is None:
     return None
+  return _table_at(fr, method, i)
+
+
+def _table_at(fr: Frontier, method: str, i: int) -> Table:
+  """The table of entry `i` of `method`'s parameter grid on the first split."""
   if method in ("recall", "norecall"):
     policy, lam_index, model, binning = candidate_policy(fr, method, i)
     return Table(method, policy, lam_index, binning, model, i)
@@ -312,7 +333,7 @@ def choose(traces: Traces, max_loss: float = 0.01, *,
            ship: Optional[Sequence[str]] = None,
            signal: Optional[str] = "auto",
            folds: Optional[int] = None,
-           test_fraction: float = 0.5,
+           test_fraction: Optional[float] = None,
            seed: int = 0,
            block: int = 1,
            lambdas=None,
@@ -320,7 +341,10 @@ def choose(traces: Traces, max_loss: float = 0.01, *,
            fit_options: Optional[dict] = None,
            max_bytes: int = DEFAULT_MAX_BYTES,
            inner_folds: int = INNER_FOLDS,
-           apparate_budgets: Optional[Sequence[float]] = None) -> Choice:
+           apparate_budgets: Optional[Sequence[float]] = None,
+           delta: Optional[float] = None,
+           calibration_share: Optional[float] = None,
+           certify_test: Optional[str] = None) -> Choice:
   """Chooses, on fit rows, the table to ship for a loss budget; reports it held out.
 
   In order, every choice made on the fit rows of one seeded split (or of each
@@ -337,6 +361,37 @@ def choose(traces: Traces, max_loss: float = 0.01, *,
   3. of the methods in `ship`, the one with the most fit speedup (`best`;
      experiments/reports/UNION.md measured the rule), whose table is `table`.
 
+  Certified budgets (`delta`; docs/certify.md, experiments/reports/CERTIFIED.md).
+  The held-out rows are then calibration rows (a `calibration_share` of the
+  blocks) that the fit and every choice above never see. After steps 1-3,
+  each deployable method's candidates are ordered from safest to fastest
+  before any calibration row is read (`certify_path`: the lam path, lam
+  increasing, of the candidate model chosen on the fit rows; the threshold
+  grid; Apparate's budget grid) and certified by fixed-sequence testing on
+  the calibration rows (`certify.certify_units`, the test by
+  `default_certify_test`): the last accepted candidate has
+  `Pr(true loss > max_loss) <= delta` over the draw of the calibration
+  rows. The table shipped is `best`'s (or `ship[0]`'s) certified candidate. The guarantee survives every choice among signals, families
+  and methods because all of them are made on the fit rows, before the
+  calibration rows are read, and only one path (`best`'s) is certified for
+  shipping: conditional on the fit rows, that path is fixed and the
+  calibration rows are a fresh sample (the other methods' certificates are
+  reported for comparison, each valid on its own, never used to choose).
+  When the path's safest candidate fails, nothing is certified: the table is
+  the backbone (it never exits early) and `certificate` a `certify.Fallback`
+  naming the units `max_loss` needs and the smallest budget these rows can
+  certify; never an uncertified table.
+
+  What is certified (`CERTIFIED_LOSS`): with `metric="agreement"` the
+  disagreement rate, 1 - agreement with the final ramp, on new inputs; with
+  `metric="accuracy"` the harm rate, the share of new inputs that the final
+  ramp gets right and the table gets wrong. The harm rate bounds the
+  accuracy loss relative to the backbone's true accuracy from above (the
+  loss is harm minus the inputs the table gets right and the final ramp
+  wrong); a budget relative to the accuracy on some rows is not a fixed
+  quantity and is not what is certified. A required gain (`max_loss <= 0`)
+  cannot be certified.
+
   Args:
     traces: the traces.
     max_loss: the loss budget, e.g. 0.01.
@@ -352,10 +407,23 @@ def choose(traces: Traces, max_loss: float = 0.01, *,
       with a single split; with `folds` (and with fit rows too few to
       compare) it keeps the traces' own signal.
     folds, test_fraction, seed, block, lambdas, num_lambdas, fit_options,
-      max_bytes: as for `jexit.protocol.frontier`.
+      max_bytes: as for `jexit.protocol.frontier` (`test_fraction` default
+      0.5; not with `delta`, whose held-out rows are the calibration rows).
     inner_folds: k of the inner cross-fitting of step 1.
     apparate_budgets: the budget grid of Apparate's greedy search (default:
-      `(max_loss,)` for agreement, `APPARATE_BUDGETS` for accuracy).
+      `(max_loss,)` for agreement, `APPARATE_BUDGETS` for accuracy; with
+      `delta`, `CERTIFY_APPARATE_BUDGETS` and `max_loss`, so that its path
+      has steps near every budget).
+    delta: certify the budget at this failure probability in (0, 1); None
+      (default): the budget holds on the fit rows only.
+    calibration_share: with `delta`, the share of the blocks held out for
+      calibration (default `auto_calibration_share`: 0.5, or 0.7 when 0.5
+      leaves fewer than twice the units `max_loss` needs).
+    certify_test: with `delta`, one of `certify.UNIT_TESTS` (default
+      `default_certify_test`: the exact `"binomial"` for independent rows,
+      `block == 1`; for blocks of related rows the betting test `"wsr"` on
+      block means, or `"hoeffding-bentkus"` when the units are fewer than the
+      betting test needs).
 
   Returns:
     A `Choice`.
@@ -376,6 +444,19 @@ def choose(traces: Traces, max_loss: float = 0.01, *,
   traces = check_traces(traces)
   if metric == "accuracy" and traces.label is None:
     raise ValueError("metric: 'accuracy' needs traces with labels (traces.label is None)")
+  if delta is None:
+    for name, value in (("calibration_share", calibration_share),
+                        ("certify_test", certify_test)):
+      if value is not None:
+        raise ValueError(f"{name}: only for a certified budget (delta), got {value!r} "
+                         f"with delta=None")
+    test_fraction = 0.5 if test_fraction is None else test_fraction
+  else:
+    certify_test, test_fraction = _certified_split(
+        traces, max_loss, delta, folds=folds, test_fraction=test_fraction, block=block,
+        calibration_share=calibration_share, certify_test=certify_test)
+    if apparate_budgets is None:
+      apparate_budgets = tuple(sorted(set(CERTIFY_APPARATE_BUDGETS) | {float(max_loss)}))
   methods = tuple(methods)
   ship = tuple(m for m in DEPLOYABLE if m in methods) if ship is None else tuple(ship)
   if any(m not in DEPLOYABLE or m not in methods for m in ship):
@@ -404,9 +485,243 @@ def choose(traces: Traces, max_loss: float = 0.01, *,
                 max_bytes=max_bytes, metric=metric)
   choices = per_method(fr, max_loss, metric)
   best = best_method({m: choices[m] for m in ship})
-  table = None
-  if folds is None and ship:
+  table = certificate = uncertified = None
+  if delta is not None:
+    uncertified = choices
+    choices = certify_choices(traces, fr, choices, max_loss, delta, metric=metric,
+                              test=certify_test, seed=seed)
+    if ship:
+      certificate = choices[best or ship[0]].certificate
+      table = (_table_at(fr, best or ship[0], certificate.index)
+               if isinstance(certificate, certify.Certificate) else backbone_table(traces.cost))
+  elif folds is None and ship:
     table = _table(fr, best or ship[0], max_loss, metric)
-  return Choice(max_loss=float(max_loss), split=fr.split, choices=choices,
+  split = fr.split if delta is None else dict(fr.split, calibration_share=float(test_fraction))
+  return Choice(max_loss=float(max_loss), split=split, choices=choices,
                 fit_options=fr.fit_options, signal_scores=scores, metric=metric,
-                best=best, table=table, frontier=fr)
+                best=best, table=table, frontier=fr,
+                delta=None if delta is None else float(delta), certificate=certificate,
+                uncertified=uncertified)
+
+
+# ---- certified budgets (choose(..., delta=); docs/certify.md)
+
+# The per-row loss a certified budget bounds, per metric: "disagreement" (the
+# output differs from the final ramp's) or "harm" (the output is wrong where
+# the final ramp is right; bounds the accuracy loss against the backbone).
+CERTIFIED_LOSS = {"agreement": "disagreement", "accuracy": "harm"}
+# Apparate's budget grid under certification (experiments/certified.py's):
+# its certified path needs steps near every budget.
+CERTIFY_APPARATE_BUDGETS = (0.0,) + tuple(float(b) for b in np.geomspace(0.0005, 0.2, 23))
+CALIBRATION_SHARES = (0.5, 0.7)  # auto_calibration_share's choice (CERTIFIED.md)
+PATH_CHUNK = 64  # candidates scored at once on the calibration rows
+
+
+def default_certify_test(block: int, units: int, max_loss: float, delta: float) -> str:
+  """The test a certified budget uses, fixed by the unit kind and count only.
+
+  Independent rows (`block == 1`): the exact binomial on their 0/1 losses.
+  Blocks of related rows: the betting test (`"wsr"`) on block means, valid
+  and the fastest measured (CERTIFIED.md); but its capped bets need more
+  units with zero loss than Hoeffding-Bentkus (`certify.needed_units`: 310
+  against 230 at 1%, delta 0.1), so with fewer units than it needs,
+  `"hoeffding-bentkus"`. Neither choice reads a loss: the guarantee holds.
+  """
+  if block == 1:
+    return "binomial"
+  return "wsr" if units >= certify.needed_units(max_loss, delta, "wsr") else "hoeffding-bentkus"
+
+
+def _units(num_inputs: int, block: int, share: float) -> int:
+  """Calibration units (blocks) `split_rows` holds out at `share`."""
+  blocks = -(-num_inputs // block)
+  return min(max(int(round(share * blocks)), 1), blocks - 1)
+
+
+def auto_calibration_share(num_inputs: int, block: int, max_loss: float,
+                           delta: float) -> float:
+  """0.5, or 0.7 when 0.5 leaves fewer than twice the units `max_loss` needs
+  at `delta` with zero loss (`certify.needed_rows`):
+  experiments/reports/CERTIFIED.md measured 0.7 faster there (digits at 0.5%
+  and 1%) and no slower elsewhere."""
+  need = certify.needed_rows(max_loss, delta)
+  low, high = CALIBRATION_SHARES
+  return low if _units(num_inputs, block, low) >= 2 * need else high
+
+
+def _certified_split(traces, max_loss, delta, *, folds, test_fraction, block,
+                     calibration_share, certify_test):
+  """Checks `choose`'s certified arguments; `(test, calibration share)`."""
+  if isinstance(delta, bool) or not is_real_scalar(delta) or not 0 < delta < 1:
+    raise ValueError(f"delta: expected a failure probability in (0, 1) or None, got {delta!r}")
+  if folds is not None:
+    raise ValueError(f"folds: a certified budget (delta) needs one fit/calibration split "
+                     f"and ships one table; cross-fitting ships none, got folds={folds!r}")
+  if test_fraction is not None:
+    raise ValueError(f"test_fraction: with delta the held-out rows are the calibration "
+                     f"rows; set their share with calibration_share, got "
+                     f"test_fraction={test_fraction!r}")
+  if not 0 < max_loss < 1:
+    raise ValueError(f"max_loss: a certified budget must lie in (0, 1) (zero needs infinitely "
+                     f"many rows; a required gain cannot be certified), got {max_loss!r}")
+  allowed = certify.UNIT_TESTS if block == 1 else ("wsr", "hoeffding-bentkus")
+  if certify_test is not None and certify_test not in allowed:
+    raise ValueError(f"certify_test: expected one of {list(allowed)} with block={block} "
+                     f"(the binomial counts independent 0/1 rows), got {certify_test!r}")
+  if calibration_share is None:
+    calibration_share = auto_calibration_share(traces.num_inputs, block, max_loss, delta)
+  elif isinstance(calibration_share, bool) or not is_real_scalar(calibration_share) \
+      or not 0 < calibration_share < 1:
+    raise ValueError(f"calibration_share: expected a share in (0, 1), got "
+                     f"{calibration_share!r}")
+  units = _units(traces.num_inputs, block, calibration_share)
+  test = certify_test or default_certify_test(block, units, max_loss, delta)
+  return test, float(calibration_share)
+
+
+def certify_path(fr: Frontier, method: str, index: Optional[int] = None) -> np.ndarray:
+  """A method's candidates from safest to fastest, fixed before any calibration row is read.
+
+  recall and no recall: the lam path, lam increasing (thresholds rise with
+  lam: the policy stops earlier), of the candidate model (bin count) of grid
+  entry `index`, the choice on the fit rows (default: the first model);
+  global threshold: its threshold grid, increasing; Apparate: its budget
+  grid, increasing. Returns `[Q]` indices into the method's grid.
+  """
+  if method in ("recall", "norecall"):
+    num_lam = len(fr.lambdas)
+    first = 0 if index is None else (int(index) // num_lam) * num_lam
+    return first + np.arange(num_lam)
+  param = np.asarray(fr.splits[0][method][0].param, np.float64)
+  if param.ndim != 1:
+    raise ValueError(f"method: expected a method with one number per grid entry, got "
+                     f"{method!r} with param shape {param.shape}")
+  return np.argsort(param, kind="stable")
+
+
+def _output_ramps(fr: Frontier, method: str, idx: np.ndarray, traces: Traces,
+                  cache: Optional[dict] = None) -> np.ndarray:
+  """`[Q, N]` the ramp whose prediction each candidate `idx` outputs on `traces`
+  (`cache`: a dict keeping the solved lam grids between calls)."""
+  k = traces.num_ramps
+  if method == "global_threshold":
+    values = np.asarray(fr.splits[0][method][0].param, np.float64)[idx]
+    ev = baselines.threshold_rule(traces, np.repeat(values[:, None], k, axis=1),
+                                  return_per_input=True)
+    return np.asarray(ev.output_ramp)
+  if method == "apparate_greedy":
+    ev = baselines.threshold_rule(traces, np.asarray(fr.apparate_thresholds[0])[idx],
+                                  return_per_input=True)
+    return np.asarray(ev.output_ramp)
+  num_lam = len(fr.lambdas)
+  out = np.zeros((len(idx), traces.num_inputs), np.int64)
+  for j in np.unique(idx // num_lam):
+    pos = np.flatnonzero(idx // num_lam == j)
+    # The whole lam grid, as the frontier solved it (no new compiled shape).
+    cache = {} if cache is None else cache
+    key = (method, int(j))
+    if key not in cache:
+      cache[key] = candidate_policy(fr, method, int(j) * num_lam)
+    policy, _, _, binning = cache[key]
+    out[pos] = _replay_outputs(policy, np.asarray(idx[pos]) % num_lam, traces, binning)
+  return out
+
+
+def _replay_outputs(policy, lam_idx, traces: Traces, binning) -> np.ndarray:
+  """`[Q, N]` output ramps of entries `lam_idx` of a solved `Policy [L]`, in numpy.
+
+  `jexit.evaluation.evaluate`'s decision rule (tests check the two agree):
+  bin each ramp's signal, best loss so far (recall; latest ramp on ties) or
+  the current loss, stop at the first ramp whose value is `<=` its threshold.
+  """
+  values = signal_values(traces, binning.signal, "binning.signal", binning.calibration)
+  bins = binning.assign(values)  # [N, K]
+  loss = np.asarray(policy.loss)
+  k = loss.shape[0]
+  loss_in = loss[np.arange(k)[None, :], bins]  # [N, K], in the policy's dtype
+  if policy.recall:
+    best = np.minimum.accumulate(loss_in, axis=1)
+    best_ramp = np.zeros(bins.shape, np.int64)
+    for r in range(1, k):
+      best_ramp[:, r] = np.where(loss_in[:, r] <= best[:, r - 1], r, best_ramp[:, r - 1])
+  else:
+    best, best_ramp = loss_in, np.broadcast_to(np.arange(k), bins.shape)
+  threshold = np.asarray(policy.threshold)
+  rows = np.arange(bins.shape[0])
+  out = np.empty((len(lam_idx), bins.shape[0]), np.int64)
+  step = max(1, 2**22 // max(bins.size, 1))
+  for start in range(0, len(lam_idx), step):
+    thr = threshold[np.asarray(lam_idx[start:start + step])]  # [q, K, S]
+    stop = best[None] <= thr[:, np.arange(k)[None, :], bins]  # [q, N, K]
+    stop[..., -1] = True
+    ramp = np.argmax(stop, axis=-1)
+    out[start:start + step] = best_ramp[rows[None, :], ramp]
+  return out
+
+
+def unit_losses(fr: Frontier, method: str, idx, traces: Traces, rows, *,
+                metric: str = "agreement", block: int = 1,
+                cache: Optional[dict] = None) -> np.ndarray:
+  """`[Q, U]` mean loss (`CERTIFIED_LOSS[metric]`) of candidates `idx` of a
+  method on each calibration unit: the blocks (`row // block`) of `rows`."""
+  rows = np.sort(np.asarray(rows))
+  sub = traces.take(rows)
+  out = _output_ramps(fr, method, np.asarray(idx), sub, cache)
+  pred = np.asarray(sub.pred)
+  final = pred[:, -1]
+  chosen = np.take_along_axis(pred, out.T, axis=1).T  # [Q, N]
+  if metric == "accuracy":
+    label = np.asarray(sub.label)
+    loss = (chosen != label) & (final == label)[None, :]
+  else:
+    loss = chosen != final[None, :]
+  starts = np.concatenate([[0], np.flatnonzero(np.diff(rows // block)) + 1])
+  sizes = np.diff(np.concatenate([starts, [len(rows)]]))
+  return np.add.reduceat(loss.astype(np.float64), starts, axis=1) / sizes
+
+
+def certify_choices(traces: Traces, fr: Frontier, choices: Dict[str, MethodChoice],
+                    max_loss: float, delta: float, *, metric: str = "agreement",
+                    test: str = "binomial", seed: int = 0) -> Dict[str, MethodChoice]:
+  """Each deployable method's certified choice on the first split's held-out
+  (calibration) rows: `certify_path`'s order, `certify.certify_units`.
+
+  Methods that are not deployable are returned as they were (not certified).
+  """
+  block = int(fr.split["block"])
+  cal_rows = split_rows(traces.num_inputs, test_fraction=fr.split["test_fraction"],
+                        seed=fr.split["seed"], block=block)[1]
+  out = {}
+  for m, c in choices.items():
+    if m not in DEPLOYABLE:
+      out[m] = c
+      continue
+    ref = fr.backbone_fit_accuracy[0] if metric == "accuracy" else 1.0
+    idx = certify_path(fr, m, choose_index(fr.splits[0][m][0], max_loss, metric=metric,
+                                           reference=ref))
+    # Walk the path in chunks and stop after the first rejection: the walk
+    # reads no further, and memory stays at a chunk of candidates x rows.
+    parts, cache = [], {}
+    for start in range(0, len(idx), PATH_CHUNK):
+      part = unit_losses(fr, m, idx[start:start + PATH_CHUNK], traces, cal_rows,
+                         metric=metric, block=block, cache=cache)
+      parts.append(part)
+      if np.any(certify.unit_pvalues(part, max_loss, delta, test, seed=seed) > delta):
+        break
+    losses = (np.concatenate(parts) if parts
+              else np.zeros((0, len(np.unique(cal_rows // block)))))
+    cert = certify.certify_units(losses, max_loss, delta, test=test, index=idx[:len(losses)],
+                                 rows=cal_rows, block=block, seed=seed)
+    if isinstance(cert, certify.Certificate):
+      fit_ev, test_ev = fr.splits[0][m]
+      out[m] = MethodChoice(param_value(fr, m, 0, cert.index), select(fit_ev, [cert.index]),
+                            select(test_ev, [cert.index]), cert)
+    else:
+      out[m] = MethodChoice(None, None, None, cert)
+  return out
+
+
+def backbone_table(cost) -> Table:
+  """The table shipped when nothing certifies: it never exits before the last ramp."""
+  policy, binning = baselines.backbone_policy(cost)
+  return Table("backbone", policy, 0, binning, None, 0)

@@ -336,3 +336,70 @@ def test_wsr_pvalue_matches_a_loop_and_is_valid():
   assert rate <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
   with pytest.raises(ValueError, match="unit_losses: expected values in"):
     certify.wsr_pvalue([0.5, 2.0], 0.1, 0.1)
+
+
+# ---- per-unit certification (what jexit.choose calls)
+
+def test_unit_pvalues_match_the_aggregate_tests():
+  rng = np.random.default_rng(0)
+  rows = (rng.uniform(size=(4, 500)) < np.array([0.001, 0.004, 0.01, 0.03])[:, None]) * 1.0
+  np.testing.assert_allclose(certify.unit_pvalues(rows, 0.01, 0.1),
+                             stats.binom.cdf(rows.sum(1), 500, 0.01), rtol=1e-9)
+  means = rows.reshape(4, 125, 4).mean(-1)
+  np.testing.assert_allclose(certify.unit_pvalues(means, 0.01, 0.1, "hoeffding-bentkus"),
+                             certify.hoeffding_bentkus_pvalue(means.mean(1), 125, 0.01))
+  # The betting test reads the units in one seeded order, the same for every candidate.
+  order = np.random.default_rng([3, 230]).permutation(125)
+  np.testing.assert_allclose(certify.unit_pvalues(means, 0.01, 0.1, "wsr", seed=3),
+                             certify.wsr_pvalue(means[:, order], 0.01, 0.1))
+  with pytest.raises(ValueError, match="the binomial test needs 0/1 unit losses"):
+    certify.unit_pvalues(means, 0.01, 0.1)
+  with pytest.raises(ValueError, match="test: expected one of"):
+    certify.unit_pvalues(rows, 0.01, 0.1, "z")
+
+
+@pytest.mark.parametrize("test", certify.UNIT_TESTS)
+def test_unit_ucb_is_where_the_pvalue_crosses_delta(test):
+  rng = np.random.default_rng(1)
+  x = (rng.uniform(size=(3, 400)) < np.array([0.0, 0.01, 0.05])[:, None]) * 1.0
+  if test != "binomial":
+    x = x.reshape(3, 100, 4).mean(-1)
+  bound = certify.unit_ucb(x, 0.1, test, seed=2)
+  for row, b in zip(x, bound):
+    assert row.mean() <= b < 1
+    p = lambda e: float(certify.unit_pvalues(row, e, 0.1, test, seed=2)[0])
+    assert p(b * (1 + 1e-6)) <= 0.1 and p(b * (1 - 1e-3)) > 0.1
+    if test == "wsr":  # conservative inversion: every larger eps tried certifies too
+      assert all(p(e) <= 0.1 for e in np.geomspace(b, 0.99, 40))
+
+
+def test_needed_units_of_the_betting_test_is_the_smallest_zero_loss_count():
+  for eps, delta in ((0.01, 0.1), (0.05, 0.05), (0.002, 0.1)):
+    n = certify.needed_units(eps, delta, "wsr")
+    assert float(certify.wsr_pvalue(np.zeros(n), eps, delta)) <= delta
+    assert float(certify.wsr_pvalue(np.zeros(n - 1), eps, delta)) > delta
+    assert n > certify.needed_rows(eps, delta)  # capped bets need more than the binomial
+  assert certify.needed_units(0.01, 0.1, "hoeffding-bentkus") == 230
+  assert certify.smallest_budget(230, 0.1) == pytest.approx(1 - 0.1 ** (1 / 230), rel=1e-9)
+
+
+def test_certify_units_walks_in_order_and_stops_at_the_first_rejection():
+  n = 1000
+  x = np.zeros((5, n))
+  for i, k in enumerate((0, 2, 30, 1, 0)):  # a failing candidate amid passing ones
+    x[i, :k] = 1
+  c = certify.certify_units(x, 0.01, 0.1, index=[10, 11, 12, 13, 14], rows=np.arange(n))
+  assert isinstance(c, certify.Certificate)
+  assert c.index == 11 and c.accepted == 2 and c.loss == 0.002
+  assert c.pvalue == pytest.approx(stats.binom.cdf(2, n, 0.01), rel=1e-9)
+  assert c.ucb == pytest.approx(stats.beta.ppf(0.9, 3, n - 2), rel=1e-9)
+  assert c.rows_sha256 == certify.rows_sha256(np.arange(n)) and c.rows == n
+  # The first fails: nothing certified, and the record says what would.
+  fb = certify.certify_units(x[[2, 0]], 0.01, 0.1, block=4, rows=np.arange(4 * n))
+  assert isinstance(fb, certify.Fallback)
+  assert fb.loss == 0.03 and fb.pvalue > 0.1 and fb.needed_units == 230
+  assert fb.smallest_certifiable == pytest.approx(1 - 0.1 ** (1 / n), rel=1e-9)
+  assert fb.units == n and fb.block == 4 and fb.rows == 4 * n
+  assert json.loads(json.dumps(fb.to_dict())) == fb.to_dict()
+  empty = certify.certify_units(np.zeros((0, 10)), 0.01, 0.1)
+  assert isinstance(empty, certify.Fallback) and empty.loss is None

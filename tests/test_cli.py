@@ -85,7 +85,8 @@ def test_budget_writes_fit_and_test_metrics(trace_file, tmp_path, capsys):
   assert data["max_loss"] == 0.05 and data["split"]["folds"] == 2
   assert set(data["methods"]) == set(METHODS)
   for m, c in data["methods"].items():
-    assert set(c) == {"param", "fit", "test"}
+    assert set(c) == {"param", "fit", "test", "certificate"}
+    assert c["certificate"] is None  # --folds: not certified
     if c["fit"] is None:
       assert c["test"] is None and c["param"] is None
       continue

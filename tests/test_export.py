@@ -215,7 +215,8 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path, solved):
 
 def _args(**kw):
   base = dict(lam=None, max_loss=None, no_recall=False, paper=False, seed=0, block=1,
-              grid=40, signal=None, metric="agreement", method="solver", signal_range=None)
+              grid=40, signal=None, metric="agreement", method="solver", signal_range=None,
+              delta="none", calibration_share=None)  # uncertified: tests/test_select_certified.py
   base.update(kw)
   return types.SimpleNamespace(**base)
 
@@ -344,7 +345,10 @@ def _reference(table_or_binning, traces, policy, binning, i):
 def test_version_2_fields_round_trip(tmp_path, solved):
   traces, model, binning, policy = solved
   ref = _reference(None, traces, policy, binning, 2)
-  cert = {"eps": 0.01, "delta": 0.1, "test": "binomial"}
+  cert = {"certified": True, "eps": 0.01, "delta": 0.1, "test": "binomial", "index": 2,
+          "units": 500, "block": 1, "rows": 500, "rows_sha256": None, "loss": 0.002,
+          "ucb": 0.0078, "pvalue": 0.04, "accepted": 3, "method": "recall",
+          "quantity": "disagreement"}  # jexit.report.certificate_to_dict's fields
   path = tmp_path / "v2.npz"
   header = export.export_policy(path, policy, binning, model, 2, traces=traces,
                                 budget={"max_loss": 0.01, "metric": "agreement"},
@@ -384,6 +388,7 @@ def test_version_1_files_still_read_and_refuse_version_2_fields(tmp_path, solved
     (dict(active_ramps=[0, 1]), "header.active_ramps: expected 4 increasing"),
     (dict(reference_inputs=0), "header.reference_inputs: expected an integer >= 1"),
     (dict(reference_inputs=5), "reference_occupancy: missing"),
+    (dict(certificate={"eps": 0.01}), "header.certificate.certified: expected true or false"),
 ])
 def test_bad_version_2_fields_name_the_field(tmp_path, solved, change, match):
   traces, model, binning, policy = solved
