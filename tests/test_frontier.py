@@ -190,8 +190,10 @@ def test_json_dicts_have_the_documented_shape(traces, fr):
   assert len(everything["methods"]["recall"]) == 60 * len(protocol.DEFAULT_FIT["num_bins"])
   b = report.choice_to_dict(select.choose(traces, 0.02, num_lambdas=30), "t.npz")
   assert b["max_loss"] == 0.02
+  assert b["certificate"] is None  # uncertified: delta=None
   for m, c in b["methods"].items():
-    assert set(c) == {"param", "fit", "test"}
+    assert set(c) == {"param", "fit", "test", "certificate"}
+    assert c["certificate"] is None
     if c["test"] is not None:
       assert set(c["test"]) == {"agreement", "accuracy", "mean_cost", "speedup"}
   json.dumps(d, allow_nan=False)
