@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from jexit import signals
+from jexit.checks import FLOAT32_MAX, check_float32_range
 from jexit.npzio import read_npz
 from jexit.types import Traces, is_int_scalar, is_real_scalar
 
@@ -74,6 +75,10 @@ def check_traces(traces: Traces) -> Traces:
         label = label.astype(np.int64)
       else:
         _fail("label", "integer class ids", _describe(label))
+    if label.size and label.min() < 0:
+      bad = int(np.argmin(label))
+      _fail("label", "class ids >= 0 (an unlabelled trace omits the label field: "
+            "label=None, no 'label' key in the file)", f"{int(label[bad])} at row {bad}")
 
   cost = _array("cost", traces.cost)
   if cost.shape != (k,):
@@ -85,6 +90,12 @@ def check_traces(traces: Traces) -> Traces:
     _fail("cost", "finite values >= 0", cost.tolist())
   if cost.sum() <= 0:
     _fail("cost", "a positive total", cost.tolist())
+  check_float32_range("traces.cost", cost)
+  if cost[0] == 0:
+    # Every input runs ramp 0: a free first ramp makes exiting there free,
+    # and every speedup (total cost / mean cost) infinite.
+    _fail("cost", "cost[0] > 0 (every input pays for ramp 0; a zero-cost first ramp "
+          "makes speedups infinite)", cost.tolist())
 
   signal = traces.signal
   if signal is not None:
@@ -97,6 +108,11 @@ def check_traces(traces: Traces) -> Traces:
     if not np.all(np.isfinite(signal)):
       bad = np.argwhere(~np.isfinite(signal))[0]
       _fail("signal", "finite values", f"{signal[tuple(bad)]} at row {bad[0]}, ramp {bad[1]}")
+    if np.any(np.abs(signal) > FLOAT32_MAX):
+      bad = np.argwhere(np.abs(signal) > FLOAT32_MAX)[0]
+      _fail("signal", f"values within +-{FLOAT32_MAX:.3g} (float32's range: trace files and "
+            f"policy tables keep float32)",
+            f"{float(signal[tuple(bad)])!r} at row {bad[0]}, ramp {bad[1]}")
   head_cost = traces.head_cost
   if head_cost is not None:
     head_cost = _array("head_cost", head_cost)
