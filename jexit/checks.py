@@ -122,8 +122,8 @@ def check_output_path(flag: str, path, *, extensions: Optional[Sequence[str]] = 
 
   A file path must not be a folder, its folder must exist and be writable, an
   existing file must be writable, and with `extensions` its extension must be
-  one of them. With `folder=True` the path is a folder to write into: an
-  existing folder must be writable, a new one's parent must exist.
+  one of them. With `folder=True` the path is a folder to write into: it or
+  its nearest existing parent must be a writable folder.
 
   Raises:
     ValueError: naming `flag`, what was expected and the path.
@@ -135,9 +135,13 @@ def check_output_path(flag: str, path, *, extensions: Optional[Sequence[str]] = 
   if folder:
     if os.path.exists(path) and not os.path.isdir(path):
       raise ValueError(f"{flag}: expected a folder for the outputs, got the file {path!r}")
-    target = path if os.path.isdir(path) else parent
+    # A new folder is made with its parents: the nearest existing one must
+    # be a writable folder.
+    target = os.path.abspath(path)
+    while not os.path.exists(target) and os.path.dirname(target) != target:
+      target = os.path.dirname(target)
     if not os.path.isdir(target):
-      raise ValueError(f"{flag}: the folder {parent!r} that would hold {path!r} does not exist")
+      raise ValueError(f"{flag}: cannot make the folder {path!r}: {target!r} is a file")
     if not os.access(target, os.W_OK | os.X_OK):
       raise ValueError(f"{flag}: cannot write into the folder {target!r} (permission denied)")
     return path

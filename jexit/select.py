@@ -25,7 +25,7 @@ def _check_metric(metric: str, max_loss: float):
     raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
   low = 0 if metric == "agreement" else -1
   if not is_real_scalar(max_loss) or not (np.isfinite(max_loss) and low <= max_loss <= 1):
-    raise ValueError(f"max_loss: expected an {metric}-loss budget in [{low}, 1], got {max_loss}")
+    raise ValueError(f"max_loss: expected an {metric}-loss budget in [{low}, 1], got {max_loss!r}")
 
 
 def choose_index(evaluation: Evaluation, max_loss: float, *, metric: str = "agreement",

@@ -163,7 +163,7 @@ def signal_values(traces: Traces, name: str, field: str = "signal",
 def row_blocks(num_inputs: int, block: int):
   """Row blocks `[0, block), [block, 2 block), ...` that a split keeps together."""
   if not isinstance(block, (int, np.integer)) or block < 1:
-    raise ValueError(f"block: expected an integer >= 1, got {block}")
+    raise ValueError(f"block: expected an integer >= 1, got {block!r}")
   return [np.arange(i, min(i + block, num_inputs)) for i in range(0, num_inputs, block)]
 
 
@@ -198,7 +198,7 @@ def fold_rows(num_inputs: int, folds: int, *, seed: int = 0, block: int = 1):
   blocks = row_blocks(num_inputs, block)
   if not isinstance(folds, (int, np.integer)) or folds < 2 or folds > len(blocks):
     raise ValueError(f"folds: expected an integer in [2, {len(blocks)}] (blocks of "
-                     f"{block} of N={num_inputs} inputs), got {folds}")
+                     f"{block} of N={num_inputs} inputs), got {folds!r}")
   _check_seed(seed)
   perm = np.random.default_rng(seed).permutation(len(blocks))
   parts = [np.concatenate([blocks[i] for i in part]) for part in np.array_split(perm, folds)]
