@@ -16,6 +16,7 @@ import importlib
 import io
 import os
 import pickle
+import pickletools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -160,6 +161,15 @@ _FROMBUFFER = _numpy_function(_NUMERIC[::-1], "_frombuffer")
 def restricted_loads(data: bytes):
   """`pickle.loads` through `RestrictedUnpickler`: nothing it builds may claim
   more bytes than `data` has."""
+  data = bytes(data)
+  # The unpickler allocates a counted bytes/str (BINBYTES8, ...) before it
+  # reads it: a 20-byte pickle can ask for gigabytes. pickletools reads each
+  # count against what is left, so a claim beyond the data fails here first.
+  try:
+    for _ in pickletools.genops(data):
+      pass
+  except ValueError as e:
+    raise RefusedValue(f"not a readable pickle ({e})") from None
   return RestrictedUnpickler(io.BytesIO(data), max_bytes=len(data)).load()
 
 
