@@ -512,6 +512,9 @@ def _add_record_parser(sub):
 
 
 def run_record(args) -> int:
+  check_output_path("--out", args.out)  # before torch's import and the training
+  if args.save_weights is not None:
+    check_output_path("--save-weights", args.save_weights)
   try:
     import torch  # pylint: disable=import-outside-toplevel
     from jexit import vgg  # pylint: disable=import-outside-toplevel
@@ -543,9 +546,6 @@ def run_record(args) -> int:
     raise ValueError(f"--trace-frac: expected a share in (0, 1), got {args.trace_frac}")
   if args.weights is not None and not os.path.isfile(args.weights):
     raise ValueError(f"--weights: no such file {args.weights!r}")
-  check_output_path("--out", args.out)
-  if args.save_weights is not None:
-    check_output_path("--save-weights", args.save_weights)
   if args.joint and args.train_ramps is not None:
     raise ValueError("--train-ramps: joint training (--joint) trains every head with the "
                      "backbone for --epochs; expected no --train-ramps")

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from jexit import signals
-from jexit.checks import check_array
+from jexit.checks import FLOAT32_MAX, check_array
 from jexit.signals import class_log_err, class_logit, class_signal
 from jexit.traces import check_traces, fold_rows, own_signal, signal_values
 from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
@@ -268,11 +268,11 @@ def _signal_range(signal_range, signal_name, values, has_own_signal):
   """The outer edges `(lo, hi)` of the bins, or None for the fit rows' range."""
   if signal_range is not None:
     ok = (isinstance(signal_range, (tuple, list, np.ndarray)) and len(signal_range) == 2
-          and all(is_real_scalar(v) and np.isfinite(v) for v in signal_range)
+          and all(is_real_scalar(v) and abs(v) <= FLOAT32_MAX for v in signal_range)
           and signal_range[0] < signal_range[1])
     if not ok:
-      raise ValueError(f"signal_range: expected (lo, hi) with finite lo < hi, "
-                       f"got {signal_range!r}")
+      raise ValueError(f"signal_range: expected (lo, hi) with lo < hi within "
+                       f"+-{FLOAT32_MAX:.3g} (float32's range), got {signal_range!r}")
     if not has_own_signal:
       raise ValueError(f"signal_range: sets the range of the traces' own 'signal', but the "
                        f"traces have none (the ranges of {sorted(SIGNAL_RANGES)} are "

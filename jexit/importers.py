@@ -283,6 +283,8 @@ def load_apparate(path, *, allow_pickle: bool = False,
     raise ValueError(f"apparate file {path}: could not read it ({e})") from e
   try:
     profile = restricted_loads(data)
+  except RefusedValue as e:
+    raise ValueError(f"apparate file {path}: refusing the pickle: {e}") from e
   except RefusedGlobal as e:
     raise ValueError(f"apparate file {path}: {e}") from e
   except Exception as e:  # a truncated or corrupt pickle raises many kinds

@@ -13,14 +13,14 @@ from typing import Dict
 
 import numpy as np
 
-from jexit.checks import available_bytes
+from jexit import checks
 
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def available_host_bytes() -> int:
   """Bytes of host memory available now (`jexit.checks.available_bytes`)."""
-  return available_bytes()
+  return checks.available_bytes()
 
 
 def _member_header(archive: zipfile.ZipFile, name: str):

@@ -184,6 +184,9 @@ def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
     raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction!r}")
   _check_seed(seed)
   blocks = row_blocks(num_inputs, block)
+  if len(blocks) < 2 and block > 1:
+    raise ValueError(f"block: expected at most {max(num_inputs // 2, 1)} (at least 2 blocks "
+                     f"of the {num_inputs} inputs to split), got {block!r}")
   if len(blocks) < 2:
     raise ValueError(f"traces: expected at least 2 blocks of {block} inputs to split, "
                      f"got {num_inputs} inputs")
