@@ -11,7 +11,6 @@ fire before the allocation), and in a subprocess under `RLIMIT_AS`.
 """
 
 import io
-import json
 import os
 import pickle
 import re
@@ -463,11 +462,8 @@ def test_output_paths_checked_before_the_work(command, flag, kind, trace_file, t
 
 
 def _record_available():
-  try:
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    return True
-  except ImportError:
-    return False
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  return importlib.util.find_spec("torch") is not None
 
 
 BAD_FLAG_VALUES = {
