@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from jexit.checks import check_bytes
 from jexit.evaluation import Evaluation, from_counts, summarize
 from jexit.traces import check_traces
 from jexit.types import Binning, Policy, Traces
@@ -23,6 +24,14 @@ APPARATE_MIN_STEP = 0.0125
 
 def _uncertainty(traces: Traces) -> np.ndarray:
   return 1.0 - np.asarray(traces.conf, np.float64)
+
+
+def _check_batch(option: str, rows: int, traces: Traces, per_cell: int) -> None:
+  """Refuses `[rows, N, K]` working arrays (`per_cell` bytes per entry, with
+  the `[rows, N]` results) that the host cannot hold, naming the option."""
+  n, k = traces.conf.shape
+  check_bytes(option, None, f"{rows} rows x {n} inputs x {k} ramps of decisions",
+              rows * n * (k * per_cell + 4 * 8), hint=f"pass fewer {option}")
 
 
 def first_below(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -121,6 +130,7 @@ def threshold_rule(traces: Traces, thresholds: np.ndarray, *, param=None,
   if thresholds.ndim != 2 or thresholds.shape[1] != k or np.any(np.isnan(thresholds)):
     raise ValueError(f"thresholds: expected shape [P, K={k}] without NaN, got "
                      f"{thresholds.shape}")
+  _check_batch("thresholds", len(thresholds), traces, 1)
   stop = first_below(_uncertainty(traces), thresholds)
   param = np.arange(len(thresholds)) if param is None else np.asarray(param)
   return summarize(stop, stop, traces, param=param, return_per_input=return_per_input)
@@ -160,6 +170,7 @@ def global_threshold(traces: Traces, thresholds: Optional[Sequence[float]] = Non
   # j iff m_j < t: every count is a sorted search over the inputs, O((N + T) log N).
   prefix = np.minimum.accumulate(_uncertainty(traces)[:, :-1], axis=1)  # [N, K-1]
   if return_per_input:
+    _check_batch("thresholds", len(t), traces, 1)
     stop = np.minimum((prefix[None, :, :] >= t[:, None, None]).sum(axis=2), k - 1)
     return summarize(stop, stop, traces, param=t, return_per_input=True)
 
@@ -225,10 +236,13 @@ def apparate_greedy(traces: Traces, max_loss=0.01, *,
     (3,)
   """
   traces = check_traces(traces)
-  budgets = np.asarray(max_loss, np.float64)
-  if budgets.ndim > 1 or budgets.size == 0 or not np.all((budgets >= 0) & (budgets <= 1)):
+  budgets = np.asarray(max_loss)
+  ok = budgets.dtype.kind in "iuf"  # a string "0.01" is a mistake, not a budget
+  budgets = budgets.astype(np.float64) if ok else budgets
+  if not ok or budgets.ndim > 1 or budgets.size == 0 or not np.all((budgets >= 0)
+                                                                    & (budgets <= 1)):
     raise ValueError(f"max_loss: expected an agreement-loss budget in [0, 1] (or a 1-D "
-                     f"sequence of them), got {max_loss}")
+                     f"sequence of them), got {max_loss!r}")
   if not steps or min(steps) <= 0 or not min_step > 0:
     raise ValueError(f"steps, min_step: expected positive step sizes, got {steps}, {min_step}")
   u = _uncertainty(traces)
@@ -328,6 +342,7 @@ def patience(traces: Traces, patiences: Optional[Sequence[int]] = None, *,
   t = np.arange(1, max(k, 2)) if patiences is None else np.asarray(patiences)
   if t.ndim != 1 or t.size == 0 or not np.issubdtype(t.dtype, np.integer) or t.min() < 1:
     raise ValueError(f"patiences: expected a non-empty [P] array of integers >= 1, got {t}")
+  _check_batch("patiences", t.size, traces, 1)
   run = np.zeros(traces.conf.shape, np.int64)
   for r in range(1, k):
     run[:, r] = np.where(traces.pred[:, r] == traces.pred[:, r - 1], run[:, r - 1] + 1, 0)
@@ -346,6 +361,7 @@ def fixed_ramp(traces: Traces, ramps: Optional[Sequence[int]] = None, *,
   if r.ndim != 1 or r.size == 0 or not np.issubdtype(r.dtype, np.integer) \
       or r.min() < 0 or r.max() >= k:
     raise ValueError(f"ramps: expected integers in [0, {k}), got {r}")
+  _check_batch("ramps", r.size, traces, 0)
   stop = np.broadcast_to(r[:, None], (r.size, traces.num_inputs))
   return summarize(stop, stop, traces, param=r, return_per_input=return_per_input)
 
@@ -390,6 +406,7 @@ def oracle(traces: Traces, lambdas: Optional[Sequence[float]] = None, *,
   # that agrees with the final one (the cheapest without a disagreement).
   # Every other ramp costs at least as much as one of them for the same
   # disagreement, and ties go to the earlier ramp.
+  _check_batch("lambdas", lam.size, traces, 0)
   ramp_cost = np.cumsum(np.asarray(traces.cost, np.float64))
   truth = traces.pred[:, -1:] if target == "agreement" else traces.label[:, None]
   agree = traces.pred == truth

@@ -14,12 +14,15 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
+from jexit.checks import PLOT_EXTENSIONS, check_output_path
 from jexit.signals import NAMES as SIGNALS
 
 # What the fit options on the command line map to (None = DEFAULT_FIT's value).
@@ -181,6 +184,17 @@ def _write_json(path, data) -> None:
     f.write("\n")
 
 
+def _check_outputs(args) -> None:
+  """Checks --json and --plot before the work that writes them."""
+  if getattr(args, "json", None) is not None:
+    check_output_path("--json", args.json)
+  if getattr(args, "plot", None) is not None:
+    check_output_path("--plot", args.plot, extensions=PLOT_EXTENSIONS)
+    if importlib.util.find_spec("matplotlib") is None:
+      raise ValueError("--plot: needs matplotlib, which is not installed; "
+                       "pip install 'jexit[plot]'")
+
+
 def _frontier_kwargs(args) -> dict:
   fit_options = _fit_overrides(args)
   if getattr(args, "signal", None) is not None:
@@ -211,6 +225,7 @@ def run_sweep(args) -> int:
   if not 0 <= args.max_loss <= 1:  # NaN fails too
     raise ValueError(f"--max-loss: expected an agreement-loss budget in [0, 1], "
                      f"got {args.max_loss}")
+  _check_outputs(args)
   traces = load_traces(args.trace)
   fr = frontier(traces, **_frontier_kwargs(args))
   _sweep(fr, args.trace, args)
@@ -222,6 +237,7 @@ def run_budget(args) -> int:
   from jexit.select import choose  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   delta, note = _resolve_delta(args, args.max_loss, folds=args.folds)
+  _check_outputs(args)
   traces = load_traces(args.trace)
   kwargs = _frontier_kwargs(args)
   signal = kwargs["fit_options"].pop("signal")  # auto selects with one split only
@@ -245,6 +261,8 @@ def run_demo(args) -> int:
   path = datasets.demo_trace_path()
   if not os.path.exists(path):
     raise ValueError(f"the embedded demo trace is missing ({path}); reinstall jexit")
+  if args.out is not None:
+    check_output_path("--out", args.out, folder=True)
   start = time.perf_counter()
   traces = load_traces(path)
   # As `jexit budget`: the exit signal is chosen on the fit rows (at 1% loss)
@@ -352,6 +370,7 @@ def run_export(args) -> int:
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
 
   delta, note = _resolve_delta(args, args.max_loss, lam=args.lam)
+  check_output_path("--out", args.out)
   traces = load_traces(args.trace)
   recall = not args.no_recall
   options = dict(PAPER_FIT) if args.paper else {}
@@ -412,6 +431,7 @@ def run_export(args) -> int:
 def run_import_apparate(args) -> int:
   from jexit.importers import load_apparate  # pylint: disable=import-outside-toplevel
   from jexit.traces import save_traces  # pylint: disable=import-outside-toplevel
+  check_output_path("--out", args.out)
   cost = None
   if args.cost:
     try:
@@ -492,6 +512,9 @@ def _add_record_parser(sub):
 
 
 def run_record(args) -> int:
+  check_output_path("--out", args.out)  # before torch's import and the training
+  if args.save_weights is not None:
+    check_output_path("--save-weights", args.save_weights)
   try:
     import torch  # pylint: disable=import-outside-toplevel
     from jexit import vgg  # pylint: disable=import-outside-toplevel
@@ -659,6 +682,37 @@ def _enable_compilation_cache() -> None:
     pass  # a read-only home or an older JAX: run without the cache
 
 
+# API field names in errors that a subcommand spells as another option (dest).
+_FIELD_DESTS = {"num_lambdas": ("num_lambdas", "grid"), "lambdas": ("num_lambdas", "grid"),
+                "path": ("out",)}
+_FIELD = re.compile(r"^([a-z][a-z0-9_]*)(?=[:=])")
+
+
+def _name_flag(message: str, parser: Optional[argparse.ArgumentParser]) -> str:
+  """`message` with a leading API field name (`num_bins: ...`, `step=inf: ...`)
+  replaced by the flag of `parser` that sets it (`--num-bins: ...`)."""
+  match = _FIELD.match(message)
+  if parser is None or match is None:
+    return message
+  flags = {}
+  for action in parser._actions:  # pylint: disable=protected-access
+    longs = [o for o in action.option_strings if o.startswith("--")]
+    if longs:
+      flags[action.dest] = longs[0]
+  field = match.group(1)
+  for dest in (field,) + _FIELD_DESTS.get(field, ()):
+    if dest in flags:
+      return flags[dest] + message[match.end():]
+  return message
+
+
+def _subparser(parser, command) -> Optional[argparse.ArgumentParser]:
+  for action in parser._actions:  # pylint: disable=protected-access
+    if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
+      return action.choices.get(command)
+  return None
+
+
 def main(argv=None) -> int:
   """Runs the command line; returns the exit status (2 for bad input)."""
   parser = build_parser()
@@ -670,8 +724,11 @@ def main(argv=None) -> int:
     _enable_compilation_cache()
   try:
     return int(args.func(args) or 0)
-  except (ValueError, OSError, ImportError) as e:
+  except (ValueError, OSError, ImportError, MemoryError) as e:
     message = " ".join(str(e).split())
+    if isinstance(e, MemoryError):  # a guard missed it: still one line, not a traceback
+      message = f"out of memory ({message or 'MemoryError'}); use smaller sizes"
+    message = _name_flag(message, _subparser(parser, args.command))
     print(f"jexit: error: {message}", file=sys.stderr)
     return 2
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from jexit.solver import PRECISION, check_model, loss_grid, working_dtype
 from jexit.traces import check_traces, signal_values
-from jexit.types import Binning, ExitModel, Policy, Traces, check_policy
+from jexit.types import Binning, ExitModel, Policy, Traces, check_policy, is_real_scalar
 
 _mm = functools.partial(jnp.matmul, precision=PRECISION)
 
@@ -375,8 +375,8 @@ def evaluate(policy: Policy, traces: Traces,
   if k_policy != k:
     raise ValueError(f"policy.threshold: expected K={k} ramps like the traces, got "
                      f"shape {np.asarray(policy.threshold).shape}")
-  if not max_bytes > 0:
-    raise ValueError(f"max_bytes: expected a positive budget, got {max_bytes}")
+  if not (is_real_scalar(max_bytes) and max_bytes > 0):
+    raise ValueError(f"max_bytes: expected a positive budget, got {max_bytes!r}")
   if method not in ("auto", "replay", "sweep"):
     raise ValueError(f"method: expected 'auto', 'replay' or 'sweep', got {method!r}")
   edges, signal_name, calibration = _model_edges(binning, m, k, s)

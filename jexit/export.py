@@ -306,6 +306,11 @@ def check_arrays(header: dict, edges, loss, threshold, cost, path="<memory>"):
   cost = np.asarray(cost, np.float64)
   if not np.all(np.isfinite(edges)):
     _bad(path, "edges: expected finite values, got NaN or inf")
+  with np.errstate(over="ignore"):
+    span = edges[:, -1] - edges[:, 0]
+  if not np.all(np.isfinite(span)):  # the runtime's range check needs a finite span
+    _bad(path, f"edges: expected a finite span per ramp, got edges from "
+               f"{edges[:, 0].min()!r} to {edges[:, -1].max()!r}")
   steps = np.diff(edges, axis=1)
   if np.any(steps <= 0):
     ramp, i = np.argwhere(steps <= 0)[0]

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from jexit import signals
+from jexit.checks import FLOAT32_MAX, check_array
 from jexit.signals import class_log_err, class_logit, class_signal
 from jexit.traces import check_traces, fold_rows, own_signal, signal_values
 from jexit.types import Binning, ExitModel, Traces, is_int_scalar, is_real_scalar
@@ -19,8 +20,8 @@ MAX_BINS = 10_000
 def uniform_edges(num_ramps: int, step: float = PAPER_STEP,
                   lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
   """`[K, S+1]` edges `lo, lo+step, ..., hi` (the paper's 0.08 grid on [0, 1])."""
-  if not step > 0:
-    raise ValueError(f"step: expected a positive bin width, got {step}")
+  if not (is_real_scalar(step) and np.isfinite(step) and step > 0):
+    raise ValueError(f"step: expected a finite positive bin width, got {step!r}")
   if (hi - lo) / step > MAX_BINS:
     raise ValueError(f"step: expected a bin width giving at most {MAX_BINS} bins on "
                      f"[{lo:g}, {hi:g}], got {step:g} ({(hi - lo) / step:.3g} bins)")
@@ -267,11 +268,11 @@ def _signal_range(signal_range, signal_name, values, has_own_signal):
   """The outer edges `(lo, hi)` of the bins, or None for the fit rows' range."""
   if signal_range is not None:
     ok = (isinstance(signal_range, (tuple, list, np.ndarray)) and len(signal_range) == 2
-          and all(is_real_scalar(v) and np.isfinite(v) for v in signal_range)
+          and all(is_real_scalar(v) and abs(v) <= FLOAT32_MAX for v in signal_range)
           and signal_range[0] < signal_range[1])
     if not ok:
-      raise ValueError(f"signal_range: expected (lo, hi) with finite lo < hi, "
-                       f"got {signal_range!r}")
+      raise ValueError(f"signal_range: expected (lo, hi) with lo < hi within "
+                       f"+-{FLOAT32_MAX:.3g} (float32's range), got {signal_range!r}")
     if not has_own_signal:
       raise ValueError(f"signal_range: sets the range of the traces' own 'signal', but the "
                        f"traces have none (the ranges of {sorted(SIGNAL_RANGES)} are "
@@ -359,6 +360,19 @@ def fit_edges(values: np.ndarray, span, *, bins: Union[str, np.ndarray] = "quant
     if not np.all(np.isfinite(edges)) or np.any(np.diff(edges, axis=1) <= 0):
       raise ValueError("bins: expected finite, strictly increasing edges per ramp")
   return edges
+
+
+def _check_transitions(k: int, s_count: int, bins, step, num_bins) -> None:
+  """Refuses, before allocating, `[K-1, S, S]` transitions the host cannot hold
+  (counts, smoothed counts and laws live at once), naming the option that set S."""
+  if isinstance(bins, str) and bins == "uniform":
+    option, value = "step", step
+  elif isinstance(bins, str):
+    option, value = "num_bins", num_bins
+  else:
+    option, value = "bins", None
+  check_array(option, value, (max(k - 1, 1), s_count, s_count), np.float64, "transitions",
+              copies=3, hint="use a larger step" if option == "step" else None)
 
 
 def transition_counts(b: np.ndarray, num_bins: int) -> np.ndarray:
@@ -514,6 +528,7 @@ def fit(traces: Traces,
                                 signal=signal, signal_range=signal_range,
                                 class_block=class_block)
   s_count = binning.num_bins
+  _check_transitions(traces.num_ramps, s_count, bins, step, num_bins)
   b = binning.assign(values)  # [N, K]
   init_counts = np.bincount(b[:, 0], minlength=s_count) + smoothing
   if init_counts.sum() <= 0:

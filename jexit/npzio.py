@@ -13,26 +13,19 @@ from typing import Dict
 
 import numpy as np
 
+from jexit import checks
+
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def available_host_bytes() -> int:
-  """Bytes of host memory available now (MemAvailable), or 8 GiB if unknown."""
-  try:
-    with open("/proc/meminfo", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except (OSError, ValueError, IndexError):
-    pass
-  try:
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-  except (ValueError, OSError, AttributeError):
-    return 8 * 2 ** 30
+  """Bytes of host memory available now (`jexit.checks.available_bytes`)."""
+  return checks.available_bytes()
 
 
 def _member_header(archive: zipfile.ZipFile, name: str):
-  """`(shape, dtype)` from a member's `.npy` header, without reading its data."""
+  """`(shape, dtype, header bytes)` from a member's `.npy` header, without
+  reading its data."""
   with archive.open(name) as f:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
@@ -41,7 +34,22 @@ def _member_header(archive: zipfile.ZipFile, name: str):
       shape, _, dtype = np.lib.format.read_array_header_2_0(f)
     else:
       raise ValueError(f"unsupported .npy format version {version}")
-  return shape, dtype
+    offset = f.tell()
+  return shape, dtype, offset
+
+
+# Deflate expands at most about 1032-fold: a member's stated size beyond that
+# of its compressed bytes is a lie (a zip's directory states both).
+_DEFLATE_RATIO = 1032
+
+
+def _member_bytes(info: zipfile.ZipInfo) -> int:
+  """The most bytes a member can really hold once decompressed."""
+  if info.compress_type == zipfile.ZIP_STORED:
+    return min(info.file_size, info.compress_size)
+  if info.compress_type == zipfile.ZIP_DEFLATED:
+    return min(info.file_size, info.compress_size * _DEFLATE_RATIO)
+  return info.file_size
 
 
 def read_npz(path, what: str, *, max_bytes=None) -> Dict[str, np.ndarray]:
@@ -79,13 +87,20 @@ def read_npz(path, what: str, *, max_bytes=None) -> Dict[str, np.ndarray]:
       for name in names:
         key = name[:-4] if name.endswith(".npy") else name
         try:
-          shape, dtype = _member_header(archive, name)
+          shape, dtype, offset = _member_header(archive, name)
         except _READ_ERRORS as e:
           raise fail(f"key '{key}' is corrupt or not a plain array ({e})") from e
         if dtype.hasobject:
           raise fail(f"key '{key}': expected a plain array, got dtype {dtype} (object "
                      f"arrays need pickle, which jexit never runs)")
         size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        # numpy allocates the whole array before it reads the data: a header
+        # may not claim more than the member holds.
+        holds = _member_bytes(archive.getinfo(name)) - offset
+        if size > holds:
+          raise fail(f"key '{key}': its header claims shape {tuple(shape)} of {dtype} "
+                     f"({size} bytes), but the member holds only {max(holds, 0)} bytes of "
+                     f"data")
         if size > limit:
           raise fail(f"key '{key}': its header claims shape {tuple(shape)} of {dtype} "
                      f"({size / 2**30:.3g} GiB), more than the {limit / 2**30:.3g} GiB "

@@ -287,6 +287,13 @@ class ExitTable:
     if one is None:
       raise ValueError("signal_one: this table bins a custom signal (header.signal = "
                        "'signal'); compute it as the traces recorded it")
+    if type(k) is not int or not 0 <= k < len(self._lo_list):
+      k = self._check_ramp(k)
+    if not _is_real(conf):
+      raise ValueError(f"conf: expected a real max-softmax value, got {conf!r}")
+    for name, p in (("pred", pred), ("prev_pred", prev_pred)):
+      if not (_is_int(p) or (p is None and name == "prev_pred")):
+        raise ValueError(f"{name}: expected an int class id, got {p!r}")
     return one(k, conf, pred, prev_pred, self._calibration_list)
 
   def step(self, k: int, signal_k, state: Optional[ExitState] = None
@@ -368,14 +375,26 @@ class ExitTable:
     array path (its errors and fallbacks).
 
     Args:
-      k: the 0-based ramp that just ran (not checked: callers loop over
-        `range(num_ramps)`).
+      k: the 0-based ramp that just ran, in `[0, num_ramps)`.
       v: its signal. best_loss, best_ramp: what the previous call returned
         (the defaults at k = 0).
 
     Returns:
       `(stop, best_loss, best_ramp)`.
     """
+    # Cheap checks first (the batch-size-1 path): a wrong k would index from
+    # the end, a string would fail deep inside.
+    if type(k) is not int or not 0 <= k < len(self._lo_list):
+      k = self._check_ramp(k)
+    if type(v) is not float and not _is_real(v):
+      raise ValueError(f"v: expected a real signal value, got {v!r}")
+    if type(best_loss) is not float and not _is_real(best_loss):
+      raise ValueError(f"best_loss: expected the best loss so far (a float), got {best_loss!r}")
+    if type(best_ramp) is not int or not -1 <= best_ramp < k:
+      if not (_is_int(best_ramp) and -1 <= best_ramp < k):
+        raise ValueError(f"best_ramp: expected -1 (none yet) or an earlier ramp in "
+                         f"[0, {k}), got {best_ramp!r}")
+      best_ramp = int(best_ramp)
     if not self._lo_list[k] <= v <= self._hi_list[k]:  # NaN fails too
       stop, loss, ramp = self._decide(k, np.asarray(float(v)),
                                       np.asarray(best_loss, self.dtype),
@@ -461,6 +480,16 @@ class ExitTable:
       if rows.size == 0:
         break
     return stop_ramp, output_ramp, pred[np.arange(n), output_ramp]
+
+
+def _is_real(v) -> bool:
+  """A Python or numpy int or float (not a bool, not an array)."""
+  return (isinstance(v, (int, float, np.integer, np.floating))
+          and not isinstance(v, (bool, np.bool_)))
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def load_policy_file(path, **options) -> ExitTable:

@@ -18,14 +18,14 @@ from jexit.fit import MAX_CLASSES
 from jexit.protocol import (APPARATE_BUDGETS, METHODS, METRICS, NUM_LAMBDAS, Frontier,
                             candidate_policy, frontier, param_value, pool)
 from jexit.traces import check_traces, own_signal, row_blocks, signal_values, split_rows
-from jexit.types import Binning, ExitModel, Policy, Traces, is_real_scalar
+from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
 
 def _check_metric(metric: str, max_loss: float):
   if metric not in METRICS:
     raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
   low = 0 if metric == "agreement" else -1
   if not is_real_scalar(max_loss) or not (np.isfinite(max_loss) and low <= max_loss <= 1):
-    raise ValueError(f"max_loss: expected an {metric}-loss budget in [{low}, 1], got {max_loss}")
+    raise ValueError(f"max_loss: expected an {metric}-loss budget in [{low}, 1], got {max_loss!r}")
 
 
 def choose_index(evaluation: Evaluation, max_loss: float, *, metric: str = "agreement",
@@ -544,6 +544,8 @@ def auto_calibration_share(num_inputs: int, block: int, max_loss: float,
   at `delta` with zero loss (`certify.needed_rows`):
   experiments/reports/CERTIFIED.md measured 0.7 faster there (digits at 0.5%
   and 1%) and no slower elsewhere."""
+  if not is_int_scalar(block) or block < 1:  # before it divides anything
+    raise ValueError(f"block: expected an integer >= 1, got {block!r}")
   need = certify.needed_rows(max_loss, delta)
   low, high = CALIBRATION_SHARES
   return low if _units(num_inputs, block, low) >= 2 * need else high

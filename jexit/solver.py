@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jexit.checks import check_bytes, check_float32_range
 from jexit.npzio import available_host_bytes
 from jexit.types import ExitModel, Policy, is_bool_like, is_real_scalar
 
@@ -115,12 +116,17 @@ def check_model(model: ExitModel, *, atol: float = 1e-5) -> ExitModel:
     _check_finite(name, a)
   if np.any(cost < 0):
     raise ValueError(f"model.cost: expected values >= 0, got {cost.tolist()}")
+  check_float32_range("model.cost", cost)
   if np.any(init < 0) or np.any(np.abs(init.sum(-1) - 1) > atol):
     raise ValueError(f"model.init: expected a probability vector (>= 0, sums to 1), "
                      f"got sums {np.round(init.sum(-1), 6).tolist()}")
   if trans.size:
+    if np.any(trans < 0):
+      at = tuple(int(i) for i in np.argwhere(trans < 0)[0])
+      raise ValueError(f"model.trans: expected probabilities >= 0, got "
+                       f"{float(trans[at])!r} at index {at}")
     sums = trans.sum(-1)
-    if np.any(trans < 0) or np.any(np.abs(sums - 1) > atol):
+    if np.any(np.abs(sums - 1) > atol):
       worst = np.unravel_index(np.argmax(np.abs(sums - 1)), sums.shape)
       raise ValueError(f"model.trans: expected rows >= 0 that sum to 1, got a row "
                        f"summing to {sums[worst]:.6g} at index {tuple(int(i) for i in worst)}")
@@ -466,8 +472,9 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
   recall = bool(recall)
   if rtol is not None and (not is_real_scalar(rtol) or not np.isfinite(rtol) or rtol < 0):
     raise ValueError(f"rtol: expected None or a finite tie tolerance >= 0, got {rtol!r}")
-  if max_bytes is not None and not max_bytes > 0:
-    raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes}")
+  if max_bytes is not None and not (is_real_scalar(max_bytes) and np.isfinite(max_bytes)
+                                    and max_bytes > 0):
+    raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes!r}")
   prep = _prepare(model, dtype)
   if prep.conditioned and not recall:
     raise ValueError("model.trans: a state-conditioned trans [K-1, X, S, S] needs "
@@ -498,6 +505,10 @@ def solve(model: ExitModel, lambdas, *, recall: bool = True,
         f"lambdas: {num_l} lam values x {m} model(s) need about {out_bytes / 2**30:.1f} GiB "
         f"for the solved tables; about {free / 2**30:.1f} GiB is free. "
         f"Solve fewer lam values per call.")
+  # A block holds at least one policy: refuse one the host cannot hold.
+  check_bytes("model", None, f"one policy's working memory (K={num_k} ramps, S={num_s} bins, "
+              f"X={num_x} loss values)", per_model + per_policy,
+              hint="fit fewer bins")
   if max_bytes is None:  # at least one policy per block
     budget = max(default_max_bytes(used), per_model + per_policy)
   else:

@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from jexit import signals
+from jexit.checks import FLOAT32_MAX, check_float32_range
 from jexit.npzio import read_npz
 from jexit.types import Traces, is_int_scalar, is_real_scalar
 
@@ -74,6 +75,10 @@ def check_traces(traces: Traces) -> Traces:
         label = label.astype(np.int64)
       else:
         _fail("label", "integer class ids", _describe(label))
+    if label.size and label.min() < 0:
+      bad = int(np.argmin(label))
+      _fail("label", "class ids >= 0 (an unlabelled trace omits the label field: "
+            "label=None, no 'label' key in the file)", f"{int(label[bad])} at row {bad}")
 
   cost = _array("cost", traces.cost)
   if cost.shape != (k,):
@@ -85,6 +90,12 @@ def check_traces(traces: Traces) -> Traces:
     _fail("cost", "finite values >= 0", cost.tolist())
   if cost.sum() <= 0:
     _fail("cost", "a positive total", cost.tolist())
+  check_float32_range("traces.cost", cost)
+  if cost[0] == 0:
+    # Every input runs ramp 0: a free first ramp makes exiting there free,
+    # and every speedup (total cost / mean cost) infinite.
+    _fail("cost", "cost[0] > 0 (every input pays for ramp 0; a zero-cost first ramp "
+          "makes speedups infinite)", cost.tolist())
 
   signal = traces.signal
   if signal is not None:
@@ -97,6 +108,11 @@ def check_traces(traces: Traces) -> Traces:
     if not np.all(np.isfinite(signal)):
       bad = np.argwhere(~np.isfinite(signal))[0]
       _fail("signal", "finite values", f"{signal[tuple(bad)]} at row {bad[0]}, ramp {bad[1]}")
+    if np.any(np.abs(signal) > FLOAT32_MAX):
+      bad = np.argwhere(np.abs(signal) > FLOAT32_MAX)[0]
+      _fail("signal", f"values within +-{FLOAT32_MAX:.3g} (float32's range: trace files and "
+            f"policy tables keep float32)",
+            f"{float(signal[tuple(bad)])!r} at row {bad[0]}, ramp {bad[1]}")
   head_cost = traces.head_cost
   if head_cost is not None:
     head_cost = _array("head_cost", head_cost)
@@ -147,7 +163,7 @@ def signal_values(traces: Traces, name: str, field: str = "signal",
 def row_blocks(num_inputs: int, block: int):
   """Row blocks `[0, block), [block, 2 block), ...` that a split keeps together."""
   if not isinstance(block, (int, np.integer)) or block < 1:
-    raise ValueError(f"block: expected an integer >= 1, got {block}")
+    raise ValueError(f"block: expected an integer >= 1, got {block!r}")
   return [np.arange(i, min(i + block, num_inputs)) for i in range(0, num_inputs, block)]
 
 
@@ -168,6 +184,9 @@ def split_rows(num_inputs: int, *, test_fraction: float = 0.5, seed: int = 0,
     raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction!r}")
   _check_seed(seed)
   blocks = row_blocks(num_inputs, block)
+  if len(blocks) < 2 and block > 1:
+    raise ValueError(f"block: expected at most {max(num_inputs // 2, 1)} (at least 2 blocks "
+                     f"of the {num_inputs} inputs to split), got {block!r}")
   if len(blocks) < 2:
     raise ValueError(f"traces: expected at least 2 blocks of {block} inputs to split, "
                      f"got {num_inputs} inputs")
@@ -182,7 +201,7 @@ def fold_rows(num_inputs: int, folds: int, *, seed: int = 0, block: int = 1):
   blocks = row_blocks(num_inputs, block)
   if not isinstance(folds, (int, np.integer)) or folds < 2 or folds > len(blocks):
     raise ValueError(f"folds: expected an integer in [2, {len(blocks)}] (blocks of "
-                     f"{block} of N={num_inputs} inputs), got {folds}")
+                     f"{block} of N={num_inputs} inputs), got {folds!r}")
   _check_seed(seed)
   perm = np.random.default_rng(seed).permutation(len(blocks))
   parts = [np.concatenate([blocks[i] for i in part]) for part in np.array_split(perm, folds)]

@@ -164,6 +164,7 @@ def test_apparate_greedy_equals_the_from_scratch_reference():
     pred = rng.integers(0, 3, (n, k))
     cost = rng.choice([0.0, 0.5, 1.0, 3.0], k)
     cost[-1] = 1.0
+    cost[0] = cost[0] or 0.5  # every input pays for ramp 0 (a free one is refused)
     traces = jexit.Traces(conf, pred, None, cost)
     budgets = (0.0, 0.02, 0.1)
     got = baselines.apparate_greedy(traces, budgets)

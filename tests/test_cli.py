@@ -100,13 +100,13 @@ def test_bad_input_is_one_line_and_exit_2(trace_file, tmp_path, capsys):
   rc, _, err = run(capsys, "budget", str(tmp_path / "missing.npz"))
   assert rc == 2 and err.startswith("jexit: error: trace file") and err.count("\n") == 1
   rc, _, err = run(capsys, "budget", trace_file, "--max-loss", "2")
-  assert rc == 2 and "max_loss" in err and err.count("\n") == 1
+  assert rc == 2 and "--max-loss" in err and err.count("\n") == 1
   bad = tmp_path / "bad.npz"
   np.savez(bad, conf=np.full((3, 2), np.nan), pred=np.zeros((3, 2), int), cost=np.ones(2))
   rc, _, err = run(capsys, "sweep", str(bad))
   assert rc == 2 and "traces.conf" in err and err.count("\n") == 1
   rc, _, err = run(capsys, "sweep", trace_file, "--test-fraction", "1.5")
-  assert rc == 2 and "test_fraction" in err
+  assert rc == 2 and "--test-fraction" in err
   rc, _, err = run(capsys, "sweep", trace_file, "--json", str(tmp_path / "no" / "dir.json"),
                    "--num-lambdas", "5")
   assert rc == 2 and err.startswith("jexit: error:")
@@ -122,11 +122,11 @@ def test_bad_input_is_one_line_and_exit_2(trace_file, tmp_path, capsys):
     (("sweep", "{trace}", "--seed", "-1", "--num-lambdas", "5"), "seed: expected an integer"),
     (("budget", "{trace}", "--seed", "-1", "--folds", "2"), "seed: expected an integer"),
     (("sweep", "{trace}", "--bins", "uniform", "--step", "1e-12"), "step: expected a bin width"),
-    (("export", "{trace}", "--lam", "0.1", "--out", "{tmp}"), "path: expected a policy file"),
-    (("export", "{trace}", "--lam", "0.1", "--out", "{tmp}/no/p.npz"), "path: the folder"),
+    (("export", "{trace}", "--lam", "0.1", "--out", "{tmp}"), "--out: expected a file to write, got the folder"),
+    (("export", "{trace}", "--lam", "0.1", "--out", "{tmp}/no/p.npz"), "--out: the folder"),
     (("demo", "--out", "{trace}"), "--out: expected a folder"),
     # 1e12 lam values died in numpy or XLA with an out-of-memory error.
-    (("sweep", "{trace}", "--num-lambdas", "1000000000000"), "num_lambdas: 1000000000000 lam"),
+    (("sweep", "{trace}", "--num-lambdas", "1000000000000"), "--num-lambdas: 1000000000000 lam"),
     (("budget", "{trace}", "--num-lambdas", "1000000000000"), "GiB is free"),
 ])
 def test_out_of_range_flags_and_paths_name_the_flag(trace_file, tmp_path, capsys, argv, match):

@@ -345,7 +345,7 @@ def test_budget_certifies_by_default_and_prints_the_certificate(synth_file, tmp_
     (["--delta", "0.1", "--folds", "2"], "--delta: a certified budget needs one"),
     (["--test-fraction", "0.3"], "--test-fraction: with a certified budget"),
     (["--delta", "none", "--calibration-share", "0.5"], "--calibration-share: only for"),
-    (["--calibration-share", "1.5"], "calibration_share: expected a share"),
+    (["--calibration-share", "1.5"], "--calibration-share: expected a share"),
 ])
 def test_budget_refuses_inconsistent_flags(synth_file, capsys, argv, message):
   rc, _, err = run(capsys, "budget", synth_file, "--num-lambdas", "40", *argv)
