@@ -373,14 +373,26 @@ class ExitTable:
     return stop, best_loss, best_ramp, b, isnan
 
   def _count(self, k, b, isnan, stop, best_ramp) -> None:
-    """Counts one step: ramp k's bins, and the inputs that stopped there."""
+    """Counts one step: ramp k's bins, and the inputs that stopped there.
+
+    The bins come from `_bins` (in [0, S)) and the ramps from `_decide`, so
+    the counts are added without `Counters.update`'s checks (a few numpy
+    calls per ramp)."""
     c = self.counters
-    c.update(k, b.reshape(-1), None if isnan is None else isnan.reshape(-1))
-    stop = stop.reshape(-1)
-    if stop.all():
-      c.record_stops(np.full(stop.shape[0], k, np.int64), best_ramp.reshape(-1))
-    elif stop.any():
-      c.record_stops(np.full(int(stop.sum()), k, np.int64), best_ramp.reshape(-1)[stop])
+    b, stop = b.reshape(-1), stop.reshape(-1)
+    if isnan is not None:
+      isnan = isnan.reshape(-1)
+      c.nan[k] += np.count_nonzero(isnan)
+      b = b[~isnan]
+    c.occupancy[k] += np.bincount(b, minlength=self.num_bins)
+    if k == self.num_ramps - 1:
+      out = best_ramp.reshape(-1)
+    else:
+      out = best_ramp.reshape(-1)[stop]
+    if out.shape[0]:
+      c.stop_hist[k] += out.shape[0]
+      c.output_hist += np.bincount(out, minlength=self.num_ramps)
+      c.num_inputs += int(out.shape[0])
 
   def audit_draw(self, n: int) -> np.ndarray:
     """`[n]` bool, the inputs to audit (run to the final ramp whatever the

@@ -32,6 +32,7 @@ segment: it saves no compute, only host round trips. benchmarks/RUNTIME.md
 measured both.
 """
 
+import bisect
 import os
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -364,6 +365,14 @@ class EarlyExitRunner:
       stop = (best_loss <= dt.threshold[k].index_select(0, b)) & ~isnan
     return _Step(stop, better, best_loss, best_ramp, isnan, b)
 
+  def _count_one(self, k: int, v: float) -> None:
+    """Counts one input's bin at ramp k (the batch-size-1 path)."""
+    b, isnan = _bin_one(self.table, k, v)
+    if isnan:
+      self._counters.nan[k] += 1
+    else:
+      self._counters.occupancy[k, b] += 1
+
   def _bins_of(self, k, v, dt):
     """`(bins [n], isnan [n])` of float64 signals, as `_decide` bins them."""
     isnan = torch.isnan(v)
@@ -618,19 +627,29 @@ class EarlyExitRunner:
         v = float(self._user_signal(k, logits).item())
       stop, best_loss, best_ramp = table.decide_one(k, v, best_loss, best_ramp)
       if self._counters is not None:
-        bins, isnan = table.bins(k, np.array([v]))
-        self._counters.update(k, bins, isnan)
+        self._count_one(k, v)
       if best_ramp == k:
         out_pred, out_logits = pred, logits
       if stop:
         break
     if self._counters is not None:
-      self._counters.record_stops(np.array([k]), np.array([best_ramp]))
-      self._pending_inputs -= 1  # counted on the host directly, not on a device
+      c = self._counters  # counted on the host directly, not on a device
+      c.stop_hist[k] += 1
+      c.output_hist[best_ramp] += 1
+      c.num_inputs += 1
+      self._pending_inputs -= 1
     device = x.device
     return RunnerOutput(pred=out_pred, logits=out_logits if self.keep_logits else None,
                         stop_ramp=torch.tensor([k], device=device),
                         output_ramp=torch.tensor([best_ramp], device=device))
+
+
+def _bin_one(table: ExitTable, k: int, v: float):
+  """`(bin, isnan)` of one signal value, as `ExitTable.bins` (Python floats)."""
+  if table._lo_list[k] <= v <= table._hi_list[k]:  # pylint: disable=protected-access
+    return bisect.bisect_right(table._inner_list[k], v), False  # pylint: disable=protected-access
+  b, isnan = table.bins(k, np.array([v]))
+  return int(b[0]), bool(isnan[0])
 
 
 def _rows_of(going: torch.Tensor, size: int) -> torch.Tensor:
