@@ -1219,9 +1219,9 @@ def g_test_pvalue(reference_counts, live_counts, *, simulations: int = SIMULATIO
   return g, df, p
 
 
-def _drift_test(ref, live) -> DriftTest:
+def _drift_test(ref, live, simulations: int = SIMULATIONS) -> DriftTest:
   """The unadjusted test; `check` fills in p_adjusted and drift."""
-  g, df, p = g_test_pvalue(ref, live)
+  g, df, p = g_test_pvalue(ref, live, simulations=simulations)
   effect = total_variation(ref, live)
   return DriftTest(statistic=g, df=df, p_value=p, p_adjusted=p, effect=effect,
                    live=int(np.sum(live)), reference=int(np.sum(ref)), drift=False)
@@ -1303,14 +1303,17 @@ def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_AL
     raise ValueError(f"counters: expected shape [K, S] = {reference.occupancy.shape} like "
                      f"the reference, got occupancy of shape {counters.occupancy.shape}")
   k = counters.num_ramps
+  # Simulated p-values resolve 1 / (simulations + 1): at least 10 draws below
+  # Holm's smallest threshold alpha / (K + 1).
+  sims = min(SIMULATIONS, max(999, int(math.ceil(10 * (k + 1) / alpha))))
   tests = []
   for r in range(k):
     ref, live = reference.occupancy[r], counters.occupancy[r]
     if counters.nan[r]:
       # NaN signals have no bin: one more category, which the fit rows never hit.
       ref, live = np.append(ref, 0), np.append(live, counters.nan[r])
-    tests.append(_drift_test(ref, live))
-  tests.append(_drift_test(reference.stop_hist, counters.stop_hist))
+    tests.append(_drift_test(ref, live, sims))
+  tests.append(_drift_test(reference.stop_hist, counters.stop_hist, sims))
   adjusted = holm([t.p_value for t in tests])
   tests = [t._replace(p_adjusted=float(p), drift=bool(p <= alpha and t.effect >= min_effect))
            for t, p in zip(tests, adjusted)]
