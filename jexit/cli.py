@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from jexit import cli_monitor
 from jexit.checks import PLOT_EXTENSIONS, check_output_path
 from jexit.signals import NAMES as SIGNALS
 
@@ -362,7 +363,7 @@ def run_export(args) -> int:
   """Runs `jexit export` from parsed `args`; prints one summary line."""
   # The solver side needs JAX; keep it off this module's import.
   from jexit import report, signals  # pylint: disable=import-outside-toplevel
-  from jexit.export import export_policy  # pylint: disable=import-outside-toplevel
+  from jexit.export import add_reference, export_policy  # pylint: disable=import-outside-toplevel
   from jexit.fit import fit  # pylint: disable=import-outside-toplevel
   from jexit.protocol import PAPER_FIT  # pylint: disable=import-outside-toplevel
   from jexit.select import DEPLOYABLE, choose  # pylint: disable=import-outside-toplevel
@@ -395,7 +396,8 @@ def run_export(args) -> int:
       options["class_block"] = args.block  # its inner folds keep related rows together
     model, binning = fit(traces, **options)
     policy = solve(model, np.array([args.lam]), recall=recall)
-    header = export_policy(args.out, policy, binning, model, 0, traces=traces)
+    export_policy(args.out, policy, binning, model, 0, traces=traces)
+    header = add_reference(args.out, traces)
     print(report.format_export(header, args.out))
     return 0
   low = 0 if args.metric == "agreement" else -1
@@ -422,6 +424,7 @@ def run_export(args) -> int:
                          certificate=report.certificate_to_dict(
                              choice.certificate, method=choice.best or ship[0],
                              metric=args.metric))
+  header = add_reference(args.out, traces)  # TRACE's counts: what monitoring compares with
   print(report.format_export(header, args.out, choice))
   if note:
     print(note)
@@ -649,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_record_parser(sub)
 
   _add_export_parser(sub)
+  cli_monitor.add_parsers(sub)  # monitor, refit
   return parser
 
 

@@ -619,6 +619,44 @@ def export_policy(path, policy: Policy, binning: Binning, model: Optional[ExitMo
   return header
 
 
+def add_reference(path, traces: Traces) -> dict:
+  """Stores the reference of deployment monitoring in a policy file.
+
+  Replays the file's table on `traces` (its rows are the past law the live
+  counts are compared with; out-of-range signals use the end bins) with
+  counters on, and rewrites the file (atomically) with the counts:
+  `reference_occupancy [K, S]`, `reference_stops [K]` and
+  `header.reference_inputs`. The runtimes load and ignore them;
+  `jexit monitor` reads them (docs/monitor.md).
+
+  Returns:
+    The header written (a dict).
+  """
+  from jexit.runtime import ExitTable  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  table = ExitTable.load(path, out_of_range="clip", counters=True)
+  custom = not signals.REGISTRY[table.signal].from_outputs
+  if custom and traces.signal is None:
+    raise ValueError("traces.signal: this table bins a custom signal; the traces have none")
+  table.run(traces.conf, traces.pred, signal=traces.signal if custom else None)
+  c = table.counters
+  header, edges, loss, threshold, cost, calibration, _ = read_policy_arrays(path)
+  header["reference_inputs"] = int(c.num_inputs)
+  occupancy, stops, _ = check_reference(header, c.occupancy, c.stop_hist, path)
+  extra = {} if calibration is None else {"calibration": calibration}
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, header=np.array(json.dumps(header, sort_keys=True)),
+                          edges=edges, loss=loss, threshold=threshold, cost=cost,
+                          reference_occupancy=occupancy, reference_stops=stops, **extra)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return header
+
+
 def load_policy_file(path, **options):
   """Reads and validates a policy file into a `jexit.runtime.ExitTable`
   (no pickle, no JAX); `options` as in `ExitTable`."""

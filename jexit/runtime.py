@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from jexit import signals
+from jexit import monitor, signals
 from jexit.export import (FORMAT_NAME, FORMAT_VERSION, HEADER_FIELDS, _describe,  # noqa: F401
                           _real, check_arrays, check_calibration, check_header,
                           check_reference, read_policy_arrays)
@@ -86,6 +86,11 @@ class ExitTable:
     reference: `(occupancy [K, S], stops [K], num_inputs)`, the fit rows'
       counts for deployment monitoring, or None.
     nan, out_of_range, range_tol: the input-handling modes (module docstring).
+    counters: a `jexit.monitor.Counters` that `step` and `run` update (built
+      with `counters=True`), or None. `audit=p` (with `counters=True`): `run`
+      audits a seeded random share p of its inputs (`seed`), recording their
+      whole rows; `audit_draw(n)` draws the same kind of mask for a server
+      that calls `step` itself (docs/monitor.md).
 
   Examples:
     >>> table = ExitTable.load("policy.npz")                  # doctest: +SKIP
@@ -95,6 +100,7 @@ class ExitTable:
   def __init__(self, header: dict, edges, loss, threshold, cost, *,
                calibration=None, reference=None, nan: str = "error",
                out_of_range: str = "error", range_tol: float = 1e-6,
+               counters: bool = False, audit: float = 0.0, seed=None,
                path: str = "<memory>"):
     if nan not in _NAN_MODES:
       raise ValueError(f"nan: expected one of {list(_NAN_MODES)}, got {nan!r}")
@@ -131,6 +137,7 @@ class ExitTable:
     self._loss_list = self.loss.astype(np.float64).tolist()
     self._threshold_list = self.threshold.astype(np.float64).tolist()
     self._calibration_list = None if self.calibration is None else self.calibration.tolist()
+    self.counters, self.audit, self._rng = _make_counters(self, counters, audit, seed)
 
   @classmethod
   def load(cls, path, **options) -> "ExitTable":
@@ -333,7 +340,10 @@ class ExitTable:
       raise ValueError(f"state: expected every input to be due at ramp {k}, found "
                        f"inputs due at ramps {found} (a stopped input kept running, or "
                        f"a ramp was skipped)")
-    stop, best_loss, best_ramp = self._decide(k, v, state.best_loss, state.best_ramp)
+    stop, best_loss, best_ramp, b, isnan = self._decide_binned(k, v, state.best_loss,
+                                                               state.best_ramp)
+    if self.counters is not None:
+      self._count(k, b, isnan, stop, best_ramp)
     return stop, ExitState(best_loss=best_loss, best_ramp=best_ramp,
                            ramp=np.full(v.shape, k + 1, np.int64))
 
@@ -344,6 +354,11 @@ class ExitTable:
     (table dtype) and ramp `[...]` so far. Returns `(stop, best_loss,
     best_ramp)`, each `[...]`.
     """
+    return self._decide_binned(k, v, best_loss, best_ramp)[:3]
+
+  def _decide_binned(self, k: int, v: np.ndarray, best_loss: np.ndarray,
+                     best_ramp: np.ndarray):
+    """`_decide`, also returning the bins `[...]` and the NaN mask (or None)."""
     b, isnan = self._bins(k, v)
     current = self.loss[k, b]
     if isnan is not None:
@@ -362,7 +377,43 @@ class ExitTable:
       stop = best_loss <= self.threshold[k, b]
       if isnan is not None:
         stop &= ~isnan
-    return stop, best_loss, best_ramp
+    return stop, best_loss, best_ramp, b, isnan
+
+  def _count(self, k, b, isnan, stop, best_ramp) -> None:
+    """Counts one step: ramp k's bins, and the inputs that stopped there.
+
+    The bins come from `_bins` (in [0, S)) and the ramps from `_decide`, so
+    the counts are added without `Counters.update`'s checks (a few numpy
+    calls per ramp)."""
+    c = self.counters
+    b, stop = b.reshape(-1), stop.reshape(-1)
+    if isnan is not None:
+      isnan = isnan.reshape(-1)
+      c.nan[k] += np.count_nonzero(isnan)
+      b = b[~isnan]
+    c.occupancy[k] += np.bincount(b, minlength=self.num_bins)
+    if k == self.num_ramps - 1:
+      out = best_ramp.reshape(-1)
+    else:
+      out = best_ramp.reshape(-1)[stop]
+    if out.shape[0]:
+      c.stop_hist[k] += out.shape[0]
+      c.output_hist += np.bincount(out, minlength=self.num_ramps)
+      c.num_inputs += int(out.shape[0])
+
+  def audit_draw(self, n: int) -> np.ndarray:
+    """`[n]` bool, the inputs to audit (run to the final ramp whatever the
+    policy says), each with probability `audit`, from the table's seeded
+    generator; all False without audit. After serving them, record them with
+    `counters.record_audit(pred, output_ramp, conf=conf)`."""
+    if self._rng is None or self.audit == 0:
+      return np.zeros(n, bool)
+    return self._rng.random(n) < self.audit
+
+  def policy_sha256(self) -> str:
+    """The table's identity (`jexit.monitor.policy_sha256` of its header and
+    decision arrays), which its counters carry."""
+    return monitor.policy_sha256(self.header, _policy_arrays(self))
 
   def decide_one(self, k: int, v: float, best_loss: float = float("inf"),
                  best_ramp: int = -1) -> Tuple[bool, float, int]:
@@ -468,6 +519,12 @@ class ExitTable:
       if values.shape != (n, k_count):
         raise ValueError(f"signal: expected shape [N, K] = ({n}, {k_count}) (like pred, "
                          f"K from the table), got {_describe(values)}")
+    audited = None
+    if self.counters is not None and self.audit > 0:
+      audited = self.audit_draw(n)
+      if audited.any() and conf is None:
+        raise ValueError("conf: audited rows are recorded whole; pass conf=[N, K] with "
+                         "the signal (or audit=0)")
     stop_ramp = np.full(n, -1, np.int64)
     output_ramp = np.full(n, -1, np.int64)
     rows = np.arange(n)
@@ -479,6 +536,11 @@ class ExitTable:
       rows, state = rows[~stop], state.take(~stop)
       if rows.size == 0:
         break
+    if audited is not None and audited.any():
+      # A replay has every ramp's outputs: the audit only records them.
+      self.counters.record_audit(
+          pred[audited], output_ramp[audited], conf=_real("conf", conf)[audited],
+          signal=values[audited] if self.counters.keeps_signal else None)
     return stop_ramp, output_ramp, pred[np.arange(n), output_ramp]
 
 
@@ -497,9 +559,37 @@ def load_policy_file(path, **options) -> ExitTable:
 
   Args:
     path: the `.npz` written by `jexit.export.export_policy`.
-    **options: `nan`, `out_of_range`, `range_tol` (see `ExitTable`).
+    **options: `nan`, `out_of_range`, `range_tol`, `counters`, `audit`, `seed`
+      (see `ExitTable`).
 
   Raises:
     ValueError: naming what is wrong (module docstring lists the checks).
   """
   return ExitTable.load(path, **options)
+
+
+def _policy_arrays(table: ExitTable) -> dict:
+  arrays = {"edges": table.edges, "loss": table.loss, "threshold": table.threshold,
+            "cost": table.cost}
+  if table.calibration is not None:
+    arrays["calibration"] = table.calibration
+  return arrays
+
+
+def _make_counters(table: ExitTable, counters, audit, seed):
+  """`(Counters or None, audit share, generator or None)` for a table's options."""
+  if not isinstance(counters, (bool, np.bool_)):
+    raise ValueError(f"counters: expected a bool, got {counters!r}")
+  if (isinstance(audit, (bool, np.bool_)) or not isinstance(audit, (int, float, np.integer,
+                                                                    np.floating))
+      or not 0 <= audit <= 1):
+    raise ValueError(f"audit: expected a share of inputs in [0, 1], got {audit!r}")
+  if audit > 0 and not counters:
+    raise ValueError(f"audit: audited rows are kept in the counters; pass counters=True "
+                     f"with audit={audit!r}")
+  if not counters:
+    return None, 0.0, None
+  c = monitor.Counters(table.num_ramps, table.num_bins, policy_sha256=table.policy_sha256(),
+                       audit_rows=True,
+                       audit_signal=not signals.REGISTRY[table.signal].from_outputs)
+  return c, float(audit), np.random.default_rng(seed)

@@ -32,6 +32,7 @@ segment: it saves no compute, only host round trips. benchmarks/RUNTIME.md
 measured both.
 """
 
+import bisect
 import os
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from jexit import signals
-from jexit.runtime import ExitTable
+from jexit.runtime import ExitTable, _make_counters
 
 __all__ = ["EarlyExitRunner", "RunnerOutput", "max_softmax"]
 
@@ -104,6 +105,24 @@ class _Step(NamedTuple):
   best_loss: torch.Tensor  # [n] table dtype
   best_ramp: torch.Tensor  # [n] int64
   isnan: torch.Tensor      # [n] bool
+  bins: torch.Tensor       # [n] int64, the signal's bin (NaN: bin 0)
+
+
+class _Tally:
+  """Counts kept on one device between reads of `EarlyExitRunner.counters`
+  (adding to them needs no host sync)."""
+
+  def __init__(self, k: int, s: int, device):
+    self.occupancy = torch.zeros((k, s), dtype=torch.int64, device=device)
+    self.nan = torch.zeros(k, dtype=torch.int64, device=device)
+    self.stop_hist = torch.zeros(k, dtype=torch.int64, device=device)
+    self.output_hist = torch.zeros(k, dtype=torch.int64, device=device)
+    self.audits = []  # (pred [A, K], output_ramp [A], conf [A, K], signal [A, K])
+
+  def stops(self, stop_ramp, output_ramp) -> None:
+    ones = torch.ones_like(stop_ramp)
+    self.stop_hist.index_add_(0, stop_ramp, ones)
+    self.output_hist.index_add_(0, output_ramp, ones)
 
 
 class EarlyExitRunner:
@@ -128,6 +147,13 @@ class EarlyExitRunner:
       compaction and no host sync; every segment runs on the whole batch.
     bucket_sizes: the batch sizes of "bucket" (default: powers of two, and
       the batch size itself).
+    counters: keep a `jexit.monitor.Counters` in `.counters` (counted on the
+      input's device with index_add, read to the host when `.counters` is
+      read; docs/monitor.md). Decisions are the same as without.
+    audit: with counters, the share of inputs (a seeded draw per batch,
+      `seed`) that run to the final ramp whatever the policy says; their
+      served output stays the policy's and their whole rows (conf, pred,
+      signal per ramp) go into the counters.
 
   Batch/instance norm and dropout layers must be in eval mode (batch norm
   statistics would otherwise depend on which inputs are still in the batch):
@@ -145,7 +171,8 @@ class EarlyExitRunner:
                signal_fn: Union[None, Callable[[torch.Tensor], torch.Tensor],
                                 Sequence[Callable[[torch.Tensor], torch.Tensor]]] = None,
                keep_logits: bool = True, batching: str = "compact",
-               bucket_sizes: Optional[Sequence[int]] = None):
+               bucket_sizes: Optional[Sequence[int]] = None,
+               counters: bool = False, audit: float = 0.0, seed=None):
     if isinstance(table, (str, os.PathLike)):
       table = ExitTable.load(table)
     if not isinstance(table, ExitTable):
@@ -194,6 +221,47 @@ class EarlyExitRunner:
     self._exact = signal_fn is not None or table.signal in _EXACT_SIGNALS
     self._mode_sensitive = None
     self._tables = {}
+    self._counters, self.audit, self._rng = _make_counters(table, counters, audit, seed)
+    self._tallies = {}  # device -> _Tally
+    self._pending_inputs = 0
+
+  @property
+  @torch.inference_mode()  # the tallies are inference tensors (made in __call__)
+  def counters(self):
+    """The `jexit.monitor.Counters` of every input served so far (None
+    without `counters=True`); reading it moves the device counts to the host."""
+    c = self._counters
+    if c is None:
+      return None
+    if self._pending_inputs:
+      for tally in self._tallies.values():
+        for name in ("occupancy", "nan", "stop_hist", "output_hist"):
+          t = getattr(tally, name)
+          setattr(c, name, getattr(c, name) + t.cpu().numpy())
+          t.zero_()
+      c.num_inputs += self._pending_inputs
+      self._pending_inputs = 0
+      for tally in self._tallies.values():
+        for pred, out, conf, sig in tally.audits:
+          c.record_audit(pred.cpu().numpy(), out.cpu().numpy(), conf=conf.cpu().numpy(),
+                         signal=None if not c.keeps_signal else sig.cpu().numpy())
+        tally.audits.clear()
+    return c
+
+  def _tally(self, device) -> Optional[_Tally]:
+    if self._counters is None:
+      return None
+    tally = self._tallies.get(device)
+    if tally is None:
+      tally = self._tallies[device] = _Tally(self.num_ramps, self.table.num_bins, device)
+    return tally
+
+  def _audit_draw(self, b: int) -> Optional[np.ndarray]:
+    """`[b]` bool from the seeded generator, or None when nothing is audited."""
+    if self._counters is None or self.audit == 0:
+      return None
+    draw = self._rng.random(b) < self.audit
+    return draw if draw.any() else None
 
   @property
   def num_ramps(self) -> int:
@@ -295,7 +363,20 @@ class EarlyExitRunner:
       stop = torch.ones_like(isnan)
     else:
       stop = (best_loss <= dt.threshold[k].index_select(0, b)) & ~isnan
-    return _Step(stop, better, best_loss, best_ramp, isnan)
+    return _Step(stop, better, best_loss, best_ramp, isnan, b)
+
+  def _count_one(self, k: int, v: float) -> None:
+    """Counts one input's bin at ramp k (the batch-size-1 path)."""
+    b, isnan = _bin_one(self.table, k, v)
+    if isnan:
+      self._counters.nan[k] += 1
+    else:
+      self._counters.occupancy[k, b] += 1
+
+  def _bins_of(self, k, v, dt):
+    """`(bins [n], isnan [n])` of float64 signals, as `_decide` bins them."""
+    isnan = torch.isnan(v)
+    return torch.bucketize(torch.where(isnan, dt.first[k], v), dt.inner[k], right=True), isnan
 
   def _problems(self, v, isnan, dt, k, valid):
     """0-d counts of NaN and of out-of-range signals the table refuses."""
@@ -335,15 +416,30 @@ class EarlyExitRunner:
     if b == 0:
       empty = torch.zeros(0, dtype=torch.int64, device=x.device)
       return RunnerOutput(pred=empty, logits=None, stop_ramp=empty, output_ramp=empty)
-    if b == 1 and self.batching == "compact":
+    draw = self._audit_draw(b)
+    if self._counters is not None:
+      self._pending_inputs += b
+    if b == 1 and self.batching == "compact" and draw is None:
       return self._run_one(x)
     if self.batching == "mask":
-      return self._run_masked(x)
-    return self._run_compacted(x)
+      return self._run_masked(x, draw)
+    return self._run_compacted(x, draw)
 
-  def _run_compacted(self, x: torch.Tensor) -> RunnerOutput:
+  def _run_compacted(self, x: torch.Tensor, draw: Optional[np.ndarray] = None
+                     ) -> RunnerOutput:
     device, b = x.device, int(x.shape[0])
     dt = self._device_table(device)
+    tally = self._tally(device)
+    # Audited rows (`draw`) run on after the policy stopped them (`done`);
+    # their outputs are written when the policy stops them, never after.
+    aud = done = None
+    if draw is not None:
+      aud = torch.as_tensor(draw, device=device)
+      done = torch.zeros(b, dtype=torch.bool, device=device)
+      k_count = self.num_ramps
+      a_conf = torch.full((k_count, b + 1), float("nan"), dtype=torch.float64, device=device)
+      a_pred = torch.zeros((k_count, b + 1), dtype=torch.int64, device=device)
+      a_sig = torch.full_like(a_conf, float("nan"))
     tracked = self._entry.uses_previous
     dtype = dt.loss.dtype
     # Outputs have a spare last row: padding rows (batching="bucket") write there.
@@ -366,8 +462,11 @@ class EarlyExitRunner:
       conf, pred = max_softmax(logits)
       v = self._values(k, logits, conf, pred, prev_pred, dt)
       step = self._decide(k, v, best_loss, best_ramp, dt)
-      going = step.stop.logical_not().logical_and(valid)
-      checks = self._problems(v, step.isnan, dt, k, valid)
+      served = valid if done is None else valid.logical_and(done.logical_not())
+      going = step.stop.logical_not().logical_and(served)
+      if aud is not None:
+        going = going.logical_or(aud.logical_and(valid))
+      checks = self._problems(v, step.isnan, dt, k, served)
       near = None if self._exact else self._near(k, v, dt).logical_and(valid)
       counts = torch.stack([going.sum()] + checks + ([] if near is None else [near.sum()])
                            ).tolist()  # the one host sync of this ramp
@@ -376,11 +475,22 @@ class EarlyExitRunner:
         # pick another bin than numpy's; take numpy's and decide again.
         v = self._exact_values(k, v, conf, pred, prev_pred, near.nonzero().squeeze(1))
         step = self._decide(k, v, best_loss, best_ramp, dt)
-        going = step.stop.logical_not().logical_and(valid)
-        checks = self._problems(v, step.isnan, dt, k, valid)
+        going = step.stop.logical_not().logical_and(served)
+        if aud is not None:
+          going = going.logical_or(aud.logical_and(valid))
+        checks = self._problems(v, step.isnan, dt, k, served)
         counts = torch.stack([going.sum()] + checks).tolist()
       if any(counts[1:1 + len(checks)]):
-        self._raise_bad(k, v, rows, valid, b)
+        self._raise_bad(k, v, rows, served, b)
+      if tally is not None:
+        counted = served.logical_and(step.isnan.logical_not())
+        tally.occupancy[k].index_add_(0, step.bins, counted.to(torch.int64))
+        tally.nan[k] += served.logical_and(step.isnan).sum()
+      if aud is not None:
+        at = torch.where(aud.logical_and(valid), rows, b)
+        a_conf[k].index_copy_(0, at, conf.to(torch.float64))
+        a_pred[k].index_copy_(0, at, pred)
+        a_sig[k].index_copy_(0, at, v)
       n_going = counts[0]
       best_loss, best_ramp = step.best_loss, step.best_ramp
       if best_pred is None:  # ramp 0: every row's best so far is itself
@@ -394,7 +504,7 @@ class EarlyExitRunner:
           best_logits = torch.where(step.better[:, None], logits.to(best_logits.dtype),
                                     best_logits)
       # Every row's current result; the rows going on overwrite theirs later.
-      target = torch.where(valid, rows, b)
+      target = torch.where(served, rows, b)
       out_stop.index_fill_(0, target, k)
       out_ramp.index_copy_(0, target, best_ramp)
       out_pred.index_copy_(0, target, best_pred)
@@ -408,16 +518,25 @@ class EarlyExitRunner:
       h = h.index_select(0, keep)
       rows = rows.index_select(0, keep)
       valid = torch.arange(size, device=device) < n_going
+      if aud is not None:
+        done = done.logical_or(step.stop).index_select(0, keep)
+        aud = aud.index_select(0, keep)
       best_loss, best_ramp = best_loss.index_select(0, keep), best_ramp.index_select(0, keep)
       best_pred = best_pred.index_select(0, keep)
       if self.keep_logits:
         best_logits = best_logits.index_select(0, keep)
       if tracked:
         prev_pred = pred.index_select(0, keep)
+    if tally is not None:
+      tally.stops(out_stop[:b], out_ramp[:b])
+      if draw is not None:
+        idx = torch.as_tensor(np.flatnonzero(draw), device=device)
+        tally.audits.append((a_pred.index_select(1, idx).T, out_ramp.index_select(0, idx),
+                             a_conf.index_select(1, idx).T, a_sig.index_select(1, idx).T))
     return RunnerOutput(pred=out_pred[:b], logits=None if out_logits is None else out_logits[:b],
                         stop_ramp=out_stop[:b], output_ramp=out_ramp[:b])
 
-  def _run_masked(self, x: torch.Tensor) -> RunnerOutput:
+  def _run_masked(self, x: torch.Tensor, draw: Optional[np.ndarray] = None) -> RunnerOutput:
     """batching="mask": every segment on the whole batch, then the decisions;
     host syncs only for the table's "error" modes and the "class" near-edge
     check, once each, after the last segment."""
@@ -463,6 +582,21 @@ class EarlyExitRunner:
                                   best_logits)
         out_logits = torch.where(now[:, None], best_logits, out_logits)
       active = active & ~step.stop
+    tally = self._tally(device)
+    if tally is not None:
+      for k, act in enumerate(actives):
+        step_bins, isnan = self._bins_of(k, values[k], dt)
+        tally.occupancy[k].index_add_(0, step_bins, (act & ~isnan).to(torch.int64))
+        tally.nan[k] += (act & isnan).sum()
+      tally.stops(out_stop, out_ramp)
+      if draw is not None:
+        # Every segment ran on every row: the audit only records them.
+        idx = torch.as_tensor(np.flatnonzero(draw), device=device)
+        pick = lambda ts, dtype: torch.stack([t.index_select(0, idx).to(dtype) for t in ts], 1)
+        tally.audits.append((pick([o[2] for o in outputs], torch.int64),
+                             out_ramp.index_select(0, idx),
+                             pick([o[1] for o in outputs], torch.float64),
+                             pick(values, torch.float64)))
     if problems[0]:
       flags = torch.stack([torch.stack(p) for p in problems]).tolist()  # [K, 1 or 2]
       bad = next((k for k, f in enumerate(flags) if any(f)), None)
@@ -492,14 +626,30 @@ class EarlyExitRunner:
       else:
         v = float(self._user_signal(k, logits).item())
       stop, best_loss, best_ramp = table.decide_one(k, v, best_loss, best_ramp)
+      if self._counters is not None:
+        self._count_one(k, v)
       if best_ramp == k:
         out_pred, out_logits = pred, logits
       if stop:
         break
+    if self._counters is not None:
+      c = self._counters  # counted on the host directly, not on a device
+      c.stop_hist[k] += 1
+      c.output_hist[best_ramp] += 1
+      c.num_inputs += 1
+      self._pending_inputs -= 1
     device = x.device
     return RunnerOutput(pred=out_pred, logits=out_logits if self.keep_logits else None,
                         stop_ramp=torch.tensor([k], device=device),
                         output_ramp=torch.tensor([best_ramp], device=device))
+
+
+def _bin_one(table: ExitTable, k: int, v: float):
+  """`(bin, isnan)` of one signal value, as `ExitTable.bins` (Python floats)."""
+  if table._lo_list[k] <= v <= table._hi_list[k]:  # pylint: disable=protected-access
+    return bisect.bisect_right(table._inner_list[k], v), False  # pylint: disable=protected-access
+  b, isnan = table.bins(k, np.array([v]))
+  return int(b[0]), bool(isnan[0])
 
 
 def _rows_of(going: torch.Tensor, size: int) -> torch.Tensor:

@@ -731,3 +731,40 @@ def test_module_needs_only_numpy():
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr
+
+
+def test_sparse_cells_use_the_exact_conditional_p_value():
+  """Few counts: the simulated p-value equals the exact conditional one
+  (all live rows enumerated, multivariate hypergeometric weights)."""
+  import itertools
+  ref, live = np.array([3, 1, 0, 4]), np.array([0, 2, 2, 1])
+  g, df, p = monitor.g_test_pvalue(ref, live)
+  col, n_live = ref + live, live.sum()
+  exact, total = 0.0, special.comb(col.sum(), n_live)
+  for row in itertools.product(*(range(c + 1) for c in col)):
+    if sum(row) != n_live:
+      continue
+    w = np.prod([special.comb(c, r) for c, r in zip(col, row)]) / total
+    if monitor.g_test(col - np.array(row), row)[0] >= g - 1e-9:
+      exact += w
+  assert df == 3 and abs(p - exact) < 0.015, (p, exact)
+  assert monitor.g_test_pvalue(ref, live) == (g, df, p)  # seeded by the counts
+  # plenty of counts: the chi-square tail
+  big_ref, big_live = ref * 100 + 50, live * 100 + 50
+  g, df, p = monitor.g_test_pvalue(big_ref, big_live)
+  assert p == monitor.chi2_sf(g, df)
+
+
+def test_false_alarm_rate_with_a_sparsely_reached_ramp():
+  """Same-law counts of ~45 inputs in 6 bins (a ramp few inputs reach): the
+  chi-square tail alone rejected ~8% of the time at level 5%; the simulated
+  exact p-value keeps the rate at most alpha."""
+  rng = np.random.default_rng(1)
+  probs = np.array([0.04, 0.35, 0.43, 0.03, 0.11, 0.04])
+  rejected, trials = 0, 800
+  for _ in range(trials):
+    a, b = (np.bincount(rng.choice(6, rng.binomial(1500, 0.03), p=probs), minlength=6)
+            for _ in range(2))
+    rejected += monitor.g_test_pvalue(a, b, simulations=1999)[2] <= 0.05
+  # mean 40 and sd 6.2 at rate 0.05; the chi-square tail gave ~66
+  assert rejected <= 0.05 * trials + 2.3 * np.sqrt(0.05 * 0.95 * trials), rejected
