@@ -359,7 +359,7 @@ def run_export(args) -> int:
 
   delta, note = _resolve_delta(args, args.max_loss, lam=args.lam)
   traces = load_traces(args.trace)
-  if args.place:
+  if getattr(args, "place", False):
     from jexit.cli_place import run_export_place  # pylint: disable=import-outside-toplevel
     run_export_place(args, traces, delta)
     if note:

@@ -58,7 +58,7 @@ def add_placement_args(p, *, budgets: bool = True) -> None:
   g.add_argument("--num-lambdas", type=int, default=None, dest="num_lambdas",
                  help="lam values per subset (default 200)")
   g.add_argument("--num-bins", type=int, default=None, dest="num_bins",
-                 help="quantile bins per ramp (default 32)")
+                 help="quantile bins per ramp (default 16)")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -45,7 +45,9 @@ __all__ = ["Placement", "BudgetPlacement", "enumerate_subsets", "evenly_spaced",
 
 SIGNALS = ("1-conf", "signal")  # per-ramp signals: a ramp's value ignores the others
 NUM_LAMBDAS = 200
-NUM_BINS = 32
+# 16 quantile bins per ramp: the batch is 2^(K-1) subsets, and the recall
+# solver's work grows with S^3 (X ~ K S states, S x S moves).
+NUM_BINS = 16
 MAX_CANDIDATES = 16  # 2^15 subsets: beyond this, ask for max_ramps
 DEFAULT_MAX_BYTES = 1 << 29  # solved thresholds held at once, per solve call
 
@@ -275,7 +277,7 @@ def solve_subsets(models: Sequence[ExitModel], lambdas, *, recall: bool = True,
     batch = _padded_batch([models[i] for i in chunk], big)
     pol = solve(batch, lam, recall=recall)
     thr, value = np.asarray(pol.threshold), np.asarray(pol.value)
-    loss, grid = np.asarray(pol.loss), None if pol.grid is None else np.asarray(pol.grid)
+    loss = np.asarray(pol.loss)
     k_pad = thr.shape[2]
     for j, i in enumerate(chunk):
       d = k_pad - models[i].loss.shape[0]
