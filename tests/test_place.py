@@ -158,9 +158,9 @@ def test_pair_transitions_are_counted_not_composed():
 # ----------------------------------------------------------- batched solve
 
 def test_the_batched_solve_equals_solving_each_subset_alone():
-  t = cand_traces(k=5, n=600)
+  t = cand_traces(k=4, n=600)
   pieces = pl.place_models(t, num_bins=8)
-  subsets = pl.enumerate_subsets(5)
+  subsets = pl.enumerate_subsets(4)
   models = [pl.subset_model(pieces, a)[0] for a in subsets]
   lam = pl.placement_lambdas(pieces, subsets, 40)
   batched, calls = pl.solve_subsets(models, lam)
@@ -171,7 +171,7 @@ def test_the_batched_solve_equals_solving_each_subset_alone():
     np.testing.assert_allclose(np.asarray(pol.value), np.asarray(alone.value), rtol=2e-5)
     np.testing.assert_array_equal(np.asarray(pol.loss), np.asarray(alone.loss))
   # A small memory budget splits the batch into calls, with the same result.
-  chunked, calls = pl.solve_subsets(models, lam, max_bytes=40 * 5 * 8 * 4 * 3)
+  chunked, calls = pl.solve_subsets(models, lam, max_bytes=40 * 4 * 8 * 4 * 3)
   assert calls > 2
   for a, b in zip(batched, chunked):
     np.testing.assert_array_equal(np.asarray(a.threshold), np.asarray(b.threshold))
