@@ -2,11 +2,13 @@
 
 For K candidate ramps (a synthetic candidate trace, `jexit.place` models with
 its defaults: 16 quantile bins per ramp, recall), the 2^(K-1) subset models x
-L lam values are solved (a) by `jexit.place.solve_subsets`, one `jexit.solve`
-call on the padded `[M]` batch (chunked only above its memory budget), and (b)
-by a loop of `jexit.solve(model_A, lam)` over the subsets. Both are run once
-untimed (compiles), then `--reps` times alternately; the table gives medians,
-policies per second and the ratio, all measured in the same process.
+L lam values are solved (a) by `jexit.place.solve_subsets(by_size=False)`, one
+`jexit.solve` call on the `[M]` batch padded to the largest K (chunked only
+above its memory budget), (b) by `solve_subsets(by_size=True)` (place's
+default), one call per subset size, and (c) by a loop of `jexit.solve(model_A,
+lam)` over the subsets. Each is run once untimed (compiles), then `--reps`
+times in turn; the table gives medians, policies per second and the ratios,
+all measured in the same process.
 
   python benchmarks/bench_place.py [--ks 8,10] [--lams 1000] [--reps 3]
 """
@@ -49,9 +51,10 @@ def main():
   args = ap.parse_args()
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"JAX {jax.__version__} on {jax.devices()[0].platform}, float32, recall")
-  print("| K | subsets | lam | policies | one batched call (s) | calls | loop over subsets (s) "
-        "| batched policies/s | loop policies/s | loop / batched |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| K | subsets | lam | policies | one padded call: s (calls) | one call per size: s "
+        "(calls) | loop over subsets: s (calls) | padded policies/s | per-size policies/s | "
+        "loop policies/s | loop / padded | loop / per-size |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for k in (int(v) for v in args.ks.split(",")):
     t = candidates(k)
     pieces = pl.place_models(t)
@@ -59,8 +62,8 @@ def main():
     models = [pl.subset_model(pieces, a)[0] for a in subsets]
     lam = pl.placement_lambdas(pieces, subsets, args.lams)
 
-    def batched():
-      pols, calls = pl.solve_subsets(models, lam)
+    def batched(by_size=False):
+      pols, calls = pl.solve_subsets(models, lam, by_size=by_size)
       np.asarray(pols[-1].threshold)
       return calls
 
@@ -69,19 +72,19 @@ def main():
         np.asarray(jexit.solve(m, lam).threshold)
 
     calls = batched()  # compiles
+    size_calls = batched(True)
     loop()
-    tb, tl = [], []
+    tb, ts, tl = [], [], []
     for _ in range(args.reps):
-      s = time.perf_counter()
-      batched()
-      tb.append(time.perf_counter() - s)
-      s = time.perf_counter()
-      loop()
-      tl.append(time.perf_counter() - s)
-    mb, ml = statistics.median(tb), statistics.median(tl)
+      for fn, times in ((batched, tb), (lambda: batched(True), ts), (loop, tl)):
+        s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - s)
+    mb, ms, ml = (statistics.median(v) for v in (tb, ts, tl))
     p = len(subsets) * len(lam)
-    print(f"| {k} | {len(subsets)} | {len(lam)} | {p:,} | {mb:.2f} | {calls} | {ml:.2f} | "
-          f"{p / mb:,.0f} | {p / ml:,.0f} | {ml / mb:.2f} |", flush=True)
+    print(f"| {k} | {len(subsets)} | {len(lam)} | {p:,} | {mb:.2f} ({calls}) | "
+          f"{ms:.2f} ({size_calls}) | {ml:.2f} ({len(subsets)}) | {p / mb:,.0f} | "
+          f"{p / ms:,.0f} | {p / ml:,.0f} | {ml / mb:.2f} | {ml / ms:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

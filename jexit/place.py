@@ -248,12 +248,17 @@ def _padded_batch(models: Sequence[ExitModel], big: float) -> ExitModel:
 
 
 def solve_subsets(models: Sequence[ExitModel], lambdas, *, recall: bool = True,
-                  max_bytes: int = DEFAULT_MAX_BYTES) -> Tuple[List[Policy], int]:
+                  max_bytes: int = DEFAULT_MAX_BYTES,
+                  by_size: bool = True) -> Tuple[List[Policy], int]:
   """Solves every subset model for every lam: `([Policy [L]] per model, calls)`.
 
-  The models go to `jexit.solve` as one `[M]` batch (padded, `_padded_batch`),
-  split into as few calls as keep the solved thresholds under `max_bytes`
-  (subsets ordered by size, so a call pads to its own largest K).
+  With `by_size` (default), the subsets of each size go to `jexit.solve` as
+  one `[M]` batch (no padding); else all of them as one batch, padded to the
+  largest K (`_padded_batch`). Either way a batch is split into as few calls
+  as keep the solved thresholds under `max_bytes`. Padding costs more than it
+  saves on a CPU: the padded ramps and the recall state's larger X (about
+  K S distinct losses) multiply the work, while a call per size costs a few
+  milliseconds (benchmarks/PLACE.md measured both against a loop).
   """
   lam = np.asarray(lambdas, np.float64)
   s = models[0].loss.shape[1]
@@ -266,7 +271,8 @@ def solve_subsets(models: Sequence[ExitModel], lambdas, *, recall: bool = True,
   chunks, current, k_max = [], [], 0
   for i in order:
     k_i = max(k_max, models[i].loss.shape[0])
-    if current and (len(current) + 1) * len(lam) * k_i * s * itemsize > max_bytes:
+    new_size = by_size and current and models[i].loss.shape[0] != k_max
+    if current and (new_size or (len(current) + 1) * len(lam) * k_i * s * itemsize > max_bytes):
       chunks.append(current)
       current, k_i = [], models[i].loss.shape[0]
     current.append(i)
@@ -476,7 +482,8 @@ def place(traces: Traces, max_loss=0.01, *,
           recall: bool = True,
           fixed: Optional[Dict[str, Sequence[int]]] = None,
           compare: bool = True,
-          max_bytes: int = DEFAULT_MAX_BYTES) -> Placement:
+          max_bytes: int = DEFAULT_MAX_BYTES,
+          by_size: bool = True) -> Placement:
   """Chooses, per loss budget on fit rows, which candidate ramps to deploy and the policy.
 
   Every deployable subset (`enumerate_subsets`) gets its model from shared
@@ -507,6 +514,8 @@ def place(traces: Traces, max_loss=0.01, *,
     compare: also score all candidates, evenly spaced subsets of each size
       and Apparate-style greedy placement.
     max_bytes: solved thresholds per `solve` call, in bytes.
+    by_size: one batched call per subset size (default), or one padded call
+      for every subset (`solve_subsets`).
 
   Returns:
     A `Placement`.
@@ -565,7 +574,8 @@ def place(traces: Traces, max_loss=0.01, *,
          else np.sort(np.asarray(lambdas, np.float64)))
   timings["fit_s"] = time.perf_counter() - start
   start = time.perf_counter()
-  policies, calls = solve_subsets(models, lam, recall=recall, max_bytes=max_bytes)
+  policies, calls = solve_subsets(models, lam, recall=recall, max_bytes=max_bytes,
+                                  by_size=by_size)
   timings["solve_s"] = time.perf_counter() - start
   start = time.perf_counter()
   dtype = np.asarray(policies[0].loss).dtype

@@ -163,15 +163,18 @@ def test_the_batched_solve_equals_solving_each_subset_alone():
   subsets = pl.enumerate_subsets(4)
   models = [pl.subset_model(pieces, a)[0] for a in subsets]
   lam = pl.placement_lambdas(pieces, subsets, 40)
-  batched, calls = pl.solve_subsets(models, lam)
+  batched, calls = pl.solve_subsets(models, lam, by_size=False)  # one padded call
   assert calls == 1
-  for model, pol in zip(models, batched):
+  per_size, calls = pl.solve_subsets(models, lam)  # one call per subset size
+  assert calls == 4
+  for model, pol, pol_size in zip(models, batched, per_size):
     alone = solve(model, lam)
-    np.testing.assert_array_equal(np.asarray(pol.threshold), np.asarray(alone.threshold))
-    np.testing.assert_allclose(np.asarray(pol.value), np.asarray(alone.value), rtol=2e-5)
-    np.testing.assert_array_equal(np.asarray(pol.loss), np.asarray(alone.loss))
+    for p in (pol, pol_size):
+      np.testing.assert_array_equal(np.asarray(p.threshold), np.asarray(alone.threshold))
+      np.testing.assert_allclose(np.asarray(p.value), np.asarray(alone.value), rtol=2e-5)
+      np.testing.assert_array_equal(np.asarray(p.loss), np.asarray(alone.loss))
   # A small memory budget splits the batch into calls, with the same result.
-  chunked, calls = pl.solve_subsets(models, lam, max_bytes=40 * 4 * 8 * 4 * 3)
+  chunked, calls = pl.solve_subsets(models, lam, max_bytes=40 * 4 * 8 * 4 * 3, by_size=False)
   assert calls > 2
   for a, b in zip(batched, chunked):
     np.testing.assert_array_equal(np.asarray(a.threshold), np.asarray(b.threshold))
