@@ -16,9 +16,10 @@ transitions `a -> b` between every pair of ramps, counted directly from the
 rows (not composed from one-step matrices). A subset's model is exactly what
 `jexit.fit` gives on the trace restricted to its columns (tests check it).
 
-`place` enumerates the subsets, solves all of them x the lam grid in one
-batched `jexit.solve` call (chunked by a memory budget; subsets of fewer ramps
-are padded in front with ramps that cost nothing and never stop), replays
+`place` enumerates the subsets, solves all of them x the lam grid in batched
+`jexit.solve` calls (one per subset size by default, or one call for all,
+subsets of fewer ramps padded in front with ramps that cost nothing and never
+stop; either chunked by a memory budget: `solve_subsets`), replays
 every policy on the fit and the held-out rows, and chooses the subset and lam
 together on the fit rows (`jexit.select.choose_index`: the subset is one more
 choice made on fit rows). With `delta`, the chosen subset's lam path is
@@ -488,8 +489,8 @@ def place(traces: Traces, max_loss=0.01, *,
 
   Every deployable subset (`enumerate_subsets`) gets its model from shared
   pieces fitted on the fit rows (`place_models`, `subset_model`); all subsets
-  x the lam grid are solved in one batched `solve` (chunks under
-  `max_bytes`), replayed on fit and held-out rows, and per budget the
+  x the lam grid are solved in batched `solve` calls (`solve_subsets`, chunks
+  under `max_bytes`), replayed on fit and held-out rows, and per budget the
   (subset, lam) with the most fit speedup within the budget is chosen
   (`jexit.select.choose_index`). Speedups are against the backbone without
   exits (every segment and the last ramp's head), so subsets compare.
