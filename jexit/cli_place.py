@@ -68,7 +68,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
       description="Enumerates the subsets of the trace's candidate ramps (the last ramp "
                   "always kept; one head per position), builds each subset's exit model "
                   "from per-ramp pieces fitted on a seeded fit split, solves every subset x "
-                  "lam in one batched call, and per budget chooses the subset and lam with "
+                  "lam in batched calls (one per subset size), and per budget chooses the subset and lam with "
                   "the most fit speedup within the budget; prints the held-out results "
                   "against all candidate ramps, evenly spaced subsets and Apparate-style "
                   "greedy placement. Needs the trace's head_cost (or --head-cost).")
