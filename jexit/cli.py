@@ -6,6 +6,7 @@
   jexit demo [--out DIR]                            the sweep on the embedded trace
   jexit export TRACE (--lam X | --max-loss Y) --out POLICY.npz
   jexit import-apparate PICKLE --out TRACE.npz --allow-pickle
+  jexit place TRACE --max-loss 0.005,0.01 [--max-ramps M]   which ramps to deploy
 
 Errors from bad input print one line, `jexit: error: ...`, and exit with 2.
 """
@@ -24,6 +25,7 @@ import numpy as np
 
 from jexit import cli_monitor
 from jexit.checks import PLOT_EXTENSIONS, check_output_path
+from jexit import cli_place
 from jexit.signals import NAMES as SIGNALS
 
 # What the fit options on the command line map to (None = DEFAULT_FIT's value).
@@ -355,6 +357,10 @@ def _add_export_parser(subparsers) -> argparse.ArgumentParser:
                       "serves held-out values beyond it)")
   _add_certify_args(p, f"Default with --max-loss: {DEFAULT_DELTA:g}; the certificate (or, "
                        f"when nothing certifies, the backbone and why) goes into the file.")
+  p.add_argument("--place", action="store_true",
+                 help="with --max-loss: also choose which candidate ramps to deploy (jexit "
+                      "place; the table lists active_ramps)")
+  cli_place.add_placement_args(p)
   p.set_defaults(func=run_export)
   return p
 
@@ -373,6 +379,12 @@ def run_export(args) -> int:
   delta, note = _resolve_delta(args, args.max_loss, lam=args.lam)
   check_output_path("--out", args.out)
   traces = load_traces(args.trace)
+  if getattr(args, "place", False):
+    from jexit.cli_place import run_export_place  # pylint: disable=import-outside-toplevel
+    run_export_place(args, traces, delta)
+    if note:
+      print(note)
+    return 0
   recall = not args.no_recall
   options = dict(PAPER_FIT) if args.paper else {}
   signal = args.signal or ("auto" if args.max_loss is not None else None)
@@ -653,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   _add_export_parser(sub)
   cli_monitor.add_parsers(sub)  # monitor, refit
+  cli_place.add_parser(sub)  # jexit place (docs/place.md)
   return parser
 
 

@@ -472,6 +472,11 @@ class ExitTable:
       signal: `[N, K]` the custom signal, required for a "signal" table and
         refused for the others.
 
+    A table with `active_ramps` (ramp placement) also serves the full
+    candidate trace, `[N, C]` columns of every candidate ramp: it reads the
+    active columns only, and reports ramps as candidate indices (given just
+    its own K columns, it reports the table's ramps 0..K-1, as any table).
+
     Returns:
       `(stop_ramp [N], output_ramp [N], output_pred [N])`, 0-based ramps and
       `pred[n, output_ramp[n]]`.
@@ -483,6 +488,12 @@ class ExitTable:
     """
     k_count = self.num_ramps
     pred = np.asarray(pred)
+    cols = self._candidate_columns(pred)
+    if cols is not None:  # the full candidate trace: serve the active ramps' columns
+      pick = lambda a: None if a is None else np.asarray(a)[:, cols]
+      stop_ramp, output_ramp, output_pred = self.run(pick(conf), pred[:, cols],
+                                                     signal=pick(signal))
+      return cols[stop_ramp], cols[output_ramp], output_pred
     if pred.ndim != 2 or pred.shape[1] != k_count:
       raise ValueError(f"pred: expected shape [N, K={k_count}] (the table has "
                        f"{k_count} ramps), got {_describe(pred)}")
@@ -542,6 +553,19 @@ class ExitTable:
           pred[audited], output_ramp[audited], conf=_real("conf", conf)[audited],
           signal=values[audited] if self.counters.keeps_signal else None)
     return stop_ramp, output_ramp, pred[np.arange(n), output_ramp]
+
+
+  def _candidate_columns(self, pred) -> Optional[np.ndarray]:
+    """`[K]` the active ramps (candidate indices) when the table lists them and
+    `pred` holds more columns than the table's K ramps, else None."""
+    if self.active_ramps is None or pred.ndim != 2 or pred.shape[1] == self.num_ramps:
+      return None
+    cols = np.asarray(self.active_ramps, np.int64)
+    if pred.shape[1] <= cols[-1]:
+      raise ValueError(f"pred: expected the table's K={self.num_ramps} ramps or the full "
+                       f"candidate trace (more than {int(cols[-1])} columns: active_ramps "
+                       f"{self.active_ramps}), got {_describe(pred)}")
+    return cols
 
 
 def _is_real(v) -> bool:

@@ -131,7 +131,11 @@ class EarlyExitRunner:
   Args:
     segments: K backbone segments (`torch.nn.Module`s or callables).
     heads: K ramp heads; `heads[k]` maps segment k's output to `[B, C]` logits.
-    table: an `ExitTable` or the path of a policy file.
+    table: an `ExitTable` or the path of a policy file. A placement table
+      (`table.active_ramps`) also runs on the full candidate model (segments
+      and heads as `jexit.record.record` takes them): only the active heads
+      run, the segments between them are merged, and `stop_ramp` and
+      `output_ramp` are candidate indices.
     signal_fn: optional `logits [B, C] -> signal [B]`, or a sequence of K
       such functions, `signal_fn[k]` for ramp k (e.g. learned exit gates);
       required when the table bins a custom signal (`table.signal ==
@@ -179,6 +183,10 @@ class EarlyExitRunner:
       raise ValueError(f"table: expected a jexit.runtime.ExitTable or a policy file "
                        f"path, got {type(table).__name__}")
     segments, heads = list(segments), list(heads)
+    self._active = None
+    if table.active_ramps is not None and len(segments) == len(heads):
+      segments, heads, signal_fn, self._active = _select_active(segments, heads, table,
+                                                                signal_fn)
     if len(segments) != len(heads):
       raise ValueError(f"heads: expected one head per segment ({len(segments)}), "
                        f"got {len(heads)}")
@@ -403,12 +411,20 @@ class EarlyExitRunner:
 
   @torch.inference_mode()
   def __call__(self, x: torch.Tensor) -> RunnerOutput:
-    """Runs `x [B, ...]` (any device) and returns a `RunnerOutput`.
+    """Runs `x [B, ...]` (any device) and returns a `RunnerOutput`; with a
+    placement table on the candidate model, ramps are candidate indices.
 
     Raises:
       ValueError: for heads that do not return `[B, C]` logits, a signal of
         the wrong shape, or NaN/out-of-range signals (per the table's modes).
     """
+    out = self._dispatch(x)
+    if self._active is None:
+      return out
+    active = self._active.to(out.stop_ramp.device)
+    return out._replace(stop_ramp=active[out.stop_ramp], output_ramp=active[out.output_ramp])
+
+  def _dispatch(self, x: torch.Tensor) -> RunnerOutput:
     self._check_eval()
     if x.ndim < 1:
       raise ValueError(f"x: expected a batch [B, ...], got a tensor of shape {tuple(x.shape)}")
@@ -650,6 +666,50 @@ def _bin_one(table: ExitTable, k: int, v: float):
     return bisect.bisect_right(table._inner_list[k], v), False  # pylint: disable=protected-access
   b, isnan = table.bins(k, np.array([v]))
   return int(b[0]), bool(isnan[0])
+
+
+def _chain(parts):
+  """One segment that runs `parts` in order."""
+  if len(parts) == 1:
+    return parts[0]
+  if all(isinstance(p, torch.nn.Module) for p in parts):
+    return torch.nn.Sequential(*parts)
+
+  def run(h):
+    for p in parts:
+      h = p(h)
+    return h
+  return run
+
+
+def _select_active(segments, heads, table, signal_fn):
+  """The deployed model of a placement table (`table.active_ramps`) on the
+  candidate model: `segments [P]` and `heads [P]`, each a head or a list of
+  the candidate heads at that position (as `jexit.record.record` takes them;
+  candidate k is the k-th head in order). Returns `(segments [K], heads [K],
+  signal_fn, active [K] tensor)`: the segments up to each active ramp merged,
+  only the active heads (the others never run), and a per-candidate
+  `signal_fn` list cut to the active ramps. A model that already has the
+  table's K ramps, one head each, is returned as it is (active None)."""
+  grouped = [list(h) if isinstance(h, (list, tuple, torch.nn.ModuleList)) else [h]
+             for h in heads]
+  where = [(p, j) for p, g in enumerate(grouped) for j in range(len(g))]
+  active = list(table.active_ramps)
+  if len(where) == table.num_ramps and all(len(g) == 1 for g in grouped):
+    return segments, heads, signal_fn, None
+  if active[-1] >= len(where):
+    raise ValueError(f"heads: the table's active_ramps {active} index candidate ramps, the "
+                     f"model has {len(where)} candidate heads")
+  pos = [where[a][0] for a in active]
+  if any(b <= a for a, b in zip(pos, pos[1:])):
+    raise ValueError(f"table.active_ramps: expected at most one active head per position, "
+                     f"got {active} at positions {pos}")
+  starts = [0] + [p + 1 for p in pos[:-1]]
+  new_segments = [_chain(segments[s:p + 1]) for s, p in zip(starts, pos)]
+  new_heads = [grouped[where[a][0]][where[a][1]] for a in active]
+  if isinstance(signal_fn, (list, tuple)) and len(signal_fn) == len(where):
+    signal_fn = [signal_fn[a] for a in active]
+  return new_segments, new_heads, signal_fn, torch.as_tensor(active, dtype=torch.int64)
 
 
 def _rows_of(going: torch.Tensor, size: int) -> torch.Tensor:
