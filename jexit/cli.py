@@ -699,8 +699,10 @@ def _enable_compilation_cache() -> None:
     pass  # a read-only home or an older JAX: run without the cache
 
 
-# API field names in errors that a subcommand spells as another option (dest).
-_FIELD_DESTS = {"num_lambdas": ("num_lambdas", "grid"), "lambdas": ("num_lambdas", "grid"),
+# API field names in errors that a subcommand spells as another option (dest), in
+# order of preference: export's chooser takes its lam count from --grid (its
+# --num-lambdas is placement's, which names its own flag).
+_FIELD_DESTS = {"num_lambdas": ("grid", "num_lambdas"), "lambdas": ("grid", "num_lambdas"),
                 "path": ("out",)}
 _FIELD = re.compile(r"^([a-z][a-z0-9_]*)(?=[:=])")
 
@@ -717,7 +719,7 @@ def _name_flag(message: str, parser: Optional[argparse.ArgumentParser]) -> str:
     if longs:
       flags[action.dest] = longs[0]
   field = match.group(1)
-  for dest in (field,) + _FIELD_DESTS.get(field, ()):
+  for dest in _FIELD_DESTS.get(field, ()) + (field,):
     if dest in flags:
       return flags[dest] + message[match.end():]
   return message
