@@ -71,6 +71,29 @@ def _commands(path, block, out, name):
   return cmds
 
 
+def _serving_commands(tmp, out):
+  """place, export --place, monitor and refit, on the embedded trace's policy
+  served with counters and audit on half its rows (seeded)."""
+  cand = os.path.join(HERE, "traces", "place", "digits_vgg11_flops.npz")
+  j = lambda tag: os.path.join(out, f"{tag}.json")
+  policy = os.path.join(out, "embedded.export_best.npz")
+  traces = jexit.load_traces(jexit.demo_trace_path())
+  table = jexit.ExitTable.load(policy, counters=True, audit=0.05, seed=0)
+  half = traces.conf.shape[0] // 2
+  table.run(traces.conf[half:], traces.pred[half:])
+  live = os.path.join(tmp, "live.npz")
+  table.counters.save(live)
+  return {
+      "place": ["place", cand, "--max-loss", "0.01", "--block", "4",
+                "--json", j("place"), "--out", os.path.join(out, "place.npz")],
+      "export_place": ["export", cand, "--max-loss", "0.01", "--place", "--max-ramps", "4",
+                       "--block", "4", "--out", os.path.join(out, "export_place.npz")],
+      "monitor": ["monitor", policy, live, "--json", j("monitor")],
+      "refit": ["refit", policy, live, "--trace", jexit.demo_trace_path(),
+                "--out", os.path.join(out, "refit.npz")],
+  }
+
+
 def _run(argv):
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -99,6 +122,10 @@ def snapshot(out):
         print(f"{name}.{tag}: exit {code}", flush=True)
     code, text = _run(["demo", "--out", os.path.join(out, "demo")])
     record["demo"] = {"code": code, "stdout": text}
+    for tag, argv in _serving_commands(tmp, out).items():
+      code, text = _run(argv)
+      record[tag] = {"code": code, "stdout": text}
+      print(f"{tag}: exit {code}", flush=True)
   with open(os.path.join(out, "stdout.json"), "w") as f:
     json.dump(record, f, indent=1, sort_keys=True)
 
