@@ -11,6 +11,7 @@ times in turn; the table gives medians, policies per second and the ratios,
 all measured in the same process.
 
   python benchmarks/bench_place.py [--ks 8,10] [--lams 1000] [--reps 3]
+      [--ways padded,size,loop]   # --ways size,loop skips (a), the slowest
 """
 
 import argparse
@@ -48,7 +49,12 @@ def main():
   ap.add_argument("--ks", default="8,10")
   ap.add_argument("--lams", type=int, default=1000)
   ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--ways", default="padded,size,loop",
+                  help="which of padded, size, loop to time (comma-separated)")
   args = ap.parse_args()
+  ways = args.ways.split(",")
+  if not ways or set(ways) - {"padded", "size", "loop"}:
+    ap.error(f"--ways: expected names from padded,size,loop; got {args.ways!r}")
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"JAX {jax.__version__} on {jax.devices()[0].platform}, float32, recall")
   print("| K | subsets | lam | policies | one padded call: s (calls) | one call per size: s "
@@ -71,20 +77,23 @@ def main():
       for m in models:
         np.asarray(jexit.solve(m, lam).threshold)
 
-    calls = batched()  # compiles
-    size_calls = batched(True)
-    loop()
-    tb, ts, tl = [], [], []
+    fns = {"padded": batched, "size": lambda: batched(True), "loop": loop}
+    calls = {w: fns[w]() for w in ways}  # compiles
+    calls["loop"] = len(subsets)
+    times = {w: [] for w in ways}
     for _ in range(args.reps):
-      for fn, times in ((batched, tb), (lambda: batched(True), ts), (loop, tl)):
+      for w in ways:
         s = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - s)
-    mb, ms, ml = (statistics.median(v) for v in (tb, ts, tl))
+        fns[w]()
+        times[w].append(time.perf_counter() - s)
+    med = {w: statistics.median(v) for w, v in times.items()}
     p = len(subsets) * len(lam)
-    print(f"| {k} | {len(subsets)} | {len(lam)} | {p:,} | {mb:.2f} ({calls}) | "
-          f"{ms:.2f} ({size_calls}) | {ml:.2f} ({len(subsets)}) | {p / mb:,.0f} | "
-          f"{p / ms:,.0f} | {p / ml:,.0f} | {ml / mb:.2f} | {ml / ms:.2f} |", flush=True)
+    sec = lambda w: f"{med[w]:.2f} ({calls[w]})" if w in med else "-"
+    rate = lambda w: f"{p / med[w]:,.0f}" if w in med else "-"
+    ratio = lambda w: f"{med['loop'] / med[w]:.2f}" if w in med and "loop" in med else "-"
+    print(f"| {k} | {len(subsets)} | {len(lam)} | {p:,} | {sec('padded')} | {sec('size')} | "
+          f"{sec('loop')} | {rate('padded')} | {rate('size')} | {rate('loop')} | "
+          f"{ratio('padded')} | {ratio('size')} |", flush=True)
 
 
 if __name__ == "__main__":
