@@ -154,7 +154,8 @@ def run_place(args) -> int:
 
 
 def run_export_place(args, traces, delta) -> int:
-  """`jexit export --place`: the chosen subset's table for `--max-loss`."""
+  """`jexit export --place`: the chosen subset's table for `--max-loss`, with
+  the trace's reference counts on its active ramps (as `jexit export`)."""
   from jexit.export import export_placement  # pylint: disable=import-outside-toplevel
   _check(args)
   if args.max_loss is None:

@@ -661,7 +661,8 @@ def add_reference(path, traces: Traces) -> dict:
 def export_placement(path, res, budget, traces: Traces) -> dict:
   """Writes the chosen subset's table of `budget` (a `jexit.place.BudgetPlacement`
   of `res`, a `jexit.place.Placement`): `export_policy`, its header listing
-  `active_ramps`.
+  `active_ramps`, then `add_reference` on `traces`, the candidate trace (the
+  table reads its active columns), so `jexit monitor` can watch it.
 
   Returns:
     The header written (a dict).
@@ -672,10 +673,11 @@ def export_placement(path, res, budget, traces: Traces) -> dict:
     raise ValueError(f"max_loss: nothing met the budget {budget.max_loss:g} on the fit rows; "
                      f"no table to write")
   i = e["subset_index"]
-  return export_policy(path, res.policies[i], res.binnings[i], res.models[i], e["lam_index"],
-                       traces=traces, budget={"max_loss": budget.max_loss, "metric": "agreement"},
-                       certificate=certificate_to_dict(budget.certificate, method="placement"),
-                       active_ramps=e["active_ramps"])
+  export_policy(path, res.policies[i], res.binnings[i], res.models[i], e["lam_index"],
+                traces=traces, budget={"max_loss": budget.max_loss, "metric": "agreement"},
+                certificate=certificate_to_dict(budget.certificate, method="placement"),
+                active_ramps=e["active_ramps"])
+  return add_reference(path, traces)
 
 
 def load_policy_file(path, **options):

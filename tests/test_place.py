@@ -1,5 +1,6 @@
 """Ramp placement (jexit.subsets, jexit.place): subsets, costs, models, the batched
-solve, the choice, the runtimes serving a subset table, and the CLI."""
+solve, the choice, the runtimes serving a subset table (with its monitoring
+reference), and the CLI."""
 
 import itertools
 import json
@@ -13,11 +14,12 @@ from jexit import cli
 from jexit import place as pl
 from jexit import subsets as sb
 from jexit.evaluation import evaluate
-from jexit.export import export_placement
+from jexit.export import add_reference, export_placement, export_policy
 from jexit.fit import fit, row_laws
+from jexit.monitor import make_reference
 from jexit.runtime import ExitTable
 from jexit.solver import solve
-from jexit.traces import split_rows
+from jexit.traces import signal_values, split_rows
 
 
 def cand_traces(n=800, k=5, seed=0, head=0.3, position=None, labels=True):
@@ -318,6 +320,37 @@ def test_the_numpy_runtime_serves_a_subset_table_on_the_candidate_trace(placed, 
     table.run(t.conf[:, :4], t.pred[:, :4])
 
 
+def test_a_subset_table_carries_the_reference_of_its_active_ramps(placed, tmp_path):
+  t, res = placed
+  b = res.budgets[1]
+  e, i = b.placed, b.placed["subset_index"]
+  path = tmp_path / "p.npz"
+  header = export_placement(path, res, b, t)
+  assert header["reference_inputs"] == t.num_inputs
+  occupancy, stops, n = ExitTable.load(path).reference
+  # By hand: the subset's policy replayed on every row of its own columns.
+  cols = list(e["active_ramps"])
+  sub = t._replace(conf=t.conf[:, cols], pred=t.pred[:, cols], head_cost=None,
+                   cost=res.models[i].cost)
+  pol = res.policies[i]
+  j = e["lam_index"]
+  one = pol._replace(threshold=np.asarray(pol.threshold)[j][None],
+                     value=np.asarray(pol.value)[j][None], lam=np.asarray(pol.lam)[j][None])
+  ev = evaluate(one, sub, res.binnings[i], return_per_input=True)
+  bins = res.binnings[i].assign(signal_values(sub, res.binnings[i].signal))
+  ref = make_reference(bins, ev.stop_ramp[0], res.binnings[i].num_bins)
+  np.testing.assert_array_equal(occupancy, ref.occupancy)
+  np.testing.assert_array_equal(stops, ref.stop_hist)
+  assert n == ref.num_inputs == t.num_inputs
+  # The same as a plain export of the restricted trace stores.
+  plain = tmp_path / "plain.npz"
+  export_policy(plain, pol, res.binnings[i], res.models[i], j, traces=sub)
+  add_reference(plain, sub)
+  ref_occ, ref_stops, ref_n = ExitTable.load(plain).reference
+  np.testing.assert_array_equal(occupancy, ref_occ)
+  np.testing.assert_array_equal(stops, ref_stops)
+  assert n == ref_n
+
 
 def test_the_torch_runner_runs_only_the_active_heads(tmp_path):
   torch = pytest.importorskip("torch")
@@ -413,6 +446,26 @@ def test_cli_place_prints_writes_json_plot_and_table(trace_file, tmp_path, capsy
   assert rc == 0 and "active ramps" in out
   assert len(ExitTable.load(tmp_path / "e.npz").active_ramps) <= 2
 
+
+def test_jexit_monitor_watches_a_placed_table(trace_file, tmp_path, capsys):
+  path = tmp_path / "e.npz"
+  rc, _, err = run(capsys, "export", trace_file, "--max-loss", "0.05", "--place",
+                   "--max-ramps", "2", "--delta", "none", "--out", path)
+  assert rc == 0, err
+  t = jexit.load_traces(trace_file)
+  table = ExitTable.load(path, counters=True)
+  assert table.reference[2] == t.num_inputs and table.active_ramps[-1] == 3
+  table.run(t.conf, t.pred)  # the full candidate trace; the active columns are read
+  table.counters.save(tmp_path / "live.npz")
+  np.testing.assert_array_equal(table.counters.occupancy, table.reference[0])
+  np.testing.assert_array_equal(table.counters.stop_hist, table.reference[1])
+  rc, out, _ = run(capsys, "monitor", path, tmp_path / "live.npz")
+  assert rc == 0 and "verdict: ok" in out
+  shifted = ExitTable.load(path, counters=True)
+  shifted.run(t.conf ** 4, t.pred)  # every ramp less confident
+  shifted.counters.save(tmp_path / "shifted.npz")
+  rc, out, _ = run(capsys, "monitor", path, tmp_path / "shifted.npz")
+  assert rc == 1 and "verdict: drift" in out
 
 
 @pytest.mark.parametrize("extra,match", [
