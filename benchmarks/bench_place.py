@@ -1,8 +1,8 @@
 """Ramp placement's solve: every subset in one batched call vs one call per subset.
 
-For K candidate ramps (a synthetic candidate trace, `jexit.place` models with
+For K candidate ramps (a synthetic candidate trace, `jexit.subsets` models with
 its defaults: 16 quantile bins per ramp, recall), the 2^(K-1) subset models x
-L lam values are solved (a) by `jexit.place.solve_subsets(by_size=False)`, one
+L lam values are solved (a) by `jexit.subsets.solve_subsets(by_size=False)`, one
 `jexit.solve` call on the `[M]` batch padded to the largest K (chunked only
 above its memory budget), (b) by `solve_subsets(by_size=True)` (place's
 default), one call per subset size, and (c) by a loop of `jexit.solve(model_A,
@@ -29,7 +29,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 
 import jexit  # noqa: E402
-from jexit import place as pl  # noqa: E402
+from jexit.subsets import (enumerate_subsets, place_models, placement_lambdas,  # noqa: E402
+                           solve_subsets, subset_model)
 
 
 def candidates(k, n=2000, seed=0):
@@ -63,13 +64,13 @@ def main():
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for k in (int(v) for v in args.ks.split(",")):
     t = candidates(k)
-    pieces = pl.place_models(t)
-    subsets = pl.enumerate_subsets(k)
-    models = [pl.subset_model(pieces, a)[0] for a in subsets]
-    lam = pl.placement_lambdas(pieces, subsets, args.lams)
+    pieces = place_models(t)
+    subsets = enumerate_subsets(k)
+    models = [subset_model(pieces, a)[0] for a in subsets]
+    lam = placement_lambdas(pieces, subsets, args.lams)
 
     def batched(by_size=False):
-      pols, calls = pl.solve_subsets(models, lam, by_size=by_size)
+      pols, calls = solve_subsets(models, lam, by_size=by_size)
       np.asarray(pols[-1].threshold)
       return calls
 

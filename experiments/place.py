@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 
 import jexit  # noqa: E402
 from jexit import place as pl  # noqa: E402
+from jexit import report  # noqa: E402
 from jexit import vgg  # noqa: E402
 from jexit.record import record  # noqa: E402
 
@@ -172,10 +173,10 @@ def main():
       res = pl.place(t, list(BUDGETS), block=BLOCK, fixed={"paper": paper})  # defaults
       wall = time.perf_counter() - start
       name = f"{arch}/{cost}"
-      results[name] = dict(pl.placement_to_dict(res, f"experiments/traces/place/digits_{arch}_{cost}.npz"),
+      results[name] = dict(report.placement_to_dict(res, f"experiments/traces/place/digits_{arch}_{cost}.npz"),
                            wall_s=round(wall, 1), record_s=seconds, paper=list(paper),
                            position=None if t.position is None else t.position.tolist())
-      print(pl.format_placement(res, name), flush=True)
+      print(report.format_placement(res, name), flush=True)
       print(f"{name}: {wall:.1f} s", flush=True)
       lines.append(f"\n### {name}: K = {t.num_ramps} candidates, {len(res.subsets)} subsets "
                    f"x {len(res.lambdas)} lam, {res.solve_calls} solve call(s), "

@@ -100,18 +100,19 @@ def _check(args):
 
 
 def _place(args, traces, budgets, delta):
-  from jexit import place as pl  # pylint: disable=import-outside-toplevel
+  from jexit.place import place  # pylint: disable=import-outside-toplevel
+  from jexit.subsets import NUM_BINS, NUM_LAMBDAS  # pylint: disable=import-outside-toplevel
   k = traces.num_ramps
   bad = [r for r in args.must_include if not 0 <= r < k]
   if bad:
     raise ValueError(f"--must-include: expected 0-based candidate ramps in [0, {k}), got "
                      f"{list(args.must_include)}")
   try:
-    return pl.place(traces, list(budgets), max_ramps=args.max_ramps,
-                    must_include=args.must_include, head_cost=args.head_cost,
-                    block=args.block, seed=args.seed, delta=delta,
-                    num_lambdas=args.num_lambdas or pl.NUM_LAMBDAS,
-                    num_bins=args.num_bins or pl.NUM_BINS)
+    return place(traces, list(budgets), max_ramps=args.max_ramps,
+                 must_include=args.must_include, head_cost=args.head_cost,
+                 block=args.block, seed=args.seed, delta=delta,
+                 num_lambdas=args.num_lambdas or NUM_LAMBDAS,
+                 num_bins=args.num_bins or NUM_BINS)
   except ValueError as e:
     # Name the flags, not the Python arguments.
     text = str(e)
@@ -125,7 +126,8 @@ def _place(args, traces, budgets, delta):
 
 
 def run_place(args) -> int:
-  from jexit import place as pl  # pylint: disable=import-outside-toplevel
+  from jexit import plots, report  # pylint: disable=import-outside-toplevel
+  from jexit.export import export_placement  # pylint: disable=import-outside-toplevel
   from jexit.traces import load_traces  # pylint: disable=import-outside-toplevel
   _check(args)
   if args.out and len(args.max_loss) != 1:
@@ -137,23 +139,24 @@ def run_place(args) -> int:
   delta = None if args.delta in (None, "none") else args.delta
   traces = load_traces(args.trace)
   res = _place(args, traces, args.max_loss, delta)
-  print(pl.format_placement(res, trace=args.trace))
+  print(report.format_placement(res, trace=args.trace))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(pl.placement_to_dict(res, args.trace), f, indent=1, allow_nan=False)
+      json.dump(report.placement_to_dict(res, args.trace), f, indent=1, allow_nan=False)
       f.write("\n")
     print(f"wrote {args.json}")
   if args.plot:
-    print(f"wrote {pl.plot_placement(res, args.plot, os.path.basename(args.trace))}")
+    print(f"wrote {plots.plot_placement(res, args.plot, os.path.basename(args.trace))}")
   if args.out:
-    header = pl.export_placement(args.out, res, res.budgets[0], traces)
+    header = export_placement(args.out, res, res.budgets[0], traces)
     print(f"wrote {args.out}: active ramps {header['active_ramps']}, lam {header['lam']:.4g}")
   return 0
 
 
 def run_export_place(args, traces, delta) -> int:
-  """`jexit export --place`: the chosen subset's table for `--max-loss`."""
-  from jexit import place as pl  # pylint: disable=import-outside-toplevel
+  """`jexit export --place`: the chosen subset's table for `--max-loss`, with
+  the trace's reference counts on its active ramps (as `jexit export`)."""
+  from jexit.export import export_placement  # pylint: disable=import-outside-toplevel
   _check(args)
   if args.max_loss is None:
     raise ValueError("--place chooses on a fit split; it needs --max-loss")
@@ -161,7 +164,7 @@ def run_export_place(args, traces, delta) -> int:
     raise ValueError(f"--max-loss: expected an agreement-loss budget in [0, 1], got "
                      f"{args.max_loss}")
   res = _place(args, traces, [args.max_loss], delta)
-  header = pl.export_placement(args.out, res, res.budgets[0], traces)
+  header = export_placement(args.out, res, res.budgets[0], traces)
   b = res.budgets[0].placed
   print(f"wrote {args.out}: active ramps {header['active_ramps']} of {traces.num_ramps} "
         f"candidates, lam {header['lam']:.4g}; held out: speedup {b['test']['speedup']:.3f}x, "

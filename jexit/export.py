@@ -30,7 +30,8 @@ from jexit.npzio import read_npz
 from jexit.signals import class_weights_ok
 from jexit.types import Binning, ExitModel, Policy, Traces, check_policy, is_int_scalar
 
-__all__ = ["export_policy", "load_policy_file", "read_policy_arrays", "trace_sha256"]
+__all__ = ["add_reference", "export_placement", "export_policy", "load_policy_file",
+           "read_policy_arrays", "trace_sha256"]
 
 FORMAT_NAME = "jexit-policy"
 FORMAT_VERSION = 2
@@ -655,6 +656,28 @@ def add_reference(path, traces: Traces) -> dict:
     if os.path.exists(tmp):
       os.remove(tmp)
   return header
+
+
+def export_placement(path, res, budget, traces: Traces) -> dict:
+  """Writes the chosen subset's table of `budget` (a `jexit.place.BudgetPlacement`
+  of `res`, a `jexit.place.Placement`): `export_policy`, its header listing
+  `active_ramps`, then `add_reference` on `traces`, the candidate trace (the
+  table reads its active columns), so `jexit monitor` can watch it.
+
+  Returns:
+    The header written (a dict).
+  """
+  from jexit.report import certificate_to_dict  # pylint: disable=import-outside-toplevel
+  e = budget.placed
+  if e is None:
+    raise ValueError(f"max_loss: nothing met the budget {budget.max_loss:g} on the fit rows; "
+                     f"no table to write")
+  i = e["subset_index"]
+  export_policy(path, res.policies[i], res.binnings[i], res.models[i], e["lam_index"],
+                traces=traces, budget={"max_loss": budget.max_loss, "metric": "agreement"},
+                certificate=certificate_to_dict(budget.certificate, method="placement"),
+                active_ramps=e["active_ramps"])
+  return add_reference(path, traces)
 
 
 def load_policy_file(path, **options):

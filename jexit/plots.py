@@ -1,4 +1,5 @@
-"""Plots of frontiers, if-stop tables and exit histograms (matplotlib, optional).
+"""Plots of frontiers, if-stop tables, exit histograms and ramp placements (matplotlib,
+optional).
 
 matplotlib is imported only when a plot is drawn (`pip install jexit[plot]`),
 and only its object API is used (no pyplot, no global backend change).
@@ -10,6 +11,7 @@ import numpy as np
 
 from jexit.evaluation import Evaluation
 from jexit.solver import loss_grid
+from jexit.subsets import evenly_spaced
 from jexit.types import Binning, Policy
 
 _STYLE = {  # method -> (colour, marker, linestyle)
@@ -225,3 +227,40 @@ def plot_sweep(fr, path, *, max_loss: float = 0.01, trace: Optional[str] = None,
                        f"{max_loss * 100:g}% agreement loss")
   fig.savefig(path, dpi=dpi)
   return str(path)
+
+
+def plot_placement(res, path: str, trace: Optional[str] = None) -> str:
+  """Held-out agreement loss vs speedup of a `jexit.place.Placement`: the
+  frontier across subsets (chosen on fit rows) against all candidate ramps'
+  lam grid; the per-budget choices marked."""
+  fig = _figure(figsize=(6.4, 4.2))
+  ax = fig.add_subplot()
+  front = res.frontier()
+  ax.plot([1 - p["test_agreement"] for p in front], [p["test_speedup"] for p in front],
+          ".-", ms=3, lw=1, label="frontier across subsets (fit-Pareto)")
+  k = int(res.pieces.cost.shape[0])
+  pos = res.position
+  levels = k if pos is None else len(set(pos.tolist()))
+  try:
+    i = res.index(evenly_spaced(k, levels, pos))
+    order = np.argsort(res.lambdas)
+    ax.plot(1 - res.test_agreement[i][order], res.test_speedup[i][order], "-", lw=1,
+            label="all candidate ramps")
+  except ValueError:
+    pass
+  for b in res.budgets:
+    if b.placed is not None:
+      ax.plot(1 - b.placed["test"]["agreement"], b.placed["test"]["speedup"], "k*", ms=9)
+      ax.annotate(f"{b.max_loss:g}: {b.placed['active_ramps']}",
+                  (1 - b.placed["test"]["agreement"], b.placed["test"]["speedup"]),
+                  fontsize=7, xytext=(4, -10), textcoords="offset points")
+  ax.set_xscale("symlog", linthresh=1e-3)
+  ax.set_xlim(0, 0.2)
+  ax.set_xlabel("held-out agreement loss")
+  ax.set_ylabel("held-out speedup (backbone cost / mean cost)")
+  ax.set_title(f"ramp placement{'' if trace is None else ': ' + trace}", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path

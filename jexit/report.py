@@ -1,4 +1,4 @@
-"""Reports of frontiers and choices: JSON-ready dictionaries and text tables.
+"""Reports of frontiers, choices and ramp placements: JSON-ready dictionaries and text tables.
 
 The command line prints and writes what these return; nothing here computes
 a decision.
@@ -10,8 +10,10 @@ import numpy as np
 
 from jexit import certify
 from jexit.evaluation import Evaluation
+from jexit.place import Placement
 from jexit.protocol import Frontier, param_value
 from jexit.select import CERTIFIED_LOSS, DEPLOYABLE, Choice, best_method, per_method
+from jexit.subsets import backbone_cost
 
 TARGETS = (0.005, 0.01, 0.02, 0.05)  # the loss budgets a frontier table shows
 
@@ -313,3 +315,55 @@ def _format_certified_export(path: str, line: str, choice: Choice) -> str:
           f"{float(getattr(c.test, score)[0]):.4f}, speedup {float(c.test.speedup[0]):.2f}x; "
           f"fit rows {float(getattr(c.fit, score)[0]):.4f}, {float(c.fit.speedup[0]):.2f}x)"
           f"\n" + format_certificate(choice))
+
+
+# ----------------------------------------------------------- ramp placement
+
+def placement_to_dict(res: Placement, trace: Optional[str] = None) -> dict:
+  """JSON-ready summary: per budget the choice and the comparisons, the
+  frontier across subsets, the split and the timings."""
+  cert = lambda c: certificate_to_dict(c, method="placement")
+  return {
+      "trace": trace, "num_candidates": int(res.pieces.cost.shape[0]),
+      "num_subsets": len(res.subsets), "extra_subsets": [list(a) for a in res.extra],
+      "num_lambdas": int(len(res.lambdas)), "solve_calls": int(res.solve_calls),
+      "cost": res.pieces.cost.tolist(), "head_cost": res.pieces.head_cost.tolist(),
+      "backbone_cost": backbone_cost(res.pieces.cost, res.pieces.head_cost),
+      "split": res.split, "timings_s": {k: round(v, 3) for k, v in res.timings.items()},
+      "budgets": [{"max_loss": b.max_loss, "placed": b.placed, "methods": b.methods,
+                   "certificate": cert(b.certificate), "uncertified": b.uncertified}
+                  for b in res.budgets],
+      "frontier": res.frontier(),
+  }
+
+
+def format_placement(res: Placement, trace: Optional[str] = None) -> str:
+  """A few lines per budget: the chosen ramps and the comparisons, held out."""
+  k = int(res.pieces.cost.shape[0])
+  lines = [f"ramp placement{'' if trace is None else ' on ' + trace}: {k} candidates, "
+           f"{len(res.subsets)} subsets x {len(res.lambdas)} lam in {res.solve_calls} solve "
+           f"call(s) ({res.timings.get('solve_s', 0):.1f} s); fit {res.split['fit_rows']} rows, "
+           f"held out {res.split['test_rows']} (block {res.split['block']})",
+           "speedup: backbone cost / mean cost; chosen on fit rows, reported on held-out rows"]
+  show = lambda e: ("nothing met the budget on the fit rows" if e is None else
+                    f"test speedup {e['test']['speedup']:.3f}x, agreement loss "
+                    f"{1 - e['test']['agreement']:.4f} (fit {1 - e['fit']['agreement']:.4f}), "
+                    f"ramps {e['active_ramps']}")
+  for b in res.budgets:
+    lines.append(f"budget {b.max_loss:g}:")
+    lines.append(f"  placed             {show(b.placed)}")
+    if b.certificate is not None:
+      c = b.certificate
+      lines.append("  " + (f"certified: Pr(disagreement > {c.eps:g}) <= {c.delta:g} "
+                           f"({c.test}, {c.units} units; ucb {c.ucb:.4g})"
+                           if isinstance(c, certify.Certificate) else
+                           f"not certified ({c.units} units; need {c.needed_units}): the "
+                           f"backbone ships"))
+    for name, e in b.methods.items():
+      if name == "evenly_spaced":
+        size = None if b.placed is None else len(b.placed["active_ramps"])
+        if size is not None and str(size) in e:
+          lines.append(f"  {'evenly spaced, ' + str(size):18} {show(e[str(size)])}")
+        continue
+      lines.append(f"  {name.replace('_', ' '):18} {show(e)}")
+  return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""Ramp placement (jexit.place): subsets, costs, models, the batched solve, the
-choice, the runtimes serving a subset table, and the CLI."""
+"""Ramp placement (jexit.subsets, jexit.place): subsets, costs, models, the batched
+solve, the choice, the runtimes serving a subset table (with its monitoring
+reference), and the CLI."""
 
 import itertools
 import json
@@ -11,11 +12,14 @@ import pytest
 import jexit
 from jexit import cli
 from jexit import place as pl
+from jexit import subsets as sb
 from jexit.evaluation import evaluate
+from jexit.export import add_reference, export_placement, export_policy
 from jexit.fit import fit, row_laws
+from jexit.monitor import make_reference
 from jexit.runtime import ExitTable
 from jexit.solver import solve
-from jexit.traces import split_rows
+from jexit.traces import signal_values, split_rows
 
 
 def cand_traces(n=800, k=5, seed=0, head=0.3, position=None, labels=True):
@@ -42,7 +46,7 @@ def cand_traces(n=800, k=5, seed=0, head=0.3, position=None, labels=True):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
 def test_every_subset_keeps_the_last_ramp_and_counts_2_to_the_k_minus_1(k):
-  subsets = pl.enumerate_subsets(k)
+  subsets = sb.enumerate_subsets(k)
   assert len(subsets) == 2 ** (k - 1) == len(set(subsets))
   assert all(a[-1] == k - 1 and list(a) == sorted(set(a)) for a in subsets)
   brute = {tuple(sorted(set(c) | {k - 1})) for r in range(k)
@@ -52,22 +56,22 @@ def test_every_subset_keeps_the_last_ramp_and_counts_2_to_the_k_minus_1(k):
 
 @pytest.mark.parametrize("k,m", [(5, 1), (5, 2), (6, 3), (8, 4), (8, 8)])
 def test_max_ramps_counts_binomials(k, m):
-  subsets = pl.enumerate_subsets(k, max_ramps=m)
+  subsets = sb.enumerate_subsets(k, max_ramps=m)
   assert len(subsets) == sum(math.comb(k - 1, j) for j in range(m))
   assert max(len(a) for a in subsets) == min(m, k)
 
 
 def test_must_include_and_positions():
-  subsets = pl.enumerate_subsets(6, must_include=[1, 3])
+  subsets = sb.enumerate_subsets(6, must_include=[1, 3])
   assert len(subsets) == 2 ** 3 and all({1, 3, 5} <= set(a) for a in subsets)
   # Positions 0,0,1,1,1,2: at most one head per position, the last kept.
   pos = [0, 0, 1, 1, 1, 2]
-  subsets = pl.enumerate_subsets(6, position=pos)
+  subsets = sb.enumerate_subsets(6, position=pos)
   assert len(subsets) == 3 * 4  # (none or one of 2 heads) x (none or one of 3)
   assert all(len({pos[r] for r in a}) == len(a) for a in subsets)
   # The last position's other heads never join the last ramp.
   pos = [0, 1, 1]
-  assert pl.enumerate_subsets(3, position=pos) == [(2,), (0, 2)]
+  assert sb.enumerate_subsets(3, position=pos) == [(2,), (0, 2)]
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -77,14 +81,14 @@ def test_must_include_and_positions():
 ])
 def test_subset_arguments_are_checked(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    pl.enumerate_subsets(5, **kwargs)
+    sb.enumerate_subsets(5, **kwargs)
 
 
 def test_evenly_spaced_ends_with_the_last_ramp():
-  assert pl.evenly_spaced(13, 3) == (3, 8, 12)
-  assert pl.evenly_spaced(5, 5) == (0, 1, 2, 3, 4)
-  assert pl.evenly_spaced(5, 1) == (4,)
-  assert pl.evenly_spaced(6, 2, position=[0, 0, 1, 1, 2, 2]) == (3, 5)
+  assert sb.evenly_spaced(13, 3) == (3, 8, 12)
+  assert sb.evenly_spaced(5, 5) == (0, 1, 2, 3, 4)
+  assert sb.evenly_spaced(5, 1) == (4,)
+  assert sb.evenly_spaced(6, 2, position=[0, 0, 1, 1, 2, 2]) == (3, 5)
 
 
 # ------------------------------------------------------------------ costs
@@ -92,27 +96,27 @@ def test_evenly_spaced_ends_with_the_last_ramp():
 def test_subset_costs_merge_segments_and_keep_active_heads_only():
   cost = np.array([3.0, 5.0, 2.0, 4.0])
   head = np.array([1.0, 2.0, 1.0, 1.0])  # segments 2, 3, 1, 3
-  np.testing.assert_allclose(pl.subset_costs(cost, head, [0, 1, 2, 3]), cost)
-  np.testing.assert_allclose(pl.subset_costs(cost, head, [1, 3]), [2 + 3 + 2, 1 + 3 + 1])
-  np.testing.assert_allclose(pl.subset_costs(cost, head, [3]), [2 + 3 + 1 + 3 + 1])
-  assert pl.backbone_cost(cost, head) == 10.0
+  np.testing.assert_allclose(sb.subset_costs(cost, head, [0, 1, 2, 3]), cost)
+  np.testing.assert_allclose(sb.subset_costs(cost, head, [1, 3]), [2 + 3 + 2, 1 + 3 + 1])
+  np.testing.assert_allclose(sb.subset_costs(cost, head, [3]), [2 + 3 + 1 + 3 + 1])
+  assert sb.backbone_cost(cost, head) == 10.0
   # Closed form for every subset: total = all segments + the active heads.
-  for a in pl.enumerate_subsets(4):
-    assert np.isclose(pl.subset_costs(cost, head, a).sum(), 9.0 + head[list(a)].sum())
+  for a in sb.enumerate_subsets(4):
+    assert np.isclose(sb.subset_costs(cost, head, a).sum(), 9.0 + head[list(a)].sum())
   # Heads sharing a position: the second head has no segment of its own.
   cost, head = np.array([4.0, 1.0, 3.0]), np.array([1.0, 1.0, 2.0])  # positions 0, 0, 1
-  np.testing.assert_allclose(pl.subset_costs(cost, head, [1, 2]), [3 + 0 + 1, 1 + 2])
-  np.testing.assert_allclose(pl.subset_costs(cost, head, [0, 2]), [4, 3])
+  np.testing.assert_allclose(sb.subset_costs(cost, head, [1, 2]), [3 + 0 + 1, 1 + 2])
+  np.testing.assert_allclose(sb.subset_costs(cost, head, [0, 2]), [4, 3])
 
 
 def test_head_costs_from_the_trace_or_given():
   t = cand_traces()
-  np.testing.assert_allclose(pl.head_costs(t), 0.3)
-  np.testing.assert_allclose(pl.head_costs(t._replace(head_cost=None), 0.2), 0.2)
+  np.testing.assert_allclose(sb.head_costs(t), 0.3)
+  np.testing.assert_allclose(sb.head_costs(t._replace(head_cost=None), 0.2), 0.2)
   with pytest.raises(ValueError, match="traces.head_cost: ramp placement needs"):
-    pl.head_costs(t._replace(head_cost=None))
+    sb.head_costs(t._replace(head_cost=None))
   with pytest.raises(ValueError, match=r"head_cost: expected \[K=5\] values in \[0, cost"):
-    pl.head_costs(t, 2.0)
+    sb.head_costs(t, 2.0)
 
 
 # ----------------------------------------------------------------- models
@@ -120,9 +124,9 @@ def test_head_costs_from_the_trace_or_given():
 def test_a_subsets_model_is_the_model_fitted_on_its_columns():
   t = cand_traces(k=5)
   rows = split_rows(t.num_inputs, seed=1)[0]
-  pieces = pl.place_models(t, rows, num_bins=16)
+  pieces = sb.place_models(t, rows, num_bins=16)
   for a in [(4,), (0, 4), (1, 3, 4), (0, 1, 2, 3, 4), (2, 4)]:
-    model, binning = pl.subset_model(pieces, a)
+    model, binning = sb.subset_model(pieces, a)
     cols = list(a)
     sub = t._replace(conf=t.conf[:, cols], pred=t.pred[:, cols], cost=t.cost[cols],
                      head_cost=None)
@@ -131,7 +135,7 @@ def test_a_subsets_model_is_the_model_fitted_on_its_columns():
     np.testing.assert_allclose(model.init, ref.init, rtol=1e-12)
     np.testing.assert_allclose(model.trans, ref.trans, rtol=1e-12)
     np.testing.assert_allclose(model.loss, ref.loss, rtol=1e-12)
-    np.testing.assert_allclose(model.cost, pl.subset_costs(t.cost, t.head_cost, a))
+    np.testing.assert_allclose(model.cost, sb.subset_costs(t.cost, t.head_cost, a))
 
 
 def test_pair_transitions_are_counted_not_composed():
@@ -143,9 +147,9 @@ def test_pair_transitions_are_counted_not_composed():
   conf = np.stack([v0, v1, v0], 1)
   pred = rng.integers(0, 2, (n, 3))
   t = jexit.Traces(conf, pred, None, np.full(3, 1.0), head_cost=np.full(3, 0.1))
-  pieces = pl.place_models(t, num_bins=4, smoothing=1.0)
-  direct, _ = pl.subset_model(pieces, (0, 2))
-  chain, _ = pl.subset_model(pieces, (0, 1, 2))
+  pieces = sb.place_models(t, num_bins=4, smoothing=1.0)
+  direct, _ = sb.subset_model(pieces, (0, 2))
+  chain, _ = sb.subset_model(pieces, (0, 1, 2))
   b = pieces.binning.assign(1 - conf)
   counts = np.zeros((4, 4))
   np.add.at(counts, (b[:, 0], b[:, 2]), 1)
@@ -159,13 +163,13 @@ def test_pair_transitions_are_counted_not_composed():
 
 def test_the_batched_solve_equals_solving_each_subset_alone():
   t = cand_traces(k=4, n=600)
-  pieces = pl.place_models(t, num_bins=8)
-  subsets = pl.enumerate_subsets(4)
-  models = [pl.subset_model(pieces, a)[0] for a in subsets]
-  lam = pl.placement_lambdas(pieces, subsets, 40)
-  batched, calls = pl.solve_subsets(models, lam, by_size=False)  # one padded call
+  pieces = sb.place_models(t, num_bins=8)
+  subsets = sb.enumerate_subsets(4)
+  models = [sb.subset_model(pieces, a)[0] for a in subsets]
+  lam = sb.placement_lambdas(pieces, subsets, 40)
+  batched, calls = sb.solve_subsets(models, lam, by_size=False)  # one padded call
   assert calls == 1
-  per_size, calls = pl.solve_subsets(models, lam)  # one call per subset size
+  per_size, calls = sb.solve_subsets(models, lam)  # one call per subset size
   assert calls == 4
   for model, pol, pol_size in zip(models, batched, per_size):
     alone = solve(model, lam)
@@ -174,7 +178,7 @@ def test_the_batched_solve_equals_solving_each_subset_alone():
       np.testing.assert_allclose(np.asarray(p.value), np.asarray(alone.value), rtol=2e-5)
       np.testing.assert_array_equal(np.asarray(p.loss), np.asarray(alone.loss))
   # A small memory budget splits the batch into calls, with the same result.
-  chunked, calls = pl.solve_subsets(models, lam, max_bytes=40 * 4 * 8 * 4 * 3, by_size=False)
+  chunked, calls = sb.solve_subsets(models, lam, max_bytes=40 * 4 * 8 * 4 * 3, by_size=False)
   assert calls > 2
   for a, b in zip(batched, chunked):
     np.testing.assert_array_equal(np.asarray(a.threshold), np.asarray(b.threshold))
@@ -190,7 +194,7 @@ def placed():
 def test_place_scores_each_subset_as_evaluate_does_on_its_columns(placed):
   t, res = placed
   fit_r, test_r = split_rows(t.num_inputs, seed=0)
-  base = pl.backbone_cost(t.cost, t.head_cost)
+  base = sb.backbone_cost(t.cost, t.head_cost)
   for a in [(4,), (0, 4), (1, 2, 4), (0, 1, 2, 3, 4)]:
     i = res.index(a)
     cols = list(a)
@@ -295,7 +299,7 @@ def test_the_numpy_runtime_serves_a_subset_table_on_the_candidate_trace(placed, 
   b = res.budgets[1]
   assert len(b.placed["active_ramps"]) < 5
   path = tmp_path / "p.npz"
-  header = pl.export_placement(path, res, b, t)
+  header = export_placement(path, res, b, t)
   assert header["active_ramps"] == b.placed["active_ramps"]
   table = ExitTable.load(path)
   _, test_r = split_rows(t.num_inputs, seed=0)
@@ -314,6 +318,38 @@ def test_the_numpy_runtime_serves_a_subset_table_on_the_candidate_trace(placed, 
   assert cols[-1] > len(cols)  # 4 columns are neither the table's K nor the candidates'
   with pytest.raises(ValueError, match="pred: expected the table's K="):
     table.run(t.conf[:, :4], t.pred[:, :4])
+
+
+def test_a_subset_table_carries_the_reference_of_its_active_ramps(placed, tmp_path):
+  t, res = placed
+  b = res.budgets[1]
+  e, i = b.placed, b.placed["subset_index"]
+  path = tmp_path / "p.npz"
+  header = export_placement(path, res, b, t)
+  assert header["reference_inputs"] == t.num_inputs
+  occupancy, stops, n = ExitTable.load(path).reference
+  # By hand: the subset's policy replayed on every row of its own columns.
+  cols = list(e["active_ramps"])
+  sub = t._replace(conf=t.conf[:, cols], pred=t.pred[:, cols], head_cost=None,
+                   cost=res.models[i].cost)
+  pol = res.policies[i]
+  j = e["lam_index"]
+  one = pol._replace(threshold=np.asarray(pol.threshold)[j][None],
+                     value=np.asarray(pol.value)[j][None], lam=np.asarray(pol.lam)[j][None])
+  ev = evaluate(one, sub, res.binnings[i], return_per_input=True)
+  bins = res.binnings[i].assign(signal_values(sub, res.binnings[i].signal))
+  ref = make_reference(bins, ev.stop_ramp[0], res.binnings[i].num_bins)
+  np.testing.assert_array_equal(occupancy, ref.occupancy)
+  np.testing.assert_array_equal(stops, ref.stop_hist)
+  assert n == ref.num_inputs == t.num_inputs
+  # The same as a plain export of the restricted trace stores.
+  plain = tmp_path / "plain.npz"
+  export_policy(plain, pol, res.binnings[i], res.models[i], j, traces=sub)
+  add_reference(plain, sub)
+  ref_occ, ref_stops, ref_n = ExitTable.load(plain).reference
+  np.testing.assert_array_equal(occupancy, ref_occ)
+  np.testing.assert_array_equal(stops, ref_stops)
+  assert n == ref_n
 
 
 def test_the_torch_runner_runs_only_the_active_heads(tmp_path):
@@ -356,7 +392,7 @@ def test_the_torch_runner_runs_only_the_active_heads(tmp_path):
                  must_include=[2])
   b = res.budgets[0]
   path = tmp_path / "p.npz"
-  pl.export_placement(path, res, b, t)
+  export_placement(path, res, b, t)
   active = b.placed["active_ramps"]
   assert 2 in active and 1 not in active
   flat = [h for hh in heads for h in (hh if isinstance(hh, list) else [hh])]
@@ -409,6 +445,27 @@ def test_cli_place_prints_writes_json_plot_and_table(trace_file, tmp_path, capsy
                    "--max-ramps", "2", "--delta", "none", "--out", tmp_path / "e.npz")
   assert rc == 0 and "active ramps" in out
   assert len(ExitTable.load(tmp_path / "e.npz").active_ramps) <= 2
+
+
+def test_jexit_monitor_watches_a_placed_table(trace_file, tmp_path, capsys):
+  path = tmp_path / "e.npz"
+  rc, _, err = run(capsys, "export", trace_file, "--max-loss", "0.05", "--place",
+                   "--max-ramps", "2", "--delta", "none", "--out", path)
+  assert rc == 0, err
+  t = jexit.load_traces(trace_file)
+  table = ExitTable.load(path, counters=True)
+  assert table.reference[2] == t.num_inputs and table.active_ramps[-1] == 3
+  table.run(t.conf, t.pred)  # the full candidate trace; the active columns are read
+  table.counters.save(tmp_path / "live.npz")
+  np.testing.assert_array_equal(table.counters.occupancy, table.reference[0])
+  np.testing.assert_array_equal(table.counters.stop_hist, table.reference[1])
+  rc, out, _ = run(capsys, "monitor", path, tmp_path / "live.npz")
+  assert rc == 0 and "verdict: ok" in out
+  shifted = ExitTable.load(path, counters=True)
+  shifted.run(t.conf ** 4, t.pred)  # every ramp less confident
+  shifted.counters.save(tmp_path / "shifted.npz")
+  rc, out, _ = run(capsys, "monitor", path, tmp_path / "shifted.npz")
+  assert rc == 1 and "verdict: drift" in out
 
 
 @pytest.mark.parametrize("extra,match", [
