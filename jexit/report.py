@@ -63,7 +63,7 @@ def frontier_to_dict(fr: Frontier, trace: Optional[str] = None, *,
 def certificate_to_dict(cert, *, method: Optional[str] = None,
                         metric: str = "agreement") -> Optional[dict]:
   """A `certify.Certificate` or `certify.Fallback` as the JSON object that
-  `jexit budget --json` and the policy file carry (`jexit.export.check_certificate`):
+  `jexit budget --json` and the policy file carry (`jexit.policy_file.check_certificate`):
   its fields, plus `certified` (bool), `method` (whose candidate path was
   tested) and `quantity` (the per-row loss certified, `select.CERTIFIED_LOSS`)."""
   if cert is None:
