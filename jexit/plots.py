@@ -8,7 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from jexit.evaluation import Evaluation
+from jexit.metrics import Evaluation
 from jexit.solver import loss_grid
 from jexit.types import Binning, Policy
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jexit import certify
-from jexit.evaluation import Evaluation
+from jexit.metrics import Evaluation
 from jexit.protocol import Frontier, param_value
 from jexit.select import CERTIFIED_LOSS, DEPLOYABLE, Choice, best_method, per_method
 
