@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jexit  # noqa: E402
 from bench_runtime import machine, spread_heads, table_for_share  # noqa: E402
-from jexit import vgg  # noqa: E402
+from jexit import vgg, vgg_traces  # noqa: E402
 from jexit.record import record  # noqa: E402
 from jexit.runtime import ExitTable  # noqa: E402
 from jexit.runtime_torch import EarlyExitRunner  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv=None):
   # torch: the runner on a small VGG
   torch.manual_seed(0)
   net = vgg.build_model("vgg11", 3, width_div=4, num_classes=10).eval()
-  images = vgg.load_digits_images(32).images[:args.inputs].contiguous()
+  images = vgg_traces.load_digits_images(32).images[:args.inputs].contiguous()
   spread_heads(net, images[:64], median_conf=(0.6, 0.7, 0.9))
   rec = record(net.segments, net.heads, images, batch_size=256, progress=False)
   table = table_for_share(rec, 0.5, 200)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jexit import vgg  # noqa: E402
+from jexit import vgg, vgg_traces  # noqa: E402
 from jexit.record import count_flops, measure_latency, record  # noqa: E402
 
 
@@ -53,12 +53,12 @@ def main(argv=None):
   device = torch.device(args.device)
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   torch.manual_seed(0)
-  digits = vgg.load_digits_images(32).images
+  digits = vgg_traces.load_digits_images(32).images
   nets = [("digits VGG-11 width/4, 32x32", vgg.build_model("vgg11", 3, width_div=4),
            digits[:1536]),
           (f"VGG-11 full width, {args.size}x{args.size}, 1,000 classes",
            vgg.build_model("vgg11", 3, width_div=1, num_classes=1000),
-           vgg.load_digits_images(args.size).images[:256].expand(-1, 3, -1, -1).contiguous())]
+           vgg_traces.load_digits_images(args.size).images[:256].expand(-1, 3, -1, -1).contiguous())]
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
               if line.startswith("model name")), platform.machine())
   print(f"# jexit.record throughput ({time.strftime('%Y-%m-%d')})")

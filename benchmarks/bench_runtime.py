@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jexit  # noqa: E402
-from jexit import vgg  # noqa: E402
+from jexit import vgg, vgg_traces  # noqa: E402
 from jexit.evaluation import evaluate  # noqa: E402
 from jexit.export import export_policy  # noqa: E402
 from jexit.fit import cross_fitted_class_signal  # noqa: E402
@@ -62,7 +62,7 @@ def parse_args(argv=None):
   p.add_argument("--nets", default=",".join(NETS), help=f"comma list of {NETS}")
   p.add_argument("--weights", help="digits: EarlyExitVGG state dict to load instead of training")
   p.add_argument("--save-weights", help="digits: write the trained state dict here")
-  p.add_argument("--epochs", type=int, default=vgg.TraceConfig.epochs)
+  p.add_argument("--epochs", type=int, default=vgg_traces.TraceConfig.epochs)
   p.add_argument("--head-pool", type=int, default=2,
                  help="digits: ramp heads' pool size (2, the first suite's)")
   p.add_argument("--max-loss", type=float, default=0.01,
@@ -197,14 +197,14 @@ def choose_policy(traces, fit_rows, max_loss, num_lams, signal="1-conf", block=1
 def bench_digits(args, device, sync):
   singles, batches = args.singles or 300, args.batches or 20
   t0 = time.perf_counter()
-  config = vgg.TraceConfig(epochs=0 if args.weights else args.epochs, seed=args.seed,
+  config = vgg_traces.TraceConfig(epochs=0 if args.weights else args.epochs, seed=args.seed,
                            head_pool=args.head_pool)
-  run = vgg.make_traces(config, weights=args.weights, device=device)
+  run = vgg_traces.make_traces(config, weights=args.weights, device=device)
   if args.save_weights:
     torch.save(run.model.state_dict(), args.save_weights)
-  data = vgg.load_digits_images(config.size)
+  data = vgg_traces.load_digits_images(config.size)
   held = np.unique(run.trace_source)
-  images, labels, source = vgg.trace_inputs(data, held, config.copies, config.seed)
+  images, labels, source = vgg_traces.trace_inputs(data, held, config.copies, config.seed)
   if not (np.array_equal(source, run.trace_source)
           and np.array_equal(labels.numpy(), run.traces.label)):
     raise RuntimeError("rebuilt trace inputs do not match the trace rows")
@@ -379,7 +379,7 @@ def bench_big(arch, args, device, sync):
   t0 = time.perf_counter()
   torch.manual_seed(args.seed)
   net = vgg.build_model(arch, 3, width_div=1, num_classes=1000).to(device).eval()
-  images = vgg.load_digits_images(args.size).images[:args.inputs].expand(-1, 3, -1, -1)
+  images = vgg_traces.load_digits_images(args.size).images[:args.inputs].expand(-1, 3, -1, -1)
   images = images.contiguous().to(device)
   spread_heads(net, images[:32])
   traces = record(net.segments, net.heads, images, batch_size=32, device=device,

@@ -1,6 +1,6 @@
 """Drift detection on digits: false alarms, detection delay, audited loss, refit.
 
-The digits early-exit VGG-11 (width/4, 3 ramps; trained as `jexit.vgg.make_traces`
+The digits early-exit VGG-11 (width/4, 3 ramps; trained as `jexit.vgg_traces.make_traces`
 trains it, the embedded trace's recipe) serves its held-out images. The held-out
 images are split by image into three pools:
 
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jexit  # noqa: E402
-from jexit import cli, monitor, vgg  # noqa: E402
+from jexit import cli, monitor, vgg, vgg_traces  # noqa: E402
 from jexit.record import record  # noqa: E402
 from jexit.runtime import ExitTable  # noqa: E402
 from jexit.runtime_torch import EarlyExitRunner  # noqa: E402
@@ -151,10 +151,10 @@ def main(argv=None):
   args = p.parse_args(argv)
   torch.set_num_threads(2)
   t0 = time.perf_counter()
-  config = vgg.TraceConfig(epochs=0 if args.weights else 10, seed=args.seed)
-  data = vgg.load_digits_images(config.size)
+  config = vgg_traces.TraceConfig(epochs=0 if args.weights else 10, seed=args.seed)
+  data = vgg_traces.load_digits_images(config.size)
   n = len(data.images)
-  train_rows, held = vgg.split_rows(n, config.trace_frac, config.seed)
+  train_rows, held = vgg_traces.split_rows(n, config.trace_frac, config.seed)
   model = vgg.build_model("vgg11", 3, width_div=config.width_div, num_classes=10,
                           head_pool=config.head_pool)
   if args.weights:
@@ -162,7 +162,7 @@ def main(argv=None):
   else:
     torch.manual_seed(config.seed)
     index = torch.as_tensor(train_rows)
-    vgg.train(model, data.images[index], data.labels[index], epochs=config.epochs,
+    vgg_traces.train(model, data.images[index], data.labels[index], epochs=config.epochs,
               batch_size=config.batch_size, lr=config.lr, seed=config.seed)
     if args.save_weights:
       torch.save(model.state_dict(), args.save_weights)
@@ -174,7 +174,7 @@ def main(argv=None):
 
   def rows_of(pool, kind=None, strength=None, salt=0, copies=None):
     copies = copies or (args.copies if salt == 1 else args.pool_copies)
-    x, y, _ = vgg.trace_inputs(data, pool, copies, args.seed + salt)
+    x, y, _ = vgg_traces.trace_inputs(data, pool, copies, args.seed + salt)
     if kind is not None:
       x = shift(x, kind, strength, args.seed + 1000 + salt)
     tr = record(model.segments, model.heads, (x, y), batch_size=256, device="cpu",

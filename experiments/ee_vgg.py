@@ -1,8 +1,8 @@
 """Early-exit VGG traces for the experiments: `jexit.vgg`, plus learned exit gates.
 
 The network, its weights, the digits/ImageFolder data, the training and the
-trace recipe live in the installed package (`jexit.vgg`, recording in
-`jexit.record`); this module re-exports them under the names the experiments
+trace recipe live in the installed package (`jexit.vgg`, `jexit.vgg_traces`,
+recording in `jexit.record`); this module re-exports them under the names the experiments
 use, and adds the research-only learned exit gates (experiments/reports/GATE.md):
 `make_traces(TraceConfig(signal="gate"))` trains one `ExitGate` per ramp but
 the last after the network and records `1 - P(agree with the final head)` as
@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jexit import vgg
-from jexit.record import flops_of
+from jexit import record as rec
+from jexit import vgg_traces
+from jexit.record import default_device, flops_of
 from jexit.runtime_torch import max_softmax
-from jexit.vgg import _batches  # noqa: F401  (the gates shuffle as the training does)
 from jexit.vgg import (ARCHS, DEFAULT_RAMP_STAGES, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
-                       NUM_STAGES, Dataset, EarlyExitVGG, InputNorm, TraceConfig, TraceRun,
-                       augment, build_model, default_device, load_digits_images,
-                       load_image_folder, load_weights, network_flops, ramp_head,
-                       segment_flops, segment_latency, split_rows, trace_inputs, train,
-                       tv_vgg)
+                       NUM_STAGES, EarlyExitVGG, InputNorm, build_model, load_weights,
+                       network_flops, ramp_head, segment_flops, segment_latency, tv_vgg)
+from jexit.vgg_traces import _batches  # noqa: F401  (the gates shuffle as the training does)
+from jexit.vgg_traces import (Dataset, TraceConfig, TraceRun, augment,  # noqa: F401
+                              load_digits_images, load_image_folder, split_rows, trace_inputs,
+                              train)
 
 __all__ = ["ARCHS", "DEFAULT_RAMP_STAGES", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_STAGES",
            "SIGNALS", "Dataset", "EarlyExitVGG", "ExitGate", "InputNorm", "TraceConfig",
@@ -140,17 +141,17 @@ def gates_of(run: TraceRun) -> nn.ModuleList:
 
 def make_traces(config: TraceConfig = TraceConfig(), data: Optional[Dataset] = None,
                 weights=None, device=None, progress: bool = False) -> TraceRun:
-  """`jexit.vgg.make_traces`, and with `config.signal == "gate"` the learned
+  """`jexit.vgg_traces.make_traces`, and with `config.signal == "gate"` the learned
   gates (`train_gates`, on the training images after the network is trained)
   as the recorded signal, `1 - max softmax` at the last ramp (`gates_of(run)`
   returns the gates)."""
   if config.signal != "gate":
-    return vgg.make_traces(config, data, weights, device, progress)
+    return vgg_traces.make_traces(config, data, weights, device, progress)
 
   def gate_signals(model, train_images):
     gates = train_gates(model, train_images, seed=config.seed, device=device)
-    gates.to(vgg.rec.resolve_device(device))
+    gates.to(rec.resolve_device(device))
     return [g.signal for g in gates] + [lambda z: 1.0 - max_softmax(z)[0]]
 
-  return vgg.make_traces(dataclasses.replace(config, signal=None), data, weights, device,
+  return vgg_traces.make_traces(dataclasses.replace(config, signal=None), data, weights, device,
                          progress, ramp_signals=gate_signals)

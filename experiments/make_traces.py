@@ -9,7 +9,7 @@ The first suite, experiments/traces/pool2 (TRACES.md), had 2x2 heads:
   python experiments/make_traces.py --all experiments/traces/pool2 --head-pool 2
 
 Never downloads anything: `--weights` and `--image-folder` are local paths.
-The code is `jexit.vgg` (and `jexit record`, its installed command line);
+The code is `jexit.vgg` and `jexit.vgg_traces` (and `jexit record`, its installed command line);
 `experiments/ee_vgg.py` adds the learned exit gates of `--signal gate`.
 """
 

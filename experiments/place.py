@@ -5,7 +5,7 @@ Records, once (cached under experiments/traces/place/), digits VGG-11/13/16
 conv-BN-ReLU block, with the pooling that follows it), each a 4x4-pooled
 linear head; VGG-11 also gets a 2x2-pooled head at every position (two
 candidate heads per position: size as well as place). The backbone and its
-final head are trained first (`jexit.vgg.train`), then every candidate head on
+final head are trained first (`jexit.vgg_traces.train`), then every candidate head on
 the frozen backbone. Each network is recorded twice: FLOPs costs and
 measured-latency costs (median ms per input at batch size 1 on one core of
 this CPU, `torch.set_num_threads(1)`).
@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 import jexit  # noqa: E402
 from jexit import place as pl  # noqa: E402
 from jexit import report  # noqa: E402
-from jexit import vgg  # noqa: E402
+from jexit import vgg, vgg_traces  # noqa: E402
 from jexit.record import record  # noqa: E402
 
 TRACES = os.path.join(ROOT, "experiments", "traces", "place")
@@ -71,14 +71,14 @@ def per_conv(model: vgg.EarlyExitVGG):
 
 def train_heads(segments, heads, images, labels, epochs, seed):
   """Every candidate head on the frozen backbone: Adam, cross-entropy, the
-  training augmentation of `jexit.vgg`."""
+  training augmentation of `jexit.vgg_traces`."""
   params = [p for group in heads for h in group for p in h.parameters()]
   opt = torch.optim.Adam(params, lr=3e-3)
   g = torch.Generator().manual_seed(seed + 7)
   ce = nn.functional.cross_entropy
   for _ in range(epochs):
     for rows in torch.randperm(len(images), generator=g).split(64):
-      x = vgg.augment(images[rows], g)
+      x = vgg_traces.augment(images[rows], g)
       y = labels[rows]
       loss = 0.0
       with torch.no_grad():
@@ -98,13 +98,13 @@ def make(arch, epochs, seed=0):
   """Trains and records one candidate network: `{cost: Traces}`, `paper`."""
   torch.manual_seed(seed)
   torch.set_num_threads(1)  # batch-1 serving on one core; steadier latency on a shared CPU
-  data = vgg.load_digits_images(32)
-  train_rows, held = vgg.split_rows(len(data.images), 0.4, seed)
-  x, y, _ = vgg.trace_inputs(data, held, 4, seed)
+  data = vgg_traces.load_digits_images(32)
+  train_rows, held = vgg_traces.split_rows(len(data.images), 0.4, seed)
+  x, y, _ = vgg_traces.trace_inputs(data, held, 4, seed)
   model = vgg.EarlyExitVGG(arch, (5,), data.num_classes, width_div=4, batch_norm=True)
   idx = torch.as_tensor(train_rows)
   images, labels = data.images[idx], data.labels[idx]
-  vgg.train(model, images, labels, epochs=epochs, ramp_epochs=0, seed=seed, device="cpu")
+  vgg_traces.train(model, images, labels, epochs=epochs, ramp_epochs=0, seed=seed, device="cpu")
   model.eval()
   segments, channels, stage = per_conv(model)
   heads = [[vgg.ramp_head(c, p, data.num_classes) for p in VARIANTS[arch]]

@@ -10,6 +10,7 @@ from jexit.datasets import demo_trace_path, load_demo_traces
 from jexit.export import export_policy, load_policy_file, trace_sha256
 from jexit.fit import fit, quantile_edges, uniform_edges
 from jexit.importers import load_apparate
+from jexit.metrics import Evaluation
 from jexit.runtime import ExitTable
 from jexit.traces import check_traces, load_traces, save_traces
 from jexit.types import Binning, ExitModel, Policy, Traces
@@ -20,7 +21,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "check_model": "jexit.solver",
     "solve": "jexit.solver",
-    "Evaluation": "jexit.evaluation",
     "evaluate": "jexit.evaluation",
     "expected_objective": "jexit.evaluation",
     "Choice": "jexit.select",
@@ -32,7 +32,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "Binning", "ExitModel", "ExitTable", "Policy", "Traces",
+    "Binning", "Evaluation", "ExitModel", "ExitTable", "Policy", "Traces",
     "check_traces", "demo_trace_path", "export_policy", "fit", "load_apparate",
     "load_demo_traces", "load_policy_file", "load_traces", "quantile_edges",
     "save_traces", "trace_sha256", "uniform_edges",

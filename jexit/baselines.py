@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jexit.checks import check_bytes
-from jexit.evaluation import Evaluation, from_counts, summarize
+from jexit.metrics import Evaluation, from_counts, summarize
 from jexit.traces import check_traces
 from jexit.types import Binning, Policy, Traces
 

@@ -532,7 +532,7 @@ def run_record(args) -> int:
     check_output_path("--save-weights", args.save_weights)
   try:
     import torch  # pylint: disable=import-outside-toplevel
-    from jexit import vgg  # pylint: disable=import-outside-toplevel
+    from jexit import vgg, vgg_traces  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"jexit record needs torch, torchvision, scikit-learn and tqdm: "
                       f"pip install 'jexit[torch]' ({e})") from e
@@ -568,12 +568,12 @@ def run_record(args) -> int:
   if args.threads:
     torch.set_num_threads(args.threads)
   if args.images is not None:
-    data = vgg.load_image_folder(args.images, size=args.size)
+    data = vgg_traces.load_image_folder(args.images, size=args.size)
   else:
-    data = vgg.load_digits_images(args.size or 32)
+    data = vgg_traces.load_digits_images(args.size or 32)
   epochs = args.epochs if args.epochs is not None else (0 if args.weights else 10)
   copies = args.copies or (1 if args.images is not None else 4)
-  config = vgg.TraceConfig(
+  config = vgg_traces.TraceConfig(
       arch=args.arch, ramp_stages=stages, width_div=args.width_div,
       batch_norm=not args.no_batch_norm, head_pool=args.head_pool, epochs=epochs,
       ramp_epochs=args.train_ramps, training="joint" if args.joint else "separate",
@@ -581,7 +581,7 @@ def run_record(args) -> int:
       augment_trace=args.images is None or copies > 1, max_images=args.max_images,
       seed=args.seed, cost=args.cost, size=int(data.images.shape[-1]), signal=args.signal,
       record_batch_size=args.batch_size, latency_batch_size=args.latency_batch_size)
-  run = vgg.make_traces(config, data=data, weights=args.weights, device=device,
+  run = vgg_traces.make_traces(config, data=data, weights=args.weights, device=device,
                         progress=not args.quiet)
   save_traces(args.out, run.traces)
   t = run.traces

@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from jexit.evaluation import Evaluation
+from jexit.metrics import Evaluation
 from jexit.solver import loss_grid
 from jexit.subsets import evenly_spaced
 from jexit.types import Binning, Policy

@@ -14,9 +14,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from jexit import baselines, signals
-from jexit.evaluation import (_PER_POLICY, DEFAULT_MAX_BYTES, Evaluation, cost_quantiles,
-                              evaluate)
+from jexit.evaluation import DEFAULT_MAX_BYTES, evaluate
 from jexit.fit import class_scores, fit
+from jexit.metrics import _PER_POLICY, Evaluation, cost_quantiles
 from jexit.solver import available_host_bytes, solve, working_dtype
 from jexit.traces import check_traces, fold_rows, split_rows
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar

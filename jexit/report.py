@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jexit import certify
-from jexit.evaluation import Evaluation
+from jexit.metrics import Evaluation
 from jexit.place import Placement
 from jexit.protocol import Frontier, param_value
 from jexit.select import CERTIFIED_LOSS, DEPLOYABLE, Choice, best_method, per_method
@@ -65,7 +65,7 @@ def frontier_to_dict(fr: Frontier, trace: Optional[str] = None, *,
 def certificate_to_dict(cert, *, method: Optional[str] = None,
                         metric: str = "agreement") -> Optional[dict]:
   """A `certify.Certificate` or `certify.Fallback` as the JSON object that
-  `jexit budget --json` and the policy file carry (`jexit.export.check_certificate`):
+  `jexit budget --json` and the policy file carry (`jexit.policy_file.check_certificate`):
   its fields, plus `certified` (bool), `method` (whose candidate path was
   tested) and `quantity` (the per-row loss certified, `select.CERTIFIED_LOSS`)."""
   if cert is None:

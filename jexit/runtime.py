@@ -1,11 +1,10 @@
 """Serving-side runtime of an exported exit policy, in plain numpy.
 
 This module reads the policy file that `jexit.export.export_policy` writes
-(the format is documented there) and applies its decision rule. It imports
-numpy and jexit's numpy-only modules (`export`, `signals`, `npzio`, `types`),
-never JAX. The signal `v` of each ramp is `jexit.signals.REGISTRY[header.signal]`:
-computed from the ramp's max softmax and prediction, or, for `"signal"`, the
-caller's own.
+(the format and its reader are `jexit.policy_file`) and applies its decision
+rule. It imports numpy and jexit's numpy-only modules, never JAX. The signal
+`v` of each ramp is `jexit.signals.REGISTRY[header.signal]`: computed from the
+ramp's max softmax and prediction, or, for `"signal"`, the caller's own.
 
 Decision rule at ramp k (0-based) once its signal `v` is known:
 
@@ -38,11 +37,13 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from jexit import monitor, signals
-from jexit.export import (FORMAT_NAME, FORMAT_VERSION, HEADER_FIELDS, _describe,  # noqa: F401
-                          _real, check_arrays, check_calibration, check_header,
-                          check_reference, read_policy_arrays)
+from jexit.policy_file import (FORMAT_NAME, FORMAT_VERSION, HEADER_FIELDS,  # noqa: F401
+                               _describe, _real, budget_note, check_arrays, check_calibration,
+                               check_header, check_reference, describe_budget,
+                               read_policy_arrays)
 from jexit.signals import (class_features, class_signal, margin_signal,  # noqa: F401
                            stability_signal)
+from jexit.types import is_int_scalar, is_real_scalar
 
 _NAN_MODES = ("error", "continue")
 _RANGE_MODES = ("error", "clip")
@@ -159,16 +160,7 @@ class ExitTable:
     return self.loss.dtype
 
   def __repr__(self):
-    extra = ""
-    if self.budget is not None:
-      extra += f", budget={self.budget['max_loss']:g} {self.budget['metric']}"
-    cert = self.certificate
-    if cert is not None:
-      extra += (f", certified: Pr({cert['quantity']} > {cert['eps']:g}) <= {cert['delta']:g}"
-                if cert["certified"] else ", not certified: backbone")
-    elif self.budget is not None:
-      extra += ", not certified: fit rows only"
-    return self._repr(extra)
+    return self._repr(budget_note(self.header))
 
   def _repr(self, extra=""):
     return (f"ExitTable(K={self.num_ramps}, S={self.num_bins}, lam={self.lam:g}, "
@@ -176,33 +168,7 @@ class ExitTable:
 
   def describe(self) -> str:
     """What the table is and what its budget guarantees, in words (a few lines)."""
-    lines = [self._repr()]
-    budget, cert = self.budget, self.certificate
-    if budget is None:
-      lines.append("budget: none recorded (exported for a lam, or by an older jexit)")
-    else:
-      lines.append(f"budget: {budget['metric']} loss <= {budget['max_loss']:g}")
-    if cert is None:
-      if budget is not None:
-        lines.append("not certified: the budget was met on the fit rows only; on new inputs "
-                     "it is exceeded in about half of all splits (docs/certify.md)")
-    elif cert["certified"]:
-      units = (f"{cert['units']} rows" if cert["block"] == 1
-               else f"{cert['units']} blocks of {cert['block']} rows")
-      lines.append(
-          f"certified: Pr(true {cert['quantity']} > {cert['eps']:g}) <= {cert['delta']:g} "
-          f"({cert['test']} test on {units} that the fit never saw, sha256 "
-          f"{(cert['rows_sha256'] or '-')[:12]}; observed {cert['loss']:.4g}, upper bound "
-          f"{cert['ucb']:.4g}, p-value {cert['pvalue']:.3g})")
-    else:
-      lines.append(
-          f"not certified: {cert['units']} calibration units could not certify "
-          f"{cert['eps']:g} at delta {cert['delta']:g} (it needs {cert['needed_units']}; they "
-          f"certify at best {cert['smallest_certifiable']:.4g}): this is the backbone, it "
-          f"never exits early")
-    if self.active_ramps is not None:
-      lines.append(f"active ramps: {self.active_ramps}")
-    return "\n".join(lines)
+    return "\n".join([self._repr()] + describe_budget(self.header))
 
   def _check_ramp(self, k):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -296,10 +262,10 @@ class ExitTable:
                        "'signal'); compute it as the traces recorded it")
     if type(k) is not int or not 0 <= k < len(self._lo_list):
       k = self._check_ramp(k)
-    if not _is_real(conf):
+    if not is_real_scalar(conf):
       raise ValueError(f"conf: expected a real max-softmax value, got {conf!r}")
     for name, p in (("pred", pred), ("prev_pred", prev_pred)):
-      if not (_is_int(p) or (p is None and name == "prev_pred")):
+      if not (is_int_scalar(p) or (p is None and name == "prev_pred")):
         raise ValueError(f"{name}: expected an int class id, got {p!r}")
     return one(k, conf, pred, prev_pred, self._calibration_list)
 
@@ -437,12 +403,12 @@ class ExitTable:
     # the end, a string would fail deep inside.
     if type(k) is not int or not 0 <= k < len(self._lo_list):
       k = self._check_ramp(k)
-    if type(v) is not float and not _is_real(v):
+    if type(v) is not float and not is_real_scalar(v):
       raise ValueError(f"v: expected a real signal value, got {v!r}")
-    if type(best_loss) is not float and not _is_real(best_loss):
+    if type(best_loss) is not float and not is_real_scalar(best_loss):
       raise ValueError(f"best_loss: expected the best loss so far (a float), got {best_loss!r}")
     if type(best_ramp) is not int or not -1 <= best_ramp < k:
-      if not (_is_int(best_ramp) and -1 <= best_ramp < k):
+      if not (is_int_scalar(best_ramp) and -1 <= best_ramp < k):
         raise ValueError(f"best_ramp: expected -1 (none yet) or an earlier ramp in "
                          f"[0, {k}), got {best_ramp!r}")
       best_ramp = int(best_ramp)
@@ -566,16 +532,6 @@ class ExitTable:
                        f"candidate trace (more than {int(cols[-1])} columns: active_ramps "
                        f"{self.active_ramps}), got {_describe(pred)}")
     return cols
-
-
-def _is_real(v) -> bool:
-  """A Python or numpy int or float (not a bool, not an array)."""
-  return (isinstance(v, (int, float, np.integer, np.floating))
-          and not isinstance(v, (bool, np.bool_)))
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def load_policy_file(path, **options) -> ExitTable:

@@ -32,7 +32,6 @@ segment: it saves no compute, only host round trips. benchmarks/RUNTIME.md
 measured both.
 """
 
-import bisect
 import os
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -41,8 +40,10 @@ import torch
 
 from jexit import signals
 from jexit.runtime import ExitTable, _make_counters
+from jexit.torch_table import (EXACT_SIGNALS, DeviceTable, Tally, bin_one, margin_signal,
+                               max_softmax, select_active)
 
-__all__ = ["EarlyExitRunner", "RunnerOutput", "max_softmax"]
+__all__ = ["EarlyExitRunner", "RunnerOutput", "margin_signal", "max_softmax"]
 
 
 class RunnerOutput(NamedTuple):
@@ -62,67 +63,7 @@ class RunnerOutput(NamedTuple):
   output_ramp: torch.Tensor
 
 
-def max_softmax(logits: torch.Tensor):
-  """`(conf [B], pred [B])`: max softmax and argmax of `[B, C]` logits.
-
-  Computed in float32 (float64 for float64 logits), as the trace extraction
-  does, so the runtime sees the confidences the policy was fitted on.
-  """
-  z = logits if logits.dtype == torch.float64 else logits.float()
-  return z.softmax(-1).max(-1)
-
-
-def margin_signal(logits: torch.Tensor) -> torch.Tensor:
-  """`[B]` margin signal of `[B, C]` logits, `1 - (top probability -
-  second)` (as `jexit.runtime.margin_signal` of their softmax): the
-  `signal_fn` of a table fitted on a recorded margin."""
-  z = logits if logits.dtype == torch.float64 else logits.float()
-  return signals.margin(z.softmax(-1), xp=torch)
-
-
 BATCHING = ("compact", "bucket", "mask")
-# Signals whose float64 formula is additions only (1 - conf, + the changed
-# flag): correctly rounded in torch as in numpy, on every device.
-_EXACT_SIGNALS = ("1-conf", "stability")
-_NEAR = 1e-12  # a torch value this close to an edge is recomputed in numpy
-
-
-class _DeviceTable(NamedTuple):
-  """An `ExitTable`'s arrays on one device."""
-  inner: list               # K tensors [S-1] float64, edges[k, 1:-1]
-  first: torch.Tensor       # [K] float64, edges[:, 0]
-  lo: torch.Tensor          # [K] float64, lowest value accepted (range_tol)
-  hi: torch.Tensor          # [K] float64, highest value accepted
-  loss: torch.Tensor        # [K, S] table dtype
-  threshold: torch.Tensor   # [K, S] table dtype
-  calibration: Optional[torch.Tensor]  # [K-1, 2C+3] float64 ("class")
-
-
-class _Step(NamedTuple):
-  """One ramp's decision for the rows it ran on (tensors on the device)."""
-  stop: torch.Tensor       # [n] bool
-  better: torch.Tensor     # [n] bool, this ramp became the output ramp
-  best_loss: torch.Tensor  # [n] table dtype
-  best_ramp: torch.Tensor  # [n] int64
-  isnan: torch.Tensor      # [n] bool
-  bins: torch.Tensor       # [n] int64, the signal's bin (NaN: bin 0)
-
-
-class _Tally:
-  """Counts kept on one device between reads of `EarlyExitRunner.counters`
-  (adding to them needs no host sync)."""
-
-  def __init__(self, k: int, s: int, device):
-    self.occupancy = torch.zeros((k, s), dtype=torch.int64, device=device)
-    self.nan = torch.zeros(k, dtype=torch.int64, device=device)
-    self.stop_hist = torch.zeros(k, dtype=torch.int64, device=device)
-    self.output_hist = torch.zeros(k, dtype=torch.int64, device=device)
-    self.audits = []  # (pred [A, K], output_ramp [A], conf [A, K], signal [A, K])
-
-  def stops(self, stop_ramp, output_ramp) -> None:
-    ones = torch.ones_like(stop_ramp)
-    self.stop_hist.index_add_(0, stop_ramp, ones)
-    self.output_hist.index_add_(0, output_ramp, ones)
 
 
 class EarlyExitRunner:
@@ -185,8 +126,8 @@ class EarlyExitRunner:
     segments, heads = list(segments), list(heads)
     self._active = None
     if table.active_ramps is not None and len(segments) == len(heads):
-      segments, heads, signal_fn, self._active = _select_active(segments, heads, table,
-                                                                signal_fn)
+      segments, heads, signal_fn, self._active = select_active(segments, heads, table,
+                                                               signal_fn)
     if len(segments) != len(heads):
       raise ValueError(f"heads: expected one head per segment ({len(segments)}), "
                        f"got {len(heads)}")
@@ -226,7 +167,7 @@ class EarlyExitRunner:
     self._signal_fns = signal_fns
     self._entry = entry
     # Values the runner computes with logs/exps get checked against numpy near edges.
-    self._exact = signal_fn is not None or table.signal in _EXACT_SIGNALS
+    self._exact = signal_fn is not None or table.signal in EXACT_SIGNALS
     self._mode_sensitive = None
     self._tables = {}
     self._counters, self.audit, self._rng = _make_counters(table, counters, audit, seed)
@@ -256,12 +197,12 @@ class EarlyExitRunner:
         tally.audits.clear()
     return c
 
-  def _tally(self, device) -> Optional[_Tally]:
+  def _tally(self, device) -> Optional[Tally]:
     if self._counters is None:
       return None
     tally = self._tallies.get(device)
     if tally is None:
-      tally = self._tallies[device] = _Tally(self.num_ramps, self.table.num_bins, device)
+      tally = self._tallies[device] = Tally(self.num_ramps, self.table.num_bins, device)
     return tally
 
   def _audit_draw(self, b: int) -> Optional[np.ndarray]:
@@ -301,19 +242,10 @@ class EarlyExitRunner:
                          f"{name or '(itself)'} in training mode (call model.eval(): "
                          f"its output would depend on which inputs are still running)")
 
-  def _device_table(self, device) -> _DeviceTable:
+  def _device_table(self, device) -> DeviceTable:
     dt = self._tables.get(device)
     if dt is None:
-      t = self.table
-      f64 = lambda a: torch.as_tensor(np.asarray(a, np.float64), device=device)
-      dtype = torch.float64 if t.dtype == np.float64 else torch.float32
-      dt = _DeviceTable(
-          inner=[f64(np.ascontiguousarray(e[1:-1])) for e in t.edges],
-          first=f64(t.edges[:, 0]), lo=f64(t._lo), hi=f64(t._hi),  # pylint: disable=protected-access
-          loss=torch.as_tensor(t.loss, device=device).to(dtype),
-          threshold=torch.as_tensor(t.threshold, device=device).to(dtype),
-          calibration=None if t.calibration is None else f64(t.calibration))
-      self._tables[device] = dt
+      dt = self._tables[device] = DeviceTable.on(self.table, device)
     return dt
 
   def _logits(self, k, h, n, num_classes=None):
@@ -340,69 +272,13 @@ class EarlyExitRunner:
     # In float64 from the float32 confidence, as jexit.evaluation computes it.
     return self._entry.ramp(k, conf.to(torch.float64), pred, prev_pred, dt.calibration, torch)
 
-  def _exact_values(self, k, v, conf, pred, prev_pred, rows):
-    """`v` with the values at `rows` (indices) recomputed by numpy."""
-    prev = None if prev_pred is None else prev_pred[rows].cpu().numpy()
-    exact = self.table.signal_of(k, conf[rows].cpu().numpy().astype(np.float64),
-                                 pred[rows].cpu().numpy(), prev)
-    return v.index_put((rows,), torch.as_tensor(exact, device=v.device))
-
-  def _near(self, k, v, dt) -> torch.Tensor:
-    """`[n]` bool: within `_NEAR` of an inner edge or of the accepted range."""
-    inner = dt.inner[k]
-    near = (torch.bucketize(v - _NEAR, inner, right=True)
-            != torch.bucketize(v + _NEAR, inner, right=True))
-    return near | ((v - dt.lo[k]).abs() <= _NEAR) | ((v - dt.hi[k]).abs() <= _NEAR)
-
-  def _decide(self, k, v, best_loss, best_ramp, dt) -> _Step:
-    """`ExitTable._decide` as tensor ops, for float64 signals `v [n]`."""
-    isnan = torch.isnan(v)
-    b = torch.bucketize(torch.where(isnan, dt.first[k], v), dt.inner[k], right=True)
-    current = torch.where(isnan, float("inf"), dt.loss[k].index_select(0, b))
-    if self.table.recall:
-      # `<=`: on ties the latest ramp becomes the output (PROBLEM.md).
-      better = current <= best_loss
-      best_loss = torch.where(better, current, best_loss)
-      best_ramp = torch.where(better, k, best_ramp)
-    else:
-      better = torch.ones_like(isnan)
-      best_loss, best_ramp = current, torch.full_like(best_ramp, k)
-    if k == self.num_ramps - 1:
-      stop = torch.ones_like(isnan)
-    else:
-      stop = (best_loss <= dt.threshold[k].index_select(0, b)) & ~isnan
-    return _Step(stop, better, best_loss, best_ramp, isnan, b)
-
   def _count_one(self, k: int, v: float) -> None:
     """Counts one input's bin at ramp k (the batch-size-1 path)."""
-    b, isnan = _bin_one(self.table, k, v)
+    b, isnan = bin_one(self.table, k, v)
     if isnan:
       self._counters.nan[k] += 1
     else:
       self._counters.occupancy[k, b] += 1
-
-  def _bins_of(self, k, v, dt):
-    """`(bins [n], isnan [n])` of float64 signals, as `_decide` bins them."""
-    isnan = torch.isnan(v)
-    return torch.bucketize(torch.where(isnan, dt.first[k], v), dt.inner[k], right=True), isnan
-
-  def _problems(self, v, isnan, dt, k, valid):
-    """0-d counts of NaN and of out-of-range signals the table refuses."""
-    out = []
-    if self.table.nan == "error":
-      out.append((isnan & valid).sum())
-    if self.table.out_of_range == "error":
-      out.append(((~isnan) & ((v < dt.lo[k]) | (v > dt.hi[k])) & valid).sum())
-    return out
-
-  def _raise_bad(self, k, v, rows, valid, b):
-    """Raises the numpy runtime's error for ramp k, naming the input's index
-    in the batch (`rows [n]` maps the compacted rows to it)."""
-    v, rows, valid = (t.cpu().numpy() for t in (v, rows, valid))
-    full = np.full(b, self.table.edges[k, 0])
-    full[rows[valid]] = v[valid]
-    self.table._bins(k, full)  # pylint: disable=protected-access
-    raise AssertionError(f"ramp {k}: a bad signal was flagged but not found")
 
   def _bucket(self, n: int, b: int) -> int:
     if self.bucket_sizes is None:
@@ -477,27 +353,27 @@ class EarlyExitRunner:
       num_classes = int(logits.shape[1])
       conf, pred = max_softmax(logits)
       v = self._values(k, logits, conf, pred, prev_pred, dt)
-      step = self._decide(k, v, best_loss, best_ramp, dt)
+      step = dt.decide(k, v, best_loss, best_ramp)
       served = valid if done is None else valid.logical_and(done.logical_not())
       going = step.stop.logical_not().logical_and(served)
       if aud is not None:
         going = going.logical_or(aud.logical_and(valid))
-      checks = self._problems(v, step.isnan, dt, k, served)
-      near = None if self._exact else self._near(k, v, dt).logical_and(valid)
+      checks = dt.problems(v, step.isnan, k, served)
+      near = None if self._exact else dt.near(k, v).logical_and(valid)
       counts = torch.stack([going.sum()] + checks + ([] if near is None else [near.sum()])
                            ).tolist()  # the one host sync of this ramp
       if near is not None and counts[-1]:
         # Rare: a value within 1e-12 of an edge, where torch's last bits could
         # pick another bin than numpy's; take numpy's and decide again.
-        v = self._exact_values(k, v, conf, pred, prev_pred, near.nonzero().squeeze(1))
-        step = self._decide(k, v, best_loss, best_ramp, dt)
+        v = dt.exact_values(k, v, conf, pred, prev_pred, near.nonzero().squeeze(1))
+        step = dt.decide(k, v, best_loss, best_ramp)
         going = step.stop.logical_not().logical_and(served)
         if aud is not None:
           going = going.logical_or(aud.logical_and(valid))
-        checks = self._problems(v, step.isnan, dt, k, served)
+        checks = dt.problems(v, step.isnan, k, served)
         counts = torch.stack([going.sum()] + checks).tolist()
       if any(counts[1:1 + len(checks)]):
-        self._raise_bad(k, v, rows, served, b)
+        dt.raise_bad(k, v, rows, served, b)
       if tally is not None:
         counted = served.logical_and(step.isnan.logical_not())
         tally.occupancy[k].index_add_(0, step.bins, counted.to(torch.int64))
@@ -568,12 +444,12 @@ class EarlyExitRunner:
       outputs.append((logits, conf, pred, self._values(k, logits, conf, pred, prev, dt)))
     values = [o[3] for o in outputs]
     if not self._exact:
-      near = [self._near(k, v, dt) for k, v in enumerate(values)]
+      near = [dt.near(k, v) for k, v in enumerate(values)]
       if any(torch.stack([m.any() for m in near]).tolist()):
         for k, m in enumerate(near):
           prev = outputs[k - 1][2] if k else None
-          values[k] = self._exact_values(k, values[k], outputs[k][1], outputs[k][2], prev,
-                                         m.nonzero().squeeze(1))
+          values[k] = dt.exact_values(k, values[k], outputs[k][1], outputs[k][2], prev,
+                                      m.nonzero().squeeze(1))
     dtype = dt.loss.dtype
     active = torch.ones(b, dtype=torch.bool, device=device)
     best_loss = torch.full((b,), float("inf"), dtype=dtype, device=device)
@@ -584,8 +460,8 @@ class EarlyExitRunner:
     out_logits = torch.zeros_like(best_logits) if self.keep_logits else None
     problems, actives = [], []
     for k, (logits, _, pred, _) in enumerate(outputs):
-      step = self._decide(k, values[k], best_loss, best_ramp, dt)
-      problems.append(self._problems(values[k], step.isnan, dt, k, active))
+      step = dt.decide(k, values[k], best_loss, best_ramp)
+      problems.append(dt.problems(values[k], step.isnan, k, active))
       actives.append(active)
       best_loss, best_ramp = step.best_loss, step.best_ramp
       best_pred = torch.where(step.better, pred, best_pred)
@@ -601,7 +477,7 @@ class EarlyExitRunner:
     tally = self._tally(device)
     if tally is not None:
       for k, act in enumerate(actives):
-        step_bins, isnan = self._bins_of(k, values[k], dt)
+        step_bins, isnan = dt.bins(k, values[k])
         tally.occupancy[k].index_add_(0, step_bins, (act & ~isnan).to(torch.int64))
         tally.nan[k] += (act & isnan).sum()
       tally.stops(out_stop, out_ramp)
@@ -618,7 +494,7 @@ class EarlyExitRunner:
       bad = next((k for k, f in enumerate(flags) if any(f)), None)
       if bad is not None:
         rows = torch.arange(b, device=device)
-        self._raise_bad(bad, values[bad], rows, actives[bad], b)
+        dt.raise_bad(bad, values[bad], rows, actives[bad], b)
     return RunnerOutput(pred=out_pred, logits=out_logits, stop_ramp=out_stop,
                         output_ramp=out_ramp)
 
@@ -658,58 +534,6 @@ class EarlyExitRunner:
     return RunnerOutput(pred=out_pred, logits=out_logits if self.keep_logits else None,
                         stop_ramp=torch.tensor([k], device=device),
                         output_ramp=torch.tensor([best_ramp], device=device))
-
-
-def _bin_one(table: ExitTable, k: int, v: float):
-  """`(bin, isnan)` of one signal value, as `ExitTable.bins` (Python floats)."""
-  if table._lo_list[k] <= v <= table._hi_list[k]:  # pylint: disable=protected-access
-    return bisect.bisect_right(table._inner_list[k], v), False  # pylint: disable=protected-access
-  b, isnan = table.bins(k, np.array([v]))
-  return int(b[0]), bool(isnan[0])
-
-
-def _chain(parts):
-  """One segment that runs `parts` in order."""
-  if len(parts) == 1:
-    return parts[0]
-  if all(isinstance(p, torch.nn.Module) for p in parts):
-    return torch.nn.Sequential(*parts)
-
-  def run(h):
-    for p in parts:
-      h = p(h)
-    return h
-  return run
-
-
-def _select_active(segments, heads, table, signal_fn):
-  """The deployed model of a placement table (`table.active_ramps`) on the
-  candidate model: `segments [P]` and `heads [P]`, each a head or a list of
-  the candidate heads at that position (as `jexit.record.record` takes them;
-  candidate k is the k-th head in order). Returns `(segments [K], heads [K],
-  signal_fn, active [K] tensor)`: the segments up to each active ramp merged,
-  only the active heads (the others never run), and a per-candidate
-  `signal_fn` list cut to the active ramps. A model that already has the
-  table's K ramps, one head each, is returned as it is (active None)."""
-  grouped = [list(h) if isinstance(h, (list, tuple, torch.nn.ModuleList)) else [h]
-             for h in heads]
-  where = [(p, j) for p, g in enumerate(grouped) for j in range(len(g))]
-  active = list(table.active_ramps)
-  if len(where) == table.num_ramps and all(len(g) == 1 for g in grouped):
-    return segments, heads, signal_fn, None
-  if active[-1] >= len(where):
-    raise ValueError(f"heads: the table's active_ramps {active} index candidate ramps, the "
-                     f"model has {len(where)} candidate heads")
-  pos = [where[a][0] for a in active]
-  if any(b <= a for a, b in zip(pos, pos[1:])):
-    raise ValueError(f"table.active_ramps: expected at most one active head per position, "
-                     f"got {active} at positions {pos}")
-  starts = [0] + [p + 1 for p in pos[:-1]]
-  new_segments = [_chain(segments[s:p + 1]) for s, p in zip(starts, pos)]
-  new_heads = [grouped[where[a][0]][where[a][1]] for a in active]
-  if isinstance(signal_fn, (list, tuple)) and len(signal_fn) == len(where):
-    signal_fn = [signal_fn[a] for a in active]
-  return new_segments, new_heads, signal_fn, torch.as_tensor(active, dtype=torch.int64)
 
 
 def _rows_of(going: torch.Tensor, size: int) -> torch.Tensor:

@@ -13,8 +13,9 @@ from typing import Dict, NamedTuple, Optional, Sequence
 import numpy as np
 
 from jexit import baselines, certify, signals
-from jexit.evaluation import DEFAULT_MAX_BYTES, Evaluation, select
+from jexit.evaluation import DEFAULT_MAX_BYTES
 from jexit.fit import MAX_CLASSES
+from jexit.metrics import Evaluation, select
 from jexit.protocol import (APPARATE_BUDGETS, METHODS, METRICS, NUM_LAMBDAS, Frontier,
                             candidate_policy, frontier, param_value, pool)
 from jexit.traces import check_traces, own_signal, row_blocks, signal_values, split_rows

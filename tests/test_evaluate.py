@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jexit
-from jexit.evaluation import Evaluation, cost_quantiles, evaluate, expected_objective, summarize
+from jexit.evaluation import evaluate, expected_objective
+from jexit.metrics import Evaluation, cost_quantiles, summarize
 
 
 def random_traces(rng, n=300, k=3, classes=3, labels=True, signal=False):

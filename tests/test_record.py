@@ -73,8 +73,9 @@ def test_record_equals_the_model_on_every_kind_of_data():
 
 def test_flops_of_segments_and_heads_add_up_to_the_network():
   vgg = pytest.importorskip("jexit.vgg")
+  vgg_traces = pytest.importorskip("jexit.vgg_traces")
   model = vgg.build_model("vgg13", 5, width_div=16)
-  images = vgg.load_digits_images().images[:8]
+  images = vgg_traces.load_digits_images().images[:8]
   t = record(model.segments, model.heads, images, batch_size=4, device="cpu", progress=False)
   assert t.conf.shape == (8, 5)
   assert t.cost.sum() == vgg.network_flops(model)
@@ -170,9 +171,10 @@ def test_bad_input_is_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_records_as_the_cpu_up_to_float_tolerance():
   vgg = pytest.importorskip("jexit.vgg")
+  vgg_traces = pytest.importorskip("jexit.vgg_traces")
   torch.manual_seed(0)
   model = vgg.build_model("vgg11", 3, width_div=16)
-  images = vgg.load_digits_images().images[:64]
+  images = vgg_traces.load_digits_images().images[:64]
   cpu = record(model.segments, model.heads, images, device="cpu", progress=False)
   gpu = record(model.segments, model.heads, images, device="cuda", progress=False)
   np.testing.assert_allclose(gpu.conf, cpu.conf, atol=1e-4)
@@ -184,6 +186,7 @@ def test_cli_record_budget_export_serve(tmp_path, capsys):
   """The user's path on a tiny VGG: `jexit record`, `budget`, `export`, then the
   policy served by EarlyExitRunner decides as the numpy runtime does."""
   vgg = pytest.importorskip("jexit.vgg")
+  vgg_traces = pytest.importorskip("jexit.vgg_traces")
   pytest.importorskip("sklearn")
   from jexit import cli
   from jexit.runtime import ExitTable
@@ -203,7 +206,7 @@ def test_cli_record_budget_export_serve(tmp_path, capsys):
   model = vgg.EarlyExitVGG("vgg11", (2, 3, 5), 10, width_div=16)
   assert vgg.load_weights(model, weights) == []
   model.eval()
-  images = vgg.load_digits_images().images[:200]
+  images = vgg_traces.load_digits_images().images[:200]
   table = ExitTable.load(policy, out_of_range="clip")
   seen = record(model.segments, model.heads, images, device="cpu", progress=False)
   want = table.run(seen.conf, seen.pred)

@@ -243,13 +243,14 @@ def test_runner_on_digits_vgg(tmp_path, batching):
   recorded by jexit.record: compacted float32 batches decide as the numpy
   runtime does on the confidences of a full-batch pass."""
   vgg = pytest.importorskip("jexit.vgg")
+  vgg_traces = pytest.importorskip("jexit.vgg_traces")
   from jexit.record import record
   torch.manual_seed(0)
   net = vgg.build_model("vgg11", ramps=3, width_div=16).eval()
   with torch.no_grad():  # spread the near-uniform softmax of untrained heads
     for head, scale in zip(net.heads, (10.0, 30.0, 100.0)):
       head[-1].weight.mul_(scale)
-  images = vgg.load_digits_images().images[:256]
+  images = vgg_traces.load_digits_images().images[:256]
   traces = record(net.segments, net.heads, images, device="cpu", progress=False)
   conf, pred = traces.conf, traces.pred
   model, binning = jexit.fit(traces, bins="quantile", num_bins=8)

@@ -13,7 +13,8 @@ from scipy import stats
 import jexit
 from jexit import baselines, certify, cli, report, select
 from jexit.evaluation import evaluate
-from jexit.export import check_certificate, export_policy
+from jexit.export import export_policy
+from jexit.policy_file import check_certificate
 from jexit.runtime import ExitTable
 from jexit.traces import split_rows
 

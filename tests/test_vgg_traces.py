@@ -1,4 +1,5 @@
-"""Early-exit VGG traces (jexit.vgg; learned gates: experiments/vgg.py): tiny models on the CPU."""
+"""Early-exit VGG traces (jexit.vgg, jexit.vgg_traces; learned gates: experiments/ee_vgg.py):
+tiny models on the CPU."""
 
 import dataclasses
 import os
@@ -12,12 +13,12 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
 import jexit  # noqa: E402
-from jexit import vgg  # noqa: E402
+from jexit import vgg, vgg_traces  # noqa: E402
 from experiments import ee_vgg  # noqa: E402
 from experiments import make_traces as cli  # noqa: E402
 
 # Few channels, few images, one epoch: seconds on one CPU core.
-TINY = vgg.TraceConfig(width_div=16, max_images=120, epochs=1, ramp_epochs=1,
+TINY = vgg_traces.TraceConfig(width_div=16, max_images=120, epochs=1, ramp_epochs=1,
                           copies=2, batch_size=32, seed=3)
 
 
@@ -32,7 +33,7 @@ def one_thread():
 
 @pytest.mark.parametrize("training", ["joint", "separate"])
 def test_tiny_model_writes_a_valid_trace(tmp_path, training):
-  run = vgg.make_traces(dataclasses.replace(TINY, training=training), device="cpu")
+  run = vgg_traces.make_traces(dataclasses.replace(TINY, training=training), device="cpu")
   path = tmp_path / "t.npz"
   jexit.save_traces(path, run.traces)
   traces = jexit.load_traces(path)
@@ -53,29 +54,29 @@ def test_tiny_model_writes_a_valid_trace(tmp_path, training):
 
 
 def test_trace_rows_are_disjoint_from_training_rows():
-  run = vgg.make_traces(dataclasses.replace(TINY, epochs=0, ramp_epochs=0), device="cpu")
+  run = vgg_traces.make_traces(dataclasses.replace(TINY, epochs=0, ramp_epochs=0), device="cpu")
   assert not set(run.train_rows) & set(run.trace_source)
   # Copies of one image are consecutive rows (image-major).
   held = np.unique(run.trace_source)
   assert np.array_equal(run.trace_source, np.repeat(held, TINY.copies))
   assert len(held) + len(run.train_rows) == 120
-  train, held2 = vgg.split_rows(1797, 0.4, seed=0)
+  train, held2 = vgg_traces.split_rows(1797, 0.4, seed=0)
   assert not set(train) & set(held2) and len(train) + len(held2) == 1797
 
 
 def test_self_distilled_ramps_learn_the_final_head_not_the_labels():
   # The backbone and final head learn shifted labels (y + 1) % 10; the ramps
   # then train on y. Ramps that agree with the final head learned the teacher.
-  data = vgg.load_digits_images()
+  data = vgg_traces.load_digits_images()
   x, y = data.images[:128], data.labels[:128]
   agreement = {}
   for target in ("labels", "teacher"):
     torch.manual_seed(0)
     model = vgg.build_model("vgg11", 3, width_div=8)
     common = dict(training="separate", batch_size=32, augment_train=False, device="cpu")
-    vgg.train(model, x, (y + 1) % 10, epochs=20, ramp_epochs=0, **common)
+    vgg_traces.train(model, x, (y + 1) % 10, epochs=20, ramp_epochs=0, **common)
     final = [p.detach().clone() for p in model.heads[-1].parameters()]
-    vgg.train(model, x, y, epochs=0, ramp_epochs=8, ramp_target=target, **common)
+    vgg_traces.train(model, x, y, epochs=0, ramp_epochs=8, ramp_target=target, **common)
     torch.testing.assert_close(list(model.heads[-1].parameters()), final)  # frozen teacher
     model.eval()
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_self_distilled_ramps_learn_the_final_head_not_the_labels():
   assert agreement["labels"] < 0.1, agreement  # those ramps learned y
   assert agreement["teacher"] > agreement["labels"] + 0.3, agreement
   with pytest.raises(ValueError, match="ramp_target"):
-    vgg.train(model, x, y, epochs=0, ramp_epochs=1, ramp_target="final")
+    vgg_traces.train(model, x, y, epochs=0, ramp_epochs=1, ramp_target="final")
 
 
 @pytest.mark.parametrize("arch", sorted(vgg.ARCHS))
@@ -122,8 +123,8 @@ def test_five_ramps_structure_and_frozen_backbone():
 
   # separate training, ramp phase only: the backbone and final head must not move.
   before = {k: v.clone() for k, v in model.state_dict().items()}
-  data = vgg.load_digits_images()
-  vgg.train(model, data.images[:64], data.labels[:64], epochs=0, ramp_epochs=1,
+  data = vgg_traces.load_digits_images()
+  vgg_traces.train(model, data.images[:64], data.labels[:64], epochs=0, ramp_epochs=1,
             training="separate", batch_size=32, device="cpu")
   after = model.state_dict()
   for key in before:
@@ -165,9 +166,9 @@ def test_own_weights_round_trip(tmp_path):
 
 
 def test_augment_is_seeded_and_in_range():
-  images = vgg.load_digits_images().images[:8]
-  a = vgg.augment(images, torch.Generator().manual_seed(0))
-  b = vgg.augment(images, torch.Generator().manual_seed(0))
+  images = vgg_traces.load_digits_images().images[:8]
+  a = vgg_traces.augment(images, torch.Generator().manual_seed(0))
+  b = vgg_traces.augment(images, torch.Generator().manual_seed(0))
   assert torch.equal(a, b) and not torch.equal(a, images)
   assert a.shape == images.shape and a.min() >= 0 and a.max() <= 1
 
@@ -236,10 +237,10 @@ def test_gate_signal_runs_in_the_torch_runner(tmp_path, gated_run):
   from jexit.runtime import ExitTable
   from jexit.runtime_torch import EarlyExitRunner, max_softmax
   run, traces = gated_run, gated_run.traces
-  data = vgg.load_digits_images(GATED.size)
+  data = vgg_traces.load_digits_images(GATED.size)
   keep = np.sort(np.random.default_rng(GATED.seed).permutation(len(data.images))[:300])
   data = data._replace(images=data.images[keep], labels=data.labels[keep])
-  x, _, _ = vgg.trace_inputs(data, np.unique(run.trace_source), GATED.copies, GATED.seed)
+  x, _, _ = vgg_traces.trace_inputs(data, np.unique(run.trace_source), GATED.copies, GATED.seed)
   signal_fns = [g.signal for g in ee_vgg.gates_of(run)] + [lambda z: 1.0 - max_softmax(z)[0]]
   with torch.no_grad():
     logits = run.model(x)
@@ -290,12 +291,12 @@ def test_bad_configurations_raise():
   with pytest.raises(ValueError, match="head_pool: expected an int >= 1, got 0"):
     vgg.EarlyExitVGG("vgg11", head_pool=0)
   with pytest.raises(ValueError, match="training"):
-    vgg.train(vgg.build_model(width_div=16), torch.rand(4, 1, 32, 32),
+    vgg_traces.train(vgg.build_model(width_div=16), torch.rand(4, 1, 32, 32),
               torch.zeros(4, dtype=torch.int64), training="both", device="cpu")
   with pytest.raises(ValueError, match="signal"):
     ee_vgg.make_traces(dataclasses.replace(TINY, signal="variance"), device="cpu")
   with pytest.raises(ValueError, match=r"signal: expected one of \['entropy', 'margin'\]"):
-    vgg.make_traces(dataclasses.replace(TINY, signal="gate"), device="cpu")
+    vgg_traces.make_traces(dataclasses.replace(TINY, signal="gate"), device="cpu")
 
 
 def test_cli_writes_a_trace(tmp_path, capsys):
@@ -339,17 +340,17 @@ def test_image_folder_makes_a_trace(tmp_path):
     for i in range(8):
       pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
       Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
-  data = vgg.load_image_folder(tmp_path, size=32)
+  data = vgg_traces.load_image_folder(tmp_path, size=32)
   assert tuple(data.images.shape) == (24, 3, 32, 32) and data.num_classes == 3
   assert float(data.images.min()) >= 0 and float(data.images.max()) <= 1
   assert sorted(np.bincount(data.labels.numpy()).tolist()) == [8, 8, 8]
   config = dataclasses.replace(TINY, max_images=None, copies=1)
-  run = vgg.make_traces(config, data=data)
+  run = vgg_traces.make_traces(config, data=data)
   assert run.traces.conf.shape[1] == 3 and run.traces.pred.max() < 3
   jexit.check_traces(run.traces)
   with pytest.raises(ValueError, match="no images"):
     (tmp_path / "empty").mkdir()
-    vgg.load_image_folder(tmp_path / "empty")
+    vgg_traces.load_image_folder(tmp_path / "empty")
 
 
 def _torchvision_file(path, cfg_name, batch_norm, width_div=16):
@@ -390,7 +391,7 @@ def test_torchvision_backbone_heads_train_on_the_frozen_backbone(tmp_path):
   # phase trains every head, the final one too, and the backbone stays as loaded.
   path = _torchvision_file(tmp_path / "vgg11_bn.pt", "A", True)
   config = dataclasses.replace(TINY, epochs=0, ramp_epochs=1, max_images=80, copies=1)
-  run = vgg.make_traces(config, weights=path, device="cpu")
+  run = vgg_traces.make_traces(config, weights=path, device="cpu")
   loaded = vgg.build_model("vgg11", 3, width_div=16)
   vgg.load_weights(loaded, path)
   for key, value in run.model.state_dict().items():
@@ -401,7 +402,7 @@ def test_torchvision_backbone_heads_train_on_the_frozen_backbone(tmp_path):
   assert not torch.equal(run.model.state_dict()["heads.2.2.weight"], init["heads.2.2.weight"])
   with pytest.raises(ValueError, match=r"ramp_epochs: weights .* set no ramp heads .*"
                                        r"--train-ramps"):
-    vgg.make_traces(dataclasses.replace(config, ramp_epochs=0), weights=path, device="cpu")
+    vgg_traces.make_traces(dataclasses.replace(config, ramp_epochs=0), weights=path, device="cpu")
 
 
 def test_image_folder_sizes_are_checked(tmp_path):
@@ -413,17 +414,17 @@ def test_image_folder_sizes_are_checked(tmp_path):
         tmp_path / cls / "0.png")
   with pytest.raises(ValueError, match=r"expected images of one size, got 40x48 .* and 36x36 "
                                        r".*pass a size"):
-    vgg.load_image_folder(tmp_path, size=None)
-  assert tuple(vgg.load_image_folder(tmp_path, size=32).images.shape) == (2, 3, 32, 32)
+    vgg_traces.load_image_folder(tmp_path, size=None)
+  assert tuple(vgg_traces.load_image_folder(tmp_path, size=32).images.shape) == (2, 3, 32, 32)
   small = tmp_path / "small"
   (small / "a").mkdir(parents=True)
   Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(small / "a" / "0.png")
   with pytest.raises(ValueError, match=r"at least 32x32 pixels .* got 16x16"):
-    vgg.load_image_folder(small, size=None)
+    vgg_traces.load_image_folder(small, size=None)
   with pytest.raises(ValueError, match="size: expected an int >= 32"):
-    vgg.load_image_folder(small, size=16)
+    vgg_traces.load_image_folder(small, size=16)
   with pytest.raises(ValueError, match="no such folder"):
-    vgg.load_image_folder(tmp_path / "nowhere")
+    vgg_traces.load_image_folder(tmp_path / "nowhere")
   with pytest.raises(ValueError, match=r"images: expected \[B, 1 or 3, H, W\] with H, W >= 32"):
     vgg.build_model(width_div=16).eval()(torch.rand(2, 3, 16, 16))
 
