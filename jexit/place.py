@@ -36,7 +36,8 @@ import numpy as np
 from jexit import certify
 from jexit.evaluation import Evaluation, _sweep_counts
 from jexit.fit import fit_binning, loss_table, row_laws
-from jexit.select import (_certified_split, _replay_outputs, choose_index)
+from jexit.select import choose_index
+from jexit.select_certify import _certified_split, _replay_outputs
 from jexit.solver import solve, working_dtype
 from jexit.traces import check_traces, signal_values, split_rows
 from jexit.types import Binning, ExitModel, Policy, Traces, is_int_scalar, is_real_scalar
@@ -710,7 +711,7 @@ def _greedy(res: Placement, max_loss: float, ctx) -> Optional[dict]:
 def _certify(res: Placement, entry: dict, max_loss: float, delta: float, test: str, ctx):
   """Certifies the chosen subset's lam path (lam increasing) on the held-out
   rows: `(Certificate or Fallback, the certified entry or the backbone's)`."""
-  from jexit.select import PATH_CHUNK  # pylint: disable=import-outside-toplevel
+  from jexit.select_certify import PATH_CHUNK  # pylint: disable=import-outside-toplevel
   i = entry["subset_index"]
   a = (res.subsets + res.extra)[i]
   traces, rows, block = ctx["traces"], np.sort(ctx["test_rows"]), ctx["block"]
@@ -773,7 +774,7 @@ def _budget(res: Placement, max_loss: float, ctx, *, compare, fixed, delta, cert
 
 
 def _default_test(block, units, max_loss, delta):
-  from jexit.select import default_certify_test  # pylint: disable=import-outside-toplevel
+  from jexit.select_certify import default_certify_test  # pylint: disable=import-outside-toplevel
   return default_certify_test(block, units, max_loss, delta)
 
 
