@@ -24,7 +24,8 @@ import numpy as np
 
 from jexit import certify
 from jexit.evaluation import Evaluation
-from jexit.select import _certified_split, _replay_outputs, choose_index
+from jexit.select import choose_index
+from jexit.select_certify import _certified_split, _replay_outputs
 from jexit.subsets import (DEFAULT_MAX_BYTES, NUM_BINS, NUM_LAMBDAS, Pieces, backbone_cost,
                            check_ramps, enumerate_subsets, evenly_spaced, head_costs,
                            place_models, placement_lambdas, side_rows, signal_name,
@@ -377,7 +378,7 @@ def _greedy(res: Placement, max_loss: float, ctx) -> Optional[dict]:
 def _certify(res: Placement, entry: dict, max_loss: float, delta: float, test: str, ctx):
   """Certifies the chosen subset's lam path (lam increasing) on the held-out
   rows: `(Certificate or Fallback, the certified entry or the backbone's)`."""
-  from jexit.select import PATH_CHUNK  # pylint: disable=import-outside-toplevel
+  from jexit.select_certify import PATH_CHUNK  # pylint: disable=import-outside-toplevel
   i = entry["subset_index"]
   a = (res.subsets + res.extra)[i]
   traces, rows, block = ctx["traces"], np.sort(ctx["test_rows"]), ctx["block"]
@@ -440,6 +441,6 @@ def _budget(res: Placement, max_loss: float, ctx, *, compare, fixed, delta, cert
 
 
 def _default_test(block, units, max_loss, delta):
-  from jexit.select import default_certify_test  # pylint: disable=import-outside-toplevel
+  from jexit.select_certify import default_certify_test  # pylint: disable=import-outside-toplevel
   return default_certify_test(block, units, max_loss, delta)
 

@@ -163,7 +163,7 @@ def check_header(header, path="<memory>") -> dict:
 # The certificate of a certified budget (`jexit.report.certificate_to_dict`):
 # field -> (accepted types, meaning); COMMON in both kinds, then per kind.
 CERTIFICATE_TESTS = ("binomial", "hoeffding-bentkus", "wsr")  # jexit.certify.UNIT_TESTS
-CERTIFICATE_QUANTITIES = ("disagreement", "harm")  # jexit.select.CERTIFIED_LOSS
+CERTIFICATE_QUANTITIES = ("disagreement", "harm")  # jexit.select_certify.CERTIFIED_LOSS
 _NUM = (int, float)
 _CERT_COMMON = {
     "certified": ((bool,), "true: a certificate; false: nothing certified, the backbone ships"),

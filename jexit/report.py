@@ -12,7 +12,8 @@ from jexit import certify
 from jexit.metrics import Evaluation
 from jexit.place import Placement
 from jexit.protocol import Frontier, param_value
-from jexit.select import CERTIFIED_LOSS, DEPLOYABLE, Choice, best_method, per_method
+from jexit.select import DEPLOYABLE, Choice, best_method, per_method
+from jexit.select_certify import CERTIFIED_LOSS
 from jexit.subsets import backbone_cost
 
 TARGETS = (0.005, 0.01, 0.02, 0.05)  # the loss budgets a frontier table shows
@@ -67,7 +68,7 @@ def certificate_to_dict(cert, *, method: Optional[str] = None,
   """A `certify.Certificate` or `certify.Fallback` as the JSON object that
   `jexit budget --json` and the policy file carry (`jexit.policy_file.check_certificate`):
   its fields, plus `certified` (bool), `method` (whose candidate path was
-  tested) and `quantity` (the per-row loss certified, `select.CERTIFIED_LOSS`)."""
+  tested) and `quantity` (the per-row loss certified, `select_certify.CERTIFIED_LOSS`)."""
   if cert is None:
     return None
   return {"certified": isinstance(cert, certify.Certificate), **cert.to_dict(),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jexit
-from jexit import cli, export
+from jexit import cli, cli_export, export
 from jexit.runtime import FORMAT_VERSION, ExitTable, load_policy_file
 
 
@@ -228,7 +228,7 @@ def test_cli_export(tmp_path, capsys, solved):
   parser = cli.build_parser()
   args = parser.parse_args(["export", str(tmp_path / "t.npz"), "--lam", "0.05",
                             "--out", str(tmp_path / "p.npz")])
-  assert args.func is cli.run_export and args.func(args) == 0
+  assert args.func is cli_export.run_export and args.func(args) == 0
   table = load_policy_file(tmp_path / "p.npz")
   assert table.lam == pytest.approx(0.05) and table.recall
   assert table.header["trace_sha256"] == export.trace_sha256(traces)
@@ -238,7 +238,7 @@ def test_cli_export(tmp_path, capsys, solved):
 
   # --max-loss: the budget choice on the fit rows, as `jexit budget` makes it.
   out = str(tmp_path / "m.npz")
-  cli.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=0.05, out=out))
+  cli_export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=0.05, out=out))
   printed = capsys.readouterr().out
   assert "fit rows" in printed and "held-out" in printed
   table = load_policy_file(out)
@@ -251,7 +251,7 @@ def test_cli_export(tmp_path, capsys, solved):
   assert table.lam == pytest.approx(choice.choices["recall"].param["lam"])
   assert table.signal == choice.fit_options.get("signal", "1-conf")  # the same signal choice
   with pytest.raises(ValueError, match="agreement-loss budget"):
-    cli.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=-1.0, out=out))
+    cli_export.run_export(_args(trace=str(tmp_path / "t.npz"), max_loss=-1.0, out=out))
 
 
 def test_a_file_that_is_not_a_zip_is_named_as_such(tmp_path):
@@ -274,7 +274,7 @@ def test_cli_export_by_accuracy_matches_budget(tmp_path, capsys):
   path = str(tmp_path / "t.npz")
   jexit.save_traces(path, traces)
   out = str(tmp_path / "acc.npz")
-  cli.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
+  cli_export.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
   assert "accuracy" in capsys.readouterr().out
   table = load_policy_file(out)
   choice = select.choose(traces, 0.0, metric="accuracy", methods=("recall",), num_lambdas=40)
@@ -286,10 +286,10 @@ def test_cli_export_by_accuracy_matches_budget(tmp_path, capsys):
   assert accuracy == pytest.approx(float(choice.choices["recall"].fit.accuracy[0]))
   assert accuracy >= np.mean(fit_t.pred[:, -1] == fit_t.label)
   with pytest.raises(ValueError, match="needs --max-loss"):
-    cli.run_export(_args(trace=path, lam=0.1, out=out, metric="accuracy"))
+    cli_export.run_export(_args(trace=path, lam=0.1, out=out, metric="accuracy"))
   jexit.save_traces(path, traces._replace(label=None))
   with pytest.raises(ValueError, match="no 'label' array"):
-    cli.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
+    cli_export.run_export(_args(trace=path, max_loss=0.0, out=out, metric="accuracy"))
 
 
 def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
@@ -303,7 +303,7 @@ def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
   # method None is the command line's default with --max-loss: best.
   for max_loss, method, no_recall in ((0.01, "best", False), (0.05, None, False),
                                       (0.03, None, True), (0.05, None, True)):
-    cli.run_export(_args(trace=default_trace_path(), max_loss=max_loss, out=out,
+    cli_export.run_export(_args(trace=default_trace_path(), max_loss=max_loss, out=out,
                             method=method, block=4, signal="1-conf", no_recall=no_recall))
     printed = capsys.readouterr().out
     pool = ("norecall", "apparate_greedy", "global_threshold")
@@ -325,8 +325,8 @@ def test_cli_export_best_ships_the_fit_rows_fastest_method(tmp_path, capsys):
     assert traces.cost.sum() / mean_cost == pytest.approx(fit_speed[b.best])
   assert len(shipped) > 1, shipped  # the cases above ship more than one kind of rule
   with pytest.raises(ValueError, match="needs --max-loss"):
-    cli.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method="best"))
-  cli.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method=None))
+    cli_export.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method="best"))
+  cli_export.run_export(_args(trace=default_trace_path(), lam=0.1, out=out, method=None))
   assert load_policy_file(out).num_bins > 2  # --lam ships the solved policy
 
 

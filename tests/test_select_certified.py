@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 import jexit
-from jexit import baselines, certify, cli, report, select
+from jexit import baselines, certify, cli, report, select, select_certify
 from jexit.evaluation import evaluate
 from jexit.export import export_policy
 from jexit.policy_file import check_certificate
@@ -81,11 +81,11 @@ def test_per_input_replay_matches_evaluate_for_every_method():
     cal = split_rows(t.num_inputs, test_fraction=c.split["calibration_share"], seed=0,
                      block=block)[1]
     for m in select.DEPLOYABLE:
-      idx = select.certify_path(fr, m)
-      units = select.unit_losses(fr, m, idx, t, cal, block=block)
+      idx = select_certify.certify_path(fr, m)
+      units = select_certify.unit_losses(fr, m, idx, t, cal, block=block)
       want = 1 - np.asarray(fr.splits[0][m][1].agreement)[idx]
       np.testing.assert_allclose(units.mean(1), want, atol=1e-12, err_msg=m)
-      harm = select.unit_losses(fr, m, idx, t, cal, metric="accuracy", block=block)
+      harm = select_certify.unit_losses(fr, m, idx, t, cal, metric="accuracy", block=block)
       assert np.all(harm <= units + 1e-12)  # harm needs a disagreement
       assert harm.shape == (len(idx), len(cal) // block)
 
@@ -95,12 +95,12 @@ def test_paths_run_from_safest_to_fastest():
   c = jexit.choose(t, 0.02, delta=0.1, signal=None, methods=select.DEPLOYABLE, **FAST)
   fr = c.frontier
   for m in select.DEPLOYABLE:
-    idx = select.certify_path(fr, m)
+    idx = select_certify.certify_path(fr, m)
     param = np.asarray(fr.splits[0][m][0].param, np.float64)[idx]
     assert np.all(np.diff(param) >= 0), m  # lam, threshold, Apparate's budget: increasing
   # Apparate's budget grid under certification has steps near every budget.
   assert len(fr.splits[0]["apparate_greedy"][0].param) == len(
-      set(select.CERTIFY_APPARATE_BUDGETS) | {0.02})
+      set(select_certify.CERTIFY_APPARATE_BUDGETS) | {0.02})
 
 
 def test_calibration_rows_are_disjoint_kept_by_block_and_never_read_by_the_choices():
@@ -168,12 +168,12 @@ def test_certified_arguments_are_checked():
 
 
 def test_default_test_and_share_follow_the_units():
-  assert select.default_certify_test(1, 10, 0.01, 0.1) == "binomial"
-  assert select.default_certify_test(4, 360, 0.01, 0.1) == "wsr"  # 310 needed
-  assert select.default_certify_test(4, 300, 0.01, 0.1) == "hoeffding-bentkus"
+  assert select_certify.default_certify_test(1, 10, 0.01, 0.1) == "binomial"
+  assert select_certify.default_certify_test(4, 360, 0.01, 0.1) == "wsr"  # 310 needed
+  assert select_certify.default_certify_test(4, 300, 0.01, 0.1) == "hoeffding-bentkus"
   # 720 blocks: 0.5 leaves 360 >= 2 * 114 at 2%, but < 2 * 230 at 1%.
-  assert select.auto_calibration_share(2880, 4, 0.02, 0.1) == 0.5
-  assert select.auto_calibration_share(2880, 4, 0.01, 0.1) == 0.7
+  assert select_certify.auto_calibration_share(2880, 4, 0.02, 0.1) == 0.5
+  assert select_certify.auto_calibration_share(2880, 4, 0.01, 0.1) == 0.7
 
 
 def test_accuracy_budgets_certify_the_harm_rate():
@@ -183,7 +183,7 @@ def test_accuracy_budgets_certify_the_harm_rate():
   cert = c.certificate
   fr = c.frontier
   cal = split_rows(t.num_inputs, test_fraction=c.split["calibration_share"], seed=0)[1]
-  out = select._output_ramps(fr, "recall", np.array([cert.index]), t.take(cal))[0]
+  out = select_certify._output_ramps(fr, "recall", np.array([cert.index]), t.take(cal))[0]
   sub = t.take(cal)
   harm = (sub.pred[np.arange(len(cal)), out] != sub.label) & (sub.pred[:, -1] == sub.label)
   assert cert.loss == pytest.approx(harm.mean())
@@ -202,7 +202,7 @@ def test_certified_choose_meets_the_budget_on_fresh_rows_monte_carlo():
   kw = dict(methods=("recall",), ship=("recall",), signal=None, **FAST)
 
   def true_loss(table):  # the numpy replay; test_per_input_replay... checks it
-    out = select._replay_outputs(table.policy, [table.lam_index], truth, table.binning)[0]
+    out = select_certify._replay_outputs(table.policy, [table.lam_index], truth, table.binning)[0]
     return float(np.mean(truth.pred[np.arange(truth.num_inputs), out] != truth.pred[:, -1]))
 
   over_cert = over_plain = 0
