@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jexit  # noqa: E402
-from jexit import cli, monitor, vgg, vgg_traces  # noqa: E402
+from jexit import cli, monitor, stats, vgg, vgg_traces  # noqa: E402
 from jexit.record import record  # noqa: E402
 from jexit.runtime import ExitTable  # noqa: E402
 from jexit.runtime_torch import EarlyExitRunner  # noqa: E402
@@ -106,7 +106,7 @@ def serve_stream(policy, rows, rng, length, every, audits, reference):
     for i, t in enumerate(tables):
       if exceeded_at[i] is None:
         d = t.counters.audited - t.counters.audit_agree
-        lower, _ = monitor.clopper_pearson(d, t.counters.audited, ALPHA)
+        lower, _ = stats.clopper_pearson(d, t.counters.audited, ALPHA)
         if lower > MAX_LOSS:
           exceeded_at[i] = served
   final = monitor.check(reference, tables[0].counters, alpha=ALPHA, min_effect=MIN_EFFECT)

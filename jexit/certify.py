@@ -31,10 +31,8 @@ Units and tests:
   where block means are fractions.
 
 Everything here is numpy and the standard library (no JAX, no scipy): the
-binomial tail is the regularized incomplete beta function, evaluated by its
-continued fraction (Lentz) with Loader's saddle-point prefactor. Against exact
-sums: 1e-13 relative up to n = 1e4, 1e-11 at n = 1e6, 1e-9 at n = 1e7 (scipy's
-own error is of the same order there).
+binomial tail is `jexit.stats.binomial_cdf` (1e-13 relative up to n = 1e4,
+1e-9 at n = 1e7).
 """
 
 import hashlib
@@ -43,127 +41,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from jexit.stats import binomial_cdf
+
 TESTS = ("binomial", "hoeffding-bentkus")
 BLOCK_RULES = ("mean", "any")
-
-_TINY = 1e-300
-_EPS = 1e-15
-
-
-_STIRLING = (1 / 12, 1 / 360, 1 / 1260, 1 / 1680, 1 / 1188)
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def _stirlerr(n):
-  """`log(n!) - log(sqrt(2 pi n) (n / e)^n)` for real n > 0, elementwise (Loader 2000)."""
-  n = np.asarray(n, np.float64)
-  out = np.empty_like(n)
-  big = n > 15
-  nn = n[big] ** 2
-  s0, s1, s2, s3, s4 = _STIRLING
-  out[big] = (s0 - (s1 - (s2 - (s3 - s4 / nn) / nn) / nn) / nn) / n[big]
-  small = n[~big]
-  lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
-  out[~big] = lgamma(small + 1) - (small + 0.5) * np.log(small) + small - _LOG_SQRT_2PI
-  return out
-
-
-def _bd0(x, m, diff):
-  """The deviance `x log(x / m) + m - x` without cancellation, elementwise (Loader 2000).
-
-  `diff = x - m`, computed by the caller without cancellation.
-  """
-  near = np.abs(diff) < 0.1 * (x + m)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    far = x * np.log(x / m) - diff
-  # Near m: the series sum_j 2 x v^(2j+1) / (2j+1) with v = (x - m) / (x + m), |v| < 0.053.
-  v = np.where(near, diff / (x + m), 0.0)
-  s = diff * v
-  term = 2 * x * v
-  for j in range(1, 12):
-    term = term * v * v
-    s = s + term / (2 * j + 1)
-  return np.where(near, s, far)
-
-
-def _log_front(a, b, x, y):
-  """`log(x^a (1-x)^b / (a B(a, b)))`, elementwise (a, b > 0, 0 < x < 1, y = 1 - x).
-
-  That is `log((1 - x) dbinom(b - 1; a + b - 1, 1 - x))` for real arguments,
-  by Loader's saddle-point form: no difference of large log-gammas, so it
-  stays exact to ~1e-15 relative at n = 1e7 (lgamma differences lose 1e-8).
-  """
-  big_n, k, q = a + b - 1.0, b - 1.0, y
-  log_x = np.where(x > 0.5, np.log1p(-np.minimum(y, 0.5)), np.log(np.maximum(x, _TINY)))
-  out = np.empty_like(x)
-  zero = k <= 0  # b == 1: dbinom(0; N, q) = x^N
-  out[zero] = big_n[zero] * log_x[zero]
-  kk, nn, qq, xx, aa = k[~zero], big_n[~zero], q[~zero], x[~zero], a[~zero]
-  # K - N q = N x - a: take the form whose product carries less rounding.
-  diff = np.where(qq < xx, kk - nn * qq, nn * xx - aa)
-  lc = (_stirlerr(nn) - _stirlerr(kk) - _stirlerr(aa)
-        - _bd0(kk, nn * qq, diff) - _bd0(aa, nn * xx, -diff))
-  out[~zero] = lc - 0.5 * (math.log(2 * math.pi) + np.log(kk) + np.log(aa) - np.log(nn))
-  return out + np.log(q)
-
-
-def _beta_cf(a, b, x):
-  """The continued fraction of the incomplete beta (modified Lentz), elementwise.
-
-  Converges fast for `x < (a + 1) / (a + b + 2)`, in O(sqrt(max(a, b)))
-  iterations at worst; all elements iterate together until each converged.
-  """
-  qab, qap, qam = a + b, a + 1.0, a - 1.0
-  c = np.ones_like(x)
-  d = 1.0 - qab * x / qap
-  d = np.where(np.abs(d) < _TINY, _TINY, d)
-  d = 1.0 / d
-  h = d.copy()
-  todo = np.ones(x.shape, bool)
-  limit = int(50 + 10 * math.sqrt(float(np.max(np.maximum(a, b))) if a.size else 0.0))
-  for m in range(1, limit + 1):
-    m2 = 2.0 * m
-    aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-    d = 1.0 + aa * d
-    d = np.where(np.abs(d) < _TINY, _TINY, d)
-    c = 1.0 + aa / c
-    c = np.where(np.abs(c) < _TINY, _TINY, c)
-    d = 1.0 / d
-    h = np.where(todo, h * d * c, h)
-    aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-    d = 1.0 + aa * d
-    d = np.where(np.abs(d) < _TINY, _TINY, d)
-    c = 1.0 + aa / c
-    c = np.where(np.abs(c) < _TINY, _TINY, c)
-    d = 1.0 / d
-    step = d * c
-    h = np.where(todo, h * step, h)
-    todo &= np.abs(step - 1.0) > _EPS
-    if not todo.any():
-      return h
-  raise ArithmeticError(f"incomplete beta: the continued fraction did not converge in "
-                        f"{limit} iterations (a up to {np.max(a)!r}, b up to {np.max(b)!r})")
-
-
-def _betainc(a, b, x, y):
-  """Regularized incomplete beta `I_x(a, b)` for a, b > 0 and x in [0, 1], elementwise.
-
-  `y = 1 - x` is passed exactly (the caller's `p` when `x = 1 - p`), so tiny
-  probabilities keep their digits.
-  """
-  a, b, x, y = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (a, b, x, y)))
-  out = np.where(x >= 1.0, 1.0, 0.0)
-  inner = (x > 0) & (y > 0)
-  if inner.any():
-    ai, bi, xi, yi = a[inner], b[inner], x[inner], y[inner]
-    # The fraction converges fast on the near side of the mode; the far side
-    # is the complement of the mirrored function: I_x(a, b) = 1 - I_{1-x}(b, a).
-    flip = xi >= (ai + 1.0) / (ai + bi + 2.0)
-    aa, bb = np.where(flip, bi, ai), np.where(flip, ai, bi)
-    xx, yy = np.where(flip, yi, xi), np.where(flip, xi, yi)
-    val = np.exp(_log_front(aa, bb, xx, yy)) * _beta_cf(aa, bb, xx)
-    out[inner] = np.clip(np.where(flip, 1.0 - val, val), 0.0, 1.0)
-  return out
 
 
 def _check_n(n, field="n"):
@@ -195,27 +76,6 @@ def _check_counts(losses, n):
                      f"test counts 0/1 losses; pass mean losses to 'hoeffding-bentkus'), "
                      f"got {losses!r}")
   return arr
-
-
-def binomial_cdf(k, n, p) -> np.ndarray:
-  """`P(Bin(n, p) <= k)`, elementwise over broadcast arrays.
-
-  Uses `P(Bin(n, p) <= k) = I_{1-p}(n - k, k + 1)` (regularized incomplete
-  beta). Relative error about 1e-13 up to n = 1e4 and 1e-9 at n = 1e7, tails
-  included.
-
-  Args:
-    k: `[...]` integer counts (below 0 gives 0; n or more gives 1).
-    n: `[...]` integer trials >= 1.
-    p: `[...]` success probabilities in [0, 1].
-  """
-  k, n, p = np.broadcast_arrays(np.asarray(k, np.float64), np.asarray(n, np.float64),
-                                np.asarray(p, np.float64))
-  out = np.where(k >= n, 1.0, 0.0)
-  mid = (k >= 0) & (k < n)
-  if mid.any():
-    out[mid] = _betainc(n[mid] - k[mid], k[mid] + 1.0, 1.0 - p[mid], p[mid])
-  return out
 
 
 def binomial_pvalue(losses, n, eps) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import List
 import numpy as np
 
 from jexit import monitor
+from jexit.counters import Counters
 from jexit.runtime import ExitTable
 
 
@@ -69,7 +70,7 @@ def add_parsers(sub) -> None:
 def _load(policy: str, paths: List[str]):
   """`(table, merged counters)`, refusing counters of another policy."""
   table = ExitTable.load(policy)
-  counters = [monitor.Counters.load(path) for path in paths]
+  counters = [Counters.load(path) for path in paths]
   digest = table.policy_sha256()
   for path, c in zip(paths, counters):
     if c.policy_sha256 != digest:
@@ -139,7 +140,7 @@ def format_report(r: monitor.Report, policy: str, note=None) -> str:
   return "\n".join(lines)
 
 
-def plot_occupancy(reference: monitor.Reference, counters: monitor.Counters, path: str,
+def plot_occupancy(reference: monitor.Reference, counters: Counters, path: str,
                    report: monitor.Report) -> str:
   """Writes live vs reference bin occupancy (shares of the inputs that
   reached each ramp), one panel per ramp; returns `path`."""
@@ -196,7 +197,7 @@ def run_monitor(args) -> int:
   return report.exit_code
 
 
-def refit_traces(table: ExitTable, counters: monitor.Counters, old=None):
+def refit_traces(table: ExitTable, counters: Counters, old=None):
   """The audited rows as `jexit.Traces` (costs from the table), after the
   rows of `old` (a `Traces` of the same K and costs) when given; labels are
   dropped (audited rows have none)."""

@@ -1,9 +1,10 @@
 """Reads `.npz` archives of plain arrays: never unpickles, never over-allocates.
 
-Trace files, policy files and counters files are all read here. Before any
-array is allocated, every member's `.npy` header is read from the zip and
-checked: a plain (non-object) dtype, and a size the host can hold. A file
-that claims a huge shape is refused with a `ValueError`, not a `MemoryError`.
+Trace files and policy files are read here (counters files, whose header
+fixes every member's shape, in `jexit.counters_file`). Before any array is
+allocated, every member's `.npy` header is read from the zip and checked: a
+plain (non-object) dtype, and a size the host can hold. A file that claims a
+huge shape is refused with a `ValueError`, not a `MemoryError`.
 """
 
 import os

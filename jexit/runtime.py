@@ -36,7 +36,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from jexit import monitor, signals
+from jexit import signals
+from jexit.counters import Counters, policy_sha256
 from jexit.policy_file import (FORMAT_NAME, FORMAT_VERSION, HEADER_FIELDS,  # noqa: F401
                                _describe, _real, budget_note, check_arrays, check_calibration,
                                check_header, check_reference, describe_budget,
@@ -87,7 +88,7 @@ class ExitTable:
     reference: `(occupancy [K, S], stops [K], num_inputs)`, the fit rows'
       counts for deployment monitoring, or None.
     nan, out_of_range, range_tol: the input-handling modes (module docstring).
-    counters: a `jexit.monitor.Counters` that `step` and `run` update (built
+    counters: a `jexit.counters.Counters` that `step` and `run` update (built
       with `counters=True`), or None. `audit=p` (with `counters=True`): `run`
       audits a seeded random share p of its inputs (`seed`), recording their
       whole rows; `audit_draw(n)` draws the same kind of mask for a server
@@ -377,9 +378,9 @@ class ExitTable:
     return self._rng.random(n) < self.audit
 
   def policy_sha256(self) -> str:
-    """The table's identity (`jexit.monitor.policy_sha256` of its header and
+    """The table's identity (`jexit.counters.policy_sha256` of its header and
     decision arrays), which its counters carry."""
-    return monitor.policy_sha256(self.header, _policy_arrays(self))
+    return policy_sha256(self.header, _policy_arrays(self))
 
   def decide_one(self, k: int, v: float, best_loss: float = float("inf"),
                  best_ramp: int = -1) -> Tuple[bool, float, int]:
@@ -569,7 +570,7 @@ def _make_counters(table: ExitTable, counters, audit, seed):
                      f"with audit={audit!r}")
   if not counters:
     return None, 0.0, None
-  c = monitor.Counters(table.num_ramps, table.num_bins, policy_sha256=table.policy_sha256(),
-                       audit_rows=True,
-                       audit_signal=not signals.REGISTRY[table.signal].from_outputs)
+  c = Counters(table.num_ramps, table.num_bins, policy_sha256=table.policy_sha256(),
+               audit_rows=True,
+               audit_signal=not signals.REGISTRY[table.signal].from_outputs)
   return c, float(audit), np.random.default_rng(seed)

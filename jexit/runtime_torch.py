@@ -92,7 +92,7 @@ class EarlyExitRunner:
       compaction and no host sync; every segment runs on the whole batch.
     bucket_sizes: the batch sizes of "bucket" (default: powers of two, and
       the batch size itself).
-    counters: keep a `jexit.monitor.Counters` in `.counters` (counted on the
+    counters: keep a `jexit.counters.Counters` in `.counters` (counted on the
       input's device with index_add, read to the host when `.counters` is
       read; docs/monitor.md). Decisions are the same as without.
     audit: with counters, the share of inputs (a seeded draw per batch,
@@ -177,7 +177,7 @@ class EarlyExitRunner:
   @property
   @torch.inference_mode()  # the tallies are inference tensors (made in __call__)
   def counters(self):
-    """The `jexit.monitor.Counters` of every input served so far (None
+    """The `jexit.counters.Counters` of every input served so far (None
     without `counters=True`); reading it moves the device counts to the host."""
     c = self._counters
     if c is None:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import jexit
-from jexit import cli, monitor
+from jexit import cli, monitor, stats
 from jexit.export import add_reference
-from jexit.monitor import Counters
+from jexit.counters import Counters
 from jexit.runtime import ExitTable
 from test_runtime import make_table, random_case
 
@@ -96,7 +96,7 @@ def test_monitor_budget_exceeded_on_hand_made_counts(policy, tmp_path, capsys):
   assert cli.main(["monitor", str(policy), str(tmp_path / "x.npz")]) == 1
   out = capsys.readouterr().out
   assert "verdict: budget exceeded" in out and "20 of 200 audited" in out
-  lower = monitor.clopper_pearson(20, 200, monitor.DEFAULT_ALPHA)[0]
+  lower = stats.clopper_pearson(20, 200, monitor.DEFAULT_ALPHA)[0]
   assert lower > 0.02 and f"{lower:.4f}" in out
   # within budget: 2 of 200 disagree
   c2 = ExitTable.load(policy, counters=True).counters
@@ -156,7 +156,7 @@ def test_false_alarm_rate_of_served_counters_at_most_alpha():
     for table in tables:
       conf = rng.beta(2.0, 1.2, (1500, 3))
       table.run(conf, rng.integers(0, 5, (1500, 3)))
-    ref = tables[0].counters.reference()
+    ref = monitor.reference_from_counters(tables[0].counters)
     report = monitor.check(ref, tables[1].counters, alpha=alpha, min_effect=0.0)
     alarms += report.verdict != "ok"
   # binomial: P(alarms > 30 | rate 0.05, 400 trials) ~ 0.01 (mean 20, sd 4.4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jexit
-from jexit.monitor import Counters
+from jexit.counters import Counters
 from jexit.runtime import ExitTable
 from test_runtime import make_table, random_case, reference
 
