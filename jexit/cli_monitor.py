@@ -45,6 +45,14 @@ def add_parsers(sub) -> None:
                       f"{monitor.DEFAULT_MIN_EFFECT:g}; 0: any significant shift)")
   p.add_argument("--max-loss", type=float, default=None, dest="max_loss",
                  help="the disagreement budget to test (default: the policy's budget)")
+  p.add_argument("--look", type=int, default=None, metavar="I",
+                 help="this check's number (1 for the first) when the same stream is "
+                      "checked again and again: the tests run at a spent level so that any "
+                      "false alarm over all the checks has probability <= alpha "
+                      "(docs/monitor.md)")
+  p.add_argument("--looks", type=int, default=None, metavar="N",
+                 help="with --look: the checks planned (level alpha/N each); without it "
+                      "the level is alpha*6/(pi^2 I^2), for any number of checks")
   p.add_argument("--json", help="write the report as JSON here")
   p.add_argument("--plot", help="write live vs reference occupancy per ramp here (.png)")
   p.set_defaults(func=run_monitor)
@@ -101,7 +109,12 @@ def _fmt_p(p: float) -> str:
 def format_report(r: monitor.Report, policy: str, note=None) -> str:
   """The lines `jexit monitor` prints."""
   lines = [f"{policy}: {r.num_inputs} live inputs vs {r.reference_inputs} reference rows; "
-           f"alpha {r.alpha:g}, min effect (total variation) {r.min_effect:g}",
+           f"alpha {r.alpha:g}"
+           + ("" if r.look is None else
+              f" spent over checks: check {r.look}"
+              + ("" if r.looks is None else f" of {r.looks}")
+              + f" at level {r.alpha_look:.3g}")
+           + f", min effect (total variation) {r.min_effect:g}",
            f"{'test':<8} {'live':>8} {'ref':>8} {'G':>10} {'df':>4} {'p':>9} {'p_holm':>9} "
            f"{'TV':>6}  drift"]
   for name, t in [(f"ramp {k}", t) for k, t in enumerate(r.ramps)] + [("stops", r.stops)]:
@@ -116,7 +129,8 @@ def format_report(r: monitor.Report, policy: str, note=None) -> str:
   else:
     lines.append(
         f"budget {b.max_loss:g}: {b.disagree} of {b.audited} audited inputs disagree with the "
-        f"final ramp ({b.rate:.4f}); one-sided {1 - r.alpha:g} bounds [{b.lower:.4f}, "
+        f"final ramp ({b.rate:.4f}); one-sided {1 - (r.alpha_look or r.alpha):.4g} bounds "
+        f"[{b.lower:.4f}, "
         f"{b.upper:.4f}], p-value of 'loss <= budget' {_fmt_p(b.p_value)}"
         + ("; EXCEEDED" if b.exceeded else
            "; the audit cannot vouch for the budget yet" if b.upper > b.max_loss else "; ok"))
@@ -173,6 +187,14 @@ def run_monitor(args) -> int:
   if not 0 <= args.min_effect <= 1:
     raise ValueError(f"--min-effect: expected a total variation in [0, 1], got "
                      f"{args.min_effect}")
+  for flag, v in (("--look", args.look), ("--looks", args.looks)):
+    if v is not None and v < 1:
+      raise ValueError(f"{flag}: expected an integer >= 1, got {v}")
+  if args.looks is not None and args.look is None:
+    raise ValueError(f"--looks: given ({args.looks}) without --look; pass --look I, the "
+                     f"number of this check")
+  if args.look is not None and args.looks is not None and args.look > args.looks:
+    raise ValueError(f"--look: expected at most --looks = {args.looks}, got {args.look}")
   table, counters = _load(args.policy, args.counters)
   if table.reference is None:
     raise ValueError(f"{args.policy}: the policy file has no reference counts (exported by "
@@ -184,7 +206,8 @@ def run_monitor(args) -> int:
   occupancy, stops, n = table.reference
   reference = monitor.Reference(occupancy, stops, n, eps, table.certificate)
   report = monitor.check(reference, counters, alpha=args.alpha, min_effect=args.min_effect,
-                         policy_sha256=table.policy_sha256())
+                         policy_sha256=table.policy_sha256(), look=args.look,
+                         looks=args.looks)
   print(format_report(report, args.policy, note))
   if args.json:
     _write_json(args.json, {"policy": args.policy, "counters": list(args.counters),
@@ -229,6 +252,14 @@ def run_refit(args) -> int:
   from jexit.select import DEPLOYABLE, choose  # pylint: disable=import-outside-toplevel
   from jexit.traces import check_traces, load_traces  # pylint: disable=import-outside-toplevel
 
+  for flag, v in (("--look", args.look), ("--looks", args.looks)):
+    if v is not None and v < 1:
+      raise ValueError(f"{flag}: expected an integer >= 1, got {v}")
+  if args.looks is not None and args.look is None:
+    raise ValueError(f"--looks: given ({args.looks}) without --look; pass --look I, the "
+                     f"number of this check")
+  if args.look is not None and args.looks is not None and args.look > args.looks:
+    raise ValueError(f"--look: expected at most --looks = {args.looks}, got {args.look}")
   table, counters = _load(args.policy, args.counters)
   if not counters.audit_rows or counters.audited == 0:
     raise ValueError(f"{args.counters[0]}: no audited rows to refit on (serve with "

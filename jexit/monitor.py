@@ -51,7 +51,8 @@ class Reference(NamedTuple):
     """JSON-ready (e.g. for a policy file's header); `reference_from_dict` reads it."""
     return {"occupancy": self.occupancy.tolist(), "stop_hist": self.stop_hist.tolist(),
             "num_inputs": int(self.num_inputs), "max_loss": self.max_loss,
-            "certificate": self.certificate}
+            "certificate": self.certificate, "look": self.look, "looks": self.looks,
+            "alpha_look": self.alpha if self.alpha_look is None else self.alpha_look}
 
 
 def check_reference(reference, name: str = "reference") -> Reference:
@@ -219,6 +220,9 @@ class Report(NamedTuple):
     budget: LossBound, or None when no budget was given.
     drifted: 0-based ramps whose occupancy test found drift.
     alpha, min_effect: the settings used.
+    look, looks, alpha_look: the check's place in a series of repeated
+      checks (`spent_alpha`) and the level this check used; look None: one
+      check at level alpha.
     num_inputs, reference_inputs: live inputs and fit rows.
     certificate: the reference's certificate dict, or None.
   """
@@ -232,6 +236,9 @@ class Report(NamedTuple):
   num_inputs: int
   reference_inputs: int
   certificate: Optional[dict] = None
+  look: Optional[int] = None
+  looks: Optional[int] = None
+  alpha_look: Optional[float] = None
 
   @property
   def exit_code(self) -> int:
@@ -246,7 +253,8 @@ class Report(NamedTuple):
             "reference_inputs": self.reference_inputs,
             "ramps": [t._asdict() for t in self.ramps], "stops": self.stops._asdict(),
             "budget": None if self.budget is None else self.budget._asdict(),
-            "certificate": self.certificate}
+            "certificate": self.certificate, "look": self.look, "looks": self.looks,
+            "alpha_look": self.alpha if self.alpha_look is None else self.alpha_look}
 
 
 def _drift_test(ref, live, simulations: int = SIMULATIONS) -> DriftTest:
@@ -265,9 +273,50 @@ def _check_rate(name, v, lo_open, hi_open):
   return float(v)
 
 
+MAX_SIMULATIONS = 99_999  # sparse-cell p-values resolve 1e-5 at most (spent levels)
+
+
+def spent_alpha(alpha: float, look: Optional[int] = None,
+                looks: Optional[int] = None) -> float:
+  """The level of check number `look` in a series whose levels sum to <= alpha.
+
+  A stream checked again and again is tested once per check: at level alpha
+  each, the chance of at least one false alarm grows with the number of
+  checks. Spending alpha over the checks keeps it <= alpha whatever the
+  dependence between checks (the union bound):
+    - `looks` planned checks: alpha / looks each (look 1..looks);
+    - no plan (`looks` None): alpha * 6 / (pi^2 look^2) for look 1, 2, ...
+      (sums to alpha over any number of checks; strict at late checks).
+  `look` None: a single check, level alpha.
+
+  Examples:
+    >>> spent_alpha(0.01), spent_alpha(0.01, 3, 12)
+    (0.01, 0.0008333333333333334)
+    >>> round(spent_alpha(0.01, 1), 6), round(spent_alpha(0.01, 2), 6)
+    (0.006079, 0.00152)
+  """
+  alpha = _check_rate("alpha", alpha, True, True)
+  if look is None:
+    if looks is not None:
+      raise ValueError(f"looks: given ({looks!r}) without look; pass look, the number of "
+                       f"this check (1 for the first)")
+    return alpha
+  if not _is_int(look) or look < 1:
+    raise ValueError(f"look: expected an integer >= 1 (1 for the first check), got {look!r}")
+  if looks is None:
+    return alpha * 6.0 / (math.pi ** 2 * int(look) ** 2)
+  if not _is_int(looks) or looks < 1:
+    raise ValueError(f"looks: expected an integer >= 1 (the checks planned), got {looks!r}")
+  if look > looks:
+    raise ValueError(f"look: expected at most looks = {looks} (the checks planned), got "
+                     f"{look}; plan more looks, or omit looks for the unbounded schedule")
+  return alpha / int(looks)
+
+
 def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_ALPHA,
           min_effect: float = DEFAULT_MIN_EFFECT, max_loss: Optional[float] = None,
-          policy_sha256: Optional[str] = None) -> Report:
+          policy_sha256: Optional[str] = None, look: Optional[int] = None,
+          looks: Optional[int] = None) -> Report:
   """Tests live counts against the reference: drift per ramp, stops, the budget.
 
   Drift: per ramp k, a two-sample G-test (`jexit.stats.g_test`) of the bin
@@ -280,7 +329,9 @@ def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_AL
   min_effect, so a long stream does not alarm on a shift too small to matter.
   Under the null (live inputs drawn i.i.d. from the fit rows' law) a "drift"
   verdict has probability <= alpha, up to the chi-square approximation where
-  every cell expects 5 or more.
+  every cell expects 5 or more. For checks repeated on a growing stream pass
+  `look` (and `looks`): both tests then run at `spent_alpha(alpha, look,
+  looks)`, so the chance of any false alarm over all the checks is <= alpha.
 
   Budget: with eps = max_loss (else `reference.max_loss`; no test when both
   are None), the audited disagreement d of a audited inputs gives one-sided
@@ -298,6 +349,9 @@ def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_AL
     max_loss: the budget eps in [0, 1]; overrides `reference.max_loss`.
     policy_sha256: the identity of the policy the reference belongs to; when
       given, counters of another policy are refused.
+    look, looks: this check's number (1, 2, ...) among repeated checks of
+      one stream, and how many are planned (None: unbounded); see
+      `spent_alpha`. None: a single check at level alpha.
 
   Returns:
     A `Report`; `report.exit_code` is 0 for "ok", else 1.
@@ -322,6 +376,7 @@ def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_AL
                      f"{type(counters).__name__}")
   counters.validate()
   alpha = _check_rate("alpha", alpha, True, True)
+  level = spent_alpha(alpha, look, looks)
   min_effect = _check_rate("min_effect", min_effect, False, False)
   if max_loss is not None:
     max_loss = _check_rate("max_loss", max_loss, False, False)
@@ -334,8 +389,9 @@ def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_AL
                      f"the reference, got occupancy of shape {counters.occupancy.shape}")
   k = counters.num_ramps
   # Simulated p-values resolve 1 / (simulations + 1): at least 10 draws below
-  # Holm's smallest threshold alpha / (K + 1).
-  sims = min(SIMULATIONS, max(999, int(math.ceil(10 * (k + 1) / alpha))))
+  # Holm's smallest threshold level / (K + 1) (capped: strict at tiny levels).
+  cap = SIMULATIONS if look is None else MAX_SIMULATIONS
+  sims = min(cap, max(999, int(math.ceil(10 * (k + 1) / level))))
   tests = []
   for r in range(k):
     ref, live = reference.occupancy[r], counters.occupancy[r]
@@ -345,7 +401,7 @@ def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_AL
     tests.append(_drift_test(ref, live, sims))
   tests.append(_drift_test(reference.stop_hist, counters.stop_hist, sims))
   adjusted = holm([t.p_value for t in tests])
-  tests = [t._replace(p_adjusted=float(p), drift=bool(p <= alpha and t.effect >= min_effect))
+  tests = [t._replace(p_adjusted=float(p), drift=bool(p <= level and t.effect >= min_effect))
            for t, p in zip(tests, adjusted)]
   ramps, stops = tuple(tests[:k]), tests[k]
   drifted = tuple(r for r, t in enumerate(ramps) if t.drift)
@@ -355,7 +411,7 @@ def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_AL
   if eps is not None:
     a = counters.audited
     d = a - counters.audit_agree
-    lower, upper = clopper_pearson(d, a, alpha)
+    lower, upper = clopper_pearson(d, a, level)
     p = binom_sf_ge(d, a, eps)
     budget = LossBound(max_loss=eps, audited=a, disagree=d, rate=d / a if a else None,
                        lower=lower, upper=upper, p_value=p, exceeded=bool(lower > eps))
@@ -363,4 +419,6 @@ def check(reference: Reference, counters: Counters, *, alpha: float = DEFAULT_AL
              else "drift" if drifted or stops.drift else "ok")
   return Report(verdict=verdict, ramps=ramps, stops=stops, budget=budget, drifted=drifted,
                 alpha=alpha, min_effect=min_effect, num_inputs=counters.num_inputs,
-                reference_inputs=reference.num_inputs, certificate=reference.certificate)
+                reference_inputs=reference.num_inputs, certificate=reference.certificate,
+                look=None if look is None else int(look),
+                looks=None if looks is None else int(looks), alpha_look=level)

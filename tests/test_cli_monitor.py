@@ -80,6 +80,28 @@ def test_monitor_exit_codes(policy, tmp_path, capsys):
   assert cli.main(["monitor", str(policy), str(tmp_path / "a.npz"), "--alpha", "1.5"]) == 2
 
 
+def test_monitor_look_spends_alpha(policy, tmp_path, capsys):
+  serve(policy, tmp_path / "a.npz", seed=4)
+  capsys.readouterr()
+  args = ["monitor", str(policy), str(tmp_path / "a.npz")]
+  assert cli.main(args + ["--look", "3", "--looks", "12", "--json",
+                          str(tmp_path / "r.json")]) == 0
+  out = capsys.readouterr().out
+  assert "check 3 of 12 at level 0.000833" in out and "one-sided 0.9992 bounds" in out
+  report = json.loads((tmp_path / "r.json").read_text())
+  assert (report["look"], report["looks"]) == (3, 12)
+  assert report["alpha_look"] == pytest.approx(0.01 / 12)
+  assert cli.main(args + ["--look", "2", "--json", str(tmp_path / "u.json")]) == 0
+  assert json.loads((tmp_path / "u.json").read_text())["alpha_look"] == pytest.approx(
+      monitor.spent_alpha(0.01, 2))
+  capsys.readouterr()
+  for bad, message in ((["--looks", "4"], "--looks: given (4) without --look"),
+                       (["--look", "0"], "--look: expected an integer >= 1"),
+                       (["--look", "5", "--looks", "4"], "--look: expected at most --looks = 4")):
+    assert cli.main(args + bad) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_monitor_budget_exceeded_on_hand_made_counts(policy, tmp_path, capsys):
   table = ExitTable.load(policy, counters=True, out_of_range="clip")
   occupancy, stops, n = table.reference

@@ -236,3 +236,80 @@ def test_detects_a_shift():
 def test_docstring_examples():
   result = doctest.testmod(monitor, optionflags=doctest.ELLIPSIS)
   assert result.failed == 0 and result.attempted > 0
+
+
+# ----- repeated checks: alpha spent over looks -----
+
+def test_spent_alpha_closed_forms_and_sum():
+  assert monitor.spent_alpha(0.01) == 0.01
+  assert monitor.spent_alpha(0.01, 5, 20) == pytest.approx(0.0005)
+  assert monitor.spent_alpha(0.01, 1) == pytest.approx(0.01 * 6 / np.pi ** 2)
+  assert monitor.spent_alpha(0.05, 3) == pytest.approx(0.05 * 6 / (9 * np.pi ** 2))
+  # the unbounded schedule never spends more than alpha in total
+  total = sum(monitor.spent_alpha(0.05, i) for i in range(1, 200_001))
+  assert 0.05 * 0.9999 < total <= 0.05
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(look=0), "look: expected an integer >= 1"),
+    (dict(look=1.5), "look: expected an integer >= 1"),
+    (dict(look=True), "look: expected an integer >= 1"),
+    (dict(looks=3), "looks: given"),
+    (dict(look=4, looks=3), "look: expected at most looks = 3"),
+    (dict(look=1, looks=0), "looks: expected an integer >= 1"),
+])
+def test_spent_alpha_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    monitor.spent_alpha(0.01, **kwargs)
+  ref = hand_reference()
+  with pytest.raises(ValueError, match=message):
+    check(ref, counters_from_counts(ref.occupancy, ref.stop_hist), **kwargs)
+
+
+def test_check_uses_the_spent_level():
+  # A moderate shift at ramp 0: drift at alpha 0.05 in one check, not at
+  # 0.05 / 20; the report says which level it used, for both families.
+  h = hand_reference()
+  ref = Reference(h.occupancy * 10, h.stop_hist * 10, 1000, max_loss=0.05)
+  occ = h.occupancy * 30
+  occ[0] = [1350, 900, 470, 280]  # reference shares 0.4, 0.3, 0.2, 0.1
+  live = counters_from_counts(occ, h.stop_hist * 30, audited=300, agree=280)
+  once = check(ref, live, alpha=0.05, min_effect=0.0)
+  spent = check(ref, live, alpha=0.05, min_effect=0.0, look=2, looks=20)
+  p = once.ramps[0].p_adjusted
+  assert 0.05 / 20 < p <= 0.05  # the case this test is about
+  assert once.verdict == "drift" and spent.verdict == "ok"
+  assert spent.ramps[0].p_adjusted == pytest.approx(p)  # same p-value, stricter level
+  assert (once.look, once.alpha_look) == (None, 0.05)
+  assert (spent.look, spent.looks, spent.alpha_look) == (2, 20, 0.0025)
+  assert spent.to_dict()["alpha_look"] == 0.0025
+  # Clopper-Pearson bounds widen with the smaller level
+  assert spent.budget.lower < once.budget.lower and spent.budget.upper > once.budget.upper
+
+
+def test_repeated_checks_false_alarm_rate_spent():
+  # Same-law streams checked after every batch: at level alpha per check some
+  # stream alarms far more often than alpha; spending alpha over the looks
+  # (planned and unbounded) keeps "any alarm over the stream" <= alpha.
+  rng = np.random.default_rng(11)
+  k, s, alpha, reps, looks, batch = 3, 6, 0.1, 120, 10, 400
+  draw = law(rng, k, s)
+  any_plain = any_planned = any_unbounded = 0
+  for _ in range(reps):
+    ref = make_reference(*draw(rng, 4000), s)
+    live = Counters(k, s, audit_rows=False)
+    plain = planned = unbounded = False
+    for i in range(1, looks + 1):
+      bins, stop = draw(rng, batch)
+      live.record_batch(bins, stop, stop)
+      flag = lambda r: r.verdict != "ok"
+      plain |= flag(check(ref, live, alpha=alpha, min_effect=0.0))
+      planned |= flag(check(ref, live, alpha=alpha, min_effect=0.0, look=i, looks=looks))
+      unbounded |= flag(check(ref, live, alpha=alpha, min_effect=0.0, look=i))
+    any_plain += plain
+    any_planned += planned
+    any_unbounded += unbounded
+  slack = 3 * np.sqrt(alpha * (1 - alpha) / reps)
+  assert any_planned / reps <= alpha + slack
+  assert any_unbounded / reps <= alpha + slack
+  assert any_plain / reps > alpha + slack  # what spending is for
