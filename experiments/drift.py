@@ -20,7 +20,9 @@ on one stream), in batches of `--check-every` inputs, `jexit.monitor.check`
 after each batch (alpha 0.01, min effect 0.05). Reported per condition: how
 often the verdict is drift (or budget exceeded) at the end of the stream and
 ever during it (repeated looks), and the detection delay (inputs until the
-verdict first flips) for drift and, per audit rate, for budget exceeded.
+verdict first flips) for drift and, per audit rate, for budget exceeded; and
+the same with alpha spent over the planned looks (`check(..., look, looks)`:
+alpha / looks per check, the "spent" entries).
 Refit: one stream per shift served with `--refit-audit`, its audited rows
 appended to the reference trace, `jexit refit --delta none`, scored on the
 evaluation pool.
@@ -93,7 +95,11 @@ def serve_stream(policy, rows, rng, length, every, audits, reference):
   tables = [ExitTable.load(policy, out_of_range="clip", counters=True, audit=a, seed=seed + i)
             for i, a in enumerate(audits)]
   drift_at, exceeded_at = None, [None] * len(audits)
-  for lo in range(0, length, every):
+  # the same checks with alpha spent over the planned looks (check's look/looks)
+  looks = -(-length // every)
+  spent_drift_at, spent_exceeded_at = None, [None] * len(audits)
+  level = monitor.spent_alpha(ALPHA, 1, looks)
+  for look, lo in enumerate(range(0, length, every), start=1):
     batch = idx[lo:lo + every]
     for t in tables:
       t.run(conf[batch], pred[batch])
@@ -103,14 +109,18 @@ def serve_stream(policy, rows, rng, length, every, audits, reference):
       report = monitor.check(reference, c, alpha=ALPHA, min_effect=MIN_EFFECT)
       if report.drifted or report.stops.drift:
         drift_at = served
+    if spent_drift_at is None:
+      report = monitor.check(reference, c, alpha=ALPHA, min_effect=MIN_EFFECT, look=look,
+                             looks=looks)
+      if report.drifted or report.stops.drift:
+        spent_drift_at = served
     for i, t in enumerate(tables):
-      if exceeded_at[i] is None:
-        d = t.counters.audited - t.counters.audit_agree
-        lower, _ = stats.clopper_pearson(d, t.counters.audited, ALPHA)
-        if lower > MAX_LOSS:
-          exceeded_at[i] = served
+      d = t.counters.audited - t.counters.audit_agree
+      for at, a in ((exceeded_at, ALPHA), (spent_exceeded_at, level)):
+        if at[i] is None and stats.clopper_pearson(d, t.counters.audited, a)[0] > MAX_LOSS:
+          at[i] = served
   final = monitor.check(reference, tables[0].counters, alpha=ALPHA, min_effect=MIN_EFFECT)
-  return drift_at, exceeded_at, final, tables
+  return drift_at, exceeded_at, final, tables, spent_drift_at, spent_exceeded_at
 
 
 def stale_metrics(policy, rows):
@@ -213,21 +223,33 @@ def main(argv=None):
       results["runner_counters_equal"] = bool(runner_checked)
     live_loss, live_speedup = stale_metrics(policy, (eval_tr.conf, eval_tr.pred, eval_tr.cost))
     r = args.streams if kind == "none" else args.shift_streams
-    drift, exceeded, end_drift, end_any = [], [], 0, 0
+    drift, exceeded, end_drift, end_any, sdrift, sexceeded = [], [], 0, 0, [], []
     for _ in range(r):
-      d, e, final, _ = serve_stream(policy, (stream_tr.conf, stream_tr.pred), rng, args.length,
-                                    args.check_every, AUDITS, reference)
+      d, e, final, _, sd, se = serve_stream(policy, (stream_tr.conf, stream_tr.pred), rng,
+                                            args.length, args.check_every, AUDITS, reference)
       drift.append(d)
       exceeded.append(e)
+      sdrift.append(sd)
+      sexceeded.append(se)
       end_drift += final.verdict == "drift" or bool(final.drifted)
       end_any += final.verdict != "ok"
-    ever = sum(d is not None or any(x is not None for x in e) for d, e in zip(drift, exceeded))
+    ever_of = lambda ds, es: sum(d is not None or any(x is not None for x in e)
+                                 for d, e in zip(ds, es))
+    ever, ever_spent = ever_of(drift, exceeded), ever_of(sdrift, sexceeded)
+    ever_drift = sum(d is not None for d in drift)
+    ever_drift_spent = sum(d is not None for d in sdrift)
     row = {"shift": kind, "strength": strength, "streams": r,
            "live_loss": live_loss, "live_speedup": live_speedup,
            "end_drift": end_drift / r, "end_alarm": end_any / r, "ever_alarm": ever / r,
            "drift_delay": summarize(drift, args.length),
            "exceeded_delay": {str(a): summarize([e[i] for e in exceeded], args.length)
                               for i, a in enumerate(AUDITS)},
+           "ever_drift": ever_drift / r,
+           "spent": {"ever_alarm": ever_spent / r, "ever_drift": ever_drift_spent / r,
+                     "drift_delay": summarize(sdrift, args.length),
+                     "exceeded_delay": {str(a): summarize([e[i] for e in sexceeded],
+                                                          args.length)
+                                        for i, a in enumerate(AUDITS)}},
            "stream_rows": int(stream_tr.num_inputs), "eval_rows": int(eval_tr.num_inputs)}
     print(json.dumps(row), flush=True)
     results["conditions"].append(row)

@@ -252,14 +252,6 @@ def run_refit(args) -> int:
   from jexit.select import DEPLOYABLE, choose  # pylint: disable=import-outside-toplevel
   from jexit.traces import check_traces, load_traces  # pylint: disable=import-outside-toplevel
 
-  for flag, v in (("--look", args.look), ("--looks", args.looks)):
-    if v is not None and v < 1:
-      raise ValueError(f"{flag}: expected an integer >= 1, got {v}")
-  if args.looks is not None and args.look is None:
-    raise ValueError(f"--looks: given ({args.looks}) without --look; pass --look I, the "
-                     f"number of this check")
-  if args.look is not None and args.looks is not None and args.look > args.looks:
-    raise ValueError(f"--look: expected at most --looks = {args.looks}, got {args.look}")
   table, counters = _load(args.policy, args.counters)
   if not counters.audit_rows or counters.audited == 0:
     raise ValueError(f"{args.counters[0]}: no audited rows to refit on (serve with "
