@@ -51,8 +51,7 @@ class Reference(NamedTuple):
     """JSON-ready (e.g. for a policy file's header); `reference_from_dict` reads it."""
     return {"occupancy": self.occupancy.tolist(), "stop_hist": self.stop_hist.tolist(),
             "num_inputs": int(self.num_inputs), "max_loss": self.max_loss,
-            "certificate": self.certificate, "look": self.look, "looks": self.looks,
-            "alpha_look": self.alpha if self.alpha_look is None else self.alpha_look}
+            "certificate": self.certificate}
 
 
 def check_reference(reference, name: str = "reference") -> Reference:
