@@ -6,7 +6,7 @@
   jexit export TRACE --max-loss Y --place [--max-ramps M] --out POLICY.npz
 
 With `--max-loss` the table is `jexit.select.choose`'s (as `jexit budget`),
-certified at `--delta` (default `jexit.cli.DEFAULT_DELTA`); `--place` hands over
+certified at `--delta` (default `jexit.cli_args.DEFAULT_DELTA`); `--place` hands over
 to `jexit.cli_place.run_export_place`. Errors are ValueErrors; `jexit.cli.main`
 prints them as one `jexit: error: ...` line and exits with 2.
 """
@@ -18,12 +18,12 @@ import numpy as np
 from jexit import cli_place
 from jexit.checks import check_output_path
 from jexit.signals import NAMES as SIGNALS
+from jexit.cli_args import (DEFAULT_DELTA, _add_certify_args, _resolve_delta,
+                            signal_range_arg)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Adds `jexit export TRACE (--lam X | --max-loss Y) --out FILE`."""
-  from jexit.cli import (  # pylint: disable=import-outside-toplevel
-      DEFAULT_DELTA, _add_certify_args, signal_range_arg)
   p = subparsers.add_parser(
       "export", help="fit, solve and export one exit policy for deployment",
       description="Fits the exit model, solves it and writes one policy table (.npz, "
@@ -87,7 +87,6 @@ def run_export(args) -> int:
   """Runs `jexit export` from parsed `args`; prints one summary line."""
   # The solver side needs JAX; keep it off this module's import.
   from jexit import report, signals  # pylint: disable=import-outside-toplevel
-  from jexit.cli import _resolve_delta  # pylint: disable=import-outside-toplevel
   from jexit.export import add_reference, export_policy  # pylint: disable=import-outside-toplevel
   from jexit.fit import fit  # pylint: disable=import-outside-toplevel
   from jexit.protocol import PAPER_FIT  # pylint: disable=import-outside-toplevel

@@ -20,11 +20,11 @@ import numpy as np
 from jexit import monitor
 from jexit.counters import Counters
 from jexit.runtime import ExitTable
+from jexit.cli_args import _add_certify_args, _resolve_delta, _write_json
 
 
 def add_parsers(sub) -> None:
   """Adds the `monitor` and `refit` subcommands to `jexit`'s subparsers."""
-  from jexit.cli import _add_certify_args  # pylint: disable=import-outside-toplevel
   p = sub.add_parser(
       "monitor", help="test live counters against the policy's reference (drift, budget)",
       description="Tests the counts a runtime kept while serving POLICY (counters=True; "
@@ -181,7 +181,6 @@ def plot_occupancy(reference: monitor.Reference, counters: Counters, path: str,
 
 def run_monitor(args) -> int:
   """Runs `jexit monitor`; returns 0 (ok) or 1 (drift, budget exceeded)."""
-  from jexit.cli import _write_json  # pylint: disable=import-outside-toplevel
   if not 0 < args.alpha < 1:
     raise ValueError(f"--alpha: expected a level in (0, 1), got {args.alpha}")
   if not 0 <= args.min_effect <= 1:
@@ -247,7 +246,6 @@ def refit_traces(table: ExitTable, counters: Counters, old=None):
 def run_refit(args) -> int:
   """Runs `jexit refit`; prints what was written."""
   from jexit import report as report_mod  # pylint: disable=import-outside-toplevel
-  from jexit.cli import _resolve_delta  # pylint: disable=import-outside-toplevel
   from jexit.export import add_reference, export_policy  # pylint: disable=import-outside-toplevel
   from jexit.select import DEPLOYABLE, choose  # pylint: disable=import-outside-toplevel
   from jexit.traces import check_traces, load_traces  # pylint: disable=import-outside-toplevel

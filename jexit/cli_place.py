@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from jexit.cli_args import delta_arg
+
 
 def _ramps_arg(text):
   try:
@@ -41,7 +43,6 @@ def _head_cost_arg(text):
 
 
 def _delta_arg(text):
-  from jexit.cli import delta_arg  # pylint: disable=import-outside-toplevel
   return delta_arg(text)
 
 
