@@ -268,6 +268,15 @@ def seeds_markdown(out, seeds, archs, costs):
             + "; ".join(f"{l} in {inside[k][0]} of {inside[k][1]}" for l, k in COMPARE)
             + " (every method's lam is chosen on fit rows against the budget; none is "
             "certified).", "",
+            "Mean held-out agreement loss over every workload and seed, per budget:", "",
+            "| budget | placed | " + " | ".join(l for l, _ in COMPARE) + " |",
+            "|---|---|" + "---|" * len(COMPARE)]
+  for i, budget in enumerate(BUDGETS):
+    bs = [r["budgets"][i] for n in names for r in out["results"][n]["seeds"].values()]
+    loss = lambda k: f"{np.mean([b[k]['loss'] for b in bs if b[k]]):.2%}"
+    lines.append(f"| {budget:.1%} | ".replace(".0%", "%") + " | ".join(
+        loss(k) for k in ["placed"] + [k for _, k in COMPARE]) + " |")
+  lines += ["",
             "## Every seed (held-out speedup; placed: held-out loss, ramps kept)", "",
             "| workload | budget | seed | placed | " + " | ".join(l for l, _ in COMPARE) + " |",
             "|---|---|---|---|" + "---|" * len(COMPARE)] + per_seed
